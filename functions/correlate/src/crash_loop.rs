@@ -1,0 +1,202 @@
+//! Crash-loop rule: a container that restarts `threshold` times within
+//! `window` is crash-looping. A pure state machine: `step(state, restart,
+//! now) -> (state, insight)`, no I/O, so it is unit-tested directly and the
+//! caller decides where state lives (KV, with compare-and-set).
+//!
+//! Redelivery-safe: a restart already in the state changes nothing but
+//! re-emits the current insight with the same id, which the insights
+//! stream deduplicates.
+
+use serde::{Deserialize, Serialize};
+use tidewatch_proto::v1::{Entity, Insight};
+use tidewatch_runtime::event::derive_id;
+
+/// Rule settings.
+#[derive(Debug, Clone, Copy)]
+pub struct CrashLoop {
+    /// Restarts within the window that make a crash loop.
+    pub threshold: usize,
+    /// How far back restarts count, in nanoseconds.
+    pub window_ns: i64,
+}
+
+impl Default for CrashLoop {
+    fn default() -> Self {
+        CrashLoop { threshold: 3, window_ns: 10 * 60 * 1_000_000_000 }
+    }
+}
+
+/// One observed restart.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Restart {
+    pub event_id: String,
+    pub at_ns: i64,
+    pub exit_code: i32,
+    pub reason: String,
+    pub container: String,
+}
+
+/// State per pod.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct State {
+    /// Restarts inside the window, oldest first.
+    pub restarts: Vec<Restart>,
+    /// Id of the open incident, once the threshold was crossed.
+    pub incident: Option<String>,
+}
+
+/// What the rule says about one restart.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Finding {
+    /// Message id for this version of the insight (stable per restart count).
+    pub message_id: String,
+    pub insight: Insight,
+}
+
+/// What a restart's exit code means (128 + n = killed by signal n).
+pub fn exit_meaning(exit_code: i32, reason: &str) -> String {
+    if reason == "OOMKilled" {
+        return "killed by the OOM killer: the container exceeded its memory limit".into();
+    }
+    match exit_code {
+        137 => "killed by SIGKILL (exit 137): OOM kill or a failed liveness probe".into(),
+        139 => "segmentation fault (SIGSEGV, exit 139): a crash in native code".into(),
+        143 => "terminated by SIGTERM (exit 143)".into(),
+        134 => "aborted (SIGABRT, exit 134)".into(),
+        1 => "application error (exit 1)".into(),
+        0 => "exited successfully but keeps being restarted (exit 0)".into(),
+        c if c > 128 => format!("killed by signal {} (exit {c})", c - 128),
+        c => format!("application exited with code {c}"),
+    }
+}
+
+impl CrashLoop {
+    /// Fold one restart of `pod` (`pod/<ns>/<name>`) into the state.
+    pub fn step(&self, mut state: State, pod: &str, restart: Restart) -> (State, Option<Finding>) {
+        let horizon = restart.at_ns.saturating_sub(self.window_ns);
+        let already_seen = state.restarts.iter().any(|r| r.event_id == restart.event_id);
+        if !already_seen {
+            state.restarts.retain(|r| r.at_ns >= horizon);
+            if state.restarts.len() < self.threshold {
+                // A quiet spell closed the previous incident.
+                state.incident = None;
+            }
+            let at = state.restarts.iter().position(|r| r.at_ns > restart.at_ns).unwrap_or(state.restarts.len());
+            state.restarts.insert(at, restart);
+        }
+        if state.restarts.len() < self.threshold {
+            return (state, None);
+        }
+        let incident = state.incident.clone().unwrap_or_else(|| {
+            let ids: Vec<&[u8]> = state.restarts[..self.threshold].iter().map(|r| r.event_id.as_bytes()).collect();
+            derive_id(&[b"crash-loop", pod.as_bytes(), &ids.concat()])
+        });
+        state.incident = Some(incident.clone());
+        let finding = self.finding(&state, pod, &incident);
+        (state, Some(finding))
+    }
+
+    fn finding(&self, state: &State, pod: &str, incident: &str) -> Finding {
+        let first = &state.restarts[0];
+        let last = &state.restarts[state.restarts.len() - 1];
+        let count = state.restarts.len();
+        let meaning = exit_meaning(last.exit_code, &last.reason);
+        let minutes = self.window_ns / 60_000_000_000;
+        let oom = last.reason == "OOMKilled" || last.exit_code == 137;
+        let insight = Insight {
+            id: incident.to_string(),
+            kind: "crash-loop".into(),
+            severity: if oom { "critical" } else { "warning" }.into(),
+            summary: format!("container {} of {pod} restarted {count} times in {minutes}m: {meaning}", last.container),
+            root_cause: meaning,
+            root_cause_event_id: first.event_id.clone(),
+            evidence_event_ids: state.restarts.iter().map(|r| r.event_id.clone()).collect(),
+            affected: vec![Entity { kind: "pod".into(), name: pod.trim_start_matches("pod/").to_string(), namespace: String::new() }],
+            first_seen_ns: first.at_ns,
+            last_seen_ns: last.at_ns,
+            confidence: (0.6 + 0.1 * (count - self.threshold) as f64).min(0.95),
+            revision: (count - self.threshold + 1) as u32,
+        };
+        Finding { message_id: derive_id(&[incident.as_bytes(), &(count as u64).to_be_bytes()]), insight }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MIN: i64 = 60_000_000_000;
+
+    fn restart(id: &str, at_min: i64, exit_code: i32, reason: &str) -> Restart {
+        Restart { event_id: id.into(), at_ns: at_min * MIN, exit_code, reason: reason.into(), container: "app".into() }
+    }
+
+    #[test]
+    fn below_threshold_nothing_at_threshold_an_insight() {
+        let rule = CrashLoop::default();
+        let (s, f) = rule.step(State::default(), "pod/default/web", restart("a", 0, 1, "Error"));
+        assert!(f.is_none());
+        let (s, f) = rule.step(s, "pod/default/web", restart("b", 1, 1, "Error"));
+        assert!(f.is_none());
+        let (s, f) = rule.step(s, "pod/default/web", restart("c", 2, 1, "Error"));
+        let f = f.expect("third restart in the window is a crash loop");
+        assert_eq!(f.insight.kind, "crash-loop");
+        assert_eq!(f.insight.evidence_event_ids, vec!["a", "b", "c"]);
+        assert_eq!(f.insight.root_cause_event_id, "a");
+        assert_eq!(f.insight.severity, "warning");
+        assert!(f.insight.root_cause.contains("application error"), "{}", f.insight.root_cause);
+        assert_eq!(s.incident.as_deref(), Some(f.insight.id.as_str()));
+    }
+
+    #[test]
+    fn redelivery_reemits_the_same_message_and_changes_nothing() {
+        let rule = CrashLoop::default();
+        let mut s = State::default();
+        let mut last = None;
+        for (i, id) in ["a", "b", "c"].iter().enumerate() {
+            let (next, f) = rule.step(s, "pod/ns/p", restart(id, i as i64, 137, "OOMKilled"));
+            s = next;
+            last = f;
+        }
+        let first = last.expect("insight");
+        let (again, f) = rule.step(s.clone(), "pod/ns/p", restart("c", 2, 137, "OOMKilled"));
+        assert_eq!(again, s);
+        assert_eq!(f.expect("re-emitted"), first);
+        assert_eq!(first.insight.severity, "critical");
+    }
+
+    #[test]
+    fn ongoing_incident_updates_the_same_insight() {
+        let rule = CrashLoop::default();
+        let mut s = State::default();
+        let mut findings = Vec::new();
+        for (i, id) in ["a", "b", "c", "d"].iter().enumerate() {
+            let (next, f) = rule.step(s, "pod/ns/p", restart(id, i as i64, 139, "Error"));
+            s = next;
+            findings.extend(f);
+        }
+        assert_eq!(findings.len(), 2);
+        assert_eq!(findings[0].insight.id, findings[1].insight.id, "same incident");
+        assert_ne!(findings[0].message_id, findings[1].message_id, "a new version of it");
+        assert_eq!(findings[1].insight.revision, 2);
+        assert!(findings[1].insight.root_cause.contains("SIGSEGV"));
+    }
+
+    #[test]
+    fn restarts_outside_the_window_do_not_count() {
+        let rule = CrashLoop::default();
+        let (s, _) = rule.step(State::default(), "pod/ns/p", restart("a", 0, 1, "Error"));
+        let (s, _) = rule.step(s, "pod/ns/p", restart("b", 5, 1, "Error"));
+        let (s, f) = rule.step(s, "pod/ns/p", restart("c", 16, 1, "Error"));
+        assert!(f.is_none(), "a is 16 minutes old");
+        assert_eq!(s.restarts.len(), 2);
+    }
+
+    #[test]
+    fn exit_codes_mean_what_they_mean() {
+        assert!(exit_meaning(137, "Error").contains("SIGKILL"));
+        assert!(exit_meaning(137, "OOMKilled").contains("OOM"));
+        assert!(exit_meaning(130, "Error").contains("signal 2"));
+        assert!(exit_meaning(2, "Error").contains("code 2"));
+    }
+}

@@ -1,0 +1,162 @@
+//! CloudEvents protocol bindings: NATS ([`nats`]) and HTTP ([`http`]).
+//!
+//! Both bindings' binary modes carry attributes as `ce-` headers whose values
+//! are percent-encoded (NATS binding 1.0.3 §3.1.3.2, HTTP binding §3.1.3.2).
+//! The codec for those values and the checks on decoded attributes live here,
+//! once, for both.
+
+pub mod http;
+pub mod nats;
+
+use cloudevents::event::{ExtensionValue, SpecVersion};
+use cloudevents::{AttributesWriter, Data, Event, EventBuilder, EventBuilderV10};
+
+pub(crate) const PREFIX: &str = "ce-";
+
+/// Why a message is not a CloudEvent. All terminal: the same bytes fail again,
+/// so over NATS they go to the dead-letter stream and over HTTP get a 400.
+#[derive(Debug, thiserror::Error)]
+pub enum BindingError {
+    /// Terminal: no `ce-specversion` header and no structured content type.
+    #[error("not a CloudEvent: no ce-specversion header and Content-Type is not application/cloudevents")]
+    NotACloudEvent,
+    /// Terminal: a spec version other than 1.0.
+    #[error("unsupported ce-specversion {0:?} (only 1.0 is supported)")]
+    SpecVersion(String),
+    /// Terminal: a required attribute is absent.
+    #[error("missing required attribute {0}")]
+    Missing(&'static str),
+    /// Terminal: an attribute value could not be decoded or parsed.
+    #[error("attribute {name}: {reason}")]
+    Attribute { name: String, reason: String },
+    /// Terminal: a structured-mode payload is not a valid JSON CloudEvent.
+    #[error("structured CloudEvent is not valid JSON event format: {0}")]
+    Structured(String),
+    /// Terminal: JSON data declared by datacontenttype is not valid JSON.
+    #[error("data is declared {content_type} but is not valid JSON: {reason}")]
+    Data { content_type: String, reason: String },
+}
+
+/// Build an event from decoded binary-mode attributes and a body, checking
+/// what the SDK's builder does not (spec version, required attributes,
+/// extension names, JSON data).
+pub(crate) fn binary_event(attributes: Vec<(String, String)>, payload: &[u8]) -> Result<Event, BindingError> {
+    let get = |n: &str| attributes.iter().find(|(k, _)| k == n).map(|(_, v)| v.as_str());
+    let spec = get("specversion").ok_or(BindingError::NotACloudEvent)?;
+    if SpecVersion::try_from(spec).ok() != Some(SpecVersion::V10) {
+        return Err(BindingError::SpecVersion(spec.to_string()));
+    }
+    let id = get("id").filter(|v| !v.is_empty()).ok_or(BindingError::Missing("id"))?;
+    let source = get("source").filter(|v| !v.is_empty()).ok_or(BindingError::Missing("source"))?;
+    let ty = get("type").filter(|v| !v.is_empty()).ok_or(BindingError::Missing("type"))?;
+    let mut event = EventBuilderV10::new()
+        .id(id)
+        .source(source)
+        .ty(ty)
+        .build()
+        .map_err(|e| BindingError::Attribute { name: "source".into(), reason: e.to_string() })?;
+    let mut content_type = None;
+    for (name, value) in &attributes {
+        match name.as_str() {
+            "specversion" | "id" | "source" | "type" => {}
+            "subject" => {
+                event.set_subject(Some(value.as_str()));
+            }
+            "time" => {
+                let time = chrono::DateTime::parse_from_rfc3339(value)
+                    .map_err(|e| BindingError::Attribute { name: "time".into(), reason: e.to_string() })?;
+                event.set_time(Some(time.with_timezone(&chrono::Utc)));
+            }
+            "datacontenttype" => content_type = Some(value.clone()),
+            "dataschema" => {
+                let url = url::Url::parse(value)
+                    .map_err(|e| BindingError::Attribute { name: "dataschema".into(), reason: e.to_string() })?;
+                event.set_dataschema(Some(url));
+            }
+            extension => {
+                if !valid_extension_name(extension) {
+                    return Err(BindingError::Attribute {
+                        name: extension.to_string(),
+                        reason: "extension names are lowercase letters and digits".into(),
+                    });
+                }
+                event.set_extension(extension, ExtensionValue::String(value.clone()));
+            }
+        }
+    }
+    if !payload.is_empty() || content_type.is_some() {
+        let is_json = content_type.as_deref().is_some_and(is_json_content_type);
+        let data = if is_json {
+            Data::Json(serde_json::from_slice(payload).map_err(|e| BindingError::Data {
+                content_type: content_type.clone().unwrap_or_default(),
+                reason: e.to_string(),
+            })?)
+        } else {
+            Data::Binary(payload.to_vec())
+        };
+        event.set_datacontenttype(content_type);
+        event.set_data_unchecked(data);
+    }
+    Ok(event)
+}
+
+/// Whether a media type carries JSON (`application/json`, `text/json`, `+json` suffixes).
+pub fn is_json_content_type(content_type: &str) -> bool {
+    let essence = content_type.split(';').next().unwrap_or("").trim().to_ascii_lowercase();
+    essence == "application/json" || essence == "text/json" || essence.ends_with("+json")
+}
+
+fn valid_extension_name(name: &str) -> bool {
+    !name.is_empty() && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
+}
+
+/// Percent-encode space, `"`, `%` and everything outside printable ASCII
+/// (binding §3.1.3.2), byte by byte over the UTF-8 encoding.
+pub fn percent_encode(value: &str) -> String {
+    let mut out = String::with_capacity(value.len());
+    for &b in value.as_bytes() {
+        if (0x21..=0x7e).contains(&b) && b != b'"' && b != b'%' {
+            out.push(char::from(b));
+        } else {
+            out.push('%');
+            out.push(char::from(b"0123456789ABCDEF"[usize::from(b >> 4)]));
+            out.push(char::from(b"0123456789ABCDEF"[usize::from(b & 0x0f)]));
+        }
+    }
+    out
+}
+
+/// Unquote an RFC 7230 quoted-string (older senders), then percent-decode once.
+pub fn decode_header_value(raw: &str) -> Result<String, String> {
+    let trimmed = raw.trim();
+    let unquoted = if trimmed.len() >= 2 && trimmed.starts_with('"') && trimmed.ends_with('"') {
+        let mut out = String::with_capacity(trimmed.len());
+        let mut chars = trimmed[1..trimmed.len() - 1].chars();
+        while let Some(c) = chars.next() {
+            if c == '\\' {
+                out.push(chars.next().ok_or("quoted value ends with a backslash")?);
+            } else {
+                out.push(c);
+            }
+        }
+        out
+    } else {
+        trimmed.to_string()
+    };
+    let bytes = unquoted.as_bytes();
+    let mut decoded = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' {
+            let hex = bytes.get(i + 1..i + 3).ok_or("truncated percent escape")?;
+            let hex = std::str::from_utf8(hex).map_err(|_| "invalid percent escape")?;
+            decoded.push(u8::from_str_radix(hex, 16).map_err(|_| format!("invalid percent escape %{hex}"))?);
+            i += 3;
+        } else {
+            decoded.push(bytes[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(decoded).map_err(|_| "percent-decoded value is not UTF-8".to_string())
+}
+

@@ -1,0 +1,163 @@
+//! CloudEvents ↔ NATS messages, per the NATS protocol binding 1.0.3.
+//!
+//! Writes binary mode: every attribute and extension as a `ce-<name>`
+//! header, percent-encoded; data as the payload; the event id also as
+//! `Nats-Msg-Id` so a retried publish is deduplicated by the stream.
+//! Reads binary mode (header names case-insensitive, values unquoted then
+//! percent-decoded) and structured mode (`Content-Type:
+//! application/cloudevents+json`), which other tools publish.
+
+use async_nats::HeaderMap;
+use bytes::Bytes;
+use cloudevents::{AttributesReader, Data, Event};
+
+use super::{BindingError, PREFIX, binary_event, decode_header_value, percent_encode};
+
+/// Header JetStream deduplicates on.
+pub const MSG_ID_HEADER: &str = "Nats-Msg-Id";
+
+/// Encode an event in binary mode: `(headers, payload)`.
+pub fn to_nats(event: &Event) -> (HeaderMap, Bytes) {
+    let mut headers = HeaderMap::new();
+    for (name, value) in event.iter() {
+        headers.insert(format!("{PREFIX}{name}").as_str(), percent_encode(&value.to_string()).as_str());
+    }
+    headers.insert(MSG_ID_HEADER, percent_encode(event.id()).as_str());
+    let payload = match event.data() {
+        Some(Data::Binary(b)) => Bytes::copy_from_slice(b),
+        Some(Data::String(s)) => Bytes::copy_from_slice(s.as_bytes()),
+        Some(Data::Json(j)) => Bytes::from(serde_json::to_vec(j).unwrap_or_default()),
+        None => Bytes::new(),
+    };
+    (headers, payload)
+}
+
+/// Bytes a message takes on the wire: payload plus headers (`name: value\r\n`
+/// each). This is what [`crate::event::MAX_EVENT_BYTES`] limits.
+pub fn wire_size(headers: Option<&HeaderMap>, payload: &[u8]) -> usize {
+    let headers: usize = headers
+        .map(|h| h.iter().map(|(n, vs)| vs.iter().map(|v| AsRef::<str>::as_ref(n).len() + v.as_str().len() + 4).sum::<usize>()).sum())
+        .unwrap_or(0);
+    headers + payload.len()
+}
+
+/// Decode a NATS message in either content mode.
+pub fn from_nats(headers: Option<&HeaderMap>, payload: &[u8]) -> Result<Event, BindingError> {
+    let empty = HeaderMap::new();
+    let headers = headers.unwrap_or(&empty);
+    let mut content_type = None;
+    let mut attributes: Vec<(String, String)> = Vec::new();
+    for (name, values) in headers.iter() {
+        let lower = AsRef::<str>::as_ref(name).to_ascii_lowercase();
+        let Some(value) = values.last() else { continue };
+        if lower == "content-type" {
+            content_type = Some(value.as_str().to_string());
+        } else if let Some(attr) = lower.strip_prefix(PREFIX) {
+            let decoded = decode_header_value(value.as_str())
+                .map_err(|reason| BindingError::Attribute { name: attr.to_string(), reason })?;
+            attributes.push((attr.to_string(), decoded));
+        }
+    }
+    if content_type.as_deref().is_some_and(|ct| ct.to_ascii_lowercase().starts_with("application/cloudevents")) {
+        return serde_json::from_slice::<Event>(payload).map_err(|e| BindingError::Structured(e.to_string()));
+    }
+    binary_event(attributes, payload)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use cloudevents::{AttributesWriter, EventBuilder, EventBuilderV10};
+
+    fn sample() -> Event {
+        let mut event = EventBuilderV10::new()
+            .id("id-1")
+            .source("/tidewatch/k8s/node-1")
+            .ty("dev.tidewatch.k8s.container.restarted")
+            .subject("pod/default/web 1 \"quoted\" 100% ünïcode")
+            .time(chrono::Utc::now())
+            .data_with_schema(
+                "application/protobuf",
+                url::Url::parse("proto:tidewatch.v1.ContainerRestart").expect("url"),
+                vec![1u8, 2, 3, 0, 255],
+            )
+            .build()
+            .expect("event");
+        event.set_extension("traceparent", "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01");
+        event.set_extension("resolution", "unresolved: no pod for cgroup 42");
+        event
+    }
+
+    #[test]
+    fn binary_round_trip_with_encoded_values_and_extensions() {
+        let event = sample();
+        let (headers, payload) = to_nats(&event);
+        for (name, values) in headers.iter() {
+            for v in values {
+                assert!(v.as_str().bytes().all(|b| (0x21..=0x7e).contains(&b)), "{name}: {v:?} is not printable ASCII");
+            }
+        }
+        let subject = headers.get("ce-subject").expect("subject header").as_str().to_string();
+        assert!(subject.contains("%20") && subject.contains("%22") && subject.contains("%25") && subject.contains("%C3%BC"));
+        assert_eq!(headers.get(MSG_ID_HEADER).map(|v| v.as_str()), Some("id-1"));
+        let back = from_nats(Some(&headers), &payload).expect("decodes");
+        assert_eq!(back, event);
+    }
+
+    #[test]
+    fn header_names_are_read_case_insensitively_and_quoted_values_unquoted() {
+        let mut headers = HeaderMap::new();
+        headers.insert("CE-SpecVersion", "1.0");
+        headers.insert("Ce-Id", "\"a\\\"b\"");
+        headers.insert("ce-SOURCE", "/x");
+        headers.insert("ce-type", "t.a%2Eb");
+        headers.insert("ce-myext", "v%20w");
+        let event = from_nats(Some(&headers), b"").expect("decodes");
+        assert_eq!(event.id(), "a\"b");
+        assert_eq!(event.ty(), "t.a.b");
+        assert_eq!(event.extension("myext").map(|v| v.to_string()), Some("v w".into()));
+        assert!(event.data().is_none());
+    }
+
+    #[test]
+    fn structured_mode_is_read() {
+        let json = serde_json::json!({
+            "specversion": "1.0", "id": "s-1", "source": "/other-tool", "type": "com.example.thing",
+            "datacontenttype": "application/json", "data": {"hello": "world"}, "myext": "x"
+        });
+        let mut headers = HeaderMap::new();
+        headers.insert("content-type", "application/cloudevents+json; charset=utf-8");
+        let event = from_nats(Some(&headers), json.to_string().as_bytes()).expect("decodes");
+        assert_eq!(event.id(), "s-1");
+        assert_eq!(event.data(), Some(&Data::Json(serde_json::json!({"hello": "world"}))));
+        assert_eq!(event.extension("myext").map(|v| v.to_string()), Some("x".into()));
+    }
+
+    #[test]
+    fn malformed_messages_name_the_problem() {
+        let err = from_nats(None, b"hello").expect_err("plain message");
+        assert!(matches!(err, BindingError::NotACloudEvent), "{err}");
+        let mut headers = HeaderMap::new();
+        headers.insert("ce-specversion", "0.3");
+        assert!(matches!(from_nats(Some(&headers), b""), Err(BindingError::SpecVersion(_))));
+        headers.insert("ce-specversion", "1.0");
+        headers.insert("ce-id", "x");
+        headers.insert("ce-source", "/s");
+        assert!(matches!(from_nats(Some(&headers), b""), Err(BindingError::Missing("type"))));
+        headers.insert("ce-type", "t");
+        headers.insert("ce-time", "yesterday");
+        let err = from_nats(Some(&headers), b"").expect_err("bad time");
+        assert!(err.to_string().contains("time"), "{err}");
+        let mut headers = HeaderMap::new();
+        headers.insert("content-type", "application/cloudevents+json");
+        assert!(matches!(from_nats(Some(&headers), b"{not json"), Err(BindingError::Structured(_))));
+        assert!(decode_header_value("%zz").is_err());
+        assert!(decode_header_value("%4").is_err());
+    }
+
+    #[test]
+    fn percent_encoding_matches_the_spec_examples() {
+        assert_eq!(percent_encode("Euro € 😀"), "Euro%20%E2%82%AC%20%F0%9F%98%80");
+        assert_eq!(decode_header_value("Euro%20%E2%82%AC%20%F0%9F%98%80").expect("decodes"), "Euro € 😀");
+    }
+}

@@ -1,0 +1,208 @@
+//! Building and reading Tidewatch CloudEvents: deterministic ids, protobuf
+//! payloads, the 64 KiB limit, and the `traceparent` extension.
+
+use cloudevents::{AttributesReader, AttributesWriter, Data, Event, EventBuilder, EventBuilderV10};
+use prost::Name;
+use sha2::{Digest, Sha256};
+use tidewatch_proto::{PROTOBUF_CONTENT_TYPE, schema_url};
+
+/// Largest event Tidewatch accepts or sends: headers plus data, as encoded
+/// on the wire ([`crate::binding::nats::wire_size`]).
+pub const MAX_EVENT_BYTES: usize = 64 * 1024;
+
+/// Extension carrying the W3C trace context (CloudEvents distributed tracing extension).
+pub const TRACEPARENT: &str = "traceparent";
+
+/// Errors building or reading events. All terminal: the same input fails again.
+#[derive(Debug, thiserror::Error)]
+pub enum EventError {
+    /// Terminal: a required attribute is missing or malformed.
+    #[error("invalid CloudEvent: {0}")]
+    Invalid(String),
+    /// Terminal: the event has no data where a payload was expected.
+    #[error("event {id} has no data")]
+    NoData { id: String },
+    /// Terminal: the data is not the protobuf message its type promises.
+    #[error("event {id}: {source}")]
+    Payload {
+        id: String,
+        #[source]
+        source: PayloadError,
+    },
+}
+
+/// Why a payload could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum PayloadError {
+    #[error("dataschema is {found:?}, expected {expected:?}")]
+    WrongSchema { found: String, expected: String },
+    #[error("data is not a valid {message}: {source}")]
+    Decode { message: String, source: prost::DecodeError },
+}
+
+/// A deterministic event id: the first 128 bits of SHA-256 over the parts,
+/// hex encoded. Collectors hash (boot id, collector, sequence); functions
+/// hash (input id, function, output index), so a redelivered input yields
+/// the same output ids and the stream drops the duplicates.
+pub fn derive_id(parts: &[&[u8]]) -> String {
+    let mut hasher = Sha256::new();
+    for part in parts {
+        // Length-prefix each part so ("ab","c") and ("a","bc") differ.
+        hasher.update((part.len() as u64).to_be_bytes());
+        hasher.update(part);
+    }
+    let digest = hasher.finalize();
+    let mut out = String::with_capacity(32);
+    for byte in &digest[..16] {
+        out.push(char::from(b"0123456789abcdef"[usize::from(byte >> 4)]));
+        out.push(char::from(b"0123456789abcdef"[usize::from(byte & 0x0f)]));
+    }
+    out
+}
+
+/// Id of the `index`-th event `function` emits for `input_id`.
+pub fn output_id(input_id: &str, function: &str, index: usize) -> String {
+    derive_id(&[input_id.as_bytes(), function.as_bytes(), &(index as u64).to_be_bytes()])
+}
+
+/// Build a Tidewatch event carrying a protobuf payload.
+pub fn new_event<M: prost::Message + Name>(
+    id: impl Into<String>,
+    ty: &str,
+    source: &str,
+    subject: Option<&str>,
+    time: chrono::DateTime<chrono::Utc>,
+    payload: &M,
+) -> Result<Event, EventError> {
+    let schema = schema_url::<M>();
+    let mut builder = EventBuilderV10::new().id(id).ty(ty).source(source).time(time);
+    if let Some(subject) = subject {
+        builder = builder.subject(subject);
+    }
+    let url = url::Url::parse(&schema).map_err(|e| EventError::Invalid(format!("dataschema {schema}: {e}")))?;
+    builder
+        .data_with_schema(PROTOBUF_CONTENT_TYPE, url, payload.encode_to_vec())
+        .build()
+        .map_err(|e| EventError::Invalid(e.to_string()))
+}
+
+/// Decode the protobuf payload of `event` as `M`, checking `dataschema`.
+pub fn payload<M: prost::Message + Name + Default>(event: &Event) -> Result<M, EventError> {
+    let expected = schema_url::<M>();
+    let found = event.dataschema().map(|u| u.as_str().to_string()).unwrap_or_default();
+    if found != expected {
+        return Err(EventError::Payload {
+            id: event.id().to_string(),
+            source: PayloadError::WrongSchema { found, expected },
+        });
+    }
+    let bytes = data_bytes(event).ok_or_else(|| EventError::NoData { id: event.id().to_string() })?;
+    M::decode(bytes.as_slice()).map_err(|source| EventError::Payload {
+        id: event.id().to_string(),
+        source: PayloadError::Decode { message: M::full_name(), source },
+    })
+}
+
+/// The event's data as bytes, whatever form it is held in.
+pub fn data_bytes(event: &Event) -> Option<Vec<u8>> {
+    match event.data()? {
+        Data::Binary(b) => Some(b.clone()),
+        Data::String(s) => Some(s.clone().into_bytes()),
+        Data::Json(j) => serde_json::to_vec(j).ok(),
+    }
+}
+
+/// Copy the trace context of `input` onto `output` unless it has its own.
+pub fn carry_trace(input: &Event, output: &mut Event) {
+    if output.extension(TRACEPARENT).is_some() {
+        return;
+    }
+    for name in [TRACEPARENT, "tracestate"] {
+        if let Some(value) = input.extension(name) {
+            output.set_extension(name, value.clone());
+        }
+    }
+}
+
+/// Readable JSON for humans and webhooks: the attributes, the extensions,
+/// and the data decoded by its `dataschema` (protobuf payloads become JSON).
+pub fn to_json(event: &Event) -> serde_json::Value {
+    let mut out = serde_json::Map::new();
+    for (name, value) in event.iter() {
+        out.insert(name.to_string(), serde_json::Value::String(value.to_string()));
+    }
+    let data = match event.data() {
+        None => None,
+        Some(Data::Json(j)) => Some(j.clone()),
+        Some(Data::String(s)) => Some(serde_json::Value::String(s.clone())),
+        Some(Data::Binary(bytes)) => Some(match event.dataschema() {
+            Some(schema) => tidewatch_proto::decode_json(schema.as_str(), bytes)
+                .unwrap_or_else(|e| serde_json::json!({ "undecodable": e.to_string(), "bytes": bytes.len() })),
+            None => serde_json::json!({ "bytes": bytes.len() }),
+        }),
+    };
+    if let Some(data) = data {
+        out.insert("data".to_string(), data);
+    }
+    serde_json::Value::Object(out)
+}
+
+/// Short human description for logs: `type id (subject)`.
+pub fn describe(event: &Event) -> String {
+    match event.subject() {
+        Some(subject) => format!("{} {} ({subject})", event.ty(), event.id()),
+        None => format!("{} {}", event.ty(), event.id()),
+    }
+}
+
+/// Set the `time` attribute to now if missing (events built by hand).
+pub fn ensure_time(event: &mut Event) {
+    if event.time().is_none() {
+        event.set_time(Some(chrono::Utc::now()));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tidewatch_proto::v1;
+
+    #[test]
+    fn ids_are_deterministic_and_separate_parts() {
+        assert_eq!(derive_id(&[b"a", b"b"]), derive_id(&[b"a", b"b"]));
+        assert_ne!(derive_id(&[b"ab", b"c"]), derive_id(&[b"a", b"bc"]));
+        assert_eq!(derive_id(&[b"x"]).len(), 32);
+        assert_eq!(output_id("in", "enrich", 0), output_id("in", "enrich", 0));
+        assert_ne!(output_id("in", "enrich", 0), output_id("in", "enrich", 1));
+        assert_ne!(output_id("in", "enrich", 0), output_id("in", "correlate", 0));
+    }
+
+    #[test]
+    fn payload_round_trip_and_schema_check() {
+        let restart = v1::ContainerRestart { pod: "web-1".into(), exit_code: 137, ..Default::default() };
+        let event = new_event(
+            "id-1",
+            crate::topology::types::CONTAINER_RESTARTED,
+            "/tidewatch/k8s/node-1",
+            Some("pod/default/web-1"),
+            chrono::Utc::now(),
+            &restart,
+        )
+        .expect("builds");
+        assert_eq!(event.datacontenttype(), Some(PROTOBUF_CONTENT_TYPE));
+        let back: v1::ContainerRestart = payload(&event).expect("decodes");
+        assert_eq!(back, restart);
+        let err = payload::<v1::Insight>(&event).expect_err("wrong message");
+        assert!(err.to_string().contains("tidewatch.v1.Insight"), "{err}");
+    }
+
+    #[test]
+    fn trace_context_is_carried_unless_set() {
+        let tp = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+        let mut input = EventBuilderV10::new().id("a").ty("t").source("/s").build().expect("event");
+        input.set_extension(TRACEPARENT, tp);
+        let mut output = EventBuilderV10::new().id("b").ty("t").source("/s").build().expect("event");
+        carry_trace(&input, &mut output);
+        assert_eq!(output.extension(TRACEPARENT).map(|v| v.to_string()), Some(tp.to_string()));
+    }
+}

@@ -1,0 +1,161 @@
+//! Everything a function binary needs around its handler: flags and
+//! environment, logs and traces, the NATS connection, `/metrics`, the
+//! chosen transport, and SIGTERM handling. A function's `main` is:
+//!
+//! ```no_run
+//! # use tidewatch_runtime::{host::{FunctionArgs, Host}, function::*, topology};
+//! # struct Echo;
+//! # impl Function for Echo { async fn handle(&self, _: cloudevents::Event, _: &Context) -> Outcome { Outcome::Done } }
+//! # async fn main_(args: FunctionArgs) -> Result<(), tidewatch_runtime::RuntimeError> {
+//! let host = Host::start(&topology::EXPORT, args).await?;
+//! host.run(Echo).await
+//! # }
+//! ```
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use crate::consume::{self, PullConfig};
+use crate::function::Function;
+use crate::metrics::{self, Metrics, Readiness};
+use crate::publisher::{Publisher, PublisherConfig};
+use crate::serve_http::{self, HttpConfig};
+use crate::telemetry::{self, Telemetry};
+use crate::topology::{self, FunctionSpec};
+use crate::{RuntimeError, shutdown};
+
+/// Which transport delivers events to the function.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Transport {
+    /// JetStream durable pull consumer (KEDA mode).
+    Jetstream,
+    /// CloudEvents over HTTP on $PORT (Knative mode).
+    Http,
+}
+
+/// Flags and environment shared by every function binary.
+#[derive(Debug, Clone, clap::Args)]
+pub struct FunctionArgs {
+    /// NATS server(s), comma separated.
+    #[arg(long, env = "NATS_URL", default_value = "nats://127.0.0.1:4222")]
+    pub nats_url: String,
+    /// jetstream (KEDA) or http (Knative). Default: http when K_SERVICE is set, else jetstream.
+    #[arg(long, env = "TIDEWATCH_TRANSPORT", value_enum)]
+    pub transport: Option<Transport>,
+    /// Port for the HTTP transport (Knative sets PORT).
+    #[arg(long, env = "PORT", default_value_t = 8080)]
+    pub port: u16,
+    /// Where emitted events are posted in HTTP mode (Knative SinkBinding sets K_SINK).
+    #[arg(long, env = "K_SINK")]
+    pub k_sink: Option<String>,
+    /// Address of /metrics, /healthz and /readyz in JetStream mode (port 0 picks one).
+    #[arg(long, env = "TIDEWATCH_METRICS_ADDR", default_value = "0.0.0.0:9090")]
+    pub metrics_addr: SocketAddr,
+    /// Handlers running at once.
+    #[arg(long, env = "TIDEWATCH_CONCURRENCY", default_value_t = 64)]
+    pub concurrency: usize,
+    /// Most messages per pull request.
+    #[arg(long, env = "TIDEWATCH_BATCH", default_value_t = 128)]
+    pub batch: usize,
+    /// Un-acked publishes allowed at once.
+    #[arg(long, env = "TIDEWATCH_MAX_IN_FLIGHT", default_value_t = 1024)]
+    pub max_in_flight: usize,
+}
+
+impl FunctionArgs {
+    fn transport(&self) -> Transport {
+        self.transport.unwrap_or(if std::env::var_os("K_SERVICE").is_some() { Transport::Http } else { Transport::Jetstream })
+    }
+}
+
+/// A started function process: connected, instrumented, not yet serving.
+pub struct Host {
+    spec: &'static FunctionSpec,
+    args: FunctionArgs,
+    client: Option<async_nats::Client>,
+    metrics: Metrics,
+    readiness: Readiness,
+    _telemetry: Telemetry,
+}
+
+impl Host {
+    /// Set up logs and traces, connect to NATS (always in JetStream mode; in
+    /// HTTP mode only when NATS_URL is set, for functions that use KV).
+    pub async fn start(spec: &'static FunctionSpec, args: FunctionArgs) -> Result<Host, RuntimeError> {
+        let telemetry = telemetry::init(spec.name);
+        let wants_nats = args.transport() == Transport::Jetstream || std::env::var_os("NATS_URL").is_some();
+        let client = if wants_nats { Some(connect(&args.nats_url, spec.name).await?) } else { None };
+        Ok(Host { spec, args, client, metrics: Metrics::new(spec.name), readiness: Readiness::default(), _telemetry: telemetry })
+    }
+
+    /// The NATS connection, for functions that keep state in KV.
+    pub fn client(&self) -> Result<&async_nats::Client, RuntimeError> {
+        self.client.as_ref().ok_or_else(|| RuntimeError::Setup(format!("{} needs NATS: set NATS_URL", self.spec.name)))
+    }
+
+    pub fn metrics(&self) -> &Metrics {
+        &self.metrics
+    }
+
+    /// Serve `function` on the chosen transport until SIGTERM/SIGINT, then drain.
+    pub async fn run<F: Function>(self, function: F) -> Result<(), RuntimeError> {
+        let (stop, stopped) = tokio::sync::watch::channel(false);
+        let when_stopped = move || {
+            let mut stopped = stopped.clone();
+            async move {
+                let _ = stopped.wait_for(|s| *s).await;
+            }
+        };
+        tokio::spawn(async move {
+            shutdown::signal().await;
+            tracing::info!("shutdown signal received: draining");
+            let _ = stop.send(true);
+        });
+        match self.args.transport() {
+            Transport::Jetstream => {
+                let client = self.client()?.clone();
+                let (listener, addr) = metrics::bind(self.args.metrics_addr).await.map_err(RuntimeError::Io)?;
+                tracing::info!(%addr, "metrics on http://{addr}/metrics");
+                let admin = tokio::spawn(metrics::serve_admin(listener, self.metrics.clone(), self.readiness.clone(), when_stopped()));
+                let consumer = topology::consumer(self.spec.consumer)
+                    .ok_or_else(|| RuntimeError::Setup(format!("no consumer {} in the topology", self.spec.consumer)))?;
+                let stream = topology::stream(consumer.stream)
+                    .ok_or_else(|| RuntimeError::Setup(format!("no stream {} in the topology", consumer.stream)))?;
+                let publisher = Publisher::new(
+                    client.clone(),
+                    PublisherConfig::default().max_in_flight(self.args.max_in_flight),
+                    self.metrics.clone(),
+                );
+                let config = PullConfig::new(stream.name, consumer.durable)
+                    .batch(self.args.batch)
+                    .concurrency(self.args.concurrency);
+                let result =
+                    consume::run(function, self.spec.name, client, publisher, config, self.readiness.clone(), when_stopped()).await;
+                admin.abort();
+                result
+            }
+            Transport::Http => {
+                let addr = SocketAddr::from(([0, 0, 0, 0], self.args.port));
+                let listener = tokio::net::TcpListener::bind(addr).await.map_err(RuntimeError::Io)?;
+                let sink = match &self.args.k_sink {
+                    Some(s) => Some(s.parse::<http::Uri>().map_err(|e| RuntimeError::Setup(format!("K_SINK {s:?}: {e}")))?),
+                    None => None,
+                };
+                let config = HttpConfig::new(addr).sink(sink);
+                serve_http::run(function, self.spec.name, listener, config, self.metrics.clone(), self.readiness.clone(), when_stopped())
+                    .await
+            }
+        }
+    }
+}
+
+/// Connect to NATS, retrying the first connection, and naming the process.
+pub async fn connect(url: &str, name: &str) -> Result<async_nats::Client, RuntimeError> {
+    async_nats::ConnectOptions::new()
+        .name(format!("tidewatch-{name}"))
+        .retry_on_initial_connect()
+        .connection_timeout(Duration::from_secs(5))
+        .connect(url)
+        .await
+        .map_err(|e| RuntimeError::Connect { url: url.to_string(), reason: e.to_string() })
+}

@@ -1,0 +1,260 @@
+//! Async JetStream publishing with a bounded number of un-acked publishes.
+//!
+//! [`Publisher::send`] encodes the event (binary mode, `Nats-Msg-Id` = id),
+//! refuses it if it is over [`MAX_EVENT_BYTES`], waits for a free in-flight
+//! slot (backpressure instead of unbounded memory), and hands it to the
+//! connection. The returned [`Confirmation`] resolves when the stream has
+//! stored it, re-sending with the same msg id on timeouts and lost
+//! connections, so a retry can never store an event twice.
+
+use std::future::{Future, IntoFuture};
+use std::pin::Pin;
+use std::time::Duration;
+
+use async_nats::HeaderMap;
+use async_nats::jetstream::{self, context::PublishErrorKind as NatsKind, publish::PublishAck};
+use bytes::Bytes;
+use cloudevents::{AttributesReader, Event};
+
+use crate::binding::nats::{to_nats, wire_size};
+use crate::event::MAX_EVENT_BYTES;
+use crate::metrics::{Metrics, Reason};
+
+/// Publisher settings, builder style.
+#[derive(Debug, Clone)]
+pub struct PublisherConfig {
+    /// Publishes sent but not yet acknowledged; `send` waits beyond this.
+    pub max_in_flight: usize,
+    /// How long to wait for one stream ack.
+    pub ack_timeout: Duration,
+    /// Attempts per event (first send included) before giving up.
+    pub max_attempts: u32,
+    /// First retry delay; doubles per attempt, capped at 5 s.
+    pub retry_backoff: Duration,
+    /// Largest accepted event, headers plus data.
+    pub max_event_bytes: usize,
+}
+
+impl Default for PublisherConfig {
+    fn default() -> Self {
+        PublisherConfig {
+            max_in_flight: 1024,
+            ack_timeout: Duration::from_secs(5),
+            max_attempts: 5,
+            retry_backoff: Duration::from_millis(100),
+            max_event_bytes: MAX_EVENT_BYTES,
+        }
+    }
+}
+
+impl PublisherConfig {
+    pub fn max_in_flight(mut self, n: usize) -> Self {
+        self.max_in_flight = n.max(1);
+        self
+    }
+    pub fn ack_timeout(mut self, timeout: Duration) -> Self {
+        self.ack_timeout = timeout;
+        self
+    }
+    pub fn max_attempts(mut self, attempts: u32) -> Self {
+        self.max_attempts = attempts.max(1);
+        self
+    }
+    pub fn retry_backoff(mut self, backoff: Duration) -> Self {
+        self.retry_backoff = backoff;
+        self
+    }
+}
+
+/// What went wrong publishing.
+#[derive(Debug, thiserror::Error)]
+pub enum PublishError {
+    /// Terminal: the event is over the size limit; it was not sent.
+    #[error("event {id} is {size} bytes, over the {limit}-byte limit; refused, not truncated")]
+    TooLarge { id: String, size: usize, limit: usize },
+    /// Retryable: no stream acknowledged the event after every attempt
+    /// (NATS unreachable, no stream for the subject, timeouts).
+    #[error("event {id} to {subject}: not acknowledged after {attempts} attempts: {source}")]
+    Unavailable {
+        id: String,
+        subject: String,
+        attempts: u32,
+        #[source]
+        source: jetstream::context::PublishError,
+    },
+    /// Terminal: the server refused the event (e.g. over the server's max payload).
+    #[error("event {id} to {subject}: refused by the server: {source}")]
+    Rejected {
+        id: String,
+        subject: String,
+        #[source]
+        source: jetstream::context::PublishError,
+    },
+}
+
+/// Kind of a [`PublishError`], for matching without the payload.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PublishErrorKind {
+    TooLarge,
+    Unavailable,
+    Rejected,
+}
+
+impl PublishError {
+    pub fn kind(&self) -> PublishErrorKind {
+        match self {
+            PublishError::TooLarge { .. } => PublishErrorKind::TooLarge,
+            PublishError::Unavailable { .. } => PublishErrorKind::Unavailable,
+            PublishError::Rejected { .. } => PublishErrorKind::Rejected,
+        }
+    }
+    /// Whether trying the same event later can succeed.
+    pub fn is_retryable(&self) -> bool {
+        self.kind() == PublishErrorKind::Unavailable
+    }
+}
+
+/// Publishes events to JetStream. Cheap to clone; clones share the in-flight bound.
+#[derive(Clone)]
+pub struct Publisher {
+    js: jetstream::Context,
+    config: PublisherConfig,
+    metrics: Metrics,
+}
+
+type SendResult = Result<jetstream::context::PublishAckFuture, jetstream::context::PublishError>;
+
+struct Outgoing {
+    id: String,
+    subject: String,
+    headers: HeaderMap,
+    payload: Bytes,
+}
+
+impl Publisher {
+    pub fn new(client: async_nats::Client, config: PublisherConfig, metrics: Metrics) -> Publisher {
+        let js = jetstream::ContextBuilder::new()
+            .timeout(config.ack_timeout)
+            .max_ack_inflight(config.max_in_flight)
+            .backpressure_on_inflight(true)
+            .build(client);
+        Publisher { js, config, metrics }
+    }
+
+    pub fn metrics(&self) -> &Metrics {
+        &self.metrics
+    }
+
+    /// Encode and send `event` to `subject`; resolve the returned
+    /// [`Confirmation`] to learn that the stream stored it. Waits while
+    /// `max_in_flight` publishes are unacknowledged.
+    pub async fn send(&self, subject: impl Into<String>, event: &Event) -> Result<Confirmation, PublishError> {
+        let (headers, payload) = to_nats(event);
+        let size = wire_size(Some(&headers), &payload);
+        let id = event.id().to_string();
+        if size > self.config.max_event_bytes {
+            self.metrics.refuse("oversized");
+            return Err(PublishError::TooLarge { id, size, limit: self.config.max_event_bytes });
+        }
+        Ok(self.send_outgoing(Outgoing { id, subject: subject.into(), headers, payload }).await)
+    }
+
+    /// Send an already-encoded message with `msg_id` as its `Nats-Msg-Id`,
+    /// without the event size check: for moving stored messages around
+    /// (dead letters, replays), which were checked when first published.
+    pub async fn send_raw(
+        &self,
+        subject: impl Into<String>,
+        msg_id: &str,
+        mut headers: HeaderMap,
+        payload: Bytes,
+    ) -> Confirmation {
+        headers.insert(crate::binding::nats::MSG_ID_HEADER, msg_id);
+        self.send_outgoing(Outgoing { id: msg_id.to_string(), subject: subject.into(), headers, payload }).await
+    }
+
+    async fn send_outgoing(&self, outgoing: Outgoing) -> Confirmation {
+        let first = self.send_once(&outgoing).await;
+        Confirmation { publisher: self.clone(), outgoing, first }
+    }
+
+    /// Send and wait for the stream's acknowledgement.
+    pub async fn publish(&self, subject: impl Into<String>, event: &Event) -> Result<PublishAck, PublishError> {
+        self.send(subject, event).await?.await
+    }
+
+    async fn send_once(&self, outgoing: &Outgoing) -> SendResult {
+        let publish = jetstream::message::PublishMessage::build()
+            .headers(outgoing.headers.clone())
+            .payload(outgoing.payload.clone());
+        self.js.send_publish(outgoing.subject.clone(), publish).await
+    }
+
+    async fn confirm(self, outgoing: Outgoing, first: SendResult) -> Result<PublishAck, PublishError> {
+        let mut attempt = 1;
+        let mut sent = Some(first);
+        loop {
+            let result = match sent.take() {
+                Some(Ok(ack)) => ack.await,
+                Some(Err(e)) => Err(e),
+                None => match self.send_once(&outgoing).await {
+                    Ok(ack) => ack.await,
+                    Err(e) => Err(e),
+                },
+            };
+            let error = match result {
+                Ok(ack) => {
+                    self.metrics.published.inc();
+                    return Ok(ack);
+                }
+                Err(e) => e,
+            };
+            let terminal = matches!(
+                error.kind(),
+                NatsKind::MaxPayloadExceeded | NatsKind::WrongLastMessageId | NatsKind::WrongLastSequence
+            );
+            if terminal {
+                self.metrics.publish_failed.get_or_create(&Reason { reason: "rejected" }).inc();
+                return Err(PublishError::Rejected { id: outgoing.id, subject: outgoing.subject, source: error });
+            }
+            if attempt >= self.config.max_attempts {
+                self.metrics.publish_failed.get_or_create(&Reason { reason: "unavailable" }).inc();
+                return Err(PublishError::Unavailable {
+                    id: outgoing.id,
+                    subject: outgoing.subject,
+                    attempts: attempt,
+                    source: error,
+                });
+            }
+            let backoff = self.config.retry_backoff.saturating_mul(1 << (attempt - 1).min(16)).min(Duration::from_secs(5));
+            tracing::debug!(id = %outgoing.id, subject = %outgoing.subject, attempt, error = %error, ?backoff, "publish not acknowledged; retrying with the same msg id");
+            self.metrics.publish_retries.inc();
+            tokio::time::sleep(backoff).await;
+            attempt += 1;
+        }
+    }
+}
+
+/// Resolves when the stream has stored the event (or publishing failed for good).
+#[must_use = "a publish is only known to be stored once its confirmation resolves"]
+pub struct Confirmation {
+    publisher: Publisher,
+    outgoing: Outgoing,
+    first: SendResult,
+}
+
+impl Confirmation {
+    /// Id of the event being confirmed.
+    pub fn id(&self) -> &str {
+        &self.outgoing.id
+    }
+}
+
+impl IntoFuture for Confirmation {
+    type Output = Result<PublishAck, PublishError>;
+    type IntoFuture = Pin<Box<dyn Future<Output = Self::Output> + Send>>;
+
+    fn into_future(self) -> Self::IntoFuture {
+        Box::pin(self.publisher.confirm(self.outgoing, self.first))
+    }
+}

@@ -1,0 +1,458 @@
+//! The one place that names things: streams, subjects, consumers, KV buckets
+//! and CloudEvent types. Publishers, functions, provisioning, the CLI and the
+//! rendered manifests all read from here, so they cannot disagree.
+//!
+//! Subjects:
+//!
+//! | subject | stream | written by |
+//! |---|---|---|
+//! | `tidewatch.raw.<collector>.<node>` | `TIDEWATCH_RAW` | collectors |
+//! | `tidewatch.enriched.<collector>.<node>` | `TIDEWATCH_ENRICHED` | enrich |
+//! | `tidewatch.insights.<kind>` | `TIDEWATCH_INSIGHTS` | correlate |
+//! | `tidewatch.dlq.<consumer>` | `TIDEWATCH_DLQ` | the runtime, for poison messages |
+//! | `tidewatch.replay.<stream key>.<consumer>` | the stream the consumer reads | `tidewatch replay` |
+//!
+//! Replay subjects live in the consumer's own input stream and only that
+//! consumer's filter includes its replay subject, so a replay re-delivers to
+//! one function without disturbing the others.
+
+use std::time::Duration;
+
+/// Top-level subject token of every Tidewatch subject.
+pub const SUBJECT_ROOT: &str = "tidewatch";
+
+/// A stream and the limits it is provisioned with.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StreamSpec {
+    /// Short name used in replay subjects and on the command line (`raw`).
+    pub key: &'static str,
+    /// JetStream stream name (`TIDEWATCH_RAW`).
+    pub name: &'static str,
+    pub description: &'static str,
+    /// Subject prefix the stream captures (`tidewatch.raw`); it stores `<prefix>.>`.
+    pub prefix: &'static str,
+    /// Oldest message kept (limits retention; the seed's "storage full" answer).
+    pub max_age: Duration,
+    /// Bytes kept before the oldest messages are discarded.
+    pub max_bytes: i64,
+    /// Window in which a repeated `Nats-Msg-Id` is dropped as a duplicate.
+    pub duplicate_window: Duration,
+}
+
+impl StreamSpec {
+    /// Subjects the stream stores: its own prefix and its replay subjects.
+    pub fn subjects(&self) -> Vec<String> {
+        vec![format!("{}.>", self.prefix), format!("{SUBJECT_ROOT}.replay.{}.>", self.key)]
+    }
+}
+
+/// A function's durable pull consumer.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ConsumerSpec {
+    /// Durable name; also the function name and the KEDA `consumer` field.
+    pub durable: &'static str,
+    /// Key of the stream it reads.
+    pub stream: &'static str,
+    pub description: &'static str,
+    /// Deliveries before a message is dead-lettered.
+    pub max_deliver: i64,
+    /// How long a delivered message may stay un-acked before redelivery.
+    pub ack_wait: Duration,
+    /// Messages delivered but not yet acked, across all replicas.
+    pub max_ack_pending: i64,
+}
+
+/// A KV bucket.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BucketSpec {
+    pub bucket: &'static str,
+    pub description: &'static str,
+    pub history: i64,
+    /// Entries older than this expire (0 = never).
+    pub max_age: Duration,
+}
+
+/// A function: its consumer, and where its outputs go.
+#[derive(Debug, Clone, PartialEq)]
+pub struct FunctionSpec {
+    pub name: &'static str,
+    /// Durable consumer it reads through (same name).
+    pub consumer: &'static str,
+    /// Key of the stream its outputs go to, if it emits events.
+    pub output_stream: Option<&'static str>,
+    /// Binary name (`tidewatch-<name>`).
+    pub binary: &'static str,
+}
+
+pub const RAW: StreamSpec = StreamSpec {
+    key: "raw",
+    name: "TIDEWATCH_RAW",
+    description: "Events as the collectors saw them, one subject per collector and node",
+    prefix: "tidewatch.raw",
+    max_age: Duration::from_secs(24 * 3600),
+    max_bytes: 10 * 1024 * 1024 * 1024,
+    duplicate_window: Duration::from_secs(120),
+};
+
+pub const ENRICHED: StreamSpec = StreamSpec {
+    key: "enriched",
+    name: "TIDEWATCH_ENRICHED",
+    description: "Events joined with Kubernetes context by the enrich function",
+    prefix: "tidewatch.enriched",
+    max_age: Duration::from_secs(24 * 3600),
+    max_bytes: 10 * 1024 * 1024 * 1024,
+    duplicate_window: Duration::from_secs(120),
+};
+
+pub const INSIGHTS: StreamSpec = StreamSpec {
+    key: "insights",
+    name: "TIDEWATCH_INSIGHTS",
+    description: "Root-cause insights from the correlate function",
+    prefix: "tidewatch.insights",
+    max_age: Duration::from_secs(30 * 24 * 3600),
+    max_bytes: 1024 * 1024 * 1024,
+    duplicate_window: Duration::from_secs(120),
+};
+
+pub const DEAD_LETTER: StreamSpec = StreamSpec {
+    key: "dlq",
+    name: "TIDEWATCH_DLQ",
+    description: "Messages a function rejected or could not process, with the reason in headers",
+    prefix: "tidewatch.dlq",
+    max_age: Duration::from_secs(14 * 24 * 3600),
+    max_bytes: 1024 * 1024 * 1024,
+    duplicate_window: Duration::from_secs(120),
+};
+
+pub const STREAMS: &[StreamSpec] = &[RAW, ENRICHED, INSIGHTS, DEAD_LETTER];
+
+const fn function_consumer(durable: &'static str, stream: &'static str, description: &'static str) -> ConsumerSpec {
+    ConsumerSpec {
+        durable,
+        stream,
+        description,
+        max_deliver: 5,
+        ack_wait: Duration::from_secs(30),
+        max_ack_pending: 10_000,
+    }
+}
+
+pub const CONSUMERS: &[ConsumerSpec] = &[
+    function_consumer("enrich", RAW.key, "enrich: joins raw events with pod metadata"),
+    function_consumer("correlate", ENRICHED.key, "correlate: finds root causes across events"),
+    function_consumer("export", INSIGHTS.key, "export: ships insights to sinks"),
+];
+
+pub const ENRICH: FunctionSpec =
+    FunctionSpec { name: "enrich", consumer: "enrich", output_stream: Some(ENRICHED.key), binary: "tidewatch-enrich" };
+pub const CORRELATE: FunctionSpec = FunctionSpec {
+    name: "correlate",
+    consumer: "correlate",
+    output_stream: Some(INSIGHTS.key),
+    binary: "tidewatch-correlate",
+};
+pub const EXPORT: FunctionSpec =
+    FunctionSpec { name: "export", consumer: "export", output_stream: None, binary: "tidewatch-export" };
+
+pub const FUNCTIONS: &[FunctionSpec] = &[ENRICH, CORRELATE, EXPORT];
+
+/// Pod metadata for enrichment, written by the k8s collector.
+pub const POD_METADATA: BucketSpec = BucketSpec {
+    bucket: "tidewatch-pods",
+    description: "Pod metadata by pod uid, container id and pod IP",
+    history: 1,
+    max_age: Duration::ZERO,
+};
+
+/// Correlation state per entity; expires when an entity goes quiet.
+pub const CORRELATION_STATE: BucketSpec = BucketSpec {
+    bucket: "tidewatch-correlation",
+    description: "Correlation rule state per entity",
+    history: 1,
+    max_age: Duration::from_secs(6 * 3600),
+};
+
+pub const BUCKETS: &[BucketSpec] = &[POD_METADATA, CORRELATION_STATE];
+
+/// Look up a stream by key (`raw`) or name (`TIDEWATCH_RAW`), case-insensitively.
+pub fn stream(key_or_name: &str) -> Option<&'static StreamSpec> {
+    STREAMS.iter().find(|s| s.key.eq_ignore_ascii_case(key_or_name) || s.name.eq_ignore_ascii_case(key_or_name))
+}
+
+/// Look up a consumer by durable name.
+pub fn consumer(durable: &str) -> Option<&'static ConsumerSpec> {
+    CONSUMERS.iter().find(|c| c.durable == durable)
+}
+
+/// Look up a function by name.
+pub fn function(name: &str) -> Option<&'static FunctionSpec> {
+    FUNCTIONS.iter().find(|f| f.name == name)
+}
+
+/// Filter subjects of a consumer: everything its stream carries from the
+/// pipeline, plus its own replay subject (not the other consumers').
+pub fn consumer_filter_subjects(consumer: &ConsumerSpec) -> Vec<String> {
+    let stream = stream(consumer.stream).map(|s| s.prefix).unwrap_or(consumer.stream);
+    vec![format!("{stream}.>"), subjects::replay(consumer.stream, consumer.durable)]
+}
+
+/// Subject builders. Every token from outside (node names, kinds) goes
+/// through [`subjects::token`] so a dot or space in a node name cannot add
+/// or break subject levels.
+pub mod subjects {
+    use super::{DEAD_LETTER, ENRICHED, INSIGHTS, RAW, SUBJECT_ROOT};
+
+    /// Make `s` a single valid subject token: `.`, `*`, `>`, whitespace and
+    /// control characters become `_`; empty becomes `_`.
+    pub fn token(s: &str) -> String {
+        let t: String = s
+            .chars()
+            .map(|c| if c == '.' || c == '*' || c == '>' || c.is_whitespace() || c.is_control() { '_' } else { c })
+            .collect();
+        if t.is_empty() { "_".to_string() } else { t }
+    }
+
+    pub fn raw(collector: &str, node: &str) -> String {
+        format!("{}.{}.{}", RAW.prefix, token(collector), token(node))
+    }
+
+    pub fn enriched(collector: &str, node: &str) -> String {
+        format!("{}.{}.{}", ENRICHED.prefix, token(collector), token(node))
+    }
+
+    pub fn insight(kind: &str) -> String {
+        format!("{}.{}", INSIGHTS.prefix, token(kind))
+    }
+
+    pub fn dead_letter(consumer: &str) -> String {
+        format!("{}.{}", DEAD_LETTER.prefix, token(consumer))
+    }
+
+    pub fn replay(stream_key: &str, consumer: &str) -> String {
+        format!("{SUBJECT_ROOT}.replay.{}.{}", token(stream_key), token(consumer))
+    }
+}
+
+/// Keys of the pod metadata bucket ([`POD_METADATA`]); the k8s collector
+/// writes one entry per key kind so enrich can join by whatever an event has.
+pub mod pod_keys {
+    /// KV keys allow `[-/_=.a-zA-Z0-9]`; anything else becomes `_`.
+    pub fn token(s: &str) -> String {
+        s.chars().map(|c| if c.is_ascii_alphanumeric() || "-_=".contains(c) { c } else { '_' }).collect()
+    }
+    pub fn by_uid(uid: &str) -> String {
+        format!("uid.{}", token(uid))
+    }
+    pub fn by_name(namespace: &str, name: &str) -> String {
+        format!("name.{}.{}", token(namespace), token(name))
+    }
+    pub fn by_container(container_id: &str) -> String {
+        format!("container.{}", token(container_id))
+    }
+    pub fn by_ip(ip: &str) -> String {
+        format!("ip.{}", token(ip))
+    }
+}
+
+/// CloudEvent extension attributes Tidewatch adds (lowercase alphanumeric,
+/// as the spec requires).
+pub mod extensions {
+    /// `resolved` or `unresolved`, set by enrich.
+    pub const RESOLUTION: &str = "resolution";
+    /// Why enrich could not resolve the event.
+    pub const RESOLUTION_REASON: &str = "resolutionreason";
+    pub const NAMESPACE: &str = "namespace";
+    pub const POD: &str = "pod";
+    pub const NODE: &str = "node";
+    /// `<Kind>/<name>` of the owning workload.
+    pub const WORKLOAD: &str = "workload";
+}
+
+/// CloudEvent `source` attribute: `/tidewatch/<component>/<node>`.
+pub fn source(component: &str, node: &str) -> String {
+    format!("/{SUBJECT_ROOT}/{component}/{node}")
+}
+
+/// Split a Tidewatch `source` into (component, node).
+pub fn parse_source(source: &str) -> Option<(&str, &str)> {
+    let rest = source.strip_prefix("/tidewatch/")?;
+    let (component, node) = rest.split_once('/')?;
+    (!component.is_empty() && !node.is_empty()).then_some((component, node))
+}
+
+/// CloudEvent types, `dev.tidewatch.<domain>.<thing>.<change>`, with the
+/// payload message each carries.
+pub mod types {
+    /// An event type and the protobuf message in its `data`.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+    pub struct EventType {
+        pub name: &'static str,
+        /// Full protobuf message name (`tidewatch.v1.ProcessExec`).
+        pub payload: &'static str,
+        pub description: &'static str,
+    }
+
+    macro_rules! event_types {
+        ($($konst:ident = $name:literal, $payload:literal, $desc:literal;)*) => {
+            $(
+                #[doc = $desc]
+                pub const $konst: &str = $name;
+            )*
+            /// Every type Tidewatch publishes.
+            pub const ALL: &[EventType] = &[$(EventType { name: $name, payload: concat!("tidewatch.v1.", $payload), description: $desc }),*];
+        };
+    }
+
+    event_types! {
+        PROCESS_EXEC = "dev.tidewatch.kernel.process.exec", "ProcessExec", "A process called execve";
+        PROCESS_EXISTS = "dev.tidewatch.kernel.process.exists", "ProcessExec", "A process already running when the collector started";
+        PROCESS_EXIT = "dev.tidewatch.kernel.process.exit", "ProcessExit", "A process exited or was killed";
+        OOM_KILL = "dev.tidewatch.kernel.memory.oomkill", "OomKill", "The kernel OOM killer chose a victim";
+        TCP_CONNECT = "dev.tidewatch.kernel.tcp.connect", "TcpConnection", "An outbound TCP connection was established";
+        TCP_ACCEPT = "dev.tidewatch.kernel.tcp.accept", "TcpConnection", "An inbound TCP connection was accepted";
+        TCP_CLOSE = "dev.tidewatch.kernel.tcp.close", "TcpConnection", "A TCP connection closed";
+        TCP_REFUSED = "dev.tidewatch.kernel.tcp.refused", "TcpConnection", "A TCP connect was refused (RST in SYN_SENT)";
+        TCP_TIMEOUT = "dev.tidewatch.kernel.tcp.timeout", "TcpConnection", "A TCP connect timed out";
+        TCP_RESET = "dev.tidewatch.kernel.tcp.reset", "TcpConnection", "An established TCP connection was reset";
+        TCP_RETRANSMIT = "dev.tidewatch.kernel.tcp.retransmit", "TcpConnection", "TCP retransmits on a connection in an interval";
+        CONTAINER_STARTED = "dev.tidewatch.k8s.container.started", "ContainerRestart", "A container started for the first time";
+        CONTAINER_RESTARTED = "dev.tidewatch.k8s.container.restarted", "ContainerRestart", "A container restarted, with its last termination";
+        CONTAINER_OOMKILLED = "dev.tidewatch.k8s.container.oomkilled", "ContainerRestart", "A container was OOMKilled";
+        CONTAINER_CRASHLOOP = "dev.tidewatch.k8s.container.crashloop", "ContainerRestart", "A container entered CrashLoopBackOff";
+        CONTAINER_IMAGE_PULL_FAILED = "dev.tidewatch.k8s.container.imagepullfailed", "ContainerRestart", "A container image could not be pulled";
+        UNIT_STARTED = "dev.tidewatch.systemd.unit.started", "UnitStateChange", "A systemd unit became active";
+        UNIT_STOPPED = "dev.tidewatch.systemd.unit.stopped", "UnitStateChange", "A systemd unit stopped";
+        UNIT_FAILED = "dev.tidewatch.systemd.unit.failed", "UnitStateChange", "A systemd unit failed";
+        UNIT_RESTARTED = "dev.tidewatch.systemd.unit.restarted", "UnitStateChange", "A systemd unit was restarted";
+        JOURNAL_ENTRY = "dev.tidewatch.systemd.journal.entry", "JournalEntry", "A journal entry from a watched unit";
+        INSIGHT_CRASH_LOOP = "dev.tidewatch.insight.crash-loop", "Insight", "A container keeps restarting";
+    }
+
+    /// The insight type for an insight kind.
+    pub fn insight(kind: &str) -> String {
+        format!("dev.tidewatch.insight.{kind}")
+    }
+
+    /// Look up a known type.
+    pub fn lookup(name: &str) -> Option<&'static EventType> {
+        ALL.iter().find(|t| t.name == name)
+    }
+
+    /// Match a type against a pattern where `*` matches any run of characters
+    /// (`dev.tidewatch.kernel.*`, `*.oomkill`).
+    pub fn matches(pattern: &str, name: &str) -> bool {
+        fn go(p: &[u8], n: &[u8]) -> bool {
+            match p.split_first() {
+                None => n.is_empty(),
+                Some((b'*', rest)) => (0..=n.len()).any(|i| go(rest, &n[i..])),
+                Some((c, rest)) => n.first() == Some(c) && go(rest, &n[1..]),
+            }
+        }
+        go(pattern.as_bytes(), name.as_bytes())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// NATS subject wildcard match, as the server applies stream and filter subjects.
+    fn subject_matches(filter: &str, subject: &str) -> bool {
+        let f: Vec<&str> = filter.split('.').collect();
+        let s: Vec<&str> = subject.split('.').collect();
+        for (i, tok) in f.iter().enumerate() {
+            match *tok {
+                ">" => return s.len() > i,
+                "*" => {
+                    if i >= s.len() {
+                        return false;
+                    }
+                }
+                t => {
+                    if s.get(i) != Some(&t) {
+                        return false;
+                    }
+                }
+            }
+        }
+        f.len() == s.len()
+    }
+
+    fn streams_for(subject: &str) -> Vec<&'static str> {
+        STREAMS.iter().filter(|s| s.subjects().iter().any(|f| subject_matches(f, subject))).map(|s| s.name).collect()
+    }
+
+    #[test]
+    fn every_published_subject_lands_in_exactly_one_stream() {
+        let published = [
+            subjects::raw("ebpf", "node-1"),
+            subjects::raw("k8s", "ip-10-0-0-1.ec2.internal"),
+            subjects::enriched("systemd", "node-1"),
+            subjects::insight("crash-loop"),
+            subjects::dead_letter("enrich"),
+            subjects::replay("raw", "enrich"),
+            subjects::replay("insights", "export"),
+        ];
+        for subject in published {
+            assert_eq!(streams_for(&subject).len(), 1, "{subject} → {:?}", streams_for(&subject));
+        }
+        assert_eq!(streams_for(&subjects::raw("k8s", "a.b.c")), vec!["TIDEWATCH_RAW"]);
+    }
+
+    #[test]
+    fn each_function_reads_what_the_previous_one_writes() {
+        for function in FUNCTIONS {
+            let consumer = consumer(function.consumer).expect("every function has a consumer");
+            assert!(stream(consumer.stream).is_some(), "{} reads a provisioned stream", function.name);
+        }
+        let enrich = consumer("enrich").expect("enrich");
+        let filters = consumer_filter_subjects(enrich);
+        assert!(filters.iter().any(|f| subject_matches(f, &subjects::raw("ebpf", "n1"))));
+        assert!(filters.iter().any(|f| subject_matches(f, &subjects::replay("raw", "enrich"))));
+        // A replay for another consumer on the same stream does not reach enrich.
+        assert!(!filters.iter().any(|f| subject_matches(f, &subjects::replay("raw", "siem"))));
+        let correlate = consumer("correlate").expect("correlate");
+        assert_eq!(stream(correlate.stream), stream(ENRICH.output_stream.expect("enrich emits")));
+        let export = consumer("export").expect("export");
+        assert_eq!(stream(export.stream), stream(CORRELATE.output_stream.expect("correlate emits")));
+        assert!(consumer_filter_subjects(correlate).iter().any(|f| subject_matches(f, &subjects::enriched("k8s", "n"))));
+        assert!(consumer_filter_subjects(export).iter().any(|f| subject_matches(f, &subjects::insight("oom-cascade"))));
+    }
+
+    #[test]
+    fn tokens_cannot_add_subject_levels() {
+        assert_eq!(subjects::token("ip-10.0.0.1"), "ip-10_0_0_1");
+        assert_eq!(subjects::token("a b>*"), "a_b__");
+        assert_eq!(subjects::token(""), "_");
+    }
+
+    #[test]
+    fn sources_round_trip() {
+        let s = source("ebpf", "node-1");
+        assert_eq!(parse_source(&s), Some(("ebpf", "node-1")));
+        assert_eq!(parse_source("/other/x/y"), None);
+        assert_eq!(parse_source("/tidewatch/ebpf/"), None);
+    }
+
+    #[test]
+    fn type_names_follow_the_contract_and_name_known_payloads() {
+        for t in types::ALL {
+            let parts: Vec<&str> = t.name.split('.').collect();
+            assert_eq!(&parts[..2], ["dev", "tidewatch"], "{}", t.name);
+            // dev.tidewatch.<domain>.<thing>.<change>, and dev.tidewatch.insight.<kind> as DESIGN.md names insights.
+            let expected = if parts[2] == "insight" { 4 } else { 5 };
+            assert_eq!(parts.len(), expected, "{}", t.name);
+            assert!(tidewatch_proto::schema::MESSAGES.contains(&t.payload), "{} payload {}", t.name, t.payload);
+        }
+        assert_eq!(types::insight("crash-loop"), types::INSIGHT_CRASH_LOOP);
+    }
+
+    #[test]
+    fn type_patterns() {
+        assert!(types::matches("dev.tidewatch.kernel.*", types::OOM_KILL));
+        assert!(types::matches("*.oomkill", types::OOM_KILL));
+        assert!(types::matches("*", types::OOM_KILL));
+        assert!(!types::matches("dev.tidewatch.k8s.*", types::OOM_KILL));
+        assert!(types::matches(types::OOM_KILL, types::OOM_KILL));
+    }
+}
