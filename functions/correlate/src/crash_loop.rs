@@ -70,6 +70,13 @@ pub fn exit_meaning(exit_code: i32, reason: &str) -> String {
     }
 }
 
+/// `pod/<ns>/<name>` as an entity.
+fn pod_entity(pod: &str) -> Entity {
+    let rest = pod.trim_start_matches("pod/");
+    let (namespace, name) = rest.split_once('/').unwrap_or(("", rest));
+    Entity { kind: "pod".into(), name: name.into(), namespace: namespace.into() }
+}
+
 impl CrashLoop {
     /// Fold one restart of `pod` (`pod/<ns>/<name>`) into the state.
     pub fn step(&self, mut state: State, pod: &str, restart: Restart) -> (State, Option<Finding>) {
@@ -111,7 +118,7 @@ impl CrashLoop {
             root_cause: meaning,
             root_cause_event_id: first.event_id.clone(),
             evidence_event_ids: state.restarts.iter().map(|r| r.event_id.clone()).collect(),
-            affected: vec![Entity { kind: "pod".into(), name: pod.trim_start_matches("pod/").to_string(), namespace: String::new() }],
+            affected: vec![pod_entity(pod)],
             first_seen_ns: first.at_ns,
             last_seen_ns: last.at_ns,
             confidence: (0.6 + 0.1 * (count - self.threshold) as f64).min(0.95),
@@ -146,6 +153,7 @@ mod tests {
         assert_eq!(f.insight.severity, "warning");
         assert!(f.insight.root_cause.contains("application error"), "{}", f.insight.root_cause);
         assert_eq!(s.incident.as_deref(), Some(f.insight.id.as_str()));
+        assert_eq!(f.insight.affected, vec![Entity { kind: "pod".into(), name: "web".into(), namespace: "default".into() }]);
     }
 
     #[test]
