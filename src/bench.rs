@@ -48,8 +48,15 @@ pub struct PublishBench {
 pub async fn run(nats_url: &str, command: BenchCommand) -> anyhow::Result<()> {
     let BenchCommand::Publish(args) = command;
     let dir = std::env::temp_dir().join(format!("tidewatch-bench-{}", std::process::id()));
-    let local = if args.external { None } else { Some(LocalNats::start(&dir, 0, 0).await?) };
-    let url = local.as_ref().map(|l| l.url.clone()).unwrap_or_else(|| nats_url.to_string());
+    let local = if args.external {
+        None
+    } else {
+        Some(LocalNats::start(&dir, 0, 0).await?)
+    };
+    let url = local
+        .as_ref()
+        .map(|l| l.url.clone())
+        .unwrap_or_else(|| nats_url.to_string());
     let result = publish_bench(&url, &args).await;
     if let Some(local) = local {
         local.stop().await;
@@ -64,8 +71,9 @@ async fn publish_bench(url: &str, args: &PublishBench) -> anyhow::Result<()> {
     provision(&js, &ProvisionOptions::default()).await?;
     let subject = subjects::raw("bench", "local");
     println!("preparing {} events per round...", args.events);
-    let events: Vec<_> =
-        (0..args.events).map(|i| crate::emit::synthetic_event("bench", "local", i)).collect::<anyhow::Result<_>>()?;
+    let events: Vec<_> = (0..args.events)
+        .map(|i| crate::emit::synthetic_event("bench", "local", i))
+        .collect::<anyhow::Result<_>>()?;
     let encoded: Vec<_> = events.iter().map(to_nats).collect();
     let avg_payload = encoded.iter().map(|(_, p)| p.len()).sum::<usize>() / encoded.len().max(1);
     println!(
@@ -78,7 +86,10 @@ async fn publish_bench(url: &str, args: &PublishBench) -> anyhow::Result<()> {
         let raw = raw_round(&client, &subject, &encoded, args.in_flight, round).await?;
         purge(&js).await?;
         let ours = ours_round(&client, &subject, &events, args.in_flight).await?;
-        println!("round {round}: raw async-nats {raw:>9.0} events/s   tidewatch publisher {ours:>9.0} events/s   ratio {:.2}", ours / raw);
+        println!(
+            "round {round}: raw async-nats {raw:>9.0} events/s   tidewatch publisher {ours:>9.0} events/s   ratio {:.2}",
+            ours / raw
+        );
         raw_best = raw_best.max(raw);
         ours_best = ours_best.max(ours);
     }
@@ -91,7 +102,11 @@ async fn publish_bench(url: &str, args: &PublishBench) -> anyhow::Result<()> {
 }
 
 async fn purge(js: &jetstream::Context) -> anyhow::Result<()> {
-    js.get_stream(topology::RAW.name).await?.purge().await.context("purging the raw stream between rounds")?;
+    js.get_stream(topology::RAW.name)
+        .await?
+        .purge()
+        .await
+        .context("purging the raw stream between rounds")?;
     Ok(())
 }
 
@@ -113,8 +128,14 @@ async fn raw_round(
         let mut headers = headers.clone();
         // Raw rounds use their own ids so they are not deduplicated against ours.
         headers.insert("Nats-Msg-Id", format!("raw-{round}-{i}").as_str());
-        let publish = PublishMessage::build().headers(headers).payload(payload.clone());
-        pending.push(js.send_publish(subject.to_string(), publish).await?.into_future());
+        let publish = PublishMessage::build()
+            .headers(headers)
+            .payload(payload.clone());
+        pending.push(
+            js.send_publish(subject.to_string(), publish)
+                .await?
+                .into_future(),
+        );
         while let Some(Some(ack)) = futures::FutureExt::now_or_never(pending.next()) {
             ack?;
         }
@@ -131,7 +152,11 @@ async fn ours_round(
     events: &[cloudevents::Event],
     in_flight: usize,
 ) -> anyhow::Result<f64> {
-    let publisher = Publisher::new(client.clone(), PublisherConfig::default().max_in_flight(in_flight), Metrics::new("bench"));
+    let publisher = Publisher::new(
+        client.clone(),
+        PublisherConfig::default().max_in_flight(in_flight),
+        Metrics::new("bench"),
+    );
     let started = Instant::now();
     let mut pending = FuturesUnordered::new();
     for event in events {

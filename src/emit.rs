@@ -10,8 +10,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
 use cloudevents::{Event, EventBuilder, EventBuilderV10};
-use futures::{FutureExt as _, StreamExt};
 use futures::stream::FuturesUnordered;
+use futures::{FutureExt as _, StreamExt};
 use tidewatch_proto::{PROTOBUF_CONTENT_TYPE, v1};
 use tidewatch_runtime::event::{derive_id, new_event};
 use tidewatch_runtime::metrics::Metrics;
@@ -41,19 +41,37 @@ pub async fn emit(client: &async_nats::Client, args: EmitArgs) -> anyhow::Result
     let node = args.node.clone().unwrap_or_else(crate::hostname);
     let source = topology::source("cli", &node);
     let subject = subjects::raw("cli", &node);
-    let json: serde_json::Value = serde_json::from_str(&args.data).context("--data is not valid JSON")?;
+    let json: serde_json::Value =
+        serde_json::from_str(&args.data).context("--data is not valid JSON")?;
     let payload = match types::lookup(&args.ty) {
         Some(t) => Some((
             t.payload,
-            tidewatch_proto::encode_json(t.payload, json.clone()).with_context(|| format!("--data for {}", args.ty))?,
+            tidewatch_proto::encode_json(t.payload, json.clone())
+                .with_context(|| format!("--data for {}", args.ty))?,
         )),
         None => None,
     };
-    let publisher = Publisher::new(client.clone(), PublisherConfig::default(), Metrics::new("cli"));
-    let run = chrono::Utc::now().timestamp_nanos_opt().unwrap_or_default().to_string();
+    let publisher = Publisher::new(
+        client.clone(),
+        PublisherConfig::default(),
+        Metrics::new("cli"),
+    );
+    let run = chrono::Utc::now()
+        .timestamp_nanos_opt()
+        .unwrap_or_default()
+        .to_string();
     for i in 0..args.count {
-        let id = derive_id(&[b"cli", node.as_bytes(), run.as_bytes(), &(i as u64).to_be_bytes()]);
-        let mut builder = EventBuilderV10::new().id(&id).ty(args.ty.as_str()).source(source.as_str()).time(chrono::Utc::now());
+        let id = derive_id(&[
+            b"cli",
+            node.as_bytes(),
+            run.as_bytes(),
+            &(i as u64).to_be_bytes(),
+        ]);
+        let mut builder = EventBuilderV10::new()
+            .id(&id)
+            .ty(args.ty.as_str())
+            .source(source.as_str())
+            .time(chrono::Utc::now());
         if let Some(s) = &args.subject {
             builder = builder.subject(s.as_str());
         }
@@ -66,7 +84,10 @@ pub async fn emit(client: &async_nats::Client, args: EmitArgs) -> anyhow::Result
         };
         let event: Event = builder.build().context("building the event")?;
         let ack = publisher.publish(subject.as_str(), &event).await?;
-        println!("published {id} ({}) to {subject}: stream {} seq {}", args.ty, ack.stream, ack.sequence);
+        println!(
+            "published {id} ({}) to {subject}: stream {} seq {}",
+            args.ty, ack.stream, ack.sequence
+        );
     }
     Ok(())
 }
@@ -116,7 +137,13 @@ pub fn synthetic_event(run: &str, node: &str, i: u64) -> anyhow::Result<Event> {
             new_event(id, types::PROCESS_EXEC, &source, Some(&subject), now, &exec)?
         }
         1 => {
-            let exit = v1::ProcessExit { process: Some(process), exit_code: 0, signal: 0, core_dumped: false, runtime_ns: 1_500_000 };
+            let exit = v1::ProcessExit {
+                process: Some(process),
+                exit_code: 0,
+                signal: 0,
+                core_dumped: false,
+                runtime_ns: 1_500_000,
+            };
             new_event(id, types::PROCESS_EXIT, &source, Some(&subject), now, &exit)?
         }
         _ => {
@@ -142,8 +169,15 @@ pub async fn burst(client: &async_nats::Client, args: BurstArgs) -> anyhow::Resu
     }
     let node = args.node.clone().unwrap_or_else(crate::hostname);
     let subject = subjects::raw("burst", &node);
-    let publisher = Publisher::new(client.clone(), PublisherConfig::default().max_in_flight(args.in_flight), Metrics::new("cli"));
-    let run = chrono::Utc::now().timestamp_nanos_opt().unwrap_or_default().to_string();
+    let publisher = Publisher::new(
+        client.clone(),
+        PublisherConfig::default().max_in_flight(args.in_flight),
+        Metrics::new("cli"),
+    );
+    let run = chrono::Utc::now()
+        .timestamp_nanos_opt()
+        .unwrap_or_default()
+        .to_string();
     let started = Instant::now();
     let mut pending = FuturesUnordered::new();
     let mut acked = 0u64;
@@ -156,7 +190,12 @@ pub async fn burst(client: &async_nats::Client, args: BurstArgs) -> anyhow::Resu
             }
         }
         let event = synthetic_event(&run, &node, i)?;
-        pending.push(publisher.send(subject.as_str(), &event).await?.into_future());
+        pending.push(
+            publisher
+                .send(subject.as_str(), &event)
+                .await?
+                .into_future(),
+        );
         while let Some(Some(result)) = pending.next().now_or_never() {
             result?;
             acked += 1;
@@ -173,7 +212,10 @@ pub async fn burst(client: &async_nats::Client, args: BurstArgs) -> anyhow::Resu
     draw(acked, args.events, started);
     eprintln!();
     let secs = started.elapsed().as_secs_f64();
-    println!("published {acked} events to {subject} in {secs:.2} s ({:.0} events/s)", acked as f64 / secs.max(0.001));
+    println!(
+        "published {acked} events to {subject} in {secs:.2} s ({:.0} events/s)",
+        acked as f64 / secs.max(0.001)
+    );
     Ok(())
 }
 

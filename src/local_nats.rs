@@ -20,7 +20,10 @@ pub fn find_binary() -> anyhow::Result<PathBuf> {
         if path.is_file() {
             return Ok(path);
         }
-        bail!("TIDEWATCH_NATS_SERVER={} is not a file.\n{INSTALL_HINT}", path.display());
+        bail!(
+            "TIDEWATCH_NATS_SERVER={} is not a file.\n{INSTALL_HINT}",
+            path.display()
+        );
     }
     let path = std::env::var_os("PATH").unwrap_or_default();
     std::env::split_paths(&path)
@@ -47,11 +50,29 @@ impl LocalNats {
         std::fs::create_dir_all(&store).with_context(|| format!("create {}", store.display()))?;
         std::fs::create_dir_all(&ports_dir)?;
         let log = dir.join("nats-server.log");
-        let log_file = std::fs::File::create(&log).with_context(|| format!("create {}", log.display()))?;
-        let port_arg = if port == 0 { "-1".to_string() } else { port.to_string() };
-        let mon_arg = if monitoring_port == 0 { "-1".to_string() } else { monitoring_port.to_string() };
+        let log_file =
+            std::fs::File::create(&log).with_context(|| format!("create {}", log.display()))?;
+        let port_arg = if port == 0 {
+            "-1".to_string()
+        } else {
+            port.to_string()
+        };
+        let mon_arg = if monitoring_port == 0 {
+            "-1".to_string()
+        } else {
+            monitoring_port.to_string()
+        };
         let child = Command::new(&binary)
-            .args(["-js", "-a", "127.0.0.1", "-p", &port_arg, "-m", &mon_arg, "-sd"])
+            .args([
+                "-js",
+                "-a",
+                "127.0.0.1",
+                "-p",
+                &port_arg,
+                "-m",
+                &mon_arg,
+                "-sd",
+            ])
             .arg(&store)
             .arg("--ports_file_dir")
             .arg(&ports_dir)
@@ -62,11 +83,20 @@ impl LocalNats {
             .spawn()
             .with_context(|| format!("start {}", binary.display()))?;
         let pid = child.id().unwrap_or(0);
-        let mut server = LocalNats { child, url: String::new(), monitoring_url: String::new(), log };
+        let mut server = LocalNats {
+            child,
+            url: String::new(),
+            monitoring_url: String::new(),
+            log,
+        };
         let deadline = Instant::now() + Duration::from_secs(15);
         loop {
             if let Some(status) = server.child.try_wait()? {
-                bail!("nats-server exited ({status}) at start; its log {} says:\n{}", server.log.display(), tail(&server.log));
+                bail!(
+                    "nats-server exited ({status}) at start; its log {} says:\n{}",
+                    server.log.display(),
+                    tail(&server.log)
+                );
             }
             if let Some((url, mon)) = read_ports(&ports_dir, pid) {
                 if crate::try_connect(&url).await.is_ok() {
@@ -76,7 +106,11 @@ impl LocalNats {
                 }
             }
             if Instant::now() > deadline {
-                bail!("nats-server did not accept connections within 15 s; log: {}\n{}", server.log.display(), tail(&server.log));
+                bail!(
+                    "nats-server did not accept connections within 15 s; log: {}\n{}",
+                    server.log.display(),
+                    tail(&server.log)
+                );
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
@@ -93,10 +127,18 @@ impl LocalNats {
 }
 
 fn read_ports(dir: &Path, pid: u32) -> Option<(String, String)> {
-    let entry = std::fs::read_dir(dir).ok()?.flatten().find(|e| e.file_name().to_string_lossy().ends_with(&format!("_{pid}.ports")))?;
-    let json: serde_json::Value = serde_json::from_slice(&std::fs::read(entry.path()).ok()?).ok()?;
+    let entry = std::fs::read_dir(dir).ok()?.flatten().find(|e| {
+        e.file_name()
+            .to_string_lossy()
+            .ends_with(&format!("_{pid}.ports"))
+    })?;
+    let json: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(entry.path()).ok()?).ok()?;
     let url = json["nats"][0].as_str()?.to_string();
-    let mon = json["monitoring"][0].as_str().unwrap_or_default().to_string();
+    let mon = json["monitoring"][0]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
     Some((url, mon))
 }
 

@@ -36,7 +36,12 @@ use clap::{Parser, Subcommand};
 #[command(name = "tidewatch", version, verbatim_doc_comment)]
 struct Cli {
     /// NATS server URL (comma-separated for several).
-    #[arg(long, global = true, env = "NATS_URL", default_value = "nats://127.0.0.1:4222")]
+    #[arg(
+        long,
+        global = true,
+        env = "NATS_URL",
+        default_value = "nats://127.0.0.1:4222"
+    )]
     nats_url: String,
     #[command(subcommand)]
     command: Command,

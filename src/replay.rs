@@ -26,7 +26,11 @@ pub struct ReplayArgs {
     #[arg(long)]
     since: String,
     /// Re-deliver to this function's consumer only.
-    #[arg(long, conflicts_with = "to_subject", required_unless_present = "to_subject")]
+    #[arg(
+        long,
+        conflicts_with = "to_subject",
+        required_unless_present = "to_subject"
+    )]
     consumer: Option<String>,
     /// Publish to this subject instead (it must belong to a stream).
     #[arg(long)]
@@ -40,12 +44,17 @@ pub struct ReplayArgs {
 }
 
 /// Parse `--since`: an RFC 3339 time, or an age before now.
-pub fn parse_since(s: &str, now: chrono::DateTime<chrono::Utc>) -> anyhow::Result<chrono::DateTime<chrono::Utc>> {
+pub fn parse_since(
+    s: &str,
+    now: chrono::DateTime<chrono::Utc>,
+) -> anyhow::Result<chrono::DateTime<chrono::Utc>> {
     if let Ok(t) = chrono::DateTime::parse_from_rfc3339(s) {
         return Ok(t.with_timezone(&chrono::Utc));
     }
     let (number, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
-    let n: i64 = number.parse().with_context(|| format!("--since {s:?}: expected an RFC 3339 time or an age like 10m"))?;
+    let n: i64 = number
+        .parse()
+        .with_context(|| format!("--since {s:?}: expected an RFC 3339 time or an age like 10m"))?;
     let secs = match unit {
         "s" => n,
         "m" => n * 60,
@@ -57,7 +66,8 @@ pub fn parse_since(s: &str, now: chrono::DateTime<chrono::Utc>) -> anyhow::Resul
 }
 
 pub async fn run(client: &async_nats::Client, args: ReplayArgs) -> anyhow::Result<()> {
-    let source = topology::stream(&args.stream).with_context(|| format!("unknown stream {:?}", args.stream))?;
+    let source = topology::stream(&args.stream)
+        .with_context(|| format!("unknown stream {:?}", args.stream))?;
     let target = match (&args.consumer, &args.to_subject) {
         (Some(name), _) => {
             let consumer = topology::consumer(name).with_context(|| {
@@ -71,25 +81,42 @@ pub async fn run(client: &async_nats::Client, args: ReplayArgs) -> anyhow::Resul
     };
     let since = parse_since(&args.since, chrono::Utc::now())?;
     let js = jetstream::new(client.clone());
-    let mut stream = js.get_stream(source.name).await.with_context(|| format!("stream {}", source.name))?;
+    let mut stream = js
+        .get_stream(source.name)
+        .await
+        .with_context(|| format!("stream {}", source.name))?;
     let last = stream.info().await?.state.last_sequence;
     let consumer = stream
         .create_consumer(OrderedConfig {
-            deliver_policy: DeliverPolicy::ByStartTime { start_time: time_to_offset(since)? },
+            deliver_policy: DeliverPolicy::ByStartTime {
+                start_time: time_to_offset(since)?,
+            },
             ..Default::default()
         })
         .await?;
     let info = consumer.cached_info();
     let mut remaining = info.num_pending;
-    let publisher = Publisher::new(client.clone(), PublisherConfig::default(), Metrics::new("cli"));
-    let run = chrono::Utc::now().timestamp_nanos_opt().unwrap_or_default().to_string();
+    let publisher = Publisher::new(
+        client.clone(),
+        PublisherConfig::default(),
+        Metrics::new("cli"),
+    );
+    let run = chrono::Utc::now()
+        .timestamp_nanos_opt()
+        .unwrap_or_default()
+        .to_string();
     let mut messages = consumer.messages().await?;
     let (mut replayed, mut skipped) = (0u64, 0u64);
     while remaining > 0 {
-        let Some(message) = messages.next().await else { break };
+        let Some(message) = messages.next().await else {
+            break;
+        };
         let message = message?;
         remaining -= 1;
-        let seq = message.info().map(|i| i.stream_sequence).unwrap_or(u64::MAX);
+        let seq = message
+            .info()
+            .map(|i| i.stream_sequence)
+            .unwrap_or(u64::MAX);
         if seq > last {
             break;
         }
@@ -120,7 +147,10 @@ pub async fn run(client: &async_nats::Client, args: ReplayArgs) -> anyhow::Resul
             break;
         }
     }
-    println!("replayed {replayed} events from {} since {since} to {target} ({skipped} skipped by --type)", source.name);
+    println!(
+        "replayed {replayed} events from {} since {since} to {target} ({skipped} skipped by --type)",
+        source.name
+    );
     Ok(())
 }
 
@@ -135,10 +165,21 @@ mod tests {
 
     #[test]
     fn since_accepts_times_and_ages() {
-        let now = chrono::DateTime::parse_from_rfc3339("2026-11-26T12:00:00Z").expect("time").with_timezone(&chrono::Utc);
-        assert_eq!(parse_since("10m", now).expect("age"), now - chrono::Duration::minutes(10));
-        assert_eq!(parse_since("2h", now).expect("age"), now - chrono::Duration::hours(2));
-        assert_eq!(parse_since("2026-11-26T11:00:00Z", now).expect("time"), now - chrono::Duration::hours(1));
+        let now = chrono::DateTime::parse_from_rfc3339("2026-11-26T12:00:00Z")
+            .expect("time")
+            .with_timezone(&chrono::Utc);
+        assert_eq!(
+            parse_since("10m", now).expect("age"),
+            now - chrono::Duration::minutes(10)
+        );
+        assert_eq!(
+            parse_since("2h", now).expect("age"),
+            now - chrono::Duration::hours(2)
+        );
+        assert_eq!(
+            parse_since("2026-11-26T11:00:00Z", now).expect("time"),
+            now - chrono::Duration::hours(1)
+        );
         assert!(parse_since("ten minutes", now).is_err());
         assert!(parse_since("10w", now).is_err());
     }

@@ -24,7 +24,10 @@ pub async fn provision(client: &async_nats::Client, args: ProvisionArgs) -> anyh
 
 pub async fn status(client: &async_nats::Client) -> anyhow::Result<()> {
     let js = jetstream::new(client.clone());
-    println!("{:<22} {:>10} {:>12} {:>10} {:>10}  subjects", "STREAM", "MESSAGES", "BYTES", "FIRST", "LAST");
+    println!(
+        "{:<22} {:>10} {:>12} {:>10} {:>10}  subjects",
+        "STREAM", "MESSAGES", "BYTES", "FIRST", "LAST"
+    );
     for spec in topology::STREAMS {
         match js.get_stream(spec.name).await {
             Ok(mut stream) => {
@@ -43,17 +46,30 @@ pub async fn status(client: &async_nats::Client) -> anyhow::Result<()> {
         }
     }
     println!();
-    println!("{:<12} {:<20} {:>10} {:>12} {:>12} {:>8}", "CONSUMER", "STREAM", "PENDING", "ACK PENDING", "REDELIVERED", "WAITING");
+    println!(
+        "{:<12} {:<20} {:>10} {:>12} {:>12} {:>8}",
+        "CONSUMER", "STREAM", "PENDING", "ACK PENDING", "REDELIVERED", "WAITING"
+    );
     for consumer in topology::CONSUMERS {
-        let stream = topology::stream(consumer.stream).map(|s| s.name).unwrap_or_default();
+        let stream = topology::stream(consumer.stream)
+            .map(|s| s.name)
+            .unwrap_or_default();
         let info = match js.get_stream(stream).await {
-            Ok(s) => s.consumer_info(consumer.durable).await.map_err(anyhow::Error::from),
+            Ok(s) => s
+                .consumer_info(consumer.durable)
+                .await
+                .map_err(anyhow::Error::from),
             Err(e) => Err(e.into()),
         };
         match info {
             Ok(info) => println!(
                 "{:<12} {:<20} {:>10} {:>12} {:>12} {:>8}",
-                consumer.durable, stream, info.num_pending, info.num_ack_pending, info.num_redelivered, info.num_waiting
+                consumer.durable,
+                stream,
+                info.num_pending,
+                info.num_ack_pending,
+                info.num_redelivered,
+                info.num_waiting
             ),
             Err(e) => println!("{:<12} {:<20} missing ({e})", consumer.durable, stream),
         }
@@ -64,8 +80,16 @@ pub async fn status(client: &async_nats::Client) -> anyhow::Result<()> {
         let kv = js.get_key_value(bucket.bucket).await;
         match kv {
             Ok(kv) => {
-                let status = kv.status().await.with_context(|| format!("bucket {}", bucket.bucket))?;
-                println!("{:<24} {:>10} {:>10}", bucket.bucket, status.values(), status.info.state.bytes);
+                let status = kv
+                    .status()
+                    .await
+                    .with_context(|| format!("bucket {}", bucket.bucket))?;
+                println!(
+                    "{:<24} {:>10} {:>10}",
+                    bucket.bucket,
+                    status.values(),
+                    status.info.state.bytes
+                );
             }
             Err(e) => println!("{:<24} missing ({e})", bucket.bucket),
         }

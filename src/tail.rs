@@ -33,15 +33,26 @@ pub async fn run(client: &async_nats::Client, args: TailArgs) -> anyhow::Result<
     } else {
         args.stream
             .iter()
-            .map(|s| topology::stream(s).with_context(|| format!("unknown stream {s:?}: use raw, enriched, insights or dlq")))
+            .map(|s| {
+                topology::stream(s).with_context(|| {
+                    format!("unknown stream {s:?}: use raw, enriched, insights or dlq")
+                })
+            })
             .collect::<anyhow::Result<_>>()?
     };
     let mut feeds = Vec::new();
     for spec in specs {
-        let stream = js.get_stream(spec.name).await.with_context(|| format!("stream {} (run `tidewatch provision`)", spec.name))?;
+        let stream = js
+            .get_stream(spec.name)
+            .await
+            .with_context(|| format!("stream {} (run `tidewatch provision`)", spec.name))?;
         let consumer = stream
             .create_consumer(OrderedConfig {
-                deliver_policy: if args.from_start { DeliverPolicy::All } else { DeliverPolicy::New },
+                deliver_policy: if args.from_start {
+                    DeliverPolicy::All
+                } else {
+                    DeliverPolicy::New
+                },
                 ..Default::default()
             })
             .await
@@ -55,17 +66,26 @@ pub async fn run(client: &async_nats::Client, args: TailArgs) -> anyhow::Result<
         let message = message.with_context(|| format!("reading {stream}"))?;
         let mut line = match from_nats(message.headers.as_ref(), &message.payload) {
             Ok(event) => {
-                if args.ty.as_deref().is_some_and(|p| !types::matches(p, event.ty())) {
+                if args
+                    .ty
+                    .as_deref()
+                    .is_some_and(|p| !types::matches(p, event.ty()))
+                {
                     continue;
                 }
                 to_json(&event)
             }
-            Err(e) => serde_json::json!({ "malformed": e.to_string(), "bytes": message.payload.len() }),
+            Err(e) => {
+                serde_json::json!({ "malformed": e.to_string(), "bytes": message.payload.len() })
+            }
         };
         if let (Some(obj), Some(headers)) = (line.as_object_mut(), message.headers.as_ref()) {
             obj.insert("stream".into(), stream.into());
             obj.insert("natssubject".into(), message.subject.to_string().into());
-            for (name, key) in [(dead_letter::REASON_HEADER, "dlqreason"), (dead_letter::KIND_HEADER, "dlqkind")] {
+            for (name, key) in [
+                (dead_letter::REASON_HEADER, "dlqreason"),
+                (dead_letter::KIND_HEADER, "dlqkind"),
+            ] {
                 if let Some(v) = headers.get(name) {
                     obj.insert(key.into(), v.as_str().into());
                 }

@@ -49,7 +49,9 @@ fn state_dir(args: &UpArgs) -> PathBuf {
     if let Some(xdg) = std::env::var_os("XDG_STATE_HOME") {
         return PathBuf::from(xdg).join("tidewatch");
     }
-    let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(std::env::temp_dir);
+    let home = std::env::var_os("HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(std::env::temp_dir);
     home.join(".local/state/tidewatch")
 }
 
@@ -72,8 +74,12 @@ pub async fn run(nats_url: &str, args: UpArgs) -> anyhow::Result<()> {
             nats_url.to_string()
         }
         Err(_) => {
-            println!("tidewatch: nothing answers at {nats_url}; starting nats-server (data in {})", state.join("nats").display());
-            let local = LocalNats::start(&state.join("nats"), args.nats_port, args.monitoring_port).await?;
+            println!(
+                "tidewatch: nothing answers at {nats_url}; starting nats-server (data in {})",
+                state.join("nats").display()
+            );
+            let local =
+                LocalNats::start(&state.join("nats"), args.nats_port, args.monitoring_port).await?;
             println!(
                 "tidewatch: nats-server running at {} (monitoring {}, pid {}, log {})",
                 local.url,
@@ -98,22 +104,41 @@ pub async fn run(nats_url: &str, args: UpArgs) -> anyhow::Result<()> {
 async fn supervise(url: &str, args: &UpArgs, logs: &Path) -> anyhow::Result<()> {
     let client = crate::connect(url).await?;
     let js = jetstream::new(client.clone());
-    let report = provision(&js, &ProvisionOptions::default()).await.context("provisioning")?;
-    let changed = report.items.iter().filter(|(_, c)| *c != tidewatch_runtime::provision::Change::Unchanged).count();
-    println!("tidewatch: provisioned {} objects ({changed} created or updated)", report.items.len());
+    let report = provision(&js, &ProvisionOptions::default())
+        .await
+        .context("provisioning")?;
+    let changed = report
+        .items
+        .iter()
+        .filter(|(_, c)| *c != tidewatch_runtime::provision::Change::Unchanged)
+        .count();
+    println!(
+        "tidewatch: provisioned {} objects ({changed} created or updated)",
+        report.items.len()
+    );
 
     let bin_dir = match &args.bin_dir {
         Some(d) => d.clone(),
-        None => std::env::current_exe()?.parent().map(Path::to_path_buf).unwrap_or_default(),
+        None => std::env::current_exe()?
+            .parent()
+            .map(Path::to_path_buf)
+            .unwrap_or_default(),
     };
     let mut running = Vec::new();
     for spec in topology::FUNCTIONS {
-        running.push(Running { spec, child: spawn(spec, &bin_dir, url, logs)?, started: Instant::now(), restarts: 0 });
+        running.push(Running {
+            spec,
+            child: spawn(spec, &bin_dir, url, logs)?,
+            started: Instant::now(),
+            restarts: 0,
+        });
     }
 
     let mut view = LiveView::default();
     let mut tick = tokio::time::interval(Duration::from_secs(1));
-    let deadline = args.duration_secs.map(|s| Instant::now() + Duration::from_secs(s));
+    let deadline = args
+        .duration_secs
+        .map(|s| Instant::now() + Duration::from_secs(s));
     let stop = tidewatch_runtime::shutdown::signal();
     tokio::pin!(stop);
     loop {
@@ -141,7 +166,11 @@ async fn supervise(url: &str, args: &UpArgs, logs: &Path) -> anyhow::Result<()> 
                 r.started = Instant::now();
             }
         }
-        let alive = running.iter_mut().map(|r| r.child.try_wait()).filter(|s| matches!(s, Ok(None))).count();
+        let alive = running
+            .iter_mut()
+            .map(|r| r.child.try_wait())
+            .filter(|s| matches!(s, Ok(None)))
+            .count();
         match view.line(&js, alive, running.len()).await {
             Ok(line) => println!("{line}"),
             Err(e) => println!("tidewatch: status unavailable: {e:#}"),
@@ -165,7 +194,10 @@ fn spawn(spec: &FunctionSpec, bin_dir: &Path, url: &str, logs: &Path) -> anyhow:
         );
     }
     let log_path = logs.join(format!("{}.log", spec.name));
-    let log = std::fs::OpenOptions::new().create(true).append(true).open(&log_path)?;
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&log_path)?;
     let mut child = Command::new(&binary)
         .env("NATS_URL", url)
         .env("TIDEWATCH_TRANSPORT", "jetstream")
@@ -176,7 +208,12 @@ fn spawn(spec: &FunctionSpec, bin_dir: &Path, url: &str, logs: &Path) -> anyhow:
         .kill_on_drop(true)
         .spawn()
         .with_context(|| format!("start {}", binary.display()))?;
-    println!("tidewatch: started {} (pid {}), log {}", spec.name, child.id().unwrap_or(0), log_path.display());
+    println!(
+        "tidewatch: started {} (pid {}), log {}",
+        spec.name,
+        child.id().unwrap_or(0),
+        log_path.display()
+    );
     if let Some(stdout) = child.stdout.take() {
         // What a function writes to stdout is its output (export: insights); echo it.
         tokio::spawn(async move {
@@ -208,7 +245,12 @@ struct LiveView {
 }
 
 impl LiveView {
-    async fn line(&mut self, js: &jetstream::Context, alive: usize, total: usize) -> anyhow::Result<String> {
+    async fn line(
+        &mut self,
+        js: &jetstream::Context,
+        alive: usize,
+        total: usize,
+    ) -> anyhow::Result<String> {
         let mut seqs = Vec::new();
         let mut dlq_total = 0;
         for spec in topology::STREAMS {
@@ -222,7 +264,10 @@ impl LiveView {
         let rates: Vec<f64> = match &self.last {
             Some((t, prev)) => {
                 let secs = now.duration_since(*t).as_secs_f64().max(0.001);
-                seqs.iter().zip(prev).map(|(a, b)| a.saturating_sub(*b) as f64 / secs).collect()
+                seqs.iter()
+                    .zip(prev)
+                    .map(|(a, b)| a.saturating_sub(*b) as f64 / secs)
+                    .collect()
             }
             None => vec![0.0; seqs.len()],
         };
@@ -235,9 +280,19 @@ impl LiveView {
         }
         line.push_str(&format!("  dlq {dlq_total} |  lag"));
         for consumer in topology::CONSUMERS {
-            let stream = topology::stream(consumer.stream).map(|s| s.name).unwrap_or_default();
-            let info = js.get_stream(stream).await?.consumer_info(consumer.durable).await?;
-            line.push_str(&format!(" {} {}", consumer.durable, info.num_pending + info.num_ack_pending as u64));
+            let stream = topology::stream(consumer.stream)
+                .map(|s| s.name)
+                .unwrap_or_default();
+            let info = js
+                .get_stream(stream)
+                .await?
+                .consumer_info(consumer.durable)
+                .await?;
+            line.push_str(&format!(
+                " {} {}",
+                consumer.durable,
+                info.num_pending + info.num_ack_pending as u64
+            ));
         }
         line.push_str(&format!(" |  functions {alive}/{total} up"));
         Ok(line)

@@ -105,10 +105,14 @@ mod tests {
     fn unknown_schema_and_bad_bytes_are_named() {
         let err = decode_json("proto:tidewatch.v1.Nope", b"").expect_err("unknown");
         assert!(err.to_string().contains("tidewatch.v1.Nope"), "{err}");
-        let err = decode_json("proto:tidewatch.v1.Insight", &[0xff, 0xff, 0xff]).expect_err("garbage");
+        let err =
+            decode_json("proto:tidewatch.v1.Insight", &[0xff, 0xff, 0xff]).expect_err("garbage");
         assert!(err.to_string().contains("Insight"), "{err}");
-        let err = encode_json("proto:tidewatch.v1.Insight", serde_json::json!({"confidence": "high"}))
-            .expect_err("wrong type");
+        let err = encode_json(
+            "proto:tidewatch.v1.Insight",
+            serde_json::json!({"confidence": "high"}),
+        )
+        .expect_err("wrong type");
         assert!(err.to_string().contains("Insight"), "{err}");
     }
 

@@ -79,7 +79,9 @@ impl PullConfig {
 
     /// Delay before redelivery number `delivery + 1`.
     pub fn backoff(&self, delivery: u32) -> Duration {
-        self.retry_backoff.saturating_mul(1u32 << delivery.saturating_sub(1).min(20)).min(self.max_retry_backoff)
+        self.retry_backoff
+            .saturating_mul(1u32 << delivery.saturating_sub(1).min(20))
+            .min(self.max_retry_backoff)
     }
 }
 
@@ -104,26 +106,44 @@ pub async fn run<F: Function>(
     shutdown: impl std::future::Future<Output = ()>,
 ) -> Result<(), RuntimeError> {
     let js = jetstream::new(client.clone());
-    let stream = js
-        .get_stream(&config.stream)
-        .await
-        .map_err(|e| RuntimeError::Setup(format!("stream {} not found (run `tidewatch provision`): {e}", config.stream)))?;
-    let mut consumer: jetstream::consumer::PullConsumer = stream.get_consumer(&config.consumer).await.map_err(|e| {
+    let stream = js.get_stream(&config.stream).await.map_err(|e| {
         RuntimeError::Setup(format!(
-            "consumer {} on stream {} not found (run `tidewatch provision`): {e}",
-            config.consumer, config.stream
+            "stream {} not found (run `tidewatch provision`): {e}",
+            config.stream
         ))
     })?;
-    let info = consumer.info().await.map_err(|e| RuntimeError::Setup(format!("consumer info: {e}")))?;
+    let mut consumer: jetstream::consumer::PullConsumer =
+        stream.get_consumer(&config.consumer).await.map_err(|e| {
+            RuntimeError::Setup(format!(
+                "consumer {} on stream {} not found (run `tidewatch provision`): {e}",
+                config.consumer, config.stream
+            ))
+        })?;
+    let info = consumer
+        .info()
+        .await
+        .map_err(|e| RuntimeError::Setup(format!("consumer info: {e}")))?;
     let max_deliver = u32::try_from(info.config.max_deliver).unwrap_or(0);
     let metrics = publisher.metrics().clone();
     let dead_letters = DeadLetters::new(publisher.clone(), &config.stream, &config.consumer);
-    let shared = Arc::new(Shared { function, name, publisher, dead_letters, metrics, max_deliver, config: config.clone() });
+    let shared = Arc::new(Shared {
+        function,
+        name,
+        publisher,
+        dead_letters,
+        metrics,
+        max_deliver,
+        config: config.clone(),
+    });
 
     let (stop_advisories, advisories_stopped) = tokio::sync::oneshot::channel::<()>();
-    let advisories = tokio::spawn(shared.dead_letters.clone().follow_max_deliveries(client.clone(), stream, async {
-        let _ = advisories_stopped.await;
-    }));
+    let advisories = tokio::spawn(shared.dead_letters.clone().follow_max_deliveries(
+        client.clone(),
+        stream,
+        async {
+            let _ = advisories_stopped.await;
+        },
+    ));
 
     let semaphore = Arc::new(Semaphore::new(config.concurrency));
     let mut tasks = JoinSet::new();
@@ -184,7 +204,11 @@ pub async fn run<F: Function>(
         }
     }
     readiness.set(false);
-    tracing::info!(function = name, in_flight = tasks.len(), "shutting down: finishing in-flight messages");
+    tracing::info!(
+        function = name,
+        in_flight = tasks.len(),
+        "shutting down: finishing in-flight messages"
+    );
     while tasks.join_next().await.is_some() {}
     // Acks are fire-and-forget publishes; make sure they left the process.
     if let Err(e) = client.flush().await {
@@ -204,11 +228,16 @@ async fn handle_message<F: Function>(shared: &Shared<F>, message: jetstream::Mes
             return;
         }
     };
-    let origin = Origin { subject: message.subject.as_str(), stream_sequence, deliveries: delivery };
+    let origin = Origin {
+        subject: message.subject.as_str(),
+        stream_sequence,
+        deliveries: delivery,
+    };
     let size = wire_size(message.headers.as_ref(), &message.payload);
     if size > MAX_EVENT_BYTES {
         shared.metrics.refuse("oversized");
-        let reason = format!("message is {size} bytes, over the {MAX_EVENT_BYTES}-byte event limit");
+        let reason =
+            format!("message is {size} bytes, over the {MAX_EVENT_BYTES}-byte event limit");
         dead_letter(shared, &message, origin, Kind::Oversized, &reason).await;
         return;
     }
@@ -231,17 +260,28 @@ async fn handle_message<F: Function>(shared: &Shared<F>, message: jetstream::Mes
     let span = tracing::info_span!("handle", function = shared.name, id = %event.id(), ty = %event.ty(), seq = stream_sequence, delivery);
     telemetry::adopt_parent(&span, &event);
     let started = Instant::now();
-    let outcome = AssertUnwindSafe(shared.function.handle(event.clone(), &ctx)).catch_unwind().instrument(span.clone()).await;
-    shared.metrics.handler_seconds.observe(started.elapsed().as_secs_f64());
+    let outcome = AssertUnwindSafe(shared.function.handle(event.clone(), &ctx))
+        .catch_unwind()
+        .instrument(span.clone())
+        .await;
+    shared
+        .metrics
+        .handler_seconds
+        .observe(started.elapsed().as_secs_f64());
     let outcome = outcome.unwrap_or_else(|panic| {
         let what = panic
             .downcast_ref::<&str>()
             .map(|s| s.to_string())
             .or_else(|| panic.downcast_ref::<String>().cloned())
             .unwrap_or_else(|| "unknown panic".into());
-        Outcome::RetryAfter { delay: Duration::ZERO, reason: format!("handler panicked: {what}") }
+        Outcome::RetryAfter {
+            delay: Duration::ZERO,
+            reason: format!("handler panicked: {what}"),
+        }
     });
-    settle(shared, &message, origin, &ctx, &event, outcome, &span).instrument(span.clone()).await;
+    settle(shared, &message, origin, &ctx, &event, outcome, &span)
+        .instrument(span.clone())
+        .await;
     shared.metrics.in_flight.dec();
 }
 
@@ -261,11 +301,19 @@ async fn settle<F: Function>(
                 shared.metrics.events_out.inc_by(count);
                 ack(shared, message, AckKind::Ack).await;
             }
-            Err((PublishErrorKind::Unavailable, reason)) => retry(shared, message, origin, ctx, Duration::ZERO, &reason).await,
-            Err((_, reason)) => dead_letter(shared, message, origin, Kind::OutputRefused, &reason).await,
+            Err((PublishErrorKind::Unavailable, reason)) => {
+                retry(shared, message, origin, ctx, Duration::ZERO, &reason).await
+            }
+            Err((_, reason)) => {
+                dead_letter(shared, message, origin, Kind::OutputRefused, &reason).await
+            }
         },
-        Outcome::RetryAfter { delay, reason } => retry(shared, message, origin, ctx, delay, &reason).await,
-        Outcome::Reject { reason } => dead_letter(shared, message, origin, Kind::Rejected, &reason).await,
+        Outcome::RetryAfter { delay, reason } => {
+            retry(shared, message, origin, ctx, delay, &reason).await
+        }
+        Outcome::Reject { reason } => {
+            dead_letter(shared, message, origin, Kind::Rejected, &reason).await
+        }
     }
 }
 
@@ -280,11 +328,21 @@ async fn publish_outputs<F: Function>(
     let mut confirmations = Vec::with_capacity(outputs.len());
     for Emitted { subject, mut event } in outputs {
         telemetry::stamp(span, input, &mut event);
-        let confirmation = shared.publisher.send(subject, &event).await.map_err(|e| (e.kind(), e.to_string()))?;
+        let confirmation = shared
+            .publisher
+            .send(subject, &event)
+            .await
+            .map_err(|e| (e.kind(), e.to_string()))?;
         confirmations.push(confirmation);
     }
     let count = confirmations.len() as u64;
-    for result in futures::future::join_all(confirmations.into_iter().map(std::future::IntoFuture::into_future)).await {
+    for result in futures::future::join_all(
+        confirmations
+            .into_iter()
+            .map(std::future::IntoFuture::into_future),
+    )
+    .await
+    {
         result.map_err(|e| (e.kind(), e.to_string()))?;
     }
     Ok(count)
@@ -303,7 +361,11 @@ async fn retry<F: Function>(
         dead_letter(shared, message, origin, Kind::Exhausted, &reason).await;
         return;
     }
-    let delay = if delay.is_zero() { shared.config.backoff(ctx.delivery) } else { delay };
+    let delay = if delay.is_zero() {
+        shared.config.backoff(ctx.delivery)
+    } else {
+        delay
+    };
     tracing::debug!(seq = origin.stream_sequence, delivery = ctx.delivery, ?delay, %reason, "retrying later");
     shared.metrics.naks.inc();
     if let Err(e) = message.ack_with(AckKind::Nak(Some(delay))).await {
@@ -321,12 +383,24 @@ async fn dead_letter<F: Function>(
     reason: &str,
 ) {
     let delivery = u32::try_from(origin.deliveries).unwrap_or(u32::MAX);
-    match shared.dead_letters.send(message.headers.as_ref(), message.payload.clone(), origin, kind, reason).await {
+    match shared
+        .dead_letters
+        .send(
+            message.headers.as_ref(),
+            message.payload.clone(),
+            origin,
+            kind,
+            reason,
+        )
+        .await
+    {
         Ok(()) => ack(shared, message, AckKind::Term).await,
         Err(e) => {
             tracing::error!(error = %e, "dead-letter stream unavailable; will retry the message");
             shared.metrics.naks.inc();
-            let _ = message.ack_with(AckKind::Nak(Some(shared.config.backoff(delivery)))).await;
+            let _ = message
+                .ack_with(AckKind::Nak(Some(shared.config.backoff(delivery))))
+                .await;
         }
     }
 }
@@ -336,6 +410,8 @@ async fn ack<F: Function>(shared: &Shared<F>, message: &jetstream::Message, kind
         Ok(()) => {
             shared.metrics.acks.inc();
         }
-        Err(e) => tracing::warn!(error = %e, "ack failed; the message will be redelivered and deduplicated"),
+        Err(e) => {
+            tracing::warn!(error = %e, "ack failed; the message will be redelivered and deduplicated")
+        }
     };
 }

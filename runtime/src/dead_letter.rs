@@ -1,8 +1,9 @@
 //! The dead-letter path: poison messages leave the pipeline with the reason
 //! attached, and the pipeline keeps flowing.
 //!
-//! A dead letter is the original message (headers and payload untouched, so
-//! `tidewatch replay` can send it back) published to
+//! A dead letter is the original message (payload and headers untouched, so
+//! `tidewatch replay` can send it back; only JetStream's own `Nats-*`
+//! publish headers are dropped) published to
 //! `tidewatch.dlq.<consumer>` with `Tidewatch-Dlq-*` headers saying why,
 //! from where, and after how many deliveries. Its msg id is derived from
 //! stream and sequence, so the same message dead-lettered twice (by the
@@ -88,7 +89,7 @@ impl DeadLetters {
         kind: Kind,
         reason: &str,
     ) -> Result<(), PublishError> {
-        let mut headers = headers.cloned().unwrap_or_default();
+        let mut headers = without_jetstream_headers(headers);
         headers.insert(REASON_HEADER, header_safe(reason).as_str());
         headers.insert(KIND_HEADER, kind.as_str());
         headers.insert(STREAM_HEADER, self.stream.as_str());
@@ -96,9 +97,21 @@ impl DeadLetters {
         headers.insert(SUBJECT_HEADER, origin.subject);
         headers.insert(CONSUMER_HEADER, self.consumer.as_str());
         headers.insert(DELIVERIES_HEADER, origin.deliveries.to_string().as_str());
-        let msg_id = format!("dlq:{}:{}:{}", self.stream, self.consumer, origin.stream_sequence);
-        self.publisher.send_raw(self.subject.clone(), &msg_id, headers, payload).await.await?;
-        self.publisher.metrics().dead_lettered.get_or_create(&Reason { reason: kind.as_str() }).inc();
+        let msg_id = format!(
+            "dlq:{}:{}:{}",
+            self.stream, self.consumer, origin.stream_sequence
+        );
+        self.publisher
+            .send_raw(self.subject.clone(), &msg_id, headers, payload)
+            .await
+            .await?;
+        self.publisher
+            .metrics()
+            .dead_lettered
+            .get_or_create(&Reason {
+                reason: kind.as_str(),
+            })
+            .inc();
         tracing::warn!(consumer = %self.consumer, seq = origin.stream_sequence, kind = kind.as_str(), %reason, "dead-lettered");
         Ok(())
     }
@@ -113,8 +126,14 @@ impl DeadLetters {
         stream: async_nats::jetstream::stream::Stream,
         shutdown: impl std::future::Future<Output = ()>,
     ) {
-        let subject = format!("$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.{}.{}", self.stream, self.consumer);
-        let mut advisories = match client.queue_subscribe(subject.clone(), format!("{}-dlq", self.consumer)).await {
+        let subject = format!(
+            "$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.{}.{}",
+            self.stream, self.consumer
+        );
+        let mut advisories = match client
+            .queue_subscribe(subject.clone(), format!("{}-dlq", self.consumer))
+            .await
+        {
             Ok(s) => s,
             Err(e) => {
                 tracing::error!(error = %e, %subject, "cannot follow max-deliveries advisories; crashed deliveries will not be dead-lettered");
@@ -127,8 +146,12 @@ impl DeadLetters {
                 _ = &mut shutdown => return,
                 next = advisories.next() => match next { Some(m) => m, None => return },
             };
-            let Ok(body) = serde_json::from_slice::<serde_json::Value>(&advisory.payload) else { continue };
-            let Some(seq) = body.get("stream_seq").and_then(|v| v.as_u64()) else { continue };
+            let Ok(body) = serde_json::from_slice::<serde_json::Value>(&advisory.payload) else {
+                continue;
+            };
+            let Some(seq) = body.get("stream_seq").and_then(|v| v.as_u64()) else {
+                continue;
+            };
             let deliveries = body.get("deliveries").and_then(|v| v.as_i64()).unwrap_or(0);
             let message = match stream.get_raw_message(seq).await {
                 Ok(m) => m,
@@ -137,18 +160,57 @@ impl DeadLetters {
                     continue;
                 }
             };
-            let origin = Origin { subject: message.subject.as_str(), stream_sequence: seq, deliveries };
-            let reason = format!("delivered {deliveries} times without being settled (handler crashed or exceeded ack_wait)");
-            if let Err(e) = self.send(Some(&message.headers), message.payload.clone(), origin, Kind::Exhausted, &reason).await {
+            let origin = Origin {
+                subject: message.subject.as_str(),
+                stream_sequence: seq,
+                deliveries,
+            };
+            let reason = format!(
+                "delivered {deliveries} times without being settled (handler crashed or exceeded ack_wait)"
+            );
+            if let Err(e) = self
+                .send(
+                    Some(&message.headers),
+                    message.payload.clone(),
+                    origin,
+                    Kind::Exhausted,
+                    &reason,
+                )
+                .await
+            {
                 tracing::error!(seq, error = %e, "could not dead-letter an exhausted message");
             }
         }
     }
 }
 
+/// The original headers minus JetStream's own (`Nats-*`). Those describe the
+/// original publish: `Nats-Expected-Stream`, `Nats-Expected-Last-Sequence`,
+/// `Nats-Rollup`, `Nats-TTL`... would make the dead-letter stream refuse or
+/// reinterpret the dead letter, leaving the message stuck in the pipeline.
+fn without_jetstream_headers(headers: Option<&HeaderMap>) -> HeaderMap {
+    let mut out = HeaderMap::new();
+    for (name, values) in headers.into_iter().flat_map(HeaderMap::iter) {
+        let name: &str = name.as_ref();
+        if name
+            .get(..5)
+            .is_some_and(|prefix| prefix.eq_ignore_ascii_case("nats-"))
+        {
+            continue;
+        }
+        for value in values {
+            out.append(name, value.clone());
+        }
+    }
+    out
+}
+
 /// Header values are one line of printable text; keep reasons that way and bounded.
 fn header_safe(reason: &str) -> String {
-    let mut out: String = reason.chars().map(|c| if c.is_control() { ' ' } else { c }).collect();
+    let mut out: String = reason
+        .chars()
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .collect();
     if out.len() > 1024 {
         let mut cut = 1024;
         while !out.is_char_boundary(cut) {

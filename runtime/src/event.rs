@@ -37,7 +37,10 @@ pub enum PayloadError {
     #[error("dataschema is {found:?}, expected {expected:?}")]
     WrongSchema { found: String, expected: String },
     #[error("data is not a valid {message}: {source}")]
-    Decode { message: String, source: prost::DecodeError },
+    Decode {
+        message: String,
+        source: prost::DecodeError,
+    },
 }
 
 /// A deterministic event id: the first 128 bits of SHA-256 over the parts,
@@ -62,7 +65,11 @@ pub fn derive_id(parts: &[&[u8]]) -> String {
 
 /// Id of the `index`-th event `function` emits for `input_id`.
 pub fn output_id(input_id: &str, function: &str, index: usize) -> String {
-    derive_id(&[input_id.as_bytes(), function.as_bytes(), &(index as u64).to_be_bytes()])
+    derive_id(&[
+        input_id.as_bytes(),
+        function.as_bytes(),
+        &(index as u64).to_be_bytes(),
+    ])
 }
 
 /// Build a Tidewatch event carrying a protobuf payload.
@@ -75,11 +82,16 @@ pub fn new_event<M: prost::Message + Name>(
     payload: &M,
 ) -> Result<Event, EventError> {
     let schema = schema_url::<M>();
-    let mut builder = EventBuilderV10::new().id(id).ty(ty).source(source).time(time);
+    let mut builder = EventBuilderV10::new()
+        .id(id)
+        .ty(ty)
+        .source(source)
+        .time(time);
     if let Some(subject) = subject {
         builder = builder.subject(subject);
     }
-    let url = url::Url::parse(&schema).map_err(|e| EventError::Invalid(format!("dataschema {schema}: {e}")))?;
+    let url = url::Url::parse(&schema)
+        .map_err(|e| EventError::Invalid(format!("dataschema {schema}: {e}")))?;
     builder
         .data_with_schema(PROTOBUF_CONTENT_TYPE, url, payload.encode_to_vec())
         .build()
@@ -89,17 +101,25 @@ pub fn new_event<M: prost::Message + Name>(
 /// Decode the protobuf payload of `event` as `M`, checking `dataschema`.
 pub fn payload<M: prost::Message + Name + Default>(event: &Event) -> Result<M, EventError> {
     let expected = schema_url::<M>();
-    let found = event.dataschema().map(|u| u.as_str().to_string()).unwrap_or_default();
+    let found = event
+        .dataschema()
+        .map(|u| u.as_str().to_string())
+        .unwrap_or_default();
     if found != expected {
         return Err(EventError::Payload {
             id: event.id().to_string(),
             source: PayloadError::WrongSchema { found, expected },
         });
     }
-    let bytes = data_bytes(event).ok_or_else(|| EventError::NoData { id: event.id().to_string() })?;
+    let bytes = data_bytes(event).ok_or_else(|| EventError::NoData {
+        id: event.id().to_string(),
+    })?;
     M::decode(bytes.as_slice()).map_err(|source| EventError::Payload {
         id: event.id().to_string(),
-        source: PayloadError::Decode { message: M::full_name(), source },
+        source: PayloadError::Decode {
+            message: M::full_name(),
+            source,
+        },
     })
 }
 
@@ -129,15 +149,19 @@ pub fn carry_trace(input: &Event, output: &mut Event) {
 pub fn to_json(event: &Event) -> serde_json::Value {
     let mut out = serde_json::Map::new();
     for (name, value) in event.iter() {
-        out.insert(name.to_string(), serde_json::Value::String(value.to_string()));
+        out.insert(
+            name.to_string(),
+            serde_json::Value::String(value.to_string()),
+        );
     }
     let data = match event.data() {
         None => None,
         Some(Data::Json(j)) => Some(j.clone()),
         Some(Data::String(s)) => Some(serde_json::Value::String(s.clone())),
         Some(Data::Binary(bytes)) => Some(match event.dataschema() {
-            Some(schema) => tidewatch_proto::decode_json(schema.as_str(), bytes)
-                .unwrap_or_else(|e| serde_json::json!({ "undecodable": e.to_string(), "bytes": bytes.len() })),
+            Some(schema) => tidewatch_proto::decode_json(schema.as_str(), bytes).unwrap_or_else(
+                |e| serde_json::json!({ "undecodable": e.to_string(), "bytes": bytes.len() }),
+            ),
             None => serde_json::json!({ "bytes": bytes.len() }),
         }),
     };
@@ -174,12 +198,19 @@ mod tests {
         assert_eq!(derive_id(&[b"x"]).len(), 32);
         assert_eq!(output_id("in", "enrich", 0), output_id("in", "enrich", 0));
         assert_ne!(output_id("in", "enrich", 0), output_id("in", "enrich", 1));
-        assert_ne!(output_id("in", "enrich", 0), output_id("in", "correlate", 0));
+        assert_ne!(
+            output_id("in", "enrich", 0),
+            output_id("in", "correlate", 0)
+        );
     }
 
     #[test]
     fn payload_round_trip_and_schema_check() {
-        let restart = v1::ContainerRestart { pod: "web-1".into(), exit_code: 137, ..Default::default() };
+        let restart = v1::ContainerRestart {
+            pod: "web-1".into(),
+            exit_code: 137,
+            ..Default::default()
+        };
         let event = new_event(
             "id-1",
             crate::topology::types::CONTAINER_RESTARTED,
@@ -199,10 +230,23 @@ mod tests {
     #[test]
     fn trace_context_is_carried_unless_set() {
         let tp = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
-        let mut input = EventBuilderV10::new().id("a").ty("t").source("/s").build().expect("event");
+        let mut input = EventBuilderV10::new()
+            .id("a")
+            .ty("t")
+            .source("/s")
+            .build()
+            .expect("event");
         input.set_extension(TRACEPARENT, tp);
-        let mut output = EventBuilderV10::new().id("b").ty("t").source("/s").build().expect("event");
+        let mut output = EventBuilderV10::new()
+            .id("b")
+            .ty("t")
+            .source("/s")
+            .build()
+            .expect("event");
         carry_trace(&input, &mut output);
-        assert_eq!(output.extension(TRACEPARENT).map(|v| v.to_string()), Some(tp.to_string()));
+        assert_eq!(
+            output.extension(TRACEPARENT).map(|v| v.to_string()),
+            Some(tp.to_string())
+        );
     }
 }

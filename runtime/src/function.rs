@@ -29,10 +29,15 @@ impl Outcome {
         Outcome::Emit(vec![event])
     }
     pub fn retry(delay: Duration, reason: impl Into<String>) -> Outcome {
-        Outcome::RetryAfter { delay, reason: reason.into() }
+        Outcome::RetryAfter {
+            delay,
+            reason: reason.into(),
+        }
     }
     pub fn reject(reason: impl Into<String>) -> Outcome {
-        Outcome::Reject { reason: reason.into() }
+        Outcome::Reject {
+            reason: reason.into(),
+        }
     }
 }
 

@@ -64,7 +64,12 @@ pub struct FunctionArgs {
 
 impl FunctionArgs {
     fn transport(&self) -> Transport {
-        self.transport.unwrap_or(if std::env::var_os("K_SERVICE").is_some() { Transport::Http } else { Transport::Jetstream })
+        self.transport
+            .unwrap_or(if std::env::var_os("K_SERVICE").is_some() {
+                Transport::Http
+            } else {
+                Transport::Jetstream
+            })
     }
 }
 
@@ -81,16 +86,33 @@ pub struct Host {
 impl Host {
     /// Set up logs and traces, connect to NATS (always in JetStream mode; in
     /// HTTP mode only when NATS_URL is set, for functions that use KV).
-    pub async fn start(spec: &'static FunctionSpec, args: FunctionArgs) -> Result<Host, RuntimeError> {
+    pub async fn start(
+        spec: &'static FunctionSpec,
+        args: FunctionArgs,
+    ) -> Result<Host, RuntimeError> {
         let telemetry = telemetry::init(spec.name);
-        let wants_nats = args.transport() == Transport::Jetstream || std::env::var_os("NATS_URL").is_some();
-        let client = if wants_nats { Some(connect(&args.nats_url, spec.name).await?) } else { None };
-        Ok(Host { spec, args, client, metrics: Metrics::new(spec.name), readiness: Readiness::default(), _telemetry: telemetry })
+        let wants_nats =
+            args.transport() == Transport::Jetstream || std::env::var_os("NATS_URL").is_some();
+        let client = if wants_nats {
+            Some(connect(&args.nats_url, spec.name).await?)
+        } else {
+            None
+        };
+        Ok(Host {
+            spec,
+            args,
+            client,
+            metrics: Metrics::new(spec.name),
+            readiness: Readiness::default(),
+            _telemetry: telemetry,
+        })
     }
 
     /// The NATS connection, for functions that keep state in KV.
     pub fn client(&self) -> Result<&async_nats::Client, RuntimeError> {
-        self.client.as_ref().ok_or_else(|| RuntimeError::Setup(format!("{} needs NATS: set NATS_URL", self.spec.name)))
+        self.client.as_ref().ok_or_else(|| {
+            RuntimeError::Setup(format!("{} needs NATS: set NATS_URL", self.spec.name))
+        })
     }
 
     pub fn metrics(&self) -> &Metrics {
@@ -114,13 +136,25 @@ impl Host {
         match self.args.transport() {
             Transport::Jetstream => {
                 let client = self.client()?.clone();
-                let (listener, addr) = metrics::bind(self.args.metrics_addr).await.map_err(RuntimeError::Io)?;
+                let (listener, addr) = metrics::bind(self.args.metrics_addr)
+                    .await
+                    .map_err(RuntimeError::Io)?;
                 tracing::info!(%addr, "metrics on http://{addr}/metrics");
-                let admin = tokio::spawn(metrics::serve_admin(listener, self.metrics.clone(), self.readiness.clone(), when_stopped()));
-                let consumer = topology::consumer(self.spec.consumer)
-                    .ok_or_else(|| RuntimeError::Setup(format!("no consumer {} in the topology", self.spec.consumer)))?;
-                let stream = topology::stream(consumer.stream)
-                    .ok_or_else(|| RuntimeError::Setup(format!("no stream {} in the topology", consumer.stream)))?;
+                let admin = tokio::spawn(metrics::serve_admin(
+                    listener,
+                    self.metrics.clone(),
+                    self.readiness.clone(),
+                    when_stopped(),
+                ));
+                let consumer = topology::consumer(self.spec.consumer).ok_or_else(|| {
+                    RuntimeError::Setup(format!(
+                        "no consumer {} in the topology",
+                        self.spec.consumer
+                    ))
+                })?;
+                let stream = topology::stream(consumer.stream).ok_or_else(|| {
+                    RuntimeError::Setup(format!("no stream {} in the topology", consumer.stream))
+                })?;
                 let publisher = Publisher::new(
                     client.clone(),
                     PublisherConfig::default().max_in_flight(self.args.max_in_flight),
@@ -129,21 +163,42 @@ impl Host {
                 let config = PullConfig::new(stream.name, consumer.durable)
                     .batch(self.args.batch)
                     .concurrency(self.args.concurrency);
-                let result =
-                    consume::run(function, self.spec.name, client, publisher, config, self.readiness.clone(), when_stopped()).await;
+                let result = consume::run(
+                    function,
+                    self.spec.name,
+                    client,
+                    publisher,
+                    config,
+                    self.readiness.clone(),
+                    when_stopped(),
+                )
+                .await;
                 admin.abort();
                 result
             }
             Transport::Http => {
                 let addr = SocketAddr::from(([0, 0, 0, 0], self.args.port));
-                let listener = tokio::net::TcpListener::bind(addr).await.map_err(RuntimeError::Io)?;
+                let listener = tokio::net::TcpListener::bind(addr)
+                    .await
+                    .map_err(RuntimeError::Io)?;
                 let sink = match &self.args.k_sink {
-                    Some(s) => Some(s.parse::<http::Uri>().map_err(|e| RuntimeError::Setup(format!("K_SINK {s:?}: {e}")))?),
+                    Some(s) => Some(
+                        s.parse::<http::Uri>()
+                            .map_err(|e| RuntimeError::Setup(format!("K_SINK {s:?}: {e}")))?,
+                    ),
                     None => None,
                 };
                 let config = HttpConfig::new(addr).sink(sink);
-                serve_http::run(function, self.spec.name, listener, config, self.metrics.clone(), self.readiness.clone(), when_stopped())
-                    .await
+                serve_http::run(
+                    function,
+                    self.spec.name,
+                    listener,
+                    config,
+                    self.metrics.clone(),
+                    self.readiness.clone(),
+                    when_stopped(),
+                )
+                .await
             }
         }
     }
@@ -157,5 +212,8 @@ pub async fn connect(url: &str, name: &str) -> Result<async_nats::Client, Runtim
         .connection_timeout(Duration::from_secs(5))
         .connect(url)
         .await
-        .map_err(|e| RuntimeError::Connect { url: url.to_string(), reason: e.to_string() })
+        .map_err(|e| RuntimeError::Connect {
+            url: url.to_string(),
+            reason: e.to_string(),
+        })
 }

@@ -80,18 +80,60 @@ impl Metrics {
             refused: Family::default(),
             registry: Registry::default(),
         };
-        registry.register("events_in", "Events handed to the function", inner.events_in.clone());
-        registry.register("events_out", "Events emitted and acknowledged by the stream", inner.events_out.clone());
+        registry.register(
+            "events_in",
+            "Events handed to the function",
+            inner.events_in.clone(),
+        );
+        registry.register(
+            "events_out",
+            "Events emitted and acknowledged by the stream",
+            inner.events_out.clone(),
+        );
         registry.register("acks", "Input messages acknowledged", inner.acks.clone());
-        registry.register("naks", "Input messages negatively acknowledged for redelivery", inner.naks.clone());
-        registry.register("dead_lettered", "Messages sent to the dead-letter stream, by reason", inner.dead_lettered.clone());
-        registry.register("handler_seconds", "Time spent in the function's handler", inner.handler_seconds.clone());
-        registry.register("in_flight", "Messages being handled now", inner.in_flight.clone());
-        registry.register("published", "Events published and acknowledged by the stream", inner.published.clone());
-        registry.register("publish_retries", "Publishes retried with the same msg id", inner.publish_retries.clone());
-        registry.register("publish_failed", "Publishes that failed for good, by reason", inner.publish_failed.clone());
-        registry.register("refused", "Events refused as oversized or malformed, by reason", inner.refused.clone());
-        Metrics { inner: Arc::new(Inner { registry, ..inner }) }
+        registry.register(
+            "naks",
+            "Input messages negatively acknowledged for redelivery",
+            inner.naks.clone(),
+        );
+        registry.register(
+            "dead_lettered",
+            "Messages sent to the dead-letter stream, by reason",
+            inner.dead_lettered.clone(),
+        );
+        registry.register(
+            "handler_seconds",
+            "Time spent in the function's handler",
+            inner.handler_seconds.clone(),
+        );
+        registry.register(
+            "in_flight",
+            "Messages being handled now",
+            inner.in_flight.clone(),
+        );
+        registry.register(
+            "published",
+            "Events published and acknowledged by the stream",
+            inner.published.clone(),
+        );
+        registry.register(
+            "publish_retries",
+            "Publishes retried with the same msg id",
+            inner.publish_retries.clone(),
+        );
+        registry.register(
+            "publish_failed",
+            "Publishes that failed for good, by reason",
+            inner.publish_failed.clone(),
+        );
+        registry.register(
+            "refused",
+            "Events refused as oversized or malformed, by reason",
+            inner.refused.clone(),
+        );
+        Metrics {
+            inner: Arc::new(Inner { registry, ..inner }),
+        }
     }
 
     /// Prometheus text exposition.
@@ -122,17 +164,32 @@ impl Readiness {
 }
 
 /// Answer `/metrics`, `/healthz` and `/readyz`; `None` for any other path.
-pub fn admin_response(path: &str, metrics: &Metrics, readiness: &Readiness) -> Option<Response<Full<Bytes>>> {
+pub fn admin_response(
+    path: &str,
+    metrics: &Metrics,
+    readiness: &Readiness,
+) -> Option<Response<Full<Bytes>>> {
     let (status, content_type, body) = match path {
-        "/metrics" => (StatusCode::OK, "application/openmetrics-text; version=1.0.0; charset=utf-8", metrics.encode()),
+        "/metrics" => (
+            StatusCode::OK,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            metrics.encode(),
+        ),
         "/healthz" | "/livez" => (StatusCode::OK, "text/plain", "ok\n".to_string()),
         "/readyz" if readiness.get() => (StatusCode::OK, "text/plain", "ready\n".to_string()),
-        "/readyz" => (StatusCode::SERVICE_UNAVAILABLE, "text/plain", "not ready\n".to_string()),
+        "/readyz" => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "text/plain",
+            "not ready\n".to_string(),
+        ),
         _ => return None,
     };
     let mut response = Response::new(Full::new(Bytes::from(body)));
     *response.status_mut() = status;
-    response.headers_mut().insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static(content_type));
+    response.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static(content_type),
+    );
     Some(response)
 }
 
@@ -159,14 +216,19 @@ pub async fn serve_admin(
         let readiness = readiness.clone();
         tokio::spawn(async move {
             let service = service_fn(move |req: Request<Incoming>| {
-                let response = admin_response(req.uri().path(), &metrics, &readiness).unwrap_or_else(|| {
-                    let mut r = Response::new(Full::new(Bytes::from_static(b"not found: try /metrics, /healthz, /readyz\n")));
-                    *r.status_mut() = StatusCode::NOT_FOUND;
-                    r
-                });
+                let response = admin_response(req.uri().path(), &metrics, &readiness)
+                    .unwrap_or_else(|| {
+                        let mut r = Response::new(Full::new(Bytes::from_static(
+                            b"not found: try /metrics, /healthz, /readyz\n",
+                        )));
+                        *r.status_mut() = StatusCode::NOT_FOUND;
+                        r
+                    });
                 async move { Ok::<_, Infallible>(response) }
             });
-            let _ = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), service).await;
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), service)
+                .await;
         });
     }
 }

@@ -34,7 +34,11 @@ pub struct ProvisionOptions {
 
 impl Default for ProvisionOptions {
     fn default() -> Self {
-        ProvisionOptions { replicas: 1, ack_wait: None, max_deliver: None }
+        ProvisionOptions {
+            replicas: 1,
+            ack_wait: None,
+            max_deliver: None,
+        }
     }
 }
 
@@ -80,7 +84,9 @@ impl fmt::Display for Report {
         for (object, change) in &self.items {
             match change {
                 Change::Created => writeln!(f, "created   {object}")?,
-                Change::Updated(fields) => writeln!(f, "updated   {object} ({})", fields.join(", "))?,
+                Change::Updated(fields) => {
+                    writeln!(f, "updated   {object} ({})", fields.join(", "))?
+                }
                 Change::Unchanged => writeln!(f, "unchanged {object}")?,
             }
         }
@@ -96,7 +102,12 @@ pub enum ProvisionError {
         "{object} exists with {field} = {existing}, but Tidewatch needs {wanted}. This cannot change in place \
          without losing data: move its messages to a new stream, or delete it if they are disposable, then provision again"
     )]
-    Conflict { object: String, field: &'static str, existing: String, wanted: String },
+    Conflict {
+        object: String,
+        field: &'static str,
+        existing: String,
+        wanted: String,
+    },
     /// Retryable: a JetStream API call failed (server unreachable, no JetStream, timeouts).
     #[error("{action} {object}: {source}")]
     Api {
@@ -113,13 +124,23 @@ impl ProvisionError {
     }
 }
 
-fn api<E: std::error::Error + Send + Sync + 'static>(action: &'static str, object: &str) -> impl FnOnce(E) -> ProvisionError {
+fn api<E: std::error::Error + Send + Sync + 'static>(
+    action: &'static str,
+    object: &str,
+) -> impl FnOnce(E) -> ProvisionError {
     let object = object.to_string();
-    move |e| ProvisionError::Api { action, object, source: Box::new(e) }
+    move |e| ProvisionError::Api {
+        action,
+        object,
+        source: Box::new(e),
+    }
 }
 
 /// Provision everything in the topology.
-pub async fn provision(js: &jetstream::Context, options: &ProvisionOptions) -> Result<Report, ProvisionError> {
+pub async fn provision(
+    js: &jetstream::Context,
+    options: &ProvisionOptions,
+) -> Result<Report, ProvisionError> {
     let mut report = Report::default();
     for spec in topology::STREAMS {
         let change = ensure_stream(js, desired_stream(spec, options)).await?;
@@ -127,7 +148,9 @@ pub async fn provision(js: &jetstream::Context, options: &ProvisionOptions) -> R
     }
     for spec in topology::CONSUMERS {
         let change = ensure_consumer(js, spec, options).await?;
-        report.items.push((format!("consumer {}", spec.durable), change));
+        report
+            .items
+            .push((format!("consumer {}", spec.durable), change));
     }
     for spec in topology::BUCKETS {
         let change = ensure_stream(js, desired_bucket(spec, options)).await?;
@@ -184,22 +207,42 @@ pub fn desired_bucket(spec: &BucketSpec, options: &ProvisionOptions) -> StreamCo
     }
 }
 
-async fn ensure_stream(js: &jetstream::Context, desired: StreamConfig) -> Result<Change, ProvisionError> {
+async fn ensure_stream(
+    js: &jetstream::Context,
+    desired: StreamConfig,
+) -> Result<Change, ProvisionError> {
     let object = format!("stream {}", desired.name);
     let mut stream = match js.get_stream(&desired.name).await {
         Ok(s) => s,
         Err(e) if is_not_found(e.kind()) => {
-            js.create_stream(desired.clone()).await.map_err(api("create", &object))?;
+            js.create_stream(desired.clone())
+                .await
+                .map_err(api("create", &object))?;
             return Ok(Change::Created);
         }
         Err(e) => return Err(api("look up", &object)(e)),
     };
-    let existing = stream.info().await.map_err(api("read", &object))?.config.clone();
+    let existing = stream
+        .info()
+        .await
+        .map_err(api("read", &object))?
+        .config
+        .clone();
     if existing.storage != desired.storage {
-        return Err(conflict(&object, "storage", &existing.storage, &desired.storage));
+        return Err(conflict(
+            &object,
+            "storage",
+            &existing.storage,
+            &desired.storage,
+        ));
     }
     if existing.retention != desired.retention {
-        return Err(conflict(&object, "retention", &existing.retention, &desired.retention));
+        return Err(conflict(
+            &object,
+            "retention",
+            &existing.retention,
+            &desired.retention,
+        ));
     }
     let mut updated = existing.clone();
     let mut changed = Vec::new();
@@ -231,8 +274,12 @@ async fn ensure_stream(js: &jetstream::Context, desired: StreamConfig) -> Result
     if changed.is_empty() {
         return Ok(Change::Unchanged);
     }
-    js.update_stream(updated).await.map_err(api("update", &object))?;
-    Ok(Change::Updated(changed.into_iter().map(String::from).collect()))
+    js.update_stream(updated)
+        .await
+        .map_err(api("update", &object))?;
+    Ok(Change::Updated(
+        changed.into_iter().map(String::from).collect(),
+    ))
 }
 
 /// The consumer config a spec asks for.
@@ -250,23 +297,41 @@ pub fn desired_consumer(spec: &ConsumerSpec, options: &ProvisionOptions) -> pull
     }
 }
 
-async fn ensure_consumer(js: &jetstream::Context, spec: &ConsumerSpec, options: &ProvisionOptions) -> Result<Change, ProvisionError> {
+async fn ensure_consumer(
+    js: &jetstream::Context,
+    spec: &ConsumerSpec,
+    options: &ProvisionOptions,
+) -> Result<Change, ProvisionError> {
     let object = format!("consumer {}", spec.durable);
-    let stream_name = topology::stream(spec.stream).map(|s| s.name).unwrap_or(spec.stream);
-    let stream = js.get_stream(stream_name).await.map_err(api("look up", stream_name))?;
+    let stream_name = topology::stream(spec.stream)
+        .map(|s| s.name)
+        .unwrap_or(spec.stream);
+    let stream = js
+        .get_stream(stream_name)
+        .await
+        .map_err(api("look up", stream_name))?;
     let desired = desired_consumer(spec, options);
     let existing = match stream.consumer_info(spec.durable).await {
         Ok(info) => info.config,
-        Err(e) if matches!(e.kind(), ConsumerInfoErrorKind::NotFound)
-            || matches!(e.kind(), ConsumerInfoErrorKind::JetStream(j) if j.error_code() == jetstream::ErrorCode::CONSUMER_NOT_FOUND) =>
+        Err(e)
+            if matches!(e.kind(), ConsumerInfoErrorKind::NotFound)
+                || matches!(e.kind(), ConsumerInfoErrorKind::JetStream(j) if j.error_code() == jetstream::ErrorCode::CONSUMER_NOT_FOUND) =>
         {
-            stream.create_consumer(desired).await.map_err(api("create", &object))?;
+            stream
+                .create_consumer(desired)
+                .await
+                .map_err(api("create", &object))?;
             return Ok(Change::Created);
         }
         Err(e) => return Err(api("look up", &object)(e)),
     };
     if existing.ack_policy != desired.ack_policy {
-        return Err(conflict(&object, "ack_policy", &existing.ack_policy, &desired.ack_policy));
+        return Err(conflict(
+            &object,
+            "ack_policy",
+            &existing.ack_policy,
+            &desired.ack_policy,
+        ));
     }
     let mut filters: Vec<String> = existing.filter_subjects.clone();
     if !existing.filter_subject.is_empty() {
@@ -281,7 +346,10 @@ async fn ensure_consumer(js: &jetstream::Context, spec: &ConsumerSpec, options: 
         ("description", existing.description != desired.description),
         ("ack_wait", existing.ack_wait != desired.ack_wait),
         ("max_deliver", existing.max_deliver != desired.max_deliver),
-        ("max_ack_pending", existing.max_ack_pending != desired.max_ack_pending),
+        (
+            "max_ack_pending",
+            existing.max_ack_pending != desired.max_ack_pending,
+        ),
     ] {
         if differs {
             changed.push(field);
@@ -291,16 +359,28 @@ async fn ensure_consumer(js: &jetstream::Context, spec: &ConsumerSpec, options: 
         return Ok(Change::Unchanged);
     }
     // Deliver policy only applies at creation and cannot change: keep the existing one.
-    let updated = pull::Config { deliver_policy: existing.deliver_policy, ..desired };
-    js.update_consumer_on_stream(updated, stream_name).await.map_err(api("update", &object))?;
-    Ok(Change::Updated(changed.into_iter().map(String::from).collect()))
+    let updated = pull::Config {
+        deliver_policy: existing.deliver_policy,
+        ..desired
+    };
+    js.update_consumer_on_stream(updated, stream_name)
+        .await
+        .map_err(api("update", &object))?;
+    Ok(Change::Updated(
+        changed.into_iter().map(String::from).collect(),
+    ))
 }
 
 fn is_not_found(kind: GetStreamErrorKind) -> bool {
     matches!(kind, GetStreamErrorKind::JetStream(e) if e.error_code() == jetstream::ErrorCode::STREAM_NOT_FOUND)
 }
 
-fn conflict(object: &str, field: &'static str, existing: &impl fmt::Debug, wanted: &impl fmt::Debug) -> ProvisionError {
+fn conflict(
+    object: &str,
+    field: &'static str,
+    existing: &impl fmt::Debug,
+    wanted: &impl fmt::Debug,
+) -> ProvisionError {
     ProvisionError::Conflict {
         object: object.to_string(),
         field,

@@ -71,7 +71,11 @@ impl PublisherConfig {
 pub enum PublishError {
     /// Terminal: the event is over the size limit; it was not sent.
     #[error("event {id} is {size} bytes, over the {limit}-byte limit; refused, not truncated")]
-    TooLarge { id: String, size: usize, limit: usize },
+    TooLarge {
+        id: String,
+        size: usize,
+        limit: usize,
+    },
     /// Retryable: no stream acknowledged the event after every attempt
     /// (NATS unreachable, no stream for the subject, timeouts).
     #[error("event {id} to {subject}: not acknowledged after {attempts} attempts: {source}")]
@@ -82,6 +86,9 @@ pub enum PublishError {
         #[source]
         source: jetstream::context::PublishError,
     },
+    /// Retryable: the task confirming the publish ended early (the runtime is shutting down).
+    #[error("event {id}: confirmation aborted: {reason}")]
+    Aborted { id: String, reason: String },
     /// Terminal: the server refused the event (e.g. over the server's max payload).
     #[error("event {id} to {subject}: refused by the server: {source}")]
     Rejected {
@@ -104,7 +111,9 @@ impl PublishError {
     pub fn kind(&self) -> PublishErrorKind {
         match self {
             PublishError::TooLarge { .. } => PublishErrorKind::TooLarge,
-            PublishError::Unavailable { .. } => PublishErrorKind::Unavailable,
+            PublishError::Unavailable { .. } | PublishError::Aborted { .. } => {
+                PublishErrorKind::Unavailable
+            }
             PublishError::Rejected { .. } => PublishErrorKind::Rejected,
         }
     }
@@ -138,7 +147,11 @@ impl Publisher {
             .max_ack_inflight(config.max_in_flight)
             .backpressure_on_inflight(true)
             .build(client);
-        Publisher { js, config, metrics }
+        Publisher {
+            js,
+            config,
+            metrics,
+        }
     }
 
     pub fn metrics(&self) -> &Metrics {
@@ -148,15 +161,30 @@ impl Publisher {
     /// Encode and send `event` to `subject`; resolve the returned
     /// [`Confirmation`] to learn that the stream stored it. Waits while
     /// `max_in_flight` publishes are unacknowledged.
-    pub async fn send(&self, subject: impl Into<String>, event: &Event) -> Result<Confirmation, PublishError> {
+    pub async fn send(
+        &self,
+        subject: impl Into<String>,
+        event: &Event,
+    ) -> Result<Confirmation, PublishError> {
         let (headers, payload) = to_nats(event);
         let size = wire_size(Some(&headers), &payload);
         let id = event.id().to_string();
         if size > self.config.max_event_bytes {
             self.metrics.refuse("oversized");
-            return Err(PublishError::TooLarge { id, size, limit: self.config.max_event_bytes });
+            return Err(PublishError::TooLarge {
+                id,
+                size,
+                limit: self.config.max_event_bytes,
+            });
         }
-        Ok(self.send_outgoing(Outgoing { id, subject: subject.into(), headers, payload }).await)
+        Ok(self
+            .send_outgoing(Outgoing {
+                id,
+                subject: subject.into(),
+                headers,
+                payload,
+            })
+            .await)
     }
 
     /// Send an already-encoded message with `msg_id` as its `Nats-Msg-Id`,
@@ -170,16 +198,34 @@ impl Publisher {
         payload: Bytes,
     ) -> Confirmation {
         headers.insert(crate::binding::nats::MSG_ID_HEADER, msg_id);
-        self.send_outgoing(Outgoing { id: msg_id.to_string(), subject: subject.into(), headers, payload }).await
+        self.send_outgoing(Outgoing {
+            id: msg_id.to_string(),
+            subject: subject.into(),
+            headers,
+            payload,
+        })
+        .await
     }
 
     async fn send_outgoing(&self, outgoing: Outgoing) -> Confirmation {
         let first = self.send_once(&outgoing).await;
-        Confirmation { publisher: self.clone(), outgoing, first }
+        // The ack wait runs in its own task: the in-flight slot frees as soon
+        // as the stream answers, whether or not the caller polls (a caller
+        // that sends many before awaiting any would otherwise deadlock on the
+        // in-flight bound).
+        let id = outgoing.id.clone();
+        Confirmation {
+            id,
+            task: tokio::spawn(self.clone().confirm(outgoing, first)),
+        }
     }
 
     /// Send and wait for the stream's acknowledgement.
-    pub async fn publish(&self, subject: impl Into<String>, event: &Event) -> Result<PublishAck, PublishError> {
+    pub async fn publish(
+        &self,
+        subject: impl Into<String>,
+        event: &Event,
+    ) -> Result<PublishAck, PublishError> {
         self.send(subject, event).await?.await
     }
 
@@ -187,10 +233,16 @@ impl Publisher {
         let publish = jetstream::message::PublishMessage::build()
             .headers(outgoing.headers.clone())
             .payload(outgoing.payload.clone());
-        self.js.send_publish(outgoing.subject.clone(), publish).await
+        self.js
+            .send_publish(outgoing.subject.clone(), publish)
+            .await
     }
 
-    async fn confirm(self, outgoing: Outgoing, first: SendResult) -> Result<PublishAck, PublishError> {
+    async fn confirm(
+        self,
+        outgoing: Outgoing,
+        first: SendResult,
+    ) -> Result<PublishAck, PublishError> {
         let mut attempt = 1;
         let mut sent = Some(first);
         loop {
@@ -211,14 +263,28 @@ impl Publisher {
             };
             let terminal = matches!(
                 error.kind(),
-                NatsKind::MaxPayloadExceeded | NatsKind::WrongLastMessageId | NatsKind::WrongLastSequence
+                NatsKind::MaxPayloadExceeded
+                    | NatsKind::WrongLastMessageId
+                    | NatsKind::WrongLastSequence
             );
             if terminal {
-                self.metrics.publish_failed.get_or_create(&Reason { reason: "rejected" }).inc();
-                return Err(PublishError::Rejected { id: outgoing.id, subject: outgoing.subject, source: error });
+                self.metrics
+                    .publish_failed
+                    .get_or_create(&Reason { reason: "rejected" })
+                    .inc();
+                return Err(PublishError::Rejected {
+                    id: outgoing.id,
+                    subject: outgoing.subject,
+                    source: error,
+                });
             }
             if attempt >= self.config.max_attempts {
-                self.metrics.publish_failed.get_or_create(&Reason { reason: "unavailable" }).inc();
+                self.metrics
+                    .publish_failed
+                    .get_or_create(&Reason {
+                        reason: "unavailable",
+                    })
+                    .inc();
                 return Err(PublishError::Unavailable {
                     id: outgoing.id,
                     subject: outgoing.subject,
@@ -226,7 +292,11 @@ impl Publisher {
                     source: error,
                 });
             }
-            let backoff = self.config.retry_backoff.saturating_mul(1 << (attempt - 1).min(16)).min(Duration::from_secs(5));
+            let backoff = self
+                .config
+                .retry_backoff
+                .saturating_mul(1 << (attempt - 1).min(16))
+                .min(Duration::from_secs(5));
             tracing::debug!(id = %outgoing.id, subject = %outgoing.subject, attempt, error = %error, ?backoff, "publish not acknowledged; retrying with the same msg id");
             self.metrics.publish_retries.inc();
             tokio::time::sleep(backoff).await;
@@ -235,18 +305,19 @@ impl Publisher {
     }
 }
 
-/// Resolves when the stream has stored the event (or publishing failed for good).
+/// Resolves when the stream has stored the event (or publishing failed for
+/// good). Dropping it does not cancel the publish: it still completes (or
+/// fails and is counted on `tidewatch_publish_failed_total`).
 #[must_use = "a publish is only known to be stored once its confirmation resolves"]
 pub struct Confirmation {
-    publisher: Publisher,
-    outgoing: Outgoing,
-    first: SendResult,
+    id: String,
+    task: tokio::task::JoinHandle<Result<PublishAck, PublishError>>,
 }
 
 impl Confirmation {
     /// Id of the event being confirmed.
     pub fn id(&self) -> &str {
-        &self.outgoing.id
+        &self.id
     }
 }
 
@@ -255,6 +326,14 @@ impl IntoFuture for Confirmation {
     type IntoFuture = Pin<Box<dyn Future<Output = Self::Output> + Send>>;
 
     fn into_future(self) -> Self::IntoFuture {
-        Box::pin(self.publisher.confirm(self.outgoing, self.first))
+        let Confirmation { id, task } = self;
+        Box::pin(async move {
+            task.await.unwrap_or_else(|e| {
+                Err(PublishError::Aborted {
+                    id,
+                    reason: e.to_string(),
+                })
+            })
+        })
     }
 }

@@ -48,7 +48,11 @@ pub struct HttpConfig {
 
 impl HttpConfig {
     pub fn new(addr: SocketAddr) -> HttpConfig {
-        HttpConfig { addr, sink: None, drain_timeout: Duration::from_secs(25) }
+        HttpConfig {
+            addr,
+            sink: None,
+            drain_timeout: Duration::from_secs(25),
+        }
     }
     pub fn sink(mut self, sink: Option<http::Uri>) -> Self {
         self.sink = sink;
@@ -76,7 +80,14 @@ pub async fn run<F: Function>(
     shutdown: impl std::future::Future<Output = ()>,
 ) -> Result<(), RuntimeError> {
     let client = Client::builder(TokioExecutor::new()).build_http();
-    let shared = Arc::new(Shared { function, name, metrics, readiness: readiness.clone(), sink: config.sink.clone(), client });
+    let shared = Arc::new(Shared {
+        function,
+        name,
+        metrics,
+        readiness: readiness.clone(),
+        sink: config.sink.clone(),
+        client,
+    });
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     readiness.set(true);
     tracing::info!(function = name, addr = %listener.local_addr().map_err(RuntimeError::Io)?, sink = ?config.sink, "serving CloudEvents over HTTP");
@@ -97,7 +108,8 @@ pub async fn run<F: Function>(
             let shared = shared.clone();
             async move { Ok::<_, Infallible>(route(&shared, req).await) }
         });
-        let connection = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), service);
+        let connection = hyper::server::conn::http1::Builder::new()
+            .serve_connection(TokioIo::new(stream), service);
         let connection = graceful.watch(connection);
         tokio::spawn(async move {
             if let Err(e) = connection.await {
@@ -107,7 +119,10 @@ pub async fn run<F: Function>(
     }
     readiness.set(false);
     drop(listener);
-    if tokio::time::timeout(config.drain_timeout, graceful.shutdown()).await.is_err() {
+    if tokio::time::timeout(config.drain_timeout, graceful.shutdown())
+        .await
+        .is_err()
+    {
         tracing::warn!("open requests did not finish within the drain timeout");
     }
     tracing::info!(function = name, "drained");
@@ -117,7 +132,12 @@ pub async fn run<F: Function>(
 async fn route<F: Function>(shared: &Shared<F>, req: Request<Incoming>) -> Response<Full<Bytes>> {
     if req.method() == Method::GET {
         return admin_response(req.uri().path(), &shared.metrics, &shared.readiness)
-            .unwrap_or_else(|| plain(StatusCode::NOT_FOUND, "not found: POST a CloudEvent, or GET /healthz, /readyz, /metrics"));
+            .unwrap_or_else(|| {
+                plain(
+                    StatusCode::NOT_FOUND,
+                    "not found: POST a CloudEvent, or GET /healthz, /readyz, /metrics",
+                )
+            });
     }
     if req.method() != Method::POST {
         return plain(StatusCode::METHOD_NOT_ALLOWED, "POST a CloudEvent");
@@ -126,35 +146,57 @@ async fn route<F: Function>(shared: &Shared<F>, req: Request<Incoming>) -> Respo
     let body = match Limited::new(body, MAX_EVENT_BYTES).collect().await {
         Ok(collected) => collected.to_bytes(),
         Err(e) => {
-            if e.downcast_ref::<http_body_util::LengthLimitError>().is_some() {
+            if e.downcast_ref::<http_body_util::LengthLimitError>()
+                .is_some()
+            {
                 shared.metrics.refuse("oversized");
                 return plain(
                     StatusCode::PAYLOAD_TOO_LARGE,
-                    &format!("event body is over the {MAX_EVENT_BYTES}-byte limit; refused, not truncated"),
+                    &format!(
+                        "event body is over the {MAX_EVENT_BYTES}-byte limit; refused, not truncated"
+                    ),
                 );
             }
-            return plain(StatusCode::BAD_REQUEST, &format!("could not read the request body: {e}"));
+            return plain(
+                StatusCode::BAD_REQUEST,
+                &format!("could not read the request body: {e}"),
+            );
         }
     };
     let event = match from_http(&parts.headers, &body) {
         Ok(e) => e,
         Err(e) => {
             shared.metrics.refuse("malformed");
-            return plain(StatusCode::BAD_REQUEST, &format!("malformed CloudEvent: {e}"));
+            return plain(
+                StatusCode::BAD_REQUEST,
+                &format!("malformed CloudEvent: {e}"),
+            );
         }
     };
     handle(shared, event).await
 }
 
 async fn handle<F: Function>(shared: &Shared<F>, event: Event) -> Response<Full<Bytes>> {
-    let ctx = Context { function: shared.name, delivery: 1, max_deliver: 0, stream_sequence: None };
+    let ctx = Context {
+        function: shared.name,
+        delivery: 1,
+        max_deliver: 0,
+        stream_sequence: None,
+    };
     shared.metrics.events_in.inc();
     shared.metrics.in_flight.inc();
-    let span = tracing::info_span!("handle", function = shared.name, id = %event.id(), ty = %event.ty());
+    let span =
+        tracing::info_span!("handle", function = shared.name, id = %event.id(), ty = %event.ty());
     telemetry::adopt_parent(&span, &event);
     let started = Instant::now();
-    let outcome = AssertUnwindSafe(shared.function.handle(event.clone(), &ctx)).catch_unwind().instrument(span.clone()).await;
-    shared.metrics.handler_seconds.observe(started.elapsed().as_secs_f64());
+    let outcome = AssertUnwindSafe(shared.function.handle(event.clone(), &ctx))
+        .catch_unwind()
+        .instrument(span.clone())
+        .await;
+    shared
+        .metrics
+        .handler_seconds
+        .observe(started.elapsed().as_secs_f64());
     let response = match outcome {
         Err(_) => plain(StatusCode::INTERNAL_SERVER_ERROR, "handler panicked"),
         Ok(Outcome::Done) => accepted(shared),
@@ -162,21 +204,37 @@ async fn handle<F: Function>(shared: &Shared<F>, event: Event) -> Response<Full<
         Ok(Outcome::Emit(outputs)) => reply(shared, &event, outputs, &span).await,
         Ok(Outcome::RetryAfter { delay, reason }) => {
             shared.metrics.naks.inc();
-            let mut r = plain(StatusCode::SERVICE_UNAVAILABLE, &format!("retry later: {reason}"));
+            let mut r = plain(
+                StatusCode::SERVICE_UNAVAILABLE,
+                &format!("retry later: {reason}"),
+            );
             let secs = delay.as_secs() + u64::from(delay.subsec_nanos() > 0);
-            r.headers_mut().insert(http::header::RETRY_AFTER, HeaderValue::from(secs.max(1)));
+            r.headers_mut()
+                .insert(http::header::RETRY_AFTER, HeaderValue::from(secs.max(1)));
             r
         }
         Ok(Outcome::Reject { reason }) => {
-            shared.metrics.dead_lettered.get_or_create(&crate::metrics::Reason { reason: "rejected" }).inc();
-            plain(StatusCode::UNPROCESSABLE_ENTITY, &format!("rejected: {reason}"))
+            shared
+                .metrics
+                .dead_lettered
+                .get_or_create(&crate::metrics::Reason { reason: "rejected" })
+                .inc();
+            plain(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                &format!("rejected: {reason}"),
+            )
         }
     };
     shared.metrics.in_flight.dec();
     response
 }
 
-async fn reply<F: Function>(shared: &Shared<F>, input: &Event, outputs: Vec<Emitted>, span: &tracing::Span) -> Response<Full<Bytes>> {
+async fn reply<F: Function>(
+    shared: &Shared<F>,
+    input: &Event,
+    outputs: Vec<Emitted>,
+    span: &tracing::Span,
+) -> Response<Full<Bytes>> {
     let count = outputs.len();
     let mut events: Vec<Event> = outputs
         .into_iter()
@@ -189,20 +247,39 @@ async fn reply<F: Function>(shared: &Shared<F>, input: &Event, outputs: Vec<Emit
         if count > 1 {
             return plain(
                 StatusCode::INTERNAL_SERVER_ERROR,
-                &format!("the function emitted {count} events but an HTTP reply carries one; set K_SINK"),
+                &format!(
+                    "the function emitted {count} events but an HTTP reply carries one; set K_SINK"
+                ),
             );
         }
         shared.metrics.acks.inc();
         shared.metrics.events_out.inc();
-        return events.pop().map(|e| to_response(&e)).unwrap_or_else(|| accepted(shared));
+        return events
+            .pop()
+            .map(|e| to_response(&e))
+            .unwrap_or_else(|| accepted(shared));
     };
     for event in &events {
         match shared.client.request(to_request(event, sink)).await {
             Ok(r) if r.status().is_success() => {
                 shared.metrics.events_out.inc();
             }
-            Ok(r) => return plain(StatusCode::BAD_GATEWAY, &format!("K_SINK {sink} answered {} for event {}", r.status(), event.id())),
-            Err(e) => return plain(StatusCode::BAD_GATEWAY, &format!("K_SINK {sink} unreachable: {e}")),
+            Ok(r) => {
+                return plain(
+                    StatusCode::BAD_GATEWAY,
+                    &format!(
+                        "K_SINK {sink} answered {} for event {}",
+                        r.status(),
+                        event.id()
+                    ),
+                );
+            }
+            Err(e) => {
+                return plain(
+                    StatusCode::BAD_GATEWAY,
+                    &format!("K_SINK {sink} unreachable: {e}"),
+                );
+            }
         }
     }
     accepted(shared)
@@ -216,7 +293,9 @@ fn accepted<F>(shared: &Shared<F>) -> Response<Full<Bytes>> {
 fn plain(status: StatusCode, body: &str) -> Response<Full<Bytes>> {
     let mut response = Response::new(Full::new(Bytes::from(format!("{body}\n"))));
     *response.status_mut() = status;
-    response.headers_mut().insert(http::header::CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
+    response.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
     response
 }
-

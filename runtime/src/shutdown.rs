@@ -3,7 +3,10 @@
 /// Resolves on SIGTERM (Kubernetes, `tidewatch up`) or SIGINT (Ctrl-C).
 pub async fn signal() {
     use tokio::signal::unix::{SignalKind, signal};
-    match (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) {
+    match (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) {
         (Ok(mut term), Ok(mut int)) => {
             tokio::select! {
                 _ = term.recv() => {}

@@ -8,7 +8,9 @@
 //! its input's trace, and the events it emits carry the handler's span.
 
 use cloudevents::Event;
-use opentelemetry::trace::{SpanContext, SpanId, TraceContextExt, TraceFlags, TraceId, TraceState, TracerProvider};
+use opentelemetry::trace::{
+    SpanContext, SpanId, TraceContextExt, TraceFlags, TraceId, TraceState, TracerProvider,
+};
 use opentelemetry_sdk::trace::SdkTracerProvider;
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 use tracing_subscriber::{EnvFilter, layer::SubscriberExt, util::SubscriberInitExt};
@@ -42,43 +44,88 @@ pub fn init(service: &str) -> Telemetry {
             None
         }
     });
-    let otel = provider.as_ref().map(|p| tracing_opentelemetry::layer().with_tracer(p.tracer(service.to_string())));
-    let fmt_json = json.then(|| tracing_subscriber::fmt::layer().json().with_writer(std::io::stderr));
-    let fmt_text = (!json).then(|| tracing_subscriber::fmt::layer().compact().with_writer(std::io::stderr));
-    let _ = tracing_subscriber::registry().with(filter).with(otel).with(fmt_json).with(fmt_text).try_init();
+    let otel = provider
+        .as_ref()
+        .map(|p| tracing_opentelemetry::layer().with_tracer(p.tracer(service.to_string())));
+    let fmt_json = json.then(|| {
+        tracing_subscriber::fmt::layer()
+            .json()
+            .with_writer(std::io::stderr)
+    });
+    let fmt_text = (!json).then(|| {
+        tracing_subscriber::fmt::layer()
+            .compact()
+            .with_writer(std::io::stderr)
+    });
+    let _ = tracing_subscriber::registry()
+        .with(filter)
+        .with(otel)
+        .with(fmt_json)
+        .with(fmt_text)
+        .try_init();
     Telemetry { provider }
 }
 
-fn otlp_provider(service: &str) -> Result<SdkTracerProvider, opentelemetry_otlp::ExporterBuildError> {
-    let exporter = opentelemetry_otlp::SpanExporter::builder().with_tonic().build()?;
+fn otlp_provider(
+    service: &str,
+) -> Result<SdkTracerProvider, opentelemetry_otlp::ExporterBuildError> {
+    let exporter = opentelemetry_otlp::SpanExporter::builder()
+        .with_tonic()
+        .build()?;
     Ok(SdkTracerProvider::builder()
         .with_batch_exporter(exporter)
-        .with_resource(opentelemetry_sdk::Resource::builder().with_service_name(service.to_string()).build())
+        .with_resource(
+            opentelemetry_sdk::Resource::builder()
+                .with_service_name(service.to_string())
+                .build(),
+        )
         .build())
 }
 
 /// Parse a W3C `traceparent` (`00-<trace id>-<span id>-<flags>`).
 pub fn parse_traceparent(value: &str) -> Option<SpanContext> {
     let mut parts = value.trim().split('-');
-    let (version, trace, span, flags) = (parts.next()?, parts.next()?, parts.next()?, parts.next()?);
-    if version.len() != 2 || version == "ff" || trace.len() != 32 || span.len() != 16 || flags.len() != 2 {
+    let (version, trace, span, flags) =
+        (parts.next()?, parts.next()?, parts.next()?, parts.next()?);
+    if version.len() != 2
+        || version == "ff"
+        || trace.len() != 32
+        || span.len() != 16
+        || flags.len() != 2
+    {
         return None;
     }
     let trace_id = TraceId::from_hex(trace).ok()?;
     let span_id = SpanId::from_hex(span).ok()?;
     let flags = u8::from_str_radix(flags, 16).ok()?;
-    let context = SpanContext::new(trace_id, span_id, TraceFlags::new(flags), true, TraceState::default());
+    let context = SpanContext::new(
+        trace_id,
+        span_id,
+        TraceFlags::new(flags),
+        true,
+        TraceState::default(),
+    );
     context.is_valid().then_some(context)
 }
 
 /// Format a span context as a W3C `traceparent`.
 pub fn format_traceparent(context: &SpanContext) -> String {
-    format!("00-{}-{}-{:02x}", context.trace_id(), context.span_id(), context.trace_flags().to_u8())
+    format!(
+        "00-{}-{}-{:02x}",
+        context.trace_id(),
+        context.span_id(),
+        context.trace_flags().to_u8()
+    )
 }
 
 /// Make `span` a child of the trace `event` carries, if any.
 pub fn adopt_parent(span: &tracing::Span, event: &Event) {
-    let Some(parent) = event.extension(TRACEPARENT).and_then(|v| parse_traceparent(&v.to_string())) else { return };
+    let Some(parent) = event
+        .extension(TRACEPARENT)
+        .and_then(|v| parse_traceparent(&v.to_string()))
+    else {
+        return;
+    };
     let _ = span.set_parent(opentelemetry::Context::new().with_remote_span_context(parent));
 }
 
@@ -103,8 +150,12 @@ mod tests {
         let tp = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
         let context = parse_traceparent(tp).expect("valid");
         assert_eq!(format_traceparent(&context), tp);
-        assert!(parse_traceparent("00-00000000000000000000000000000000-00f067aa0ba902b7-01").is_none());
-        assert!(parse_traceparent("ff-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01").is_none());
+        assert!(
+            parse_traceparent("00-00000000000000000000000000000000-00f067aa0ba902b7-01").is_none()
+        );
+        assert!(
+            parse_traceparent("ff-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01").is_none()
+        );
         assert!(parse_traceparent("garbage").is_none());
     }
 }

@@ -42,7 +42,10 @@ pub struct StreamSpec {
 impl StreamSpec {
     /// Subjects the stream stores: its own prefix and its replay subjects.
     pub fn subjects(&self) -> Vec<String> {
-        vec![format!("{}.>", self.prefix), format!("{SUBJECT_ROOT}.replay.{}.>", self.key)]
+        vec![
+            format!("{}.>", self.prefix),
+            format!("{SUBJECT_ROOT}.replay.{}.>", self.key),
+        ]
     }
 }
 
@@ -126,7 +129,11 @@ pub const DEAD_LETTER: StreamSpec = StreamSpec {
 
 pub const STREAMS: &[StreamSpec] = &[RAW, ENRICHED, INSIGHTS, DEAD_LETTER];
 
-const fn function_consumer(durable: &'static str, stream: &'static str, description: &'static str) -> ConsumerSpec {
+const fn function_consumer(
+    durable: &'static str,
+    stream: &'static str,
+    description: &'static str,
+) -> ConsumerSpec {
     ConsumerSpec {
         durable,
         stream,
@@ -138,21 +145,37 @@ const fn function_consumer(durable: &'static str, stream: &'static str, descript
 }
 
 pub const CONSUMERS: &[ConsumerSpec] = &[
-    function_consumer("enrich", RAW.key, "enrich: joins raw events with pod metadata"),
-    function_consumer("correlate", ENRICHED.key, "correlate: finds root causes across events"),
+    function_consumer(
+        "enrich",
+        RAW.key,
+        "enrich: joins raw events with pod metadata",
+    ),
+    function_consumer(
+        "correlate",
+        ENRICHED.key,
+        "correlate: finds root causes across events",
+    ),
     function_consumer("export", INSIGHTS.key, "export: ships insights to sinks"),
 ];
 
-pub const ENRICH: FunctionSpec =
-    FunctionSpec { name: "enrich", consumer: "enrich", output_stream: Some(ENRICHED.key), binary: "tidewatch-enrich" };
+pub const ENRICH: FunctionSpec = FunctionSpec {
+    name: "enrich",
+    consumer: "enrich",
+    output_stream: Some(ENRICHED.key),
+    binary: "tidewatch-enrich",
+};
 pub const CORRELATE: FunctionSpec = FunctionSpec {
     name: "correlate",
     consumer: "correlate",
     output_stream: Some(INSIGHTS.key),
     binary: "tidewatch-correlate",
 };
-pub const EXPORT: FunctionSpec =
-    FunctionSpec { name: "export", consumer: "export", output_stream: None, binary: "tidewatch-export" };
+pub const EXPORT: FunctionSpec = FunctionSpec {
+    name: "export",
+    consumer: "export",
+    output_stream: None,
+    binary: "tidewatch-export",
+};
 
 pub const FUNCTIONS: &[FunctionSpec] = &[ENRICH, CORRELATE, EXPORT];
 
@@ -176,7 +199,9 @@ pub const BUCKETS: &[BucketSpec] = &[POD_METADATA, CORRELATION_STATE];
 
 /// Look up a stream by key (`raw`) or name (`TIDEWATCH_RAW`), case-insensitively.
 pub fn stream(key_or_name: &str) -> Option<&'static StreamSpec> {
-    STREAMS.iter().find(|s| s.key.eq_ignore_ascii_case(key_or_name) || s.name.eq_ignore_ascii_case(key_or_name))
+    STREAMS.iter().find(|s| {
+        s.key.eq_ignore_ascii_case(key_or_name) || s.name.eq_ignore_ascii_case(key_or_name)
+    })
 }
 
 /// Look up a consumer by durable name.
@@ -192,8 +217,13 @@ pub fn function(name: &str) -> Option<&'static FunctionSpec> {
 /// Filter subjects of a consumer: everything its stream carries from the
 /// pipeline, plus its own replay subject (not the other consumers').
 pub fn consumer_filter_subjects(consumer: &ConsumerSpec) -> Vec<String> {
-    let stream = stream(consumer.stream).map(|s| s.prefix).unwrap_or(consumer.stream);
-    vec![format!("{stream}.>"), subjects::replay(consumer.stream, consumer.durable)]
+    let stream = stream(consumer.stream)
+        .map(|s| s.prefix)
+        .unwrap_or(consumer.stream);
+    vec![
+        format!("{stream}.>"),
+        subjects::replay(consumer.stream, consumer.durable),
+    ]
 }
 
 /// Subject builders. Every token from outside (node names, kinds) goes
@@ -207,7 +237,13 @@ pub mod subjects {
     pub fn token(s: &str) -> String {
         let t: String = s
             .chars()
-            .map(|c| if c == '.' || c == '*' || c == '>' || c.is_whitespace() || c.is_control() { '_' } else { c })
+            .map(|c| {
+                if c == '.' || c == '*' || c == '>' || c.is_whitespace() || c.is_control() {
+                    '_'
+                } else {
+                    c
+                }
+            })
             .collect();
         if t.is_empty() { "_".to_string() } else { t }
     }
@@ -229,7 +265,11 @@ pub mod subjects {
     }
 
     pub fn replay(stream_key: &str, consumer: &str) -> String {
-        format!("{SUBJECT_ROOT}.replay.{}.{}", token(stream_key), token(consumer))
+        format!(
+            "{SUBJECT_ROOT}.replay.{}.{}",
+            token(stream_key),
+            token(consumer)
+        )
     }
 }
 
@@ -238,7 +278,15 @@ pub mod subjects {
 pub mod pod_keys {
     /// KV keys allow `[-/_=.a-zA-Z0-9]`; anything else becomes `_`.
     pub fn token(s: &str) -> String {
-        s.chars().map(|c| if c.is_ascii_alphanumeric() || "-_=".contains(c) { c } else { '_' }).collect()
+        s.chars()
+            .map(|c| {
+                if c.is_ascii_alphanumeric() || "-_=".contains(c) {
+                    c
+                } else {
+                    '_'
+                }
+            })
+            .collect()
     }
     pub fn by_uid(uid: &str) -> String {
         format!("uid.{}", token(uid))
@@ -379,7 +427,11 @@ mod tests {
     }
 
     fn streams_for(subject: &str) -> Vec<&'static str> {
-        STREAMS.iter().filter(|s| s.subjects().iter().any(|f| subject_matches(f, subject))).map(|s| s.name).collect()
+        STREAMS
+            .iter()
+            .filter(|s| s.subjects().iter().any(|f| subject_matches(f, subject)))
+            .map(|s| s.name)
+            .collect()
     }
 
     #[test]
@@ -394,29 +446,67 @@ mod tests {
             subjects::replay("insights", "export"),
         ];
         for subject in published {
-            assert_eq!(streams_for(&subject).len(), 1, "{subject} → {:?}", streams_for(&subject));
+            assert_eq!(
+                streams_for(&subject).len(),
+                1,
+                "{subject} → {:?}",
+                streams_for(&subject)
+            );
         }
-        assert_eq!(streams_for(&subjects::raw("k8s", "a.b.c")), vec!["TIDEWATCH_RAW"]);
+        assert_eq!(
+            streams_for(&subjects::raw("k8s", "a.b.c")),
+            vec!["TIDEWATCH_RAW"]
+        );
     }
 
     #[test]
     fn each_function_reads_what_the_previous_one_writes() {
         for function in FUNCTIONS {
             let consumer = consumer(function.consumer).expect("every function has a consumer");
-            assert!(stream(consumer.stream).is_some(), "{} reads a provisioned stream", function.name);
+            assert!(
+                stream(consumer.stream).is_some(),
+                "{} reads a provisioned stream",
+                function.name
+            );
         }
         let enrich = consumer("enrich").expect("enrich");
         let filters = consumer_filter_subjects(enrich);
-        assert!(filters.iter().any(|f| subject_matches(f, &subjects::raw("ebpf", "n1"))));
-        assert!(filters.iter().any(|f| subject_matches(f, &subjects::replay("raw", "enrich"))));
+        assert!(
+            filters
+                .iter()
+                .any(|f| subject_matches(f, &subjects::raw("ebpf", "n1")))
+        );
+        assert!(
+            filters
+                .iter()
+                .any(|f| subject_matches(f, &subjects::replay("raw", "enrich")))
+        );
         // A replay for another consumer on the same stream does not reach enrich.
-        assert!(!filters.iter().any(|f| subject_matches(f, &subjects::replay("raw", "siem"))));
+        assert!(
+            !filters
+                .iter()
+                .any(|f| subject_matches(f, &subjects::replay("raw", "siem")))
+        );
         let correlate = consumer("correlate").expect("correlate");
-        assert_eq!(stream(correlate.stream), stream(ENRICH.output_stream.expect("enrich emits")));
+        assert_eq!(
+            stream(correlate.stream),
+            stream(ENRICH.output_stream.expect("enrich emits"))
+        );
         let export = consumer("export").expect("export");
-        assert_eq!(stream(export.stream), stream(CORRELATE.output_stream.expect("correlate emits")));
-        assert!(consumer_filter_subjects(correlate).iter().any(|f| subject_matches(f, &subjects::enriched("k8s", "n"))));
-        assert!(consumer_filter_subjects(export).iter().any(|f| subject_matches(f, &subjects::insight("oom-cascade"))));
+        assert_eq!(
+            stream(export.stream),
+            stream(CORRELATE.output_stream.expect("correlate emits"))
+        );
+        assert!(
+            consumer_filter_subjects(correlate)
+                .iter()
+                .any(|f| subject_matches(f, &subjects::enriched("k8s", "n")))
+        );
+        assert!(
+            consumer_filter_subjects(export)
+                .iter()
+                .any(|f| subject_matches(f, &subjects::insight("oom-cascade")))
+        );
     }
 
     #[test]
@@ -442,7 +532,12 @@ mod tests {
             // dev.tidewatch.<domain>.<thing>.<change>, and dev.tidewatch.insight.<kind> as DESIGN.md names insights.
             let expected = if parts[2] == "insight" { 4 } else { 5 };
             assert_eq!(parts.len(), expected, "{}", t.name);
-            assert!(tidewatch_proto::schema::MESSAGES.contains(&t.payload), "{} payload {}", t.name, t.payload);
+            assert!(
+                tidewatch_proto::schema::MESSAGES.contains(&t.payload),
+                "{} payload {}",
+                t.name,
+                t.payload
+            );
         }
         assert_eq!(types::insight("crash-loop"), types::INSIGHT_CRASH_LOOP);
     }

@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use async_nats::HeaderMap;
 use async_nats::jetstream::{self, stream::Stream};
+use bytes::Bytes;
 use cloudevents::{AttributesReader, AttributesWriter, Data, Event, EventBuilder, EventBuilderV10};
 use tidewatch_runtime::binding::nats::{MSG_ID_HEADER, from_nats};
 use tidewatch_runtime::metrics::Metrics;
@@ -20,7 +21,9 @@ const WAIT: Duration = Duration::from_secs(10);
 async fn provisioned(server: &NatsServer) -> (async_nats::Client, jetstream::Context) {
     let client = server.connect().await;
     let js = jetstream::new(client.clone());
-    provision(&js, &ProvisionOptions::default()).await.expect("provision");
+    provision(&js, &ProvisionOptions::default())
+        .await
+        .expect("provision");
     (client, js)
 }
 
@@ -50,7 +53,10 @@ fn awkward_event(id: &str) -> Event {
         .expect("event");
     event.set_extension("traceparent", TRACEPARENT);
     event.set_extension("tracestate", "vendor=a b,other=%x");
-    event.set_extension("resolutionreason", "no pod for cgroup \"42\" — 100% unknown");
+    event.set_extension(
+        "resolutionreason",
+        "no pod for cgroup \"42\" — 100% unknown",
+    );
     event
 }
 
@@ -66,19 +72,37 @@ async fn binary_events_round_trip_through_a_stream() {
         .id("evt-json-1")
         .source("/tidewatch/k8s/node-1")
         .ty("dev.tidewatch.k8s.pod.updated")
-        .data("application/json", serde_json::json!({"pod": "wéb 1", "restarts": 3, "nested": {"ok": true}}))
+        .data(
+            "application/json",
+            serde_json::json!({"pod": "wéb 1", "restarts": 3, "nested": {"ok": true}}),
+        )
         .build()
         .expect("json event");
     json.set_extension("myext", "custom value: \"x\" 100%");
-    let bare = EventBuilderV10::new().id("evt-bare-1").source("/s").ty("t.bare").build().expect("bare event");
+    let bare = EventBuilderV10::new()
+        .id("evt-bare-1")
+        .source("/s")
+        .ty("t.bare")
+        .build()
+        .expect("bare event");
 
     let stream = raw_stream(&js).await;
     for original in [binary, json, bare] {
-        let ack = publisher.publish(subject.clone(), &original).await.expect("publish");
+        let ack = publisher
+            .publish(subject.clone(), &original)
+            .await
+            .expect("publish");
         assert_eq!(ack.stream, topology::RAW.name);
-        assert!(!ack.duplicate, "first publish of {} is not a duplicate", original.id());
+        assert!(
+            !ack.duplicate,
+            "first publish of {} is not a duplicate",
+            original.id()
+        );
 
-        let stored = stream.get_raw_message(ack.sequence).await.expect("stored message");
+        let stored = stream
+            .get_raw_message(ack.sequence)
+            .await
+            .expect("stored message");
         assert_eq!(stored.subject.as_str(), subject);
         assert_eq!(
             stored.headers.get(MSG_ID_HEADER).map(|v| v.as_str()),
@@ -95,18 +119,43 @@ async fn binary_events_round_trip_through_a_stream() {
             }
         }
         let decoded = from_nats(Some(&stored.headers), &stored.payload).expect("decodes");
-        assert_eq!(decoded, original, "event {} changed in transit", original.id());
+        assert_eq!(
+            decoded,
+            original,
+            "event {} changed in transit",
+            original.id()
+        );
     }
 
     // The awkward subject really went through percent-encoding, not verbatim.
     let stored = stream.get_raw_message(1).await.expect("first message");
-    let subject_header = stored.headers.get("ce-subject").expect("ce-subject").as_str().to_string();
-    assert!(subject_header.contains("%20") && subject_header.contains("%22"), "{subject_header}");
-    assert!(subject_header.contains("%25") && subject_header.contains("%C3%BC"), "{subject_header}");
+    let subject_header = stored
+        .headers
+        .get("ce-subject")
+        .expect("ce-subject")
+        .as_str()
+        .to_string();
+    assert!(
+        subject_header.contains("%20") && subject_header.contains("%22"),
+        "{subject_header}"
+    );
+    assert!(
+        subject_header.contains("%25") && subject_header.contains("%C3%BC"),
+        "{subject_header}"
+    );
     let decoded = from_nats(Some(&stored.headers), &stored.payload).expect("decodes");
-    assert_eq!(decoded.extension("traceparent").map(|v| v.to_string()).as_deref(), Some(TRACEPARENT));
     assert_eq!(
-        decoded.extension("resolutionreason").map(|v| v.to_string()).as_deref(),
+        decoded
+            .extension("traceparent")
+            .map(|v| v.to_string())
+            .as_deref(),
+        Some(TRACEPARENT)
+    );
+    assert_eq!(
+        decoded
+            .extension("resolutionreason")
+            .map(|v| v.to_string())
+            .as_deref(),
         Some("no pod for cgroup \"42\" — 100% unknown")
     );
 }
@@ -120,22 +169,45 @@ async fn republishing_the_same_event_is_deduplicated() {
     let subject = subjects::raw("k8s", "node-2");
     let event = awkward_event("evt-dedup-1");
 
-    let first = publisher.publish(subject.clone(), &event).await.expect("first publish");
+    let first = publisher
+        .publish(subject.clone(), &event)
+        .await
+        .expect("first publish");
     assert!(!first.duplicate);
-    let second = publisher.publish(subject.clone(), &event).await.expect("second publish");
-    assert!(second.duplicate, "same id within the duplicate window must be dropped: {second:?}");
-    assert_eq!(second.sequence, first.sequence, "a duplicate reports the original's sequence");
+    let second = publisher
+        .publish(subject.clone(), &event)
+        .await
+        .expect("second publish");
+    assert!(
+        second.duplicate,
+        "same id within the duplicate window must be dropped: {second:?}"
+    );
+    assert_eq!(
+        second.sequence, first.sequence,
+        "a duplicate reports the original's sequence"
+    );
 
     let mut stream = raw_stream(&js).await;
-    assert_eq!(message_count(&mut stream).await, 1, "the stream stored the event once");
+    assert_eq!(
+        message_count(&mut stream).await,
+        1,
+        "the stream stored the event once"
+    );
 
     // A different id is stored, proving dedup keys on the id.
     let mut other = event.clone();
     other.set_id("evt-dedup-2");
-    let third = publisher.publish(subject, &other).await.expect("third publish");
+    let third = publisher
+        .publish(subject, &other)
+        .await
+        .expect("third publish");
     assert!(!third.duplicate);
     assert_eq!(message_count(&mut stream).await, 2);
-    assert_eq!(metrics.published.get(), 3, "every acknowledged publish is counted");
+    assert_eq!(
+        metrics.published.get(),
+        3,
+        "every acknowledged publish is counted"
+    );
 }
 
 #[tokio::test]
@@ -159,7 +231,11 @@ async fn structured_events_published_by_other_tools_are_read() {
     let mut headers = HeaderMap::new();
     headers.insert("Content-Type", "application/cloudevents+json");
     client
-        .publish_with_headers(subject.clone(), headers, serde_json::to_vec(&json).expect("json").into())
+        .publish_with_headers(
+            subject.clone(),
+            headers,
+            serde_json::to_vec(&json).expect("json").into(),
+        )
         .await
         .expect("core publish");
     client.flush().await.expect("flush");
@@ -170,14 +246,84 @@ async fn structured_events_published_by_other_tools_are_read() {
     })
     .await;
     assert_eq!(stored.subject.as_str(), subject);
-    let event = from_nats(Some(&stored.headers), &stored.payload).expect("structured event decodes");
+    let event =
+        from_nats(Some(&stored.headers), &stored.payload).expect("structured event decodes");
 
     let expected: Event = serde_json::from_value(json).expect("the SDK reads the same JSON");
     assert_eq!(event, expected);
     assert_eq!(event.id(), "structured-1");
     assert_eq!(event.source().as_str(), "/other-tool/ünï");
     assert_eq!(event.subject(), Some("thing \"one\" 100%"));
-    assert_eq!(event.data(), Some(&Data::Json(serde_json::json!({"hello": "wörld", "n": [1, 2, 3]}))));
-    assert_eq!(event.extension("traceparent").map(|v| v.to_string()).as_deref(), Some(TRACEPARENT));
-    assert_eq!(event.extension("myext").map(|v| v.to_string()).as_deref(), Some("custom"));
+    assert_eq!(
+        event.data(),
+        Some(&Data::Json(
+            serde_json::json!({"hello": "wörld", "n": [1, 2, 3]})
+        ))
+    );
+    assert_eq!(
+        event
+            .extension("traceparent")
+            .map(|v| v.to_string())
+            .as_deref(),
+        Some(TRACEPARENT)
+    );
+    assert_eq!(
+        event.extension("myext").map(|v| v.to_string()).as_deref(),
+        Some("custom")
+    );
+}
+
+#[tokio::test]
+async fn binary_events_published_by_other_tools_are_read() {
+    let server = NatsServer::start().await;
+    let (client, js) = provisioned(&server).await;
+    let subject = subjects::raw("other-tool", "node-4");
+
+    // Header names in any case, lower-case escapes, an old-style quoted value.
+    let mut headers = HeaderMap::new();
+    headers.insert("CE-SpecVersion", "1.0");
+    headers.insert("Ce-Id", "other-binary-1");
+    headers.insert("ce-SOURCE", "/other-tool");
+    headers.insert("ce-type", "com.example.thing");
+    headers.insert("ce-subject", "caf%c3%a9%20au%20lait");
+    headers.insert("ce-myext", "\"quoted \\\"value\\\"\"");
+    headers.insert("ce-datacontenttype", "application/json");
+    client
+        .publish_with_headers(subject.clone(), headers, Bytes::from_static(br#"{"a":1}"#))
+        .await
+        .expect("publish");
+    // Overlong UTF-8 (%C0%A0 for a space) must be rejected.
+    let mut overlong = HeaderMap::new();
+    overlong.insert("ce-specversion", "1.0");
+    overlong.insert("ce-id", "other-binary-2");
+    overlong.insert("ce-source", "/other-tool");
+    overlong.insert("ce-type", "com.example.thing");
+    overlong.insert("ce-subject", "a%C0%A0b");
+    client
+        .publish_with_headers(subject.clone(), overlong, Bytes::new())
+        .await
+        .expect("publish");
+    client.flush().await.expect("flush");
+
+    let stream = raw_stream(&js).await;
+    let (first, second) = eventually("both messages to be stored", WAIT, || async {
+        Some((
+            stream.get_raw_message(1).await.ok()?,
+            stream.get_raw_message(2).await.ok()?,
+        ))
+    })
+    .await;
+    let event = from_nats(Some(&first.headers), &first.payload).expect("decodes");
+    assert_eq!(event.id(), "other-binary-1");
+    assert_eq!(event.source().as_str(), "/other-tool");
+    assert_eq!(event.subject(), Some("café au lait"));
+    assert_eq!(
+        event.extension("myext").map(|v| v.to_string()).as_deref(),
+        Some("quoted \"value\"")
+    );
+    assert_eq!(event.data(), Some(&Data::Json(serde_json::json!({"a": 1}))));
+
+    let err =
+        from_nats(Some(&second.headers), &second.payload).expect_err("overlong UTF-8 is rejected");
+    assert!(err.to_string().contains("subject"), "{err}");
 }

@@ -22,7 +22,10 @@ pub struct CrashLoop {
 
 impl Default for CrashLoop {
     fn default() -> Self {
-        CrashLoop { threshold: 3, window_ns: 10 * 60 * 1_000_000_000 }
+        CrashLoop {
+            threshold: 3,
+            window_ns: 10 * 60 * 1_000_000_000,
+        }
     }
 }
 
@@ -74,28 +77,42 @@ pub fn exit_meaning(exit_code: i32, reason: &str) -> String {
 fn pod_entity(pod: &str) -> Entity {
     let rest = pod.trim_start_matches("pod/");
     let (namespace, name) = rest.split_once('/').unwrap_or(("", rest));
-    Entity { kind: "pod".into(), name: name.into(), namespace: namespace.into() }
+    Entity {
+        kind: "pod".into(),
+        name: name.into(),
+        namespace: namespace.into(),
+    }
 }
 
 impl CrashLoop {
     /// Fold one restart of `pod` (`pod/<ns>/<name>`) into the state.
     pub fn step(&self, mut state: State, pod: &str, restart: Restart) -> (State, Option<Finding>) {
         let horizon = restart.at_ns.saturating_sub(self.window_ns);
-        let already_seen = state.restarts.iter().any(|r| r.event_id == restart.event_id);
+        let already_seen = state
+            .restarts
+            .iter()
+            .any(|r| r.event_id == restart.event_id);
         if !already_seen {
             state.restarts.retain(|r| r.at_ns >= horizon);
             if state.restarts.len() < self.threshold {
                 // A quiet spell closed the previous incident.
                 state.incident = None;
             }
-            let at = state.restarts.iter().position(|r| r.at_ns > restart.at_ns).unwrap_or(state.restarts.len());
+            let at = state
+                .restarts
+                .iter()
+                .position(|r| r.at_ns > restart.at_ns)
+                .unwrap_or(state.restarts.len());
             state.restarts.insert(at, restart);
         }
         if state.restarts.len() < self.threshold {
             return (state, None);
         }
         let incident = state.incident.clone().unwrap_or_else(|| {
-            let ids: Vec<&[u8]> = state.restarts[..self.threshold].iter().map(|r| r.event_id.as_bytes()).collect();
+            let ids: Vec<&[u8]> = state.restarts[..self.threshold]
+                .iter()
+                .map(|r| r.event_id.as_bytes())
+                .collect();
             derive_id(&[b"crash-loop", pod.as_bytes(), &ids.concat()])
         });
         state.incident = Some(incident.clone());
@@ -114,7 +131,10 @@ impl CrashLoop {
             id: incident.to_string(),
             kind: "crash-loop".into(),
             severity: if oom { "critical" } else { "warning" }.into(),
-            summary: format!("container {} of {pod} restarted {count} times in {minutes}m: {meaning}", last.container),
+            summary: format!(
+                "container {} of {pod} restarted {count} times in {minutes}m: {meaning}",
+                last.container
+            ),
             root_cause: meaning,
             root_cause_event_id: first.event_id.clone(),
             evidence_event_ids: state.restarts.iter().map(|r| r.event_id.clone()).collect(),
@@ -124,7 +144,10 @@ impl CrashLoop {
             confidence: (0.6 + 0.1 * (count - self.threshold) as f64).min(0.95),
             revision: (count - self.threshold + 1) as u32,
         };
-        Finding { message_id: derive_id(&[incident.as_bytes(), &(count as u64).to_be_bytes()]), insight }
+        Finding {
+            message_id: derive_id(&[incident.as_bytes(), &(count as u64).to_be_bytes()]),
+            insight,
+        }
     }
 }
 
@@ -135,13 +158,23 @@ mod tests {
     const MIN: i64 = 60_000_000_000;
 
     fn restart(id: &str, at_min: i64, exit_code: i32, reason: &str) -> Restart {
-        Restart { event_id: id.into(), at_ns: at_min * MIN, exit_code, reason: reason.into(), container: "app".into() }
+        Restart {
+            event_id: id.into(),
+            at_ns: at_min * MIN,
+            exit_code,
+            reason: reason.into(),
+            container: "app".into(),
+        }
     }
 
     #[test]
     fn below_threshold_nothing_at_threshold_an_insight() {
         let rule = CrashLoop::default();
-        let (s, f) = rule.step(State::default(), "pod/default/web", restart("a", 0, 1, "Error"));
+        let (s, f) = rule.step(
+            State::default(),
+            "pod/default/web",
+            restart("a", 0, 1, "Error"),
+        );
         assert!(f.is_none());
         let (s, f) = rule.step(s, "pod/default/web", restart("b", 1, 1, "Error"));
         assert!(f.is_none());
@@ -151,9 +184,20 @@ mod tests {
         assert_eq!(f.insight.evidence_event_ids, vec!["a", "b", "c"]);
         assert_eq!(f.insight.root_cause_event_id, "a");
         assert_eq!(f.insight.severity, "warning");
-        assert!(f.insight.root_cause.contains("application error"), "{}", f.insight.root_cause);
+        assert!(
+            f.insight.root_cause.contains("application error"),
+            "{}",
+            f.insight.root_cause
+        );
         assert_eq!(s.incident.as_deref(), Some(f.insight.id.as_str()));
-        assert_eq!(f.insight.affected, vec![Entity { kind: "pod".into(), name: "web".into(), namespace: "default".into() }]);
+        assert_eq!(
+            f.insight.affected,
+            vec![Entity {
+                kind: "pod".into(),
+                name: "web".into(),
+                namespace: "default".into()
+            }]
+        );
     }
 
     #[test]
@@ -184,8 +228,14 @@ mod tests {
             findings.extend(f);
         }
         assert_eq!(findings.len(), 2);
-        assert_eq!(findings[0].insight.id, findings[1].insight.id, "same incident");
-        assert_ne!(findings[0].message_id, findings[1].message_id, "a new version of it");
+        assert_eq!(
+            findings[0].insight.id, findings[1].insight.id,
+            "same incident"
+        );
+        assert_ne!(
+            findings[0].message_id, findings[1].message_id,
+            "a new version of it"
+        );
         assert_eq!(findings[1].insight.revision, 2);
         assert!(findings[1].insight.root_cause.contains("SIGSEGV"));
     }
@@ -194,7 +244,7 @@ mod tests {
     fn restarts_outside_the_window_do_not_count() {
         let rule = CrashLoop::default();
         let (s, _) = rule.step(State::default(), "pod/ns/p", restart("a", 0, 1, "Error"));
-        let (s, _) = rule.step(s, "pod/ns/p", restart("b", 5, 1, "Error"));
+        let (s, _) = rule.step(s, "pod/ns/p", restart("b", 7, 1, "Error"));
         let (s, f) = rule.step(s, "pod/ns/p", restart("c", 16, 1, "Error"));
         assert!(f.is_none(), "a is 16 minutes old");
         assert_eq!(s.restarts.len(), 2);

@@ -49,7 +49,10 @@ impl Correlate {
         let Some(pod) = event.subject().filter(|s| s.starts_with("pod/")) else {
             return Outcome::reject("container event without a pod/<namespace>/<name> subject");
         };
-        let at_ns = event.time().and_then(|t| t.timestamp_nanos_opt()).unwrap_or(restart.finished_at_ns);
+        let at_ns = event
+            .time()
+            .and_then(|t| t.timestamp_nanos_opt())
+            .unwrap_or(restart.finished_at_ns);
         let observed = Restart {
             event_id: event.id().to_string(),
             at_ns,
@@ -61,14 +64,21 @@ impl Correlate {
         for _ in 0..CAS_ATTEMPTS {
             let entry = match self.state.entry(key.as_str()).await {
                 Ok(e) => e,
-                Err(e) => return Outcome::retry(Duration::from_secs(1), format!("correlation state unavailable: {e}")),
+                Err(e) => {
+                    return Outcome::retry(
+                        Duration::from_secs(1),
+                        format!("correlation state unavailable: {e}"),
+                    );
+                }
             };
             let (current, revision) = match &entry {
-                Some(e) if e.operation == kv::Operation::Put => match serde_json::from_slice::<State>(&e.value) {
-                    Ok(s) => (s, Some(e.revision)),
-                    // Unreadable state (older format): start over rather than wedge the rule.
-                    Err(_) => (State::default(), Some(e.revision)),
-                },
+                Some(e) if e.operation == kv::Operation::Put => {
+                    match serde_json::from_slice::<State>(&e.value) {
+                        Ok(s) => (s, Some(e.revision)),
+                        // Unreadable state (older format): start over rather than wedge the rule.
+                        Err(_) => (State::default(), Some(e.revision)),
+                    }
+                }
                 Some(e) => (State::default(), Some(e.revision)),
                 None => (State::default(), None),
             };
@@ -79,33 +89,65 @@ impl Correlate {
                     Err(e) => return Outcome::reject(format!("state does not serialize: {e}")),
                 };
                 let written = match revision {
-                    Some(rev) => self.state.update(key.as_str(), bytes.into(), rev).await.map(|_| ()).map_err(|e| e.to_string()),
-                    None => self.state.create(key.as_str(), bytes.into()).await.map(|_| ()).map_err(|e| e.to_string()),
+                    Some(rev) => self
+                        .state
+                        .update(key.as_str(), bytes.into(), rev)
+                        .await
+                        .map(|_| ())
+                        .map_err(|e| e.to_string()),
+                    None => self
+                        .state
+                        .create(key.as_str(), bytes.into())
+                        .await
+                        .map(|_| ())
+                        .map_err(|e| e.to_string()),
                 };
                 if let Err(reason) = written {
                     tracing::debug!(%key, %reason, "state changed under us; retrying");
                     continue;
                 }
             }
-            let Some(finding) = finding else { return Outcome::Done };
-            let source = topology::source("correlate", topology::parse_source(event.source()).map(|(_, n)| n).unwrap_or("cluster"));
+            let Some(finding) = finding else {
+                return Outcome::Done;
+            };
+            let source = topology::source(
+                "correlate",
+                topology::parse_source(event.source())
+                    .map(|(_, n)| n)
+                    .unwrap_or("cluster"),
+            );
             let insight_type = types::insight(&finding.insight.kind);
-            return match new_event(finding.message_id, &insight_type, &source, Some(pod), chrono::Utc::now(), &finding.insight) {
-                Ok(out) => Outcome::emit(Emitted { subject: subjects::insight(&finding.insight.kind), event: out }),
+            return match new_event(
+                finding.message_id,
+                &insight_type,
+                &source,
+                Some(pod),
+                chrono::Utc::now(),
+                &finding.insight,
+            ) {
+                Ok(out) => Outcome::emit(Emitted {
+                    subject: subjects::insight(&finding.insight.kind),
+                    event: out,
+                }),
                 Err(e) => Outcome::reject(format!("cannot build insight: {e}")),
             };
         }
-        Outcome::retry(Duration::from_millis(200), format!("{key}: compare-and-set kept conflicting"))
+        Outcome::retry(
+            Duration::from_millis(200),
+            format!("{key}: compare-and-set kept conflicting"),
+        )
     }
 }
 
 impl Function for Correlate {
     async fn handle(&self, event: Event, _ctx: &Context) -> Outcome {
         match event.ty() {
-            types::CONTAINER_RESTARTED | types::CONTAINER_OOMKILLED => match payload::<ContainerRestart>(&event) {
-                Ok(restart) => self.crash_loop(&event, &restart).await,
-                Err(e) => Outcome::reject(e.to_string()),
-            },
+            types::CONTAINER_RESTARTED | types::CONTAINER_OOMKILLED => {
+                match payload::<ContainerRestart>(&event) {
+                    Ok(restart) => self.crash_loop(&event, &restart).await,
+                    Err(e) => Outcome::reject(e.to_string()),
+                }
+            }
             _ => Outcome::Done,
         }
     }
@@ -119,8 +161,16 @@ async fn main() -> anyhow::Result<()> {
     let state = js
         .get_key_value(topology::CORRELATION_STATE.bucket)
         .await
-        .with_context(|| format!("KV bucket {} (run `tidewatch provision`)", topology::CORRELATION_STATE.bucket))?;
-    let crash_loop = CrashLoop { threshold: args.crashloop_threshold.max(1), window_ns: args.crashloop_window_secs.max(1) * 1_000_000_000 };
+        .with_context(|| {
+            format!(
+                "KV bucket {} (run `tidewatch provision`)",
+                topology::CORRELATION_STATE.bucket
+            )
+        })?;
+    let crash_loop = CrashLoop {
+        threshold: args.crashloop_threshold.max(1),
+        window_ns: args.crashloop_window_secs.max(1) * 1_000_000_000,
+    };
     host.run(Correlate { state, crash_loop }).await?;
     Ok(())
 }

@@ -38,17 +38,26 @@ enum Resolution {
 
 impl Enrich {
     async fn resolve(&self, event: &Event) -> Result<Resolution, String> {
-        let Some((namespace, name)) = event.subject().and_then(|s| s.strip_prefix("pod/")).and_then(|s| s.split_once('/'))
+        let Some((namespace, name)) = event
+            .subject()
+            .and_then(|s| s.strip_prefix("pod/"))
+            .and_then(|s| s.split_once('/'))
         else {
-            return Ok(Resolution::Unresolved("event names no pod (subject is not pod/<namespace>/<name>)".into()));
+            return Ok(Resolution::Unresolved(
+                "event names no pod (subject is not pod/<namespace>/<name>)".into(),
+            ));
         };
         let key = pod_keys::by_name(namespace, name);
         match self.pods.get(key.as_str()).await {
             Ok(Some(bytes)) => match <PodMetadata as prost::Message>::decode(bytes.as_ref()) {
                 Ok(meta) => Ok(Resolution::Resolved(Box::new(meta))),
-                Err(e) => Ok(Resolution::Unresolved(format!("pod metadata at {key} is corrupt: {e}"))),
+                Err(e) => Ok(Resolution::Unresolved(format!(
+                    "pod metadata at {key} is corrupt: {e}"
+                ))),
             },
-            Ok(None) => Ok(Resolution::Unresolved(format!("no pod metadata for {namespace}/{name}"))),
+            Ok(None) => Ok(Resolution::Unresolved(format!(
+                "no pod metadata for {namespace}/{name}"
+            ))),
             Err(e) => Err(format!("pod metadata bucket unavailable: {e}")),
         }
     }
@@ -56,7 +65,8 @@ impl Enrich {
 
 impl Function for Enrich {
     async fn handle(&self, event: Event, _ctx: &Context) -> Outcome {
-        let (collector, node) = topology::parse_source(event.source()).unwrap_or(("external", "unknown"));
+        let (collector, node) =
+            topology::parse_source(event.source()).unwrap_or(("external", "unknown"));
         let subject = subjects::enriched(collector, node);
         let mut out = event.clone();
         match self.resolve(&event).await {
@@ -69,7 +79,10 @@ impl Function for Enrich {
                     out.set_extension(extensions::NODE, meta.node.clone());
                 }
                 if !meta.workload_kind.is_empty() {
-                    out.set_extension(extensions::WORKLOAD, format!("{}/{}", meta.workload_kind, meta.workload_name));
+                    out.set_extension(
+                        extensions::WORKLOAD,
+                        format!("{}/{}", meta.workload_kind, meta.workload_name),
+                    );
                 }
             }
             Ok(Resolution::Unresolved(reason)) => {
@@ -77,7 +90,10 @@ impl Function for Enrich {
                 out.set_extension(extensions::RESOLUTION_REASON, reason);
             }
         }
-        Outcome::emit(Emitted { subject, event: out })
+        Outcome::emit(Emitted {
+            subject,
+            event: out,
+        })
     }
 }
 
@@ -89,7 +105,12 @@ async fn main() -> anyhow::Result<()> {
     let pods = js
         .get_key_value(topology::POD_METADATA.bucket)
         .await
-        .with_context(|| format!("KV bucket {} (run `tidewatch provision`)", topology::POD_METADATA.bucket))?;
+        .with_context(|| {
+            format!(
+                "KV bucket {} (run `tidewatch provision`)",
+                topology::POD_METADATA.bucket
+            )
+        })?;
     host.run(Enrich { pods }).await?;
     Ok(())
 }

@@ -17,24 +17,35 @@ pub const STRUCTURED_CONTENT_TYPE: &str = "application/cloudevents+json";
 
 /// Decode an HTTP request or response (headers and whole body) into an event.
 pub fn from_http(headers: &HeaderMap, body: &[u8]) -> Result<Event, BindingError> {
-    let content_type = headers.get(CONTENT_TYPE).and_then(|v| v.to_str().ok()).map(str::to_string);
+    let content_type = headers
+        .get(CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string);
     if let Some(ct) = &content_type {
         let lower = ct.to_ascii_lowercase();
         if lower.starts_with("application/cloudevents-batch") {
-            return Err(BindingError::Structured("batch mode is not supported; send one event per request".into()));
+            return Err(BindingError::Structured(
+                "batch mode is not supported; send one event per request".into(),
+            ));
         }
         if lower.starts_with(STRUCTURED_CONTENT_TYPE) {
-            return serde_json::from_slice::<Event>(body).map_err(|e| BindingError::Structured(e.to_string()));
+            return serde_json::from_slice::<Event>(body)
+                .map_err(|e| BindingError::Structured(e.to_string()));
         }
     }
     let mut attributes = Vec::new();
     for (name, value) in headers {
-        let Some(attr) = name.as_str().strip_prefix(PREFIX) else { continue };
+        let Some(attr) = name.as_str().strip_prefix(PREFIX) else {
+            continue;
+        };
         let raw = value.to_str().map_err(|_| BindingError::Attribute {
             name: attr.to_string(),
             reason: "header value is not visible ASCII; percent-encode it".into(),
         })?;
-        let decoded = decode_header_value(raw).map_err(|reason| BindingError::Attribute { name: attr.to_string(), reason })?;
+        let decoded = decode_header_value(raw).map_err(|reason| BindingError::Attribute {
+            name: attr.to_string(),
+            reason,
+        })?;
         attributes.push((attr.to_string(), decoded));
     }
     if let Some(ct) = content_type {
@@ -51,13 +62,18 @@ pub fn to_http(event: &Event) -> (HeaderMap, Bytes) {
         if name == "datacontenttype" {
             continue;
         }
-        let Ok(header_name) = http::HeaderName::try_from(format!("{PREFIX}{name}")) else { continue };
+        let Ok(header_name) = http::HeaderName::try_from(format!("{PREFIX}{name}")) else {
+            continue;
+        };
         // Percent-encoded values are printable ASCII, always valid header values.
         if let Ok(v) = HeaderValue::from_str(&percent_encode(&value.to_string())) {
             headers.insert(header_name, v);
         }
     }
-    if let Some(ct) = event.datacontenttype().and_then(|ct| HeaderValue::from_str(ct).ok()) {
+    if let Some(ct) = event
+        .datacontenttype()
+        .and_then(|ct| HeaderValue::from_str(ct).ok())
+    {
         headers.insert(CONTENT_TYPE, ct);
     }
     let body = match event.data() {
@@ -95,7 +111,7 @@ pub fn to_structured_json(event: &Event) -> Result<Vec<u8>, serde_json::Error> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use cloudevents::{AttributesWriter, EventBuilder, EventBuilderV10};
+    use cloudevents::{EventBuilder, EventBuilderV10};
 
     fn sample() -> Event {
         let mut event = EventBuilderV10::new()
@@ -106,7 +122,10 @@ mod tests {
             .data("application/protobuf", vec![0u8, 1, 2, 250])
             .build()
             .expect("event");
-        event.set_extension("traceparent", "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01");
+        event.set_extension(
+            "traceparent",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+        );
         event
     }
 
@@ -114,7 +133,10 @@ mod tests {
     fn binary_round_trip() {
         let event = sample();
         let (headers, body) = to_http(&event);
-        assert_eq!(headers.get(CONTENT_TYPE).map(|v| v.as_bytes()), Some(&b"application/protobuf"[..]));
+        assert_eq!(
+            headers.get(CONTENT_TYPE).map(|v| v.as_bytes()),
+            Some(&b"application/protobuf"[..])
+        );
         assert!(headers.get("ce-datacontenttype").is_none());
         assert_eq!(from_http(&headers, &body).expect("decodes"), event);
     }
@@ -124,7 +146,10 @@ mod tests {
         let event = sample();
         let json = to_structured_json(&event).expect("json");
         let mut headers = HeaderMap::new();
-        headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/cloudevents+json; charset=utf-8"));
+        headers.insert(
+            CONTENT_TYPE,
+            HeaderValue::from_static("application/cloudevents+json; charset=utf-8"),
+        );
         assert_eq!(from_http(&headers, &json).expect("decodes"), event);
     }
 
@@ -133,8 +158,16 @@ mod tests {
         let err = from_http(&HeaderMap::new(), b"{}").expect_err("no attributes");
         assert!(err.to_string().contains("ce-specversion"), "{err}");
         let mut headers = HeaderMap::new();
-        headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/cloudevents-batch+json"));
-        assert!(from_http(&headers, b"[]").expect_err("batch").to_string().contains("batch"));
+        headers.insert(
+            CONTENT_TYPE,
+            HeaderValue::from_static("application/cloudevents-batch+json"),
+        );
+        assert!(
+            from_http(&headers, b"[]")
+                .expect_err("batch")
+                .to_string()
+                .contains("batch")
+        );
         let mut headers = HeaderMap::new();
         headers.insert("ce-specversion", HeaderValue::from_static("1.0"));
         headers.insert("ce-id", HeaderValue::from_static("x"));

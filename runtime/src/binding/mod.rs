@@ -18,7 +18,9 @@ pub(crate) const PREFIX: &str = "ce-";
 #[derive(Debug, thiserror::Error)]
 pub enum BindingError {
     /// Terminal: no `ce-specversion` header and no structured content type.
-    #[error("not a CloudEvent: no ce-specversion header and Content-Type is not application/cloudevents")]
+    #[error(
+        "not a CloudEvent: no ce-specversion header and Content-Type is not application/cloudevents"
+    )]
     NotACloudEvent,
     /// Terminal: a spec version other than 1.0.
     #[error("unsupported ce-specversion {0:?} (only 1.0 is supported)")]
@@ -34,27 +36,47 @@ pub enum BindingError {
     Structured(String),
     /// Terminal: JSON data declared by datacontenttype is not valid JSON.
     #[error("data is declared {content_type} but is not valid JSON: {reason}")]
-    Data { content_type: String, reason: String },
+    Data {
+        content_type: String,
+        reason: String,
+    },
 }
 
 /// Build an event from decoded binary-mode attributes and a body, checking
 /// what the SDK's builder does not (spec version, required attributes,
 /// extension names, JSON data).
-pub(crate) fn binary_event(attributes: Vec<(String, String)>, payload: &[u8]) -> Result<Event, BindingError> {
-    let get = |n: &str| attributes.iter().find(|(k, _)| k == n).map(|(_, v)| v.as_str());
+pub(crate) fn binary_event(
+    attributes: Vec<(String, String)>,
+    payload: &[u8],
+) -> Result<Event, BindingError> {
+    let get = |n: &str| {
+        attributes
+            .iter()
+            .find(|(k, _)| k == n)
+            .map(|(_, v)| v.as_str())
+    };
     let spec = get("specversion").ok_or(BindingError::NotACloudEvent)?;
     if SpecVersion::try_from(spec).ok() != Some(SpecVersion::V10) {
         return Err(BindingError::SpecVersion(spec.to_string()));
     }
-    let id = get("id").filter(|v| !v.is_empty()).ok_or(BindingError::Missing("id"))?;
-    let source = get("source").filter(|v| !v.is_empty()).ok_or(BindingError::Missing("source"))?;
-    let ty = get("type").filter(|v| !v.is_empty()).ok_or(BindingError::Missing("type"))?;
+    let id = get("id")
+        .filter(|v| !v.is_empty())
+        .ok_or(BindingError::Missing("id"))?;
+    let source = get("source")
+        .filter(|v| !v.is_empty())
+        .ok_or(BindingError::Missing("source"))?;
+    let ty = get("type")
+        .filter(|v| !v.is_empty())
+        .ok_or(BindingError::Missing("type"))?;
     let mut event = EventBuilderV10::new()
         .id(id)
         .source(source)
         .ty(ty)
         .build()
-        .map_err(|e| BindingError::Attribute { name: "source".into(), reason: e.to_string() })?;
+        .map_err(|e| BindingError::Attribute {
+            name: "source".into(),
+            reason: e.to_string(),
+        })?;
     let mut content_type = None;
     for (name, value) in &attributes {
         match name.as_str() {
@@ -63,14 +85,20 @@ pub(crate) fn binary_event(attributes: Vec<(String, String)>, payload: &[u8]) ->
                 event.set_subject(Some(value.as_str()));
             }
             "time" => {
-                let time = chrono::DateTime::parse_from_rfc3339(value)
-                    .map_err(|e| BindingError::Attribute { name: "time".into(), reason: e.to_string() })?;
+                let time = chrono::DateTime::parse_from_rfc3339(value).map_err(|e| {
+                    BindingError::Attribute {
+                        name: "time".into(),
+                        reason: e.to_string(),
+                    }
+                })?;
                 event.set_time(Some(time.with_timezone(&chrono::Utc)));
             }
             "datacontenttype" => content_type = Some(value.clone()),
             "dataschema" => {
-                let url = url::Url::parse(value)
-                    .map_err(|e| BindingError::Attribute { name: "dataschema".into(), reason: e.to_string() })?;
+                let url = url::Url::parse(value).map_err(|e| BindingError::Attribute {
+                    name: "dataschema".into(),
+                    reason: e.to_string(),
+                })?;
                 event.set_dataschema(Some(url));
             }
             extension => {
@@ -87,10 +115,12 @@ pub(crate) fn binary_event(attributes: Vec<(String, String)>, payload: &[u8]) ->
     if !payload.is_empty() || content_type.is_some() {
         let is_json = content_type.as_deref().is_some_and(is_json_content_type);
         let data = if is_json {
-            Data::Json(serde_json::from_slice(payload).map_err(|e| BindingError::Data {
-                content_type: content_type.clone().unwrap_or_default(),
-                reason: e.to_string(),
-            })?)
+            Data::Json(
+                serde_json::from_slice(payload).map_err(|e| BindingError::Data {
+                    content_type: content_type.clone().unwrap_or_default(),
+                    reason: e.to_string(),
+                })?,
+            )
         } else {
             Data::Binary(payload.to_vec())
         };
@@ -102,12 +132,20 @@ pub(crate) fn binary_event(attributes: Vec<(String, String)>, payload: &[u8]) ->
 
 /// Whether a media type carries JSON (`application/json`, `text/json`, `+json` suffixes).
 pub fn is_json_content_type(content_type: &str) -> bool {
-    let essence = content_type.split(';').next().unwrap_or("").trim().to_ascii_lowercase();
+    let essence = content_type
+        .split(';')
+        .next()
+        .unwrap_or("")
+        .trim()
+        .to_ascii_lowercase();
     essence == "application/json" || essence == "text/json" || essence.ends_with("+json")
 }
 
 fn valid_extension_name(name: &str) -> bool {
-    !name.is_empty() && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
+    !name.is_empty()
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
 }
 
 /// Percent-encode space, `"`, `%` and everything outside printable ASCII
@@ -150,7 +188,10 @@ pub fn decode_header_value(raw: &str) -> Result<String, String> {
         if bytes[i] == b'%' {
             let hex = bytes.get(i + 1..i + 3).ok_or("truncated percent escape")?;
             let hex = std::str::from_utf8(hex).map_err(|_| "invalid percent escape")?;
-            decoded.push(u8::from_str_radix(hex, 16).map_err(|_| format!("invalid percent escape %{hex}"))?);
+            decoded.push(
+                u8::from_str_radix(hex, 16)
+                    .map_err(|_| format!("invalid percent escape %{hex}"))?,
+            );
             i += 3;
         } else {
             decoded.push(bytes[i]);
@@ -159,4 +200,3 @@ pub fn decode_header_value(raw: &str) -> Result<String, String> {
     }
     String::from_utf8(decoded).map_err(|_| "percent-decoded value is not UTF-8".to_string())
 }
-

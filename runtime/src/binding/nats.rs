@@ -20,7 +20,10 @@ pub const MSG_ID_HEADER: &str = "Nats-Msg-Id";
 pub fn to_nats(event: &Event) -> (HeaderMap, Bytes) {
     let mut headers = HeaderMap::new();
     for (name, value) in event.iter() {
-        headers.insert(format!("{PREFIX}{name}").as_str(), percent_encode(&value.to_string()).as_str());
+        headers.insert(
+            format!("{PREFIX}{name}").as_str(),
+            percent_encode(&value.to_string()).as_str(),
+        );
     }
     headers.insert(MSG_ID_HEADER, percent_encode(event.id()).as_str());
     let payload = match event.data() {
@@ -36,7 +39,15 @@ pub fn to_nats(event: &Event) -> (HeaderMap, Bytes) {
 /// each). This is what [`crate::event::MAX_EVENT_BYTES`] limits.
 pub fn wire_size(headers: Option<&HeaderMap>, payload: &[u8]) -> usize {
     let headers: usize = headers
-        .map(|h| h.iter().map(|(n, vs)| vs.iter().map(|v| AsRef::<str>::as_ref(n).len() + v.as_str().len() + 4).sum::<usize>()).sum())
+        .map(|h| {
+            h.iter()
+                .map(|(n, vs)| {
+                    vs.iter()
+                        .map(|v| AsRef::<str>::as_ref(n).len() + v.as_str().len() + 4)
+                        .sum::<usize>()
+                })
+                .sum()
+        })
         .unwrap_or(0);
     headers + payload.len()
 }
@@ -53,13 +64,20 @@ pub fn from_nats(headers: Option<&HeaderMap>, payload: &[u8]) -> Result<Event, B
         if lower == "content-type" {
             content_type = Some(value.as_str().to_string());
         } else if let Some(attr) = lower.strip_prefix(PREFIX) {
-            let decoded = decode_header_value(value.as_str())
-                .map_err(|reason| BindingError::Attribute { name: attr.to_string(), reason })?;
+            let decoded =
+                decode_header_value(value.as_str()).map_err(|reason| BindingError::Attribute {
+                    name: attr.to_string(),
+                    reason,
+                })?;
             attributes.push((attr.to_string(), decoded));
         }
     }
-    if content_type.as_deref().is_some_and(|ct| ct.to_ascii_lowercase().starts_with("application/cloudevents")) {
-        return serde_json::from_slice::<Event>(payload).map_err(|e| BindingError::Structured(e.to_string()));
+    if content_type.as_deref().is_some_and(|ct| {
+        ct.to_ascii_lowercase()
+            .starts_with("application/cloudevents")
+    }) {
+        return serde_json::from_slice::<Event>(payload)
+            .map_err(|e| BindingError::Structured(e.to_string()));
     }
     binary_event(attributes, payload)
 }
@@ -67,7 +85,7 @@ pub fn from_nats(headers: Option<&HeaderMap>, payload: &[u8]) -> Result<Event, B
 #[cfg(test)]
 mod tests {
     use super::*;
-    use cloudevents::{AttributesWriter, EventBuilder, EventBuilderV10};
+    use cloudevents::{EventBuilder, EventBuilderV10};
 
     fn sample() -> Event {
         let mut event = EventBuilderV10::new()
@@ -83,7 +101,10 @@ mod tests {
             )
             .build()
             .expect("event");
-        event.set_extension("traceparent", "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01");
+        event.set_extension(
+            "traceparent",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+        );
         event.set_extension("resolution", "unresolved: no pod for cgroup 42");
         event
     }
@@ -94,11 +115,23 @@ mod tests {
         let (headers, payload) = to_nats(&event);
         for (name, values) in headers.iter() {
             for v in values {
-                assert!(v.as_str().bytes().all(|b| (0x21..=0x7e).contains(&b)), "{name}: {v:?} is not printable ASCII");
+                assert!(
+                    v.as_str().bytes().all(|b| (0x21..=0x7e).contains(&b)),
+                    "{name}: {v:?} is not printable ASCII"
+                );
             }
         }
-        let subject = headers.get("ce-subject").expect("subject header").as_str().to_string();
-        assert!(subject.contains("%20") && subject.contains("%22") && subject.contains("%25") && subject.contains("%C3%BC"));
+        let subject = headers
+            .get("ce-subject")
+            .expect("subject header")
+            .as_str()
+            .to_string();
+        assert!(
+            subject.contains("%20")
+                && subject.contains("%22")
+                && subject.contains("%25")
+                && subject.contains("%C3%BC")
+        );
         assert_eq!(headers.get(MSG_ID_HEADER).map(|v| v.as_str()), Some("id-1"));
         let back = from_nats(Some(&headers), &payload).expect("decodes");
         assert_eq!(back, event);
@@ -115,7 +148,10 @@ mod tests {
         let event = from_nats(Some(&headers), b"").expect("decodes");
         assert_eq!(event.id(), "a\"b");
         assert_eq!(event.ty(), "t.a.b");
-        assert_eq!(event.extension("myext").map(|v| v.to_string()), Some("v w".into()));
+        assert_eq!(
+            event.extension("myext").map(|v| v.to_string()),
+            Some("v w".into())
+        );
         assert!(event.data().is_none());
     }
 
@@ -126,11 +162,20 @@ mod tests {
             "datacontenttype": "application/json", "data": {"hello": "world"}, "myext": "x"
         });
         let mut headers = HeaderMap::new();
-        headers.insert("content-type", "application/cloudevents+json; charset=utf-8");
+        headers.insert(
+            "content-type",
+            "application/cloudevents+json; charset=utf-8",
+        );
         let event = from_nats(Some(&headers), json.to_string().as_bytes()).expect("decodes");
         assert_eq!(event.id(), "s-1");
-        assert_eq!(event.data(), Some(&Data::Json(serde_json::json!({"hello": "world"}))));
-        assert_eq!(event.extension("myext").map(|v| v.to_string()), Some("x".into()));
+        assert_eq!(
+            event.data(),
+            Some(&Data::Json(serde_json::json!({"hello": "world"})))
+        );
+        assert_eq!(
+            event.extension("myext").map(|v| v.to_string()),
+            Some("x".into())
+        );
     }
 
     #[test]
@@ -139,25 +184,40 @@ mod tests {
         assert!(matches!(err, BindingError::NotACloudEvent), "{err}");
         let mut headers = HeaderMap::new();
         headers.insert("ce-specversion", "0.3");
-        assert!(matches!(from_nats(Some(&headers), b""), Err(BindingError::SpecVersion(_))));
+        assert!(matches!(
+            from_nats(Some(&headers), b""),
+            Err(BindingError::SpecVersion(_))
+        ));
         headers.insert("ce-specversion", "1.0");
         headers.insert("ce-id", "x");
         headers.insert("ce-source", "/s");
-        assert!(matches!(from_nats(Some(&headers), b""), Err(BindingError::Missing("type"))));
+        assert!(matches!(
+            from_nats(Some(&headers), b""),
+            Err(BindingError::Missing("type"))
+        ));
         headers.insert("ce-type", "t");
         headers.insert("ce-time", "yesterday");
         let err = from_nats(Some(&headers), b"").expect_err("bad time");
         assert!(err.to_string().contains("time"), "{err}");
         let mut headers = HeaderMap::new();
         headers.insert("content-type", "application/cloudevents+json");
-        assert!(matches!(from_nats(Some(&headers), b"{not json"), Err(BindingError::Structured(_))));
+        assert!(matches!(
+            from_nats(Some(&headers), b"{not json"),
+            Err(BindingError::Structured(_))
+        ));
         assert!(decode_header_value("%zz").is_err());
         assert!(decode_header_value("%4").is_err());
     }
 
     #[test]
     fn percent_encoding_matches_the_spec_examples() {
-        assert_eq!(percent_encode("Euro € 😀"), "Euro%20%E2%82%AC%20%F0%9F%98%80");
-        assert_eq!(decode_header_value("Euro%20%E2%82%AC%20%F0%9F%98%80").expect("decodes"), "Euro € 😀");
+        assert_eq!(
+            percent_encode("Euro € 😀"),
+            "Euro%20%E2%82%AC%20%F0%9F%98%80"
+        );
+        assert_eq!(
+            decode_header_value("Euro%20%E2%82%AC%20%F0%9F%98%80").expect("decodes"),
+            "Euro € 😀"
+        );
     }
 }
