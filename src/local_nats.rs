@@ -98,12 +98,12 @@ impl LocalNats {
                     tail(&server.log)
                 );
             }
-            if let Some((url, mon)) = read_ports(&ports_dir, pid) {
-                if crate::try_connect(&url).await.is_ok() {
-                    server.url = url;
-                    server.monitoring_url = mon;
-                    return Ok(server);
-                }
+            if let Some((url, mon)) = read_ports(&ports_dir, pid)
+                && crate::try_connect(&url).await.is_ok()
+            {
+                server.url = url;
+                server.monitoring_url = mon;
+                return Ok(server);
             }
             if Instant::now() > deadline {
                 bail!(

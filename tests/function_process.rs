@@ -135,7 +135,7 @@ async fn sigterm_during_a_steady_stream_drains_and_acks_everything() {
                     .await
                     .expect("stored");
                 i += 1;
-                if i % 50 == 0 {
+                if i.is_multiple_of(50) {
                     tokio::task::yield_now().await;
                 }
             }

@@ -129,6 +129,14 @@ pub struct Publisher {
     js: jetstream::Context,
     config: PublisherConfig,
     metrics: Metrics,
+    confirmer: tokio::sync::mpsc::UnboundedSender<Pending>,
+}
+
+/// A sent publish waiting for its ack, and who wants to know.
+struct Pending {
+    outgoing: Outgoing,
+    first: SendResult,
+    reply: tokio::sync::oneshot::Sender<Result<PublishAck, PublishError>>,
 }
 
 type SendResult = Result<jetstream::context::PublishAckFuture, jetstream::context::PublishError>;
@@ -136,8 +144,48 @@ type SendResult = Result<jetstream::context::PublishAckFuture, jetstream::contex
 struct Outgoing {
     id: String,
     subject: String,
-    headers: HeaderMap,
+    /// Headers for the first attempt, moved into it (no clone on the hot path).
+    headers: Option<HeaderMap>,
+    /// The same headers flattened into one buffer, to rebuild them for a
+    /// retry: one allocation instead of cloning every name and value.
+    retry_headers: Vec<(std::ops::Range<usize>, std::ops::Range<usize>)>,
+    header_bytes: String,
     payload: Bytes,
+}
+
+impl Outgoing {
+    fn new(id: String, subject: String, headers: HeaderMap, payload: Bytes) -> Outgoing {
+        let mut header_bytes = String::with_capacity(512);
+        let mut retry_headers = Vec::with_capacity(16);
+        for (name, values) in headers.iter() {
+            for value in values {
+                let n = header_bytes.len()..header_bytes.len() + AsRef::<str>::as_ref(name).len();
+                header_bytes.push_str(name.as_ref());
+                let v = header_bytes.len()..header_bytes.len() + value.as_str().len();
+                header_bytes.push_str(value.as_str());
+                retry_headers.push((n, v));
+            }
+        }
+        Outgoing {
+            id,
+            subject,
+            headers: Some(headers),
+            retry_headers,
+            header_bytes,
+            payload,
+        }
+    }
+
+    /// Headers for the next attempt.
+    fn take_headers(&mut self) -> HeaderMap {
+        self.headers.take().unwrap_or_else(|| {
+            let mut headers = HeaderMap::new();
+            for (n, v) in &self.retry_headers {
+                headers.append(&self.header_bytes[n.clone()], &self.header_bytes[v.clone()]);
+            }
+            headers
+        })
+    }
 }
 
 impl Publisher {
@@ -147,10 +195,54 @@ impl Publisher {
             .max_ack_inflight(config.max_in_flight)
             .backpressure_on_inflight(true)
             .build(client);
-        Publisher {
+        let (confirmer, jobs) = tokio::sync::mpsc::unbounded_channel();
+        let publisher = Publisher {
             js,
             config,
             metrics,
+            confirmer,
+        };
+        tokio::spawn(publisher.clone().confirm_all(jobs));
+        publisher
+    }
+
+    /// Await every sent publish's ack (retrying as needed) in one task, so
+    /// the in-flight slot frees as soon as the stream answers whether or
+    /// not the caller polls its confirmation (a caller that sends many
+    /// before awaiting any would otherwise deadlock on the in-flight bound),
+    /// and without a task per publish. Ends when every `Publisher` clone is
+    /// gone and the last ack is in.
+    async fn confirm_all(self, mut jobs: tokio::sync::mpsc::UnboundedReceiver<Pending>) {
+        // This task holds a clone whose sender would keep the channel open.
+        let Publisher {
+            js,
+            config,
+            metrics,
+            ..
+        } = self;
+        let (unused, _) = tokio::sync::mpsc::unbounded_channel();
+        let publisher = Publisher {
+            js,
+            config,
+            metrics,
+            confirmer: unused,
+        };
+        let mut pending = futures::stream::FuturesUnordered::new();
+        let mut open = true;
+        loop {
+            tokio::select! {
+                job = jobs.recv(), if open => match job {
+                    Some(Pending { outgoing, first, reply }) => {
+                        let publisher = publisher.clone();
+                        pending.push(async move {
+                            let _ = reply.send(publisher.confirm(outgoing, first).await);
+                        });
+                    }
+                    None => open = false,
+                },
+                Some(()) = futures::StreamExt::next(&mut pending), if !pending.is_empty() => {}
+                else => return,
+            }
         }
     }
 
@@ -178,12 +270,7 @@ impl Publisher {
             });
         }
         Ok(self
-            .send_outgoing(Outgoing {
-                id,
-                subject: subject.into(),
-                headers,
-                payload,
-            })
+            .send_outgoing(Outgoing::new(id, subject.into(), headers, payload))
             .await)
     }
 
@@ -198,26 +285,33 @@ impl Publisher {
         payload: Bytes,
     ) -> Confirmation {
         headers.insert(crate::binding::nats::MSG_ID_HEADER, msg_id);
-        self.send_outgoing(Outgoing {
-            id: msg_id.to_string(),
-            subject: subject.into(),
+        self.send_outgoing(Outgoing::new(
+            msg_id.to_string(),
+            subject.into(),
             headers,
             payload,
-        })
+        ))
         .await
     }
 
-    async fn send_outgoing(&self, outgoing: Outgoing) -> Confirmation {
-        let first = self.send_once(&outgoing).await;
-        // The ack wait runs in its own task: the in-flight slot frees as soon
-        // as the stream answers, whether or not the caller polls (a caller
-        // that sends many before awaiting any would otherwise deadlock on the
-        // in-flight bound).
+    async fn send_outgoing(&self, mut outgoing: Outgoing) -> Confirmation {
+        let first = self.send_once(&mut outgoing).await;
         let id = outgoing.id.clone();
-        Confirmation {
-            id,
-            task: tokio::spawn(self.clone().confirm(outgoing, first)),
+        let (reply, receiver) = tokio::sync::oneshot::channel();
+        if let Err(job) = self.confirmer.send(Pending {
+            outgoing,
+            first,
+            reply,
+        }) {
+            // The confirming task is gone (runtime shutting down): confirm here.
+            let Pending {
+                outgoing,
+                first,
+                reply,
+            } = job.0;
+            let _ = reply.send(self.clone().confirm(outgoing, first).await);
         }
+        Confirmation { id, receiver }
     }
 
     /// Send and wait for the stream's acknowledgement.
@@ -229,9 +323,9 @@ impl Publisher {
         self.send(subject, event).await?.await
     }
 
-    async fn send_once(&self, outgoing: &Outgoing) -> SendResult {
+    async fn send_once(&self, outgoing: &mut Outgoing) -> SendResult {
         let publish = jetstream::message::PublishMessage::build()
-            .headers(outgoing.headers.clone())
+            .headers(outgoing.take_headers())
             .payload(outgoing.payload.clone());
         self.js
             .send_publish(outgoing.subject.clone(), publish)
@@ -240,7 +334,7 @@ impl Publisher {
 
     async fn confirm(
         self,
-        outgoing: Outgoing,
+        mut outgoing: Outgoing,
         first: SendResult,
     ) -> Result<PublishAck, PublishError> {
         let mut attempt = 1;
@@ -249,7 +343,7 @@ impl Publisher {
             let result = match sent.take() {
                 Some(Ok(ack)) => ack.await,
                 Some(Err(e)) => Err(e),
-                None => match self.send_once(&outgoing).await {
+                None => match self.send_once(&mut outgoing).await {
                     Ok(ack) => ack.await,
                     Err(e) => Err(e),
                 },
@@ -266,7 +360,7 @@ impl Publisher {
                 NatsKind::MaxPayloadExceeded
                     | NatsKind::WrongLastMessageId
                     | NatsKind::WrongLastSequence
-            );
+            ) || server_refused(&error);
             if terminal {
                 self.metrics
                     .publish_failed
@@ -305,13 +399,22 @@ impl Publisher {
     }
 }
 
+/// Whether the stream answered with an API error that a retry cannot fix
+/// (e.g. an expected-stream mismatch). 503 means JetStream is temporarily
+/// unavailable (leader election): that one is worth retrying.
+fn server_refused(error: &jetstream::context::PublishError) -> bool {
+    std::error::Error::source(error)
+        .and_then(|source| source.downcast_ref::<jetstream::Error>())
+        .is_some_and(|api| api.code() != 503)
+}
+
 /// Resolves when the stream has stored the event (or publishing failed for
 /// good). Dropping it does not cancel the publish: it still completes (or
 /// fails and is counted on `tidewatch_publish_failed_total`).
 #[must_use = "a publish is only known to be stored once its confirmation resolves"]
 pub struct Confirmation {
     id: String,
-    task: tokio::task::JoinHandle<Result<PublishAck, PublishError>>,
+    receiver: tokio::sync::oneshot::Receiver<Result<PublishAck, PublishError>>,
 }
 
 impl Confirmation {
@@ -326,12 +429,12 @@ impl IntoFuture for Confirmation {
     type IntoFuture = Pin<Box<dyn Future<Output = Self::Output> + Send>>;
 
     fn into_future(self) -> Self::IntoFuture {
-        let Confirmation { id, task } = self;
+        let Confirmation { id, receiver } = self;
         Box::pin(async move {
-            task.await.unwrap_or_else(|e| {
+            receiver.await.unwrap_or_else(|_| {
                 Err(PublishError::Aborted {
                     id,
-                    reason: e.to_string(),
+                    reason: "the publisher's confirming task stopped".into(),
                 })
             })
         })

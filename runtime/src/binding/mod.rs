@@ -141,7 +141,7 @@ pub fn is_json_content_type(content_type: &str) -> bool {
     essence == "application/json" || essence == "text/json" || essence.ends_with("+json")
 }
 
-fn valid_extension_name(name: &str) -> bool {
+pub(crate) fn valid_extension_name(name: &str) -> bool {
     !name.is_empty()
         && name
             .bytes()
@@ -149,11 +149,16 @@ fn valid_extension_name(name: &str) -> bool {
 }
 
 /// Percent-encode space, `"`, `%` and everything outside printable ASCII
-/// (binding §3.1.3.2), byte by byte over the UTF-8 encoding.
-pub fn percent_encode(value: &str) -> String {
-    let mut out = String::with_capacity(value.len());
+/// (binding §3.1.3.2), byte by byte over the UTF-8 encoding. Borrows when
+/// nothing needs encoding, which is the common case.
+pub fn percent_encode(value: &str) -> std::borrow::Cow<'_, str> {
+    let safe = |b: u8| (0x21..=0x7e).contains(&b) && b != b'"' && b != b'%';
+    if value.bytes().all(safe) {
+        return std::borrow::Cow::Borrowed(value);
+    }
+    let mut out = String::with_capacity(value.len() + 8);
     for &b in value.as_bytes() {
-        if (0x21..=0x7e).contains(&b) && b != b'"' && b != b'%' {
+        if safe(b) {
             out.push(char::from(b));
         } else {
             out.push('%');
@@ -161,7 +166,7 @@ pub fn percent_encode(value: &str) -> String {
             out.push(char::from(b"0123456789ABCDEF"[usize::from(b & 0x0f)]));
         }
     }
-    out
+    std::borrow::Cow::Owned(out)
 }
 
 /// Unquote an RFC 7230 quoted-string (older senders), then percent-decode once.

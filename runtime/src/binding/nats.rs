@@ -8,7 +8,9 @@
 //! application/cloudevents+json`), which other tools publish.
 
 use async_nats::HeaderMap;
+use async_nats::header::{HeaderName, IntoHeaderName};
 use bytes::Bytes;
+use cloudevents::event::AttributeValue;
 use cloudevents::{AttributesReader, Data, Event};
 
 use super::{BindingError, PREFIX, binary_event, decode_header_value, percent_encode};
@@ -19,13 +21,37 @@ pub const MSG_ID_HEADER: &str = "Nats-Msg-Id";
 /// Encode an event in binary mode: `(headers, payload)`.
 pub fn to_nats(event: &Event) -> (HeaderMap, Bytes) {
     let mut headers = HeaderMap::new();
+    // This runs once per published event: borrow attribute values instead of
+    // formatting them, and percent-encode only when a value needs it.
     for (name, value) in event.iter() {
-        headers.insert(
-            format!("{PREFIX}{name}").as_str(),
-            percent_encode(&value.to_string()).as_str(),
-        );
+        if !super::valid_extension_name(name) {
+            // Not a valid attribute name (the SDK lets one be set): it cannot
+            // be a header either, and a panic here would stop the pipeline.
+            tracing::warn!(
+                event = event.id(),
+                attribute = name,
+                "attribute name is not lowercase alphanumeric; not sent"
+            );
+            continue;
+        }
+        let formatted;
+        let text: &str = match &value {
+            AttributeValue::String(s) => s,
+            AttributeValue::URIRef(s) => s.as_str(),
+            AttributeValue::URI(u) => u.as_str(),
+            AttributeValue::SpecVersion(v) => v.as_str(),
+            AttributeValue::Time(t) => {
+                formatted = rfc3339(t);
+                &formatted
+            }
+            other => {
+                formatted = other.to_string();
+                &formatted
+            }
+        };
+        headers.insert(header_name(name), percent_encode(text).into_owned());
     }
-    headers.insert(MSG_ID_HEADER, percent_encode(event.id()).as_str());
+    headers.insert(MSG_ID_HEADER, percent_encode(event.id()).as_ref());
     let payload = match event.data() {
         Some(Data::Binary(b)) => Bytes::copy_from_slice(b),
         Some(Data::String(s)) => Bytes::copy_from_slice(s.as_bytes()),
@@ -33,6 +59,50 @@ pub fn to_nats(event: &Event) -> (HeaderMap, Bytes) {
         None => Bytes::new(),
     };
     (headers, payload)
+}
+
+/// RFC 3339 in UTC with nanoseconds, written by hand: chrono's general
+/// formatter is the slowest step of encoding an event.
+pub fn rfc3339(t: &chrono::DateTime<chrono::Utc>) -> String {
+    use chrono::{Datelike, Timelike};
+    use std::fmt::Write;
+    let mut out = String::with_capacity(30);
+    let _ = write!(
+        out,
+        "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}.{:09}Z",
+        t.year(),
+        t.month(),
+        t.day(),
+        t.hour(),
+        t.minute(),
+        t.second(),
+        t.nanosecond().min(999_999_999)
+    );
+    out
+}
+
+/// `ce-<name>`; static (allocation-free) for the spec's own attributes.
+fn header_name(attribute: &str) -> HeaderName {
+    const KNOWN: [(&str, HeaderName); 10] = [
+        ("specversion", HeaderName::from_static("ce-specversion")),
+        ("id", HeaderName::from_static("ce-id")),
+        ("source", HeaderName::from_static("ce-source")),
+        ("type", HeaderName::from_static("ce-type")),
+        ("subject", HeaderName::from_static("ce-subject")),
+        ("time", HeaderName::from_static("ce-time")),
+        (
+            "datacontenttype",
+            HeaderName::from_static("ce-datacontenttype"),
+        ),
+        ("dataschema", HeaderName::from_static("ce-dataschema")),
+        ("traceparent", HeaderName::from_static("ce-traceparent")),
+        ("tracestate", HeaderName::from_static("ce-tracestate")),
+    ];
+    match KNOWN.iter().find(|(name, _)| *name == attribute) {
+        Some((_, header)) => header.clone(),
+        // Extension names were checked to be lowercase alphanumeric: a valid header name.
+        None => format!("{PREFIX}{attribute}").into_header_name(),
+    }
 }
 
 /// Bytes a message takes on the wire: payload plus headers (`name: value\r\n`
@@ -207,6 +277,16 @@ mod tests {
         ));
         assert!(decode_header_value("%zz").is_err());
         assert!(decode_header_value("%4").is_err());
+    }
+
+    #[test]
+    fn times_are_rfc3339_and_parse_back() {
+        let t = chrono::DateTime::parse_from_rfc3339("2026-11-26T23:05:07.000012345Z")
+            .expect("time")
+            .with_timezone(&chrono::Utc);
+        assert_eq!(rfc3339(&t), "2026-11-26T23:05:07.000012345Z");
+        let back = chrono::DateTime::parse_from_rfc3339(&rfc3339(&t)).expect("parses");
+        assert_eq!(back, t);
     }
 
     #[test]
