@@ -10,9 +10,11 @@
 //!
 //! [`local_nats`] finds and starts a local nats-server for `up` and `bench`.
 
+mod autoscale;
 mod bench;
 mod emit;
 mod local_nats;
+mod render;
 mod replay;
 mod status;
 mod tail;
@@ -68,6 +70,8 @@ enum Command {
     Bench(bench::BenchCommand),
     /// List the event types Tidewatch knows and the payload each carries.
     Types,
+    /// Render the Kubernetes manifests (keda/) from the topology; --check fails if they drifted.
+    Render(render::RenderArgs),
 }
 
 #[tokio::main]
@@ -82,6 +86,7 @@ async fn main() -> anyhow::Result<()> {
         Command::Status => status::status(&connect(&cli.nats_url).await?).await,
         Command::Replay(args) => replay::run(&connect(&cli.nats_url).await?, args).await,
         Command::Bench(cmd) => bench::run(&cli.nats_url, cmd).await,
+        Command::Render(args) => render::run(args),
         Command::Types => {
             for t in tidewatch_runtime::topology::types::ALL {
                 println!("{:<48} {:<28} {}", t.name, t.payload, t.description);

@@ -20,7 +20,19 @@ use tidewatch_runtime::topology::{self, FunctionSpec};
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 
+use serde_json::{Value, json};
+
+use crate::autoscale::{Autoscaler, ScalePolicy};
+
 use crate::local_nats::LocalNats;
+
+/// Print a line to stdout, ignoring a closed pipe (`up | head` must not panic `up`).
+macro_rules! out {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stdout().lock(), $($arg)*);
+    }};
+}
 
 #[derive(clap::Args)]
 pub struct UpArgs {
@@ -39,6 +51,25 @@ pub struct UpArgs {
     /// Stop after this many seconds (for scripts and tests); default: until Ctrl-C.
     #[arg(long)]
     duration_secs: Option<u64>,
+    /// nats-server monitoring URL, when `up` uses a server it did not start.
+    #[arg(long, default_value = "http://127.0.0.1:8222")]
+    monitoring_url: String,
+    /// Directory with the ScaledObjects the local autoscaler follows (default: keda/ if present,
+    /// else the manifests this build renders).
+    #[arg(long)]
+    keda_dir: Option<PathBuf>,
+    /// Override every ScaledObject's pollingInterval (for demos and tests).
+    #[arg(long)]
+    polling_interval_secs: Option<u64>,
+    /// Override every ScaledObject's cooldownPeriod (for demos and tests).
+    #[arg(long)]
+    cooldown_secs: Option<u64>,
+    /// Override the HPA scale-down stabilization window (default 300 s).
+    #[arg(long)]
+    scale_down_window_secs: Option<u64>,
+    /// Print JSON lines (status, scaling decisions with reasons) instead of text.
+    #[arg(long)]
+    json: bool,
 }
 
 /// The state directory: `--state-dir`, `$XDG_STATE_HOME/tidewatch`, `~/.local/state/tidewatch`.
@@ -55,13 +86,6 @@ fn state_dir(args: &UpArgs) -> PathBuf {
     home.join(".local/state/tidewatch")
 }
 
-struct Running {
-    spec: &'static FunctionSpec,
-    child: Child,
-    started: Instant,
-    restarts: u32,
-}
-
 pub async fn run(nats_url: &str, args: UpArgs) -> anyhow::Result<()> {
     let state = state_dir(&args);
     let logs = state.join("logs");
@@ -70,38 +94,76 @@ pub async fn run(nats_url: &str, args: UpArgs) -> anyhow::Result<()> {
     let mut started_nats = None;
     let url = match crate::try_connect(nats_url).await {
         Ok(_) => {
-            println!("tidewatch: using NATS at {nats_url}");
+            say(
+                &args,
+                "nats",
+                json!({"url": nats_url, "started": false}),
+                &format!("using NATS at {nats_url}"),
+            );
             nats_url.to_string()
         }
         Err(_) => {
-            println!(
-                "tidewatch: nothing answers at {nats_url}; starting nats-server (data in {})",
-                state.join("nats").display()
+            let data = state.join("nats");
+            say(
+                &args,
+                "nats",
+                json!({"url": nats_url, "starting": true, "data": data}),
+                &format!(
+                    "nothing answers at {nats_url}; starting nats-server (data in {})",
+                    data.display()
+                ),
             );
             let local =
                 LocalNats::start(&state.join("nats"), args.nats_port, args.monitoring_port).await?;
-            println!(
-                "tidewatch: nats-server running at {} (monitoring {}, pid {}, log {})",
-                local.url,
-                local.monitoring_url,
-                local.pid().unwrap_or(0),
-                local.log.display()
+            say(
+                &args,
+                "nats",
+                json!({"url": local.url, "monitoring": local.monitoring_url, "pid": local.pid(), "log": local.log, "started": true}),
+                &format!(
+                    "nats-server running at {} (monitoring {}, pid {}, log {})",
+                    local.url,
+                    local.monitoring_url,
+                    local.pid().unwrap_or(0),
+                    local.log.display()
+                ),
             );
             let url = local.url.clone();
             started_nats = Some(local);
             url
         }
     };
-    let result = supervise(&url, &args, &logs).await;
+    let monitoring = match &started_nats {
+        Some(local) => local.monitoring_url.clone(),
+        None => args.monitoring_url.clone(),
+    };
+    let result = supervise(&url, &monitoring, &args, &logs).await;
     if let Some(local) = started_nats {
-        println!("tidewatch: stopping nats-server");
+        say(
+            &args,
+            "stopping",
+            json!({"nats": true}),
+            "stopping nats-server",
+        );
         local.stop().await;
     }
-    println!("tidewatch: stopped");
+    say(&args, "stopped", json!({}), "stopped");
     result
 }
 
-async fn supervise(url: &str, args: &UpArgs, logs: &Path) -> anyhow::Result<()> {
+/// One function under the local autoscaler.
+struct Scaled {
+    spec: &'static FunctionSpec,
+    scaler: Autoscaler,
+    replicas: Vec<Child>,
+    next_poll: Instant,
+    lag: u64,
+    /// Last stored sequence of the function's input stream, for events/s.
+    last_seq: Option<(Instant, u64)>,
+    rate: f64,
+    consumer_stream: &'static str,
+}
+
+async fn supervise(url: &str, monitoring: &str, args: &UpArgs, logs: &Path) -> anyhow::Result<()> {
     let client = crate::connect(url).await?;
     let js = jetstream::new(client.clone());
     let report = provision(&js, &ProvisionOptions::default())
@@ -112,9 +174,14 @@ async fn supervise(url: &str, args: &UpArgs, logs: &Path) -> anyhow::Result<()> 
         .iter()
         .filter(|(_, c)| *c != tidewatch_runtime::provision::Change::Unchanged)
         .count();
-    println!(
-        "tidewatch: provisioned {} objects ({changed} created or updated)",
-        report.items.len()
+    say(
+        args,
+        "provisioned",
+        json!({"objects": report.items.len(), "changed": changed}),
+        &format!(
+            "provisioned {} objects ({changed} created or updated)",
+            report.items.len()
+        ),
     );
 
     let bin_dir = match &args.bin_dir {
@@ -124,17 +191,53 @@ async fn supervise(url: &str, args: &UpArgs, logs: &Path) -> anyhow::Result<()> 
             .map(Path::to_path_buf)
             .unwrap_or_default(),
     };
-    let mut running = Vec::new();
+    let policies = scale_policies(args)?;
+    let started = Instant::now();
+    let mut functions = Vec::new();
     for spec in topology::FUNCTIONS {
-        running.push(Running {
+        let binary = bin_dir.join(spec.binary);
+        if !binary.is_file() {
+            bail!(
+                "{} not found in {}. Build every binary first: cargo build --release --workspace (or pass --bin-dir)",
+                spec.binary,
+                bin_dir.display()
+            );
+        }
+        let mut policy = policies
+            .iter()
+            .find(|(consumer, _)| consumer == spec.consumer)
+            .map(|(_, p)| p.clone())
+            .with_context(|| {
+                format!(
+                    "no ScaledObject for consumer {} in keda/ (run `tidewatch render`)",
+                    spec.consumer
+                )
+            })?;
+        if let Some(s) = args.polling_interval_secs {
+            policy.polling_interval = Duration::from_secs(s);
+        }
+        if let Some(s) = args.cooldown_secs {
+            policy.cooldown_period = Duration::from_secs(s);
+        }
+        if let Some(s) = args.scale_down_window_secs {
+            policy.scale_down_window = Duration::from_secs(s);
+        }
+        let consumer_stream = topology::consumer(spec.consumer)
+            .and_then(|c| topology::stream(c.stream))
+            .map(|s| s.name)
+            .context("function without a stream")?;
+        functions.push(Scaled {
             spec,
-            child: spawn(spec, &bin_dir, url, logs)?,
-            started: Instant::now(),
-            restarts: 0,
+            scaler: Autoscaler::new(policy),
+            replicas: Vec::new(),
+            next_poll: Instant::now(),
+            lag: 0,
+            last_seq: None,
+            rate: 0.0,
+            consumer_stream,
         });
     }
 
-    let mut view = LiveView::default();
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     let deadline = args
         .duration_secs
@@ -149,41 +252,229 @@ async fn supervise(url: &str, args: &UpArgs, logs: &Path) -> anyhow::Result<()> 
         if deadline.is_some_and(|d| Instant::now() >= d) {
             break;
         }
-        for r in &mut running {
-            if let Ok(Some(status)) = r.child.try_wait() {
-                // A function that keeps dying must not spin: back off by uptime.
-                if r.started.elapsed() < Duration::from_secs(2) && r.restarts > 0 {
-                    tokio::time::sleep(Duration::from_secs(1)).await;
-                }
-                r.restarts += 1;
+        let now = Instant::now();
+        for f in &mut functions {
+            // Replicas that died are gone; the autoscaler starts new ones if still needed.
+            let before = f.replicas.len();
+            f.replicas.retain_mut(|c| matches!(c.try_wait(), Ok(None)));
+            if f.replicas.len() < before {
                 eprintln!(
-                    "tidewatch: {} exited ({status}); restarting (restart #{}); log: {}",
-                    r.spec.name,
-                    r.restarts,
-                    logs.join(format!("{}.log", r.spec.name)).display()
+                    "tidewatch: {} replica(s) of {} exited; log: {}",
+                    before - f.replicas.len(),
+                    f.spec.name,
+                    logs.join(format!("{}.log", f.spec.name)).display()
                 );
-                r.child = spawn(r.spec, &bin_dir, url, logs)?;
-                r.started = Instant::now();
+            }
+            if now < f.next_poll {
+                continue;
+            }
+            f.next_poll = now + f.scaler.policy.polling_interval;
+            f.lag = match consumer_lag(monitoring, f.spec.consumer).await {
+                Ok(lag) => lag,
+                Err(e) => {
+                    say(
+                        args,
+                        "error",
+                        json!({"function": f.spec.name, "error": format!("{e:#}")}),
+                        &format!("{}: cannot read lag from {monitoring}: {e:#}", f.spec.name),
+                    );
+                    continue;
+                }
+            };
+            let current = f.replicas.len() as u32;
+            let decision = f.scaler.step(now.duration_since(started), f.lag, current);
+            if decision.desired != current {
+                say(
+                    args,
+                    "scale",
+                    json!({"function": f.spec.name, "from": current, "to": decision.desired, "lag": f.lag, "reason": decision.reason}),
+                    &format!(
+                        "scale {} {current} → {}: {}",
+                        f.spec.name, decision.desired, decision.reason
+                    ),
+                );
+            }
+            while (f.replicas.len() as u32) < decision.desired {
+                f.replicas.push(spawn(args, f.spec, &bin_dir, url, logs)?);
+            }
+            while (f.replicas.len() as u32) > decision.desired {
+                if let Some(mut child) = f.replicas.pop() {
+                    // SIGTERM: the replica drains and acks, exactly as on a Kubernetes scale-down.
+                    tokio::spawn(
+                        async move { terminate(&mut child, Duration::from_secs(30)).await },
+                    );
+                }
             }
         }
-        let alive = running
-            .iter_mut()
-            .map(|r| r.child.try_wait())
-            .filter(|s| matches!(s, Ok(None)))
-            .count();
-        match view.line(&js, alive, running.len()).await {
-            Ok(line) => println!("{line}"),
-            Err(e) => println!("tidewatch: status unavailable: {e:#}"),
+        for f in &mut functions {
+            if let Ok(info) = js
+                .get_stream(f.consumer_stream)
+                .await?
+                .info()
+                .await
+                .map(|i| i.state.last_sequence)
+            {
+                if let Some((t, seq)) = f.last_seq {
+                    f.rate = info.saturating_sub(seq) as f64
+                        / now.duration_since(t).as_secs_f64().max(0.001);
+                }
+                f.last_seq = Some((now, info));
+            }
         }
+        let line: Vec<String> = functions
+            .iter()
+            .map(|f| {
+                format!(
+                    "{} {}/{} lag {} in {:.0}/s",
+                    f.spec.name,
+                    f.replicas.len(),
+                    f.scaler.policy.max_replicas,
+                    f.lag,
+                    f.rate
+                )
+            })
+            .collect();
+        let status: Vec<Value> = functions
+            .iter()
+            .map(|f| json!({"function": f.spec.name, "replicas": f.replicas.len(), "max": f.scaler.policy.max_replicas, "lag": f.lag, "rate": f.rate.round()}))
+            .collect();
+        say(
+            args,
+            "status",
+            json!({"functions": status}),
+            &format!(
+                "{}  {}",
+                chrono::Local::now().format("%H:%M:%S"),
+                line.join(" | ")
+            ),
+        );
     }
-    println!("tidewatch: stopping functions (SIGTERM; they finish in-flight work and ack)");
-    for r in &mut running {
-        terminate(&mut r.child, Duration::from_secs(30)).await;
-    }
+    say(
+        args,
+        "stopping",
+        json!({}),
+        "stopping functions (SIGTERM; they finish in-flight work and ack)",
+    );
+    let mut all: Vec<Child> = functions.into_iter().flat_map(|f| f.replicas).collect();
+    futures::future::join_all(
+        all.iter_mut()
+            .map(|c| terminate(c, Duration::from_secs(30))),
+    )
+    .await;
     Ok(())
 }
 
-fn spawn(spec: &FunctionSpec, bin_dir: &Path, url: &str, logs: &Path) -> anyhow::Result<Child> {
+/// Print a line for people, or a JSON object for scripts with `--json`.
+fn say(args: &UpArgs, event: &str, fields: Value, text: &str) {
+    if args.json {
+        let mut object = fields;
+        object["event"] = json!(event);
+        object["time"] = json!(chrono::Utc::now().to_rfc3339());
+        out!("{object}");
+    } else {
+        out!("tidewatch: {text}");
+    }
+}
+
+/// The ScaledObjects' settings: from `--keda-dir` (default `keda/` when it
+/// exists), else from the manifests this build renders.
+fn scale_policies(args: &UpArgs) -> anyhow::Result<Vec<(String, ScalePolicy)>> {
+    let dir = args
+        .keda_dir
+        .clone()
+        .unwrap_or_else(|| PathBuf::from("keda"));
+    if dir.is_dir() {
+        return crate::render::read_scaled_objects(&dir);
+    }
+    let rendered = tempfile_dir()?;
+    for (path, contents) in crate::render::render()? {
+        if let Some(name) = path.strip_prefix("keda/") {
+            std::fs::write(rendered.join(name), contents)?;
+        }
+    }
+    let policies = crate::render::read_scaled_objects(&rendered);
+    let _ = std::fs::remove_dir_all(&rendered);
+    policies
+}
+
+fn tempfile_dir() -> anyhow::Result<PathBuf> {
+    let dir = std::env::temp_dir().join(format!("tidewatch-keda-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    Ok(dir)
+}
+
+/// KEDA's lag for `consumer`: `num_pending + num_ack_pending` from
+/// `/jsz?acc=$G&config=true&consumers=true`, as the nats-jetstream scaler reads it.
+pub async fn consumer_lag(monitoring: &str, consumer: &str) -> anyhow::Result<u64> {
+    let url = format!(
+        "{}/jsz?acc=%24G&config=true&consumers=true",
+        monitoring.trim_end_matches('/')
+    );
+    let body = http_get(&url).await?;
+    let jsz: Value = serde_json::from_str(&body).context("/jsz is not JSON")?;
+    let accounts = jsz["account_details"]
+        .as_array()
+        .map(Vec::as_slice)
+        .unwrap_or_default();
+    for account in accounts {
+        for stream in account["stream_detail"]
+            .as_array()
+            .map(Vec::as_slice)
+            .unwrap_or_default()
+        {
+            for c in stream["consumer_detail"]
+                .as_array()
+                .map(Vec::as_slice)
+                .unwrap_or_default()
+            {
+                if c["name"] == consumer {
+                    return Ok(c["num_pending"].as_u64().unwrap_or(0)
+                        + c["num_ack_pending"].as_u64().unwrap_or(0));
+                }
+            }
+        }
+    }
+    bail!("consumer {consumer} not in {url}")
+}
+
+/// A plain HTTP/1.0 GET (the monitoring endpoint is local and unauthenticated).
+async fn http_get(url: &str) -> anyhow::Result<String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let rest = url
+        .strip_prefix("http://")
+        .context("monitoring URL must be http://")?;
+    let (host, path) = rest
+        .split_once('/')
+        .map(|(h, p)| (h, format!("/{p}")))
+        .unwrap_or((rest, "/".into()));
+    let mut stream =
+        tokio::time::timeout(Duration::from_secs(5), tokio::net::TcpStream::connect(host))
+            .await
+            .context("connect timed out")??;
+    stream
+        .write_all(format!("GET {path} HTTP/1.0\r\nHost: {host}\r\n\r\n").as_bytes())
+        .await?;
+    let mut response = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut response))
+        .await
+        .context("read timed out")??;
+    let text = String::from_utf8_lossy(&response);
+    let (head, body) = text
+        .split_once("\r\n\r\n")
+        .context("malformed HTTP response")?;
+    if !head.starts_with("HTTP/1.1 200") && !head.starts_with("HTTP/1.0 200") {
+        bail!("{url}: {}", head.lines().next().unwrap_or_default());
+    }
+    Ok(body.to_string())
+}
+
+fn spawn(
+    args: &UpArgs,
+    spec: &FunctionSpec,
+    bin_dir: &Path,
+    url: &str,
+    logs: &Path,
+) -> anyhow::Result<Child> {
     let binary = bin_dir.join(spec.binary);
     if !binary.is_file() {
         bail!(
@@ -208,18 +499,23 @@ fn spawn(spec: &FunctionSpec, bin_dir: &Path, url: &str, logs: &Path) -> anyhow:
         .kill_on_drop(true)
         .spawn()
         .with_context(|| format!("start {}", binary.display()))?;
-    println!(
-        "tidewatch: started {} (pid {}), log {}",
-        spec.name,
-        child.id().unwrap_or(0),
-        log_path.display()
+    say(
+        args,
+        "started",
+        json!({"function": spec.name, "pid": child.id(), "log": log_path}),
+        &format!(
+            "started {} (pid {}), log {}",
+            spec.name,
+            child.id().unwrap_or(0),
+            log_path.display()
+        ),
     );
     if let Some(stdout) = child.stdout.take() {
         // What a function writes to stdout is its output (export: insights); echo it.
         tokio::spawn(async move {
             let mut lines = BufReader::new(stdout).lines();
             while let Ok(Some(line)) = lines.next_line().await {
-                println!("{line}");
+                out!("{line}");
             }
         });
     }
@@ -236,65 +532,4 @@ pub async fn terminate(child: &mut Child, grace: Duration) {
         eprintln!("tidewatch: pid {pid} did not stop within {grace:?}; killing it");
     }
     let _ = child.kill().await;
-}
-
-/// Rates between two samples of stream sequences.
-#[derive(Default)]
-struct LiveView {
-    last: Option<(Instant, Vec<u64>)>,
-}
-
-impl LiveView {
-    async fn line(
-        &mut self,
-        js: &jetstream::Context,
-        alive: usize,
-        total: usize,
-    ) -> anyhow::Result<String> {
-        let mut seqs = Vec::new();
-        let mut dlq_total = 0;
-        for spec in topology::STREAMS {
-            let info = js.get_stream(spec.name).await?.info().await?.clone();
-            seqs.push(info.state.last_sequence);
-            if spec.name == topology::DEAD_LETTER.name {
-                dlq_total = info.state.messages;
-            }
-        }
-        let now = Instant::now();
-        let rates: Vec<f64> = match &self.last {
-            Some((t, prev)) => {
-                let secs = now.duration_since(*t).as_secs_f64().max(0.001);
-                seqs.iter()
-                    .zip(prev)
-                    .map(|(a, b)| a.saturating_sub(*b) as f64 / secs)
-                    .collect()
-            }
-            None => vec![0.0; seqs.len()],
-        };
-        self.last = Some((now, seqs));
-        let mut line = chrono::Local::now().format("%H:%M:%S ").to_string();
-        for (spec, rate) in topology::STREAMS.iter().zip(&rates) {
-            if spec.name != topology::DEAD_LETTER.name {
-                line.push_str(&format!(" {} {:.0}/s", spec.key, rate));
-            }
-        }
-        line.push_str(&format!("  dlq {dlq_total} |  lag"));
-        for consumer in topology::CONSUMERS {
-            let stream = topology::stream(consumer.stream)
-                .map(|s| s.name)
-                .unwrap_or_default();
-            let info = js
-                .get_stream(stream)
-                .await?
-                .consumer_info(consumer.durable)
-                .await?;
-            line.push_str(&format!(
-                " {} {}",
-                consumer.durable,
-                info.num_pending + info.num_ack_pending as u64
-            ));
-        }
-        line.push_str(&format!(" |  functions {alive}/{total} up"));
-        Ok(line)
-    }
 }

@@ -85,6 +85,33 @@ pub struct FunctionSpec {
     pub output_stream: Option<&'static str>,
     /// Binary name (`tidewatch-<name>`).
     pub binary: &'static str,
+    /// How it scales (KEDA ScaledObject, Knative annotations, `tidewatch up`).
+    pub scale: ScaleSpec,
+}
+
+/// Scaling of one function; rendered into its ScaledObject and Knative
+/// Service, and read back from keda/ by the local autoscaler.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ScaleSpec {
+    pub min_replicas: u32,
+    pub max_replicas: u32,
+    /// Target lag per replica (KEDA `lagThreshold`).
+    pub lag_threshold: u64,
+    /// Lag above which a function at zero starts (KEDA `activationLagThreshold`).
+    pub activation_lag_threshold: u64,
+    /// Concurrent requests per replica in Knative mode (`containerConcurrency`).
+    pub container_concurrency: u32,
+}
+
+/// Scale to zero, up to 10 replicas, one replica per `lag_threshold` pending.
+pub const fn scale_to_zero(lag_threshold: u64, container_concurrency: u32) -> ScaleSpec {
+    ScaleSpec {
+        min_replicas: 0,
+        max_replicas: 10,
+        lag_threshold,
+        activation_lag_threshold: 0,
+        container_concurrency,
+    }
 }
 
 pub const RAW: StreamSpec = StreamSpec {
@@ -163,18 +190,24 @@ pub const ENRICH: FunctionSpec = FunctionSpec {
     consumer: "enrich",
     output_stream: Some(ENRICHED.key),
     binary: "tidewatch-enrich",
+    // Cheap per event (a cached KV join): a replica keeps up with a deep backlog.
+    scale: scale_to_zero(1000, 100),
 };
 pub const CORRELATE: FunctionSpec = FunctionSpec {
     name: "correlate",
     consumer: "correlate",
     output_stream: Some(INSIGHTS.key),
     binary: "tidewatch-correlate",
+    // A KV compare-and-set per event: more replicas sooner.
+    scale: scale_to_zero(500, 50),
 };
 pub const EXPORT: FunctionSpec = FunctionSpec {
     name: "export",
     consumer: "export",
     output_stream: None,
     binary: "tidewatch-export",
+    // Insights are few; each may wait on a slow sink.
+    scale: scale_to_zero(50, 10),
 };
 
 pub const FUNCTIONS: &[FunctionSpec] = &[ENRICH, CORRELATE, EXPORT];
@@ -300,6 +333,10 @@ pub mod pod_keys {
     pub fn by_ip(ip: &str) -> String {
         format!("ip.{}", token(ip))
     }
+    /// A Service by its cluster IP; the value is JSON `{"namespace", "name"}`.
+    pub fn by_service_ip(ip: &str) -> String {
+        format!("svcip.{}", token(ip))
+    }
 }
 
 /// CloudEvent extension attributes Tidewatch adds (lowercase alphanumeric,
@@ -374,7 +411,28 @@ pub mod types {
         UNIT_RESTARTED = "dev.tidewatch.systemd.unit.restarted", "UnitStateChange", "A systemd unit was restarted";
         JOURNAL_ENTRY = "dev.tidewatch.systemd.journal.entry", "JournalEntry", "A journal entry from a watched unit";
         INSIGHT_CRASH_LOOP = "dev.tidewatch.insight.crash-loop", "Insight", "A container keeps restarting";
+        INSIGHT_OOM_CASCADE = "dev.tidewatch.insight.oom-cascade", "Insight", "OOM kills followed by restarts (and endpoints dropping)";
+        INSIGHT_NODE_RUNTIME_FAILURE = "dev.tidewatch.insight.node-runtime-failure", "Insight", "kubelet/container runtime failed, the node went NotReady";
+        INSIGHT_SERVICE_DISRUPTION = "dev.tidewatch.insight.service-disruption", "Insight", "A service lost its endpoints while clients failed to connect";
+        INSIGHT_BAD_ROLLOUT = "dev.tidewatch.insight.bad-rollout", "Insight", "A new ReplicaSet's pods restart more than the old ones did";
     }
+
+    // Types whose payload has no protobuf message yet: their `data` is JSON
+    // (`datacontenttype: application/json`), so they are not in [`ALL`]
+    // (which names a protobuf payload for every type).
+
+    /// A node's Ready condition became False/Unknown. Subject `node/<name>`;
+    /// JSON data `{"node", "reason", "message", "status"}`.
+    pub const NODE_NOT_READY: &str = "dev.tidewatch.k8s.node.notready";
+    /// A node's Ready condition became True again. Same payload as [`NODE_NOT_READY`].
+    pub const NODE_READY: &str = "dev.tidewatch.k8s.node.ready";
+    /// A service has no ready endpoints left. Subject `service/<ns>/<name>`;
+    /// JSON data `{"namespace", "service", "ready": 0, "notReadyPods": ["<ns>/<pod>", ...]}`.
+    pub const ENDPOINTS_EMPTY: &str = "dev.tidewatch.k8s.endpoints.empty";
+    /// A Deployment started rolling out a new ReplicaSet. Subject
+    /// `deployment/<ns>/<name>`; JSON data `{"namespace", "deployment",
+    /// "newReplicaSet", "oldReplicaSet", "revision"}`.
+    pub const ROLLOUT_STARTED: &str = "dev.tidewatch.k8s.rollout.started";
 
     /// The insight type for an insight kind.
     pub fn insight(kind: &str) -> String {

@@ -1,0 +1,300 @@
+//! `tidewatch render`: the Kubernetes manifests, rendered from the topology
+//! so names, subjects, consumers and trigger fields cannot drift.
+//!
+//! Writes `keda/` (a Deployment at `replicas: 0` and a ScaledObject with the
+//! `nats-jetstream` trigger per function). `tests/manifests.rs` fails when
+//! the checked-in files differ from what this renders, and `tidewatch up`
+//! reads the ScaledObjects back to drive its local autoscaler.
+
+use std::path::Path;
+
+use anyhow::Context as _;
+use serde_json::{Value, json};
+use tidewatch_runtime::topology::{self, FunctionSpec};
+
+/// Namespace of the functions (Pod Security "restricted").
+pub const FUNCTIONS_NAMESPACE: &str = "tidewatch";
+/// NATS monitoring endpoint KEDA polls (`/jsz`), reachable only from KEDA and Prometheus.
+pub const NATS_MONITORING: &str = "nats.tidewatch-system.svc.cluster.local:8222";
+/// NATS client URL host.
+pub const NATS_HOST: &str = "nats.tidewatch-system.svc.cluster.local:4222";
+/// JetStream account the streams live in (`$G` unless accounts are configured).
+pub const NATS_ACCOUNT: &str = "$G";
+/// KEDA polls lag this often, in seconds. Why not KEDA's 30 s default: a
+/// burst should start a function within seconds, and one `/jsz` request
+/// every 5 s per function is negligible load on NATS.
+pub const POLLING_INTERVAL_SECS: u64 = 5;
+/// Seconds without lag before a function scales back to zero. Why not
+/// KEDA's 300 s: functions start in well under a second and drain on
+/// SIGTERM, so a minute of quiet is enough to stop paying for idle pods
+/// without flapping between bursts a few seconds apart.
+pub const COOLDOWN_PERIOD_SECS: u64 = 60;
+/// Grace period on SIGTERM: the runtime stops fetching, drains at most one
+/// batch (fetch expiry 1 s) and its in-flight handlers, and acks.
+pub const TERMINATION_GRACE_SECS: u64 = 60;
+
+const HEADER: &str = "# Rendered by `tidewatch render` from runtime/src/topology.rs. Do not edit:\n# change the topology and render again (a test fails when these drift).\n";
+
+/// The image holding every Tidewatch binary.
+pub fn image() -> String {
+    format!("ghcr.io/tidewatch/tidewatch:{}", env!("CARGO_PKG_VERSION"))
+}
+
+fn labels(function: &FunctionSpec) -> Value {
+    json!({
+        "app.kubernetes.io/name": format!("tidewatch-{}", function.name),
+        "app.kubernetes.io/part-of": "tidewatch",
+        "app.kubernetes.io/component": "function",
+    })
+}
+
+/// The container every function runs in, hardened for Pod Security "restricted".
+fn container(function: &FunctionSpec, transport: &str) -> Value {
+    json!({
+        "name": function.name,
+        "image": image(),
+        "command": [format!("/usr/local/bin/{}", function.binary)],
+        "env": [
+            {"name": "NATS_PASSWORD", "valueFrom": {"secretKeyRef": {"name": "tidewatch-nats-users", "key": function.name}}},
+            {"name": "NATS_URL", "value": format!("nats://{}:$(NATS_PASSWORD)@{NATS_HOST}", function.name)},
+            {"name": "TIDEWATCH_TRANSPORT", "value": transport},
+            {"name": "TIDEWATCH_METRICS_ADDR", "value": "0.0.0.0:9090"},
+            {"name": "TIDEWATCH_LOG_FORMAT", "value": "json"},
+            {"name": "RUST_LOG", "value": "info"},
+        ],
+        "resources": {"requests": {"cpu": "100m", "memory": "64Mi"}, "limits": {"memory": "256Mi"}},
+        "securityContext": {
+            "allowPrivilegeEscalation": false,
+            "readOnlyRootFilesystem": true,
+            "runAsNonRoot": true,
+            "capabilities": {"drop": ["ALL"]},
+            "seccompProfile": {"type": "RuntimeDefault"},
+        },
+    })
+}
+
+/// A function's Deployment for KEDA: starts at zero replicas, KEDA scales it.
+pub fn keda_deployment(function: &FunctionSpec) -> Value {
+    let mut container = container(function, "jetstream");
+    container["ports"] = json!([{"name": "metrics", "containerPort": 9090}]);
+    container["readinessProbe"] =
+        json!({"httpGet": {"path": "/readyz", "port": "metrics"}, "periodSeconds": 5});
+    container["livenessProbe"] =
+        json!({"httpGet": {"path": "/healthz", "port": "metrics"}, "periodSeconds": 10});
+    json!({
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": {"name": format!("tidewatch-{}", function.name), "namespace": FUNCTIONS_NAMESPACE, "labels": labels(function)},
+        "spec": {
+            "replicas": 0,
+            "selector": {"matchLabels": {"app.kubernetes.io/name": format!("tidewatch-{}", function.name)}},
+            "template": {
+                "metadata": {
+                    "labels": labels(function),
+                    "annotations": {"prometheus.io/scrape": "true", "prometheus.io/port": "9090"},
+                },
+                "spec": {
+                    "terminationGracePeriodSeconds": TERMINATION_GRACE_SECS,
+                    "automountServiceAccountToken": false,
+                    "securityContext": {"runAsNonRoot": true, "runAsUser": 65532, "runAsGroup": 65532, "seccompProfile": {"type": "RuntimeDefault"}},
+                    "containers": [container],
+                },
+            },
+        },
+    })
+}
+
+/// A function's ScaledObject: the `nats-jetstream` trigger on its durable consumer.
+pub fn scaled_object(function: &FunctionSpec) -> anyhow::Result<Value> {
+    let consumer = topology::consumer(function.consumer)
+        .with_context(|| format!("no consumer {}", function.consumer))?;
+    let stream = topology::stream(consumer.stream)
+        .with_context(|| format!("no stream {}", consumer.stream))?;
+    Ok(json!({
+        "apiVersion": "keda.sh/v1alpha1",
+        "kind": "ScaledObject",
+        "metadata": {"name": format!("tidewatch-{}", function.name), "namespace": FUNCTIONS_NAMESPACE, "labels": labels(function)},
+        "spec": {
+            "scaleTargetRef": {"name": format!("tidewatch-{}", function.name)},
+            "minReplicaCount": function.scale.min_replicas,
+            "maxReplicaCount": function.scale.max_replicas,
+            "pollingInterval": POLLING_INTERVAL_SECS,
+            "cooldownPeriod": COOLDOWN_PERIOD_SECS,
+            "triggers": [{
+                "type": "nats-jetstream",
+                "metadata": {
+                    "natsServerMonitoringEndpoint": NATS_MONITORING,
+                    "account": NATS_ACCOUNT,
+                    "stream": stream.name,
+                    "consumer": consumer.durable,
+                    "lagThreshold": function.scale.lag_threshold.to_string(),
+                    "activationLagThreshold": function.scale.activation_lag_threshold.to_string(),
+                },
+            }],
+        },
+    }))
+}
+
+/// YAML for several objects, with the header and the justifying comments
+/// that serde cannot write.
+fn yaml(objects: &[Value]) -> anyhow::Result<String> {
+    let mut out = String::from(HEADER);
+    for object in objects {
+        out.push_str("---\n");
+        out.push_str(&serde_yaml::to_string(object)?);
+    }
+    Ok(out
+        .replace(
+            &format!("  pollingInterval: {POLLING_INTERVAL_SECS}\n"),
+            &format!(
+                "  # {POLLING_INTERVAL_SECS} s, not KEDA's 30 s default: a burst starts a function within seconds, and\n  # one /jsz request per function every {POLLING_INTERVAL_SECS} s is negligible load on NATS.\n  pollingInterval: {POLLING_INTERVAL_SECS}\n"
+            ),
+        )
+        .replace(
+            &format!("  cooldownPeriod: {COOLDOWN_PERIOD_SECS}\n"),
+            &format!(
+                "  # {COOLDOWN_PERIOD_SECS} s of no lag before scaling to zero, not KEDA's 300 s: functions start in well\n  # under a second and drain on SIGTERM, so a minute of quiet is enough without flapping between bursts.\n  cooldownPeriod: {COOLDOWN_PERIOD_SECS}\n"
+            ),
+        )
+        .replace(
+            &format!("terminationGracePeriodSeconds: {TERMINATION_GRACE_SECS}\n"),
+            &format!("terminationGracePeriodSeconds: {TERMINATION_GRACE_SECS} # drain: one fetch (1 s) + in-flight handlers + acks\n"),
+        ))
+}
+
+/// Every rendered file, as (path relative to the repository root, contents).
+pub fn render() -> anyhow::Result<Vec<(String, String)>> {
+    let mut files = Vec::new();
+    let mut resources = Vec::new();
+    for function in topology::FUNCTIONS {
+        let file = format!("{}.yaml", function.name);
+        files.push((
+            format!("keda/{file}"),
+            yaml(&[keda_deployment(function), scaled_object(function)?])?,
+        ));
+        resources.push(file);
+    }
+    let kustomization = json!({
+        "apiVersion": "kustomize.config.k8s.io/v1beta1",
+        "kind": "Kustomization",
+        "resources": resources,
+    });
+    files.push((
+        "keda/kustomization.yaml".to_string(),
+        yaml(&[kustomization])?.replace("---\n", ""),
+    ));
+    Ok(files)
+}
+
+#[derive(clap::Args)]
+pub struct RenderArgs {
+    /// Repository root to write into.
+    #[arg(long, default_value = ".")]
+    out: std::path::PathBuf,
+    /// Only check that the files on disk match; exit non-zero if they drifted.
+    #[arg(long)]
+    check: bool,
+}
+
+pub fn run(args: RenderArgs) -> anyhow::Result<()> {
+    let mut drifted = Vec::new();
+    for (path, contents) in render()? {
+        let target = args.out.join(&path);
+        let current = std::fs::read_to_string(&target).unwrap_or_default();
+        if current == contents {
+            continue;
+        }
+        if args.check {
+            drifted.push(path);
+            continue;
+        }
+        if let Some(dir) = target.parent() {
+            std::fs::create_dir_all(dir).with_context(|| format!("create {}", dir.display()))?;
+        }
+        std::fs::write(&target, contents).with_context(|| format!("write {}", target.display()))?;
+        println!("wrote {path}");
+    }
+    if !drifted.is_empty() {
+        anyhow::bail!(
+            "these files differ from the topology: {} — run `tidewatch render`",
+            drifted.join(", ")
+        );
+    }
+    Ok(())
+}
+
+/// Read the scaling settings of every ScaledObject in `dir` (keda/).
+pub fn read_scaled_objects(
+    dir: &Path,
+) -> anyhow::Result<Vec<(String, crate::autoscale::ScalePolicy)>> {
+    let mut found = Vec::new();
+    let mut entries: Vec<_> = std::fs::read_dir(dir)
+        .with_context(|| format!("read {}", dir.display()))?
+        .flatten()
+        .collect();
+    entries.sort_by_key(|e| e.path());
+    for entry in entries {
+        let path = entry.path();
+        if path.extension().and_then(|e| e.to_str()) != Some("yaml") {
+            continue;
+        }
+        let text = std::fs::read_to_string(&path)?;
+        for document in serde_yaml::Deserializer::from_str(&text) {
+            let value = Value::deserialize(document)
+                .with_context(|| format!("parse {}", path.display()))?;
+            if value["kind"] != "ScaledObject" {
+                continue;
+            }
+            let spec = &value["spec"];
+            let trigger = spec["triggers"]
+                .as_array()
+                .and_then(|t| t.iter().find(|t| t["type"] == "nats-jetstream"))
+                .with_context(|| {
+                    format!(
+                        "{}: ScaledObject without a nats-jetstream trigger",
+                        path.display()
+                    )
+                })?;
+            let number = |v: &Value, default: u64| -> anyhow::Result<u64> {
+                match v {
+                    Value::Null => Ok(default),
+                    Value::Number(n) => n.as_u64().context("not a whole number"),
+                    Value::String(s) => s
+                        .parse()
+                        .with_context(|| format!("{s:?} is not a whole number")),
+                    other => anyhow::bail!("{other} is not a number"),
+                }
+            };
+            let defaults = crate::autoscale::ScalePolicy::default();
+            let metadata = &trigger["metadata"];
+            let policy = crate::autoscale::ScalePolicy {
+                min_replicas: number(&spec["minReplicaCount"], u64::from(defaults.min_replicas))?
+                    as u32,
+                max_replicas: number(&spec["maxReplicaCount"], u64::from(defaults.max_replicas))?
+                    as u32,
+                lag_threshold: number(&metadata["lagThreshold"], defaults.lag_threshold)?,
+                activation_lag_threshold: number(
+                    &metadata["activationLagThreshold"],
+                    defaults.activation_lag_threshold,
+                )?,
+                polling_interval: std::time::Duration::from_secs(number(
+                    &spec["pollingInterval"],
+                    30,
+                )?),
+                cooldown_period: std::time::Duration::from_secs(number(
+                    &spec["cooldownPeriod"],
+                    300,
+                )?),
+                scale_down_window: defaults.scale_down_window,
+            };
+            let consumer = metadata["consumer"]
+                .as_str()
+                .with_context(|| format!("{}: trigger without a consumer", path.display()))?
+                .to_string();
+            found.push((consumer, policy));
+        }
+    }
+    Ok(found)
+}
+
+use serde::Deserialize as _;

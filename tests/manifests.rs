@@ -1,0 +1,229 @@
+//! The manifests: rendered from the topology (a drift fails here), valid
+//! against the real KEDA CRD and Kubernetes schemas, buildable by
+//! kustomize, and semantically right (names, triggers, security).
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use common::binary;
+use serde::Deserialize as _;
+use serde_json::Value;
+use tidewatch_runtime::topology;
+
+fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn documents(path: &Path) -> Vec<Value> {
+    let text = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    serde_yaml::Deserializer::from_str(&text)
+        .map(|d| Value::deserialize(d).unwrap_or_else(|e| panic!("{}: {e}", path.display())))
+        .filter(|v| !v.is_null())
+        .collect()
+}
+
+fn manifests(dir: &str) -> Vec<(PathBuf, Value)> {
+    let mut out = Vec::new();
+    let mut paths: Vec<PathBuf> = std::fs::read_dir(repo().join(dir))
+        .expect("dir")
+        .flatten()
+        .map(|e| e.path())
+        .collect();
+    paths.sort();
+    for path in paths
+        .into_iter()
+        .filter(|p| p.extension().is_some_and(|e| e == "yaml"))
+    {
+        for doc in documents(&path) {
+            out.push((path.clone(), doc));
+        }
+    }
+    out
+}
+
+#[test]
+fn checked_in_manifests_match_the_topology() {
+    let output = Command::new(binary("tidewatch"))
+        .args(["render", "--check", "--out"])
+        .arg(repo())
+        .output()
+        .expect("render runs");
+    assert!(
+        output.status.success(),
+        "the checked-in manifests drifted from the topology; run `tidewatch render`:\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    // And a fresh render writes exactly the files that are checked in.
+    let dir = tempfile::tempdir().expect("temp dir");
+    let output = Command::new(binary("tidewatch"))
+        .args(["render", "--out"])
+        .arg(dir.path())
+        .output()
+        .expect("render runs");
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    for entry in std::fs::read_dir(dir.path().join("keda"))
+        .expect("rendered keda/")
+        .flatten()
+    {
+        let name = entry.file_name();
+        let rendered = std::fs::read_to_string(entry.path()).expect("read");
+        let checked_in =
+            std::fs::read_to_string(repo().join("keda").join(&name)).expect("checked in");
+        assert_eq!(rendered, checked_in, "keda/{}", name.to_string_lossy());
+    }
+}
+
+#[test]
+fn manifests_validate_against_the_crd_and_kubernetes_schemas() {
+    let schemas = repo().join("../shared/schemas");
+    assert!(
+        schemas.join("keda").is_dir(),
+        "shared/schemas not found at {}",
+        schemas.display()
+    );
+    let files: Vec<PathBuf> = manifests("keda")
+        .into_iter()
+        .map(|(p, _)| p)
+        .collect::<std::collections::BTreeSet<_>>()
+        .into_iter()
+        .collect();
+    let output = Command::new("python3")
+        .arg(repo().join("tests/validate_manifests.py"))
+        .arg(&schemas)
+        .arg("1.32.0")
+        .args(&files)
+        .output()
+        .expect("python3 runs");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        !stderr.contains("ModuleNotFoundError"),
+        "the validator needs `pip install kubernetes-validate` (.ci/run installs it): {stderr}"
+    );
+    assert!(
+        output.status.success(),
+        "schema validation failed:\n{stdout}{stderr}"
+    );
+    assert!(stdout.contains("0 problems"), "{stdout}");
+}
+
+#[test]
+fn kustomize_builds_the_keda_overlay() {
+    let output = Command::new("kubectl")
+        .args(["kustomize"])
+        .arg(repo().join("keda"))
+        .output()
+        .expect("kubectl is installed (kubectl kustomize renders the overlays)");
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let built = String::from_utf8_lossy(&output.stdout);
+    for function in topology::FUNCTIONS {
+        assert!(
+            built.contains(&format!("name: tidewatch-{}", function.name)),
+            "{} missing from the build",
+            function.name
+        );
+    }
+}
+
+#[test]
+fn scaled_objects_name_provisioned_streams_and_consumers_and_deployments_are_restricted() {
+    let objects = manifests("keda");
+    let deployments: Vec<&Value> = objects
+        .iter()
+        .map(|(_, v)| v)
+        .filter(|v| v["kind"] == "Deployment")
+        .collect();
+    let scaled: Vec<&Value> = objects
+        .iter()
+        .map(|(_, v)| v)
+        .filter(|v| v["kind"] == "ScaledObject")
+        .collect();
+    assert_eq!(
+        scaled.len(),
+        topology::FUNCTIONS.len(),
+        "one ScaledObject per function"
+    );
+    for so in &scaled {
+        let spec = &so["spec"];
+        let name = so["metadata"]["name"].as_str().expect("name");
+        let min = spec["minReplicaCount"].as_u64().expect("minReplicaCount");
+        let max = spec["maxReplicaCount"].as_u64().expect("maxReplicaCount");
+        assert!(min <= max, "{name}: minReplicaCount <= maxReplicaCount");
+        assert_eq!(min, 0, "{name} scales to zero");
+        assert!(
+            spec["pollingInterval"].as_u64().expect("pollingInterval") < 30,
+            "{name}: shorter than KEDA's default"
+        );
+        assert!(
+            spec["cooldownPeriod"].as_u64().is_some(),
+            "{name}: cooldownPeriod set"
+        );
+        let trigger = &spec["triggers"][0];
+        assert_eq!(trigger["type"], "nats-jetstream");
+        let meta = &trigger["metadata"];
+        for field in [
+            "natsServerMonitoringEndpoint",
+            "account",
+            "stream",
+            "consumer",
+            "lagThreshold",
+            "activationLagThreshold",
+        ] {
+            assert!(
+                meta[field].is_string(),
+                "{name}: trigger metadata {field} (strings, as KEDA reads them)"
+            );
+        }
+        let consumer = topology::consumer(meta["consumer"].as_str().expect("consumer"))
+            .expect("the consumer is provisioned");
+        let stream = topology::stream(consumer.stream).expect("stream");
+        assert_eq!(
+            meta["stream"], stream.name,
+            "{name}: the trigger's stream is the one the consumer reads"
+        );
+        let target = spec["scaleTargetRef"]["name"]
+            .as_str()
+            .expect("scaleTargetRef");
+        let deployment = deployments
+            .iter()
+            .find(|d| d["metadata"]["name"] == target)
+            .expect("the target Deployment exists");
+        assert_eq!(
+            deployment["spec"]["replicas"], 0,
+            "{target} starts at zero; KEDA scales it"
+        );
+    }
+    for d in deployments {
+        let name = d["metadata"]["name"].as_str().expect("name");
+        let pod = &d["spec"]["template"]["spec"];
+        assert!(
+            pod["terminationGracePeriodSeconds"]
+                .as_u64()
+                .expect("grace")
+                >= 30,
+            "{name}: time to drain"
+        );
+        assert_eq!(pod["securityContext"]["runAsNonRoot"], true, "{name}");
+        for c in pod["containers"].as_array().expect("containers") {
+            let sc = &c["securityContext"];
+            assert_ne!(sc["privileged"], true, "{name}: no privileged containers");
+            assert_eq!(sc["allowPrivilegeEscalation"], false, "{name}");
+            assert_eq!(
+                sc["capabilities"]["drop"],
+                serde_json::json!(["ALL"]),
+                "{name}: Pod Security restricted"
+            );
+            assert_eq!(sc["seccompProfile"]["type"], "RuntimeDefault", "{name}");
+        }
+    }
+}
