@@ -2,7 +2,9 @@
 //! so names, subjects, consumers and trigger fields cannot drift.
 //!
 //! Writes `keda/` (a Deployment at `replicas: 0` and a ScaledObject with the
-//! `nats-jetstream` trigger per function). `tests/manifests.rs` fails when
+//! `nats-jetstream` trigger per function) and `knative/` (a Service and a
+//! Trigger per function on a JetStream-channel Broker, with retries and a
+//! dead-letter sink). `tests/manifests.rs` fails when
 //! the checked-in files differ from what this renders, and `tidewatch up`
 //! reads the ScaledObjects back to drive its local autoscaler.
 
@@ -135,6 +137,119 @@ pub fn scaled_object(function: &FunctionSpec) -> anyhow::Result<Value> {
     }))
 }
 
+/// Broker every Knative-mode function hangs off.
+pub const BROKER: &str = "tidewatch";
+/// Knative Service receiving what the broker could not deliver.
+pub const DEAD_LETTER_SERVICE: &str = "tidewatch-dead-letters";
+
+/// A function as a Knative Service: HTTP on `$PORT`, scale to zero.
+pub fn knative_service(function: &FunctionSpec) -> Value {
+    let mut container = container(function, "http");
+    container["ports"] = json!([{"containerPort": 8080}]);
+    container["readinessProbe"] = json!({"httpGet": {"path": "/readyz"}, "periodSeconds": 5});
+    container["livenessProbe"] = json!({"httpGet": {"path": "/healthz"}, "periodSeconds": 10});
+    json!({
+        "apiVersion": "serving.knative.dev/v1",
+        "kind": "Service",
+        "metadata": {"name": format!("tidewatch-{}", function.name), "namespace": FUNCTIONS_NAMESPACE, "labels": labels(function)},
+        "spec": {"template": {
+            "metadata": {"annotations": {
+                "autoscaling.knative.dev/min-scale": function.scale.min_replicas.to_string(),
+                "autoscaling.knative.dev/max-scale": function.scale.max_replicas.to_string(),
+                "autoscaling.knative.dev/target": function.scale.container_concurrency.to_string(),
+            }},
+            "spec": {
+                "containerConcurrency": function.scale.container_concurrency,
+                "timeoutSeconds": 60,
+                "containers": [container],
+            },
+        }},
+    })
+}
+
+/// Which events a function's Trigger passes. Replies are told apart from
+/// their inputs so they never loop: enrich's outputs carry `resolution`,
+/// correlate's are insights, export replies nothing.
+fn trigger_filters(function: &FunctionSpec) -> Value {
+    let not_insight = json!({"not": {"prefix": {"type": "dev.tidewatch.insight."}}});
+    let any_tidewatch = json!({"prefix": {"type": "dev.tidewatch."}});
+    let resolved = json!({"exact": {"resolution": "resolved"}});
+    let unresolved = json!({"exact": {"resolution": "unresolved"}});
+    match function
+        .output_stream
+        .and_then(topology::stream)
+        .map(|s| s.key)
+    {
+        // Reads raw events: everything Tidewatch but insights and what enrich already handled.
+        Some("enriched") => {
+            json!([{"all": [any_tidewatch, not_insight, {"not": resolved}, {"not": unresolved}]}])
+        }
+        // Reads enriched events.
+        Some("insights") => {
+            json!([{"all": [any_tidewatch, not_insight, {"any": [resolved, unresolved]}]}])
+        }
+        // Reads insights.
+        _ => json!([{"prefix": {"type": "dev.tidewatch.insight."}}]),
+    }
+}
+
+/// A function's Trigger on the broker, with retries and a dead-letter sink.
+pub fn knative_trigger(function: &FunctionSpec) -> Value {
+    json!({
+        "apiVersion": "eventing.knative.dev/v1",
+        "kind": "Trigger",
+        "metadata": {"name": format!("tidewatch-{}", function.name), "namespace": FUNCTIONS_NAMESPACE, "labels": labels(function)},
+        "spec": {
+            "broker": BROKER,
+            "filters": trigger_filters(function),
+            "subscriber": {"ref": {"apiVersion": "serving.knative.dev/v1", "kind": "Service", "name": format!("tidewatch-{}", function.name)}},
+            "delivery": delivery(),
+        },
+    })
+}
+
+/// Retry with backoff, then the dead-letter sink (the same policy as
+/// `max_deliver` in JetStream mode).
+fn delivery() -> Value {
+    let max_deliver = topology::CONSUMERS
+        .first()
+        .map(|c| c.max_deliver)
+        .unwrap_or(5);
+    json!({
+        "retry": max_deliver - 1,
+        "backoffPolicy": "exponential",
+        "backoffDelay": "PT0.5S",
+        "deadLetterSink": {"ref": {"apiVersion": "serving.knative.dev/v1", "kind": "Service", "name": DEAD_LETTER_SERVICE}},
+    })
+}
+
+/// The broker: channel-based, on NATS JetStream channels (eventing-natss's
+/// `config-natjsm-channel` in knative-eventing).
+pub fn knative_broker() -> Value {
+    json!({
+        "apiVersion": "eventing.knative.dev/v1",
+        "kind": "Broker",
+        "metadata": {
+            "name": BROKER,
+            "namespace": FUNCTIONS_NAMESPACE,
+            "annotations": {"eventing.knative.dev/broker.class": "MTChannelBasedBroker"},
+        },
+        "spec": {
+            "config": {"apiVersion": "v1", "kind": "ConfigMap", "name": "config-natjsm-channel", "namespace": "knative-eventing"},
+            "delivery": delivery(),
+        },
+    })
+}
+
+/// Where undeliverable events end: export's binary in HTTP mode, writing
+/// each as a JSON line to its log.
+pub fn knative_dead_letter_service() -> Value {
+    let mut service = knative_service(&topology::EXPORT);
+    service["metadata"]["name"] = json!(DEAD_LETTER_SERVICE);
+    service["metadata"]["labels"]["app.kubernetes.io/name"] = json!(DEAD_LETTER_SERVICE);
+    service
+}
+
 /// YAML for several objects, with the header and the justifying comments
 /// that serde cannot write.
 fn yaml(objects: &[Value]) -> anyhow::Result<String> {
@@ -162,6 +277,15 @@ fn yaml(objects: &[Value]) -> anyhow::Result<String> {
         ))
 }
 
+fn kustomization(resources: &[String]) -> anyhow::Result<String> {
+    let kustomization = json!({
+        "apiVersion": "kustomize.config.k8s.io/v1beta1",
+        "kind": "Kustomization",
+        "resources": resources,
+    });
+    Ok(yaml(&[kustomization])?.replace("---\n", ""))
+}
+
 /// Every rendered file, as (path relative to the repository root, contents).
 pub fn render() -> anyhow::Result<Vec<(String, String)>> {
     let mut files = Vec::new();
@@ -174,14 +298,27 @@ pub fn render() -> anyhow::Result<Vec<(String, String)>> {
         ));
         resources.push(file);
     }
-    let kustomization = json!({
-        "apiVersion": "kustomize.config.k8s.io/v1beta1",
-        "kind": "Kustomization",
-        "resources": resources,
-    });
     files.push((
         "keda/kustomization.yaml".to_string(),
-        yaml(&[kustomization])?.replace("---\n", ""),
+        kustomization(&resources)?,
+    ));
+
+    let mut resources = vec!["broker.yaml".to_string()];
+    files.push((
+        "knative/broker.yaml".to_string(),
+        yaml(&[knative_broker(), knative_dead_letter_service()])?,
+    ));
+    for function in topology::FUNCTIONS {
+        let file = format!("{}.yaml", function.name);
+        files.push((
+            format!("knative/{file}"),
+            yaml(&[knative_service(function), knative_trigger(function)])?,
+        ));
+        resources.push(file);
+    }
+    files.push((
+        "knative/kustomization.yaml".to_string(),
+        kustomization(&resources)?,
     ));
     Ok(files)
 }

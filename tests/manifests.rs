@@ -67,15 +67,17 @@ fn checked_in_manifests_match_the_topology() {
         "{}",
         String::from_utf8_lossy(&output.stderr)
     );
-    for entry in std::fs::read_dir(dir.path().join("keda"))
-        .expect("rendered keda/")
-        .flatten()
-    {
-        let name = entry.file_name();
-        let rendered = std::fs::read_to_string(entry.path()).expect("read");
-        let checked_in =
-            std::fs::read_to_string(repo().join("keda").join(&name)).expect("checked in");
-        assert_eq!(rendered, checked_in, "keda/{}", name.to_string_lossy());
+    for overlay in ["keda", "knative"] {
+        for entry in std::fs::read_dir(dir.path().join(overlay))
+            .expect("rendered overlay")
+            .flatten()
+        {
+            let name = entry.file_name();
+            let rendered = std::fs::read_to_string(entry.path()).expect("read");
+            let checked_in =
+                std::fs::read_to_string(repo().join(overlay).join(&name)).expect("checked in");
+            assert_eq!(rendered, checked_in, "{overlay}/{}", name.to_string_lossy());
+        }
     }
 }
 
@@ -89,6 +91,7 @@ fn manifests_validate_against_the_crd_and_kubernetes_schemas() {
     );
     let files: Vec<PathBuf> = manifests("keda")
         .into_iter()
+        .chain(manifests("knative"))
         .map(|(p, _)| p)
         .collect::<std::collections::BTreeSet<_>>()
         .into_iter()
@@ -114,24 +117,211 @@ fn manifests_validate_against_the_crd_and_kubernetes_schemas() {
 }
 
 #[test]
-fn kustomize_builds_the_keda_overlay() {
-    let output = Command::new("kubectl")
-        .args(["kustomize"])
-        .arg(repo().join("keda"))
-        .output()
-        .expect("kubectl is installed (kubectl kustomize renders the overlays)");
-    assert!(
-        output.status.success(),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    let built = String::from_utf8_lossy(&output.stdout);
-    for function in topology::FUNCTIONS {
+fn kustomize_builds_both_overlays() {
+    for overlay in ["keda", "knative"] {
+        let output = Command::new("kubectl")
+            .args(["kustomize"])
+            .arg(repo().join(overlay))
+            .output()
+            .expect("kubectl is installed (kubectl kustomize renders the overlays)");
         assert!(
-            built.contains(&format!("name: tidewatch-{}", function.name)),
-            "{} missing from the build",
-            function.name
+            output.status.success(),
+            "{overlay}: {}",
+            String::from_utf8_lossy(&output.stderr)
         );
+        let built = String::from_utf8_lossy(&output.stdout);
+        for function in topology::FUNCTIONS {
+            assert!(
+                built.contains(&format!("name: tidewatch-{}", function.name)),
+                "{overlay}: {} missing",
+                function.name
+            );
+        }
+    }
+}
+
+/// Knative's Trigger filter dialect (exact, prefix, suffix, all, any, not) on an event's attributes.
+fn passes(filter: &Value, event: &serde_json::Map<String, Value>) -> bool {
+    let attr = |name: &str| event.get(name).and_then(Value::as_str);
+    let object = filter.as_object().expect("a filter is an object");
+    assert_eq!(
+        object.len(),
+        1,
+        "one dialect per filter expression: {filter}"
+    );
+    let (dialect, body) = object.iter().next().expect("dialect");
+    let pairs = || {
+        body.as_object()
+            .expect("attribute map")
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_str().expect("string")))
+    };
+    match dialect.as_str() {
+        "exact" => pairs().all(|(k, v)| attr(k) == Some(v)),
+        "prefix" => pairs().all(|(k, v)| attr(k).is_some_and(|a| a.starts_with(v))),
+        "suffix" => pairs().all(|(k, v)| attr(k).is_some_and(|a| a.ends_with(v))),
+        "all" => body
+            .as_array()
+            .expect("list")
+            .iter()
+            .all(|f| passes(f, event)),
+        "any" => body
+            .as_array()
+            .expect("list")
+            .iter()
+            .any(|f| passes(f, event)),
+        "not" => !passes(body, event),
+        other => panic!("unknown filter dialect {other}"),
+    }
+}
+
+fn attribute_names(filter: &Value, out: &mut Vec<String>) {
+    for (dialect, body) in filter.as_object().expect("object") {
+        match dialect.as_str() {
+            "all" | "any" => body
+                .as_array()
+                .expect("list")
+                .iter()
+                .for_each(|f| attribute_names(f, out)),
+            "not" => attribute_names(body, out),
+            _ => out.extend(body.as_object().expect("attribute map").keys().cloned()),
+        }
+    }
+}
+
+/// `^[a-z][a-z0-9]*$`, the attribute names Knative filters accept.
+fn valid_attribute_name(s: &str) -> bool {
+    s.chars().next().is_some_and(|c| c.is_ascii_lowercase())
+        && s.chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit())
+}
+
+#[test]
+fn knative_triggers_route_each_stage_once_and_replies_never_loop() {
+    let objects = manifests("knative");
+    let services: Vec<&Value> = objects
+        .iter()
+        .map(|(_, v)| v)
+        .filter(|v| v["kind"] == "Service")
+        .collect();
+    let triggers: Vec<&Value> = objects
+        .iter()
+        .map(|(_, v)| v)
+        .filter(|v| v["kind"] == "Trigger")
+        .collect();
+    assert_eq!(triggers.len(), topology::FUNCTIONS.len());
+    for trigger in &triggers {
+        let name = trigger["metadata"]["name"].as_str().expect("name");
+        let mut names = Vec::new();
+        for f in trigger["spec"]["filters"].as_array().expect("filters") {
+            attribute_names(f, &mut names);
+        }
+        assert!(
+            names.iter().all(|n| valid_attribute_name(n)),
+            "{name}: filter attribute names: {names:?}"
+        );
+        let subscriber = &trigger["spec"]["subscriber"]["ref"]["name"];
+        assert!(
+            services
+                .iter()
+                .any(|s| &s["metadata"]["name"] == subscriber),
+            "{name}: subscriber is a rendered Service"
+        );
+        let dls = &trigger["spec"]["delivery"]["deadLetterSink"]["ref"]["name"];
+        assert!(
+            services.iter().any(|s| &s["metadata"]["name"] == dls),
+            "{name}: dead-letter sink is a rendered Service"
+        );
+        assert!(
+            trigger["spec"]["delivery"]["retry"]
+                .as_u64()
+                .is_some_and(|r| r > 0),
+            "{name}: retries"
+        );
+    }
+    let receivers = |event: &serde_json::Map<String, Value>| -> Vec<String> {
+        triggers
+            .iter()
+            .filter(|t| {
+                t["spec"]["filters"]
+                    .as_array()
+                    .expect("filters")
+                    .iter()
+                    .all(|f| passes(f, event))
+            })
+            .map(|t| t["metadata"]["name"].as_str().expect("name").to_string())
+            .collect()
+    };
+    let event = |pairs: &[(&str, &str)]| -> serde_json::Map<String, Value> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), Value::String(v.to_string())))
+            .collect()
+    };
+    // A collector's event goes to enrich only; enrich's reply (it adds
+    // `resolution`) to correlate only; correlate's insight to export only.
+    assert_eq!(
+        receivers(&event(&[("type", topology::types::CONTAINER_RESTARTED)])),
+        vec!["tidewatch-enrich"]
+    );
+    assert_eq!(
+        receivers(&event(&[
+            ("type", topology::types::OOM_KILL),
+            ("resolution", "unresolved")
+        ])),
+        vec!["tidewatch-correlate"]
+    );
+    assert_eq!(
+        receivers(&event(&[
+            ("type", topology::types::PROCESS_EXEC),
+            ("resolution", "resolved")
+        ])),
+        vec!["tidewatch-correlate"]
+    );
+    assert_eq!(
+        receivers(&event(&[("type", topology::types::INSIGHT_CRASH_LOOP)])),
+        vec!["tidewatch-export"]
+    );
+    assert!(
+        receivers(&event(&[("type", "com.example.other")])).is_empty(),
+        "foreign events are not ours"
+    );
+    for service in services {
+        let template = &service["spec"]["template"];
+        let annotations = &template["metadata"]["annotations"];
+        let scale = |key: &str| -> u64 {
+            annotations[key]
+                .as_str()
+                .expect("annotation")
+                .parse()
+                .expect("number")
+        };
+        let (min, max) = (
+            scale("autoscaling.knative.dev/min-scale"),
+            scale("autoscaling.knative.dev/max-scale"),
+        );
+        assert!(min == 0 && min <= max, "scale to zero, min <= max");
+        assert!(
+            template["spec"]["containerConcurrency"]
+                .as_u64()
+                .is_some_and(|c| c > 0)
+        );
+        for c in template["spec"]["containers"]
+            .as_array()
+            .expect("containers")
+        {
+            assert_eq!(
+                c["securityContext"]["capabilities"]["drop"],
+                serde_json::json!(["ALL"])
+            );
+            assert!(
+                c["env"]
+                    .as_array()
+                    .expect("env")
+                    .iter()
+                    .any(|e| e["name"] == "TIDEWATCH_TRANSPORT" && e["value"] == "http")
+            );
+        }
     }
 }
 

@@ -21,6 +21,12 @@ import yaml
 def strict(schema):
     """Forbid properties a structural schema does not declare."""
     schema = copy.deepcopy(schema)
+    # The API server always accepts these at the root, whether or not a CRD's
+    # schema lists them (Knative's do not).
+    root = schema.setdefault("properties", {})
+    root.setdefault("apiVersion", {"type": "string"})
+    root.setdefault("kind", {"type": "string"})
+    root.setdefault("metadata", {"type": "object"})
 
     def walk(node):
         if not isinstance(node, dict):
