@@ -105,10 +105,11 @@ pub async fn connect(url: &str) -> anyhow::Result<async_nats::Client> {
 
 /// One connection attempt with a short timeout (no retry loop).
 pub async fn try_connect(url: &str) -> anyhow::Result<async_nats::Client> {
-    let client = async_nats::ConnectOptions::new()
+    let (options, servers) = tidewatch_runtime::host::connect_options(url);
+    let client = options
         .name("tidewatch-cli")
         .connection_timeout(Duration::from_secs(2))
-        .connect(url)
+        .connect(servers.as_str())
         .await?;
     Ok(client)
 }

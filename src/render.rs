@@ -250,6 +250,262 @@ pub fn knative_dead_letter_service() -> Value {
     service
 }
 
+/// Namespace of NATS (and, later, the collectors).
+pub const SYSTEM_NAMESPACE: &str = "tidewatch-system";
+/// JetStream fsync interval. Why: every stream is R3, so a node crash loses
+/// nothing that another replica holds; fsync every 10 s (instead of the 2 min
+/// default) bounds what a simultaneous power loss of all three could lose,
+/// without an fsync per message ("always"), which would cap publish rates.
+pub const SYNC_INTERVAL: &str = "10s";
+const NATS_REPLICAS: usize = 3;
+
+/// One NATS user per component, with exactly the subjects it needs.
+pub struct NatsUser {
+    pub name: String,
+    pub publish: Vec<String>,
+    pub subscribe: Vec<String>,
+}
+
+/// What each function may publish and subscribe: its consumer's pull, ack
+/// and info subjects, its advisories, its outputs, its dead letters, and the
+/// KV buckets it uses.
+pub fn nats_users() -> Vec<NatsUser> {
+    let mut users = Vec::new();
+    for function in topology::FUNCTIONS {
+        let Some(consumer) = topology::consumer(function.consumer) else {
+            continue;
+        };
+        let Some(stream) = topology::stream(consumer.stream) else {
+            continue;
+        };
+        let (s, c) = (stream.name, consumer.durable);
+        let mut publish = vec![
+            "$JS.API.INFO".to_string(),
+            format!("$JS.API.STREAM.INFO.{s}"),
+            format!("$JS.API.CONSUMER.INFO.{s}.{c}"),
+            format!("$JS.API.CONSUMER.MSG.NEXT.{s}.{c}"),
+            format!("$JS.API.STREAM.MSG.GET.{s}"),
+            format!("$JS.ACK.{s}.{c}.>"),
+            topology::subjects::dead_letter(c),
+        ];
+        if let Some(output) = function.output_stream.and_then(topology::stream) {
+            publish.push(format!("{}.>", output.prefix));
+        }
+        let buckets: &[&topology::BucketSpec] = match function.name {
+            "enrich" => &[&topology::POD_METADATA],
+            "correlate" => &[&topology::CORRELATION_STATE],
+            _ => &[],
+        };
+        for bucket in buckets {
+            let b = bucket.bucket;
+            publish.extend([
+                format!("$JS.API.STREAM.INFO.KV_{b}"),
+                format!("$JS.API.DIRECT.GET.KV_{b}.>"),
+                format!("$JS.API.STREAM.MSG.GET.KV_{b}"),
+                // Watches (enrich's cache invalidation) create ordered consumers.
+                format!("$JS.API.CONSUMER.CREATE.KV_{b}"),
+                format!("$JS.API.CONSUMER.CREATE.KV_{b}.>"),
+                format!("$KV.{b}.>"),
+            ]);
+        }
+        users.push(NatsUser {
+            name: function.name.to_string(),
+            publish,
+            subscribe: vec![
+                "_INBOX.>".to_string(),
+                format!("$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.{s}.{c}"),
+            ],
+        });
+    }
+    users
+}
+
+/// The `authorization` block of nats.conf; passwords come from the
+/// environment (`$<USER>_PASSWORD`), filled from the Secret.
+pub fn nats_authorization() -> String {
+    let quote = |v: &[String]| {
+        v.iter()
+            .map(|s| format!("\"{s}\""))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let mut out = String::from("authorization {\n  users: [\n");
+    out.push_str("    # Provisioning (the Job) and operators: full access.\n");
+    out.push_str("    { user: admin, password: $ADMIN_PASSWORD }\n");
+    for user in nats_users() {
+        out.push_str(&format!(
+            "    {{ user: {}, password: ${}_PASSWORD, permissions: {{\n        publish: [{}]\n        subscribe: [{}]\n    }} }}\n",
+            user.name,
+            user.name.to_uppercase(),
+            quote(&user.publish),
+            quote(&user.subscribe)
+        ));
+    }
+    out.push_str("  ]\n}\n");
+    out
+}
+
+fn nats_conf() -> String {
+    let routes: Vec<String> = (0..NATS_REPLICAS)
+        .map(|i| {
+            format!("    nats://nats-{i}.nats-headless.{SYSTEM_NAMESPACE}.svc.cluster.local:6222")
+        })
+        .collect();
+    format!(
+        "server_name: $POD_NAME\nlisten: 0.0.0.0:4222\nhttp: 0.0.0.0:8222\n\njetstream {{\n  store_dir: /data/jetstream\n  max_file_store: 10GB\n  # R3 streams survive a node crash; fsync every {SYNC_INTERVAL} bounds a power loss of all three.\n  sync_interval: {SYNC_INTERVAL}\n}}\n\ncluster {{\n  name: tidewatch\n  listen: 0.0.0.0:6222\n  routes: [\n{}\n  ]\n}}\n\ninclude ./auth.conf\n",
+        routes.join("\n")
+    )
+}
+
+fn nats_labels() -> Value {
+    json!({"app.kubernetes.io/name": "nats", "app.kubernetes.io/part-of": "tidewatch"})
+}
+
+/// NATS as a StatefulSet: three JetStream nodes with persistent volumes.
+/// A plain StatefulSet rather than the Helm chart so `kubectl apply -k`
+/// needs no Helm, and the config (users, permissions) is rendered from the
+/// topology like everything else.
+pub fn nats_objects() -> Vec<Value> {
+    let password_env: Vec<Value> = std::iter::once("admin".to_string())
+        .chain(nats_users().into_iter().map(|u| u.name))
+        .map(|name| json!({"name": format!("{}_PASSWORD", name.to_uppercase()), "valueFrom": {"secretKeyRef": {"name": "tidewatch-nats-users", "key": name}}}))
+        .collect();
+    let mut env = vec![
+        json!({"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}}),
+    ];
+    env.extend(password_env);
+    vec![
+        json!({
+            "apiVersion": "v1", "kind": "ConfigMap",
+            "metadata": {"name": "nats-config", "namespace": SYSTEM_NAMESPACE, "labels": nats_labels()},
+            "data": {"nats.conf": nats_conf(), "auth.conf": nats_authorization()},
+        }),
+        json!({
+            "apiVersion": "v1", "kind": "Service",
+            "metadata": {"name": "nats-headless", "namespace": SYSTEM_NAMESPACE, "labels": nats_labels()},
+            "spec": {"clusterIP": "None", "publishNotReadyAddresses": true, "selector": nats_labels(),
+                     "ports": [{"name": "client", "port": 4222}, {"name": "cluster", "port": 6222}, {"name": "monitor", "port": 8222}]},
+        }),
+        json!({
+            "apiVersion": "v1", "kind": "Service",
+            "metadata": {"name": "nats", "namespace": SYSTEM_NAMESPACE, "labels": nats_labels()},
+            "spec": {"selector": nats_labels(), "ports": [{"name": "client", "port": 4222}, {"name": "monitor", "port": 8222}]},
+        }),
+        json!({
+            "apiVersion": "apps/v1", "kind": "StatefulSet",
+            "metadata": {"name": "nats", "namespace": SYSTEM_NAMESPACE, "labels": nats_labels()},
+            "spec": {
+                "serviceName": "nats-headless",
+                "replicas": NATS_REPLICAS,
+                "podManagementPolicy": "Parallel",
+                "selector": {"matchLabels": nats_labels()},
+                "template": {
+                    "metadata": {"labels": nats_labels()},
+                    "spec": {
+                        "terminationGracePeriodSeconds": 60,
+                        "securityContext": {"runAsNonRoot": true, "runAsUser": 1000, "fsGroup": 1000, "seccompProfile": {"type": "RuntimeDefault"}},
+                        "containers": [{
+                            "name": "nats",
+                            "image": "nats:2.11-alpine",
+                            "args": ["--config", "/etc/nats/nats.conf"],
+                            "env": env,
+                            "ports": [{"name": "client", "containerPort": 4222}, {"name": "cluster", "containerPort": 6222}, {"name": "monitor", "containerPort": 8222}],
+                            "readinessProbe": {"httpGet": {"path": "/healthz?js-enabled-only=true", "port": "monitor"}, "periodSeconds": 10},
+                            "livenessProbe": {"httpGet": {"path": "/healthz?js-enabled-only=true", "port": "monitor"}, "periodSeconds": 30, "failureThreshold": 5},
+                            "resources": {"requests": {"cpu": "500m", "memory": "1Gi"}, "limits": {"memory": "2Gi"}},
+                            "securityContext": {"allowPrivilegeEscalation": false, "readOnlyRootFilesystem": true, "capabilities": {"drop": ["ALL"]}},
+                            "volumeMounts": [{"name": "config", "mountPath": "/etc/nats"}, {"name": "data", "mountPath": "/data"}],
+                        }],
+                        "volumes": [{"name": "config", "configMap": {"name": "nats-config"}}],
+                    },
+                },
+                "volumeClaimTemplates": [{
+                    "metadata": {"name": "data"},
+                    "spec": {"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": "10Gi"}}},
+                }],
+            },
+        }),
+    ]
+}
+
+/// Namespaces, labelled for Pod Security: functions "restricted"; the
+/// system namespace "privileged" because the eBPF collector runs there.
+pub fn namespaces() -> Vec<Value> {
+    let ns = |name: &str, level: &str| {
+        json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name, "labels": {
+            "pod-security.kubernetes.io/enforce": level,
+            "pod-security.kubernetes.io/warn": level,
+            "app.kubernetes.io/part-of": "tidewatch",
+        }}})
+    };
+    vec![
+        ns(SYSTEM_NAMESPACE, "privileged"),
+        ns(FUNCTIONS_NAMESPACE, "restricted"),
+    ]
+}
+
+/// NATS users' passwords. Placeholders: replace them before production
+/// (`kubectl create secret generic tidewatch-nats-users --from-literal=...`).
+pub fn secrets() -> Vec<Value> {
+    let mut data = serde_json::Map::new();
+    data.insert("admin".into(), json!("change-me-admin"));
+    for user in nats_users() {
+        data.insert(user.name.clone(), json!(format!("change-me-{}", user.name)));
+    }
+    [SYSTEM_NAMESPACE, FUNCTIONS_NAMESPACE]
+        .iter()
+        .map(|ns| {
+            json!({"apiVersion": "v1", "kind": "Secret", "type": "Opaque",
+            "metadata": {"name": "tidewatch-nats-users", "namespace": ns}, "stringData": data})
+        })
+        .collect()
+}
+
+/// The Job that provisions streams, consumers and buckets (idempotent, so
+/// re-applying it is safe).
+pub fn provision_job() -> Value {
+    json!({
+        "apiVersion": "batch/v1", "kind": "Job",
+        "metadata": {"name": "tidewatch-provision", "namespace": SYSTEM_NAMESPACE, "labels": {"app.kubernetes.io/part-of": "tidewatch"}},
+        "spec": {
+            "backoffLimit": 10,
+            "template": {"spec": {
+                "restartPolicy": "OnFailure",
+                "securityContext": {"runAsNonRoot": true, "runAsUser": 65532, "seccompProfile": {"type": "RuntimeDefault"}},
+                "containers": [{
+                    "name": "provision",
+                    "image": image(),
+                    "command": ["/usr/local/bin/tidewatch", "provision", "--replicas", NATS_REPLICAS.to_string()],
+                    "env": [
+                        {"name": "NATS_PASSWORD", "valueFrom": {"secretKeyRef": {"name": "tidewatch-nats-users", "key": "admin"}}},
+                        {"name": "NATS_URL", "value": format!("nats://admin:$(NATS_PASSWORD)@{NATS_HOST}")},
+                    ],
+                    "securityContext": {"allowPrivilegeEscalation": false, "readOnlyRootFilesystem": true, "capabilities": {"drop": ["ALL"]}},
+                }],
+            }},
+        },
+    })
+}
+
+/// NATS' monitoring port (lag, used by KEDA) only for KEDA and Prometheus;
+/// clients only from Tidewatch's namespaces; routes only between NATS pods.
+pub fn network_policies() -> Vec<Value> {
+    let from_ns = |ns: &str| json!({"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": ns}}});
+    vec![json!({
+        "apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
+        "metadata": {"name": "nats", "namespace": SYSTEM_NAMESPACE},
+        "spec": {
+            "podSelector": {"matchLabels": nats_labels()},
+            "policyTypes": ["Ingress"],
+            "ingress": [
+                {"from": [from_ns(SYSTEM_NAMESPACE), from_ns(FUNCTIONS_NAMESPACE)], "ports": [{"port": 4222}]},
+                {"from": [{"podSelector": {"matchLabels": nats_labels()}}], "ports": [{"port": 6222}]},
+                {"from": [from_ns("keda"), from_ns("monitoring")], "ports": [{"port": 8222}]},
+            ],
+        },
+    })]
+}
+
 /// YAML for several objects, with the header and the justifying comments
 /// that serde cannot write.
 fn yaml(objects: &[Value]) -> anyhow::Result<String> {
@@ -300,6 +556,23 @@ pub fn render() -> anyhow::Result<Vec<(String, String)>> {
     }
     files.push((
         "keda/kustomization.yaml".to_string(),
+        kustomization(&resources)?,
+    ));
+
+    let deploy = [
+        ("namespaces.yaml", namespaces()),
+        ("secrets.yaml", secrets()),
+        ("nats.yaml", nats_objects()),
+        ("network-policies.yaml", network_policies()),
+        ("provision.yaml", vec![provision_job()]),
+    ];
+    let mut resources = Vec::new();
+    for (file, objects) in deploy {
+        files.push((format!("deploy/{file}"), yaml(&objects)?));
+        resources.push(file.to_string());
+    }
+    files.push((
+        "deploy/kustomization.yaml".to_string(),
         kustomization(&resources)?,
     ));
 

@@ -67,7 +67,7 @@ fn checked_in_manifests_match_the_topology() {
         "{}",
         String::from_utf8_lossy(&output.stderr)
     );
-    for overlay in ["keda", "knative"] {
+    for overlay in ["deploy", "keda", "knative"] {
         for entry in std::fs::read_dir(dir.path().join(overlay))
             .expect("rendered overlay")
             .flatten()
@@ -92,6 +92,7 @@ fn manifests_validate_against_the_crd_and_kubernetes_schemas() {
     let files: Vec<PathBuf> = manifests("keda")
         .into_iter()
         .chain(manifests("knative"))
+        .chain(manifests("deploy"))
         .map(|(p, _)| p)
         .collect::<std::collections::BTreeSet<_>>()
         .into_iter()
@@ -117,7 +118,17 @@ fn manifests_validate_against_the_crd_and_kubernetes_schemas() {
 }
 
 #[test]
-fn kustomize_builds_both_overlays() {
+fn kustomize_builds_the_base_and_both_overlays() {
+    let output = Command::new("kubectl")
+        .args(["kustomize"])
+        .arg(repo().join("deploy"))
+        .output()
+        .expect("kubectl runs");
+    assert!(
+        output.status.success(),
+        "deploy: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
     for overlay in ["keda", "knative"] {
         let output = Command::new("kubectl")
             .args(["kustomize"])
@@ -416,4 +427,90 @@ fn scaled_objects_name_provisioned_streams_and_consumers_and_deployments_are_res
             assert_eq!(sc["seccompProfile"]["type"], "RuntimeDefault", "{name}");
         }
     }
+}
+
+#[test]
+fn the_base_isolates_nats_and_labels_namespaces_for_pod_security() {
+    let objects = manifests("deploy");
+    let namespaces: Vec<&Value> = objects
+        .iter()
+        .map(|(_, v)| v)
+        .filter(|v| v["kind"] == "Namespace")
+        .collect();
+    let level = |name: &str| {
+        namespaces
+            .iter()
+            .find(|n| n["metadata"]["name"] == name)
+            .map(|n| n["metadata"]["labels"]["pod-security.kubernetes.io/enforce"].clone())
+            .expect("namespace rendered")
+    };
+    assert_eq!(
+        level("tidewatch"),
+        "restricted",
+        "functions run under Pod Security restricted"
+    );
+    assert_eq!(
+        level("tidewatch-system"),
+        "privileged",
+        "the eBPF collector needs it"
+    );
+    let policy = objects
+        .iter()
+        .map(|(_, v)| v)
+        .find(|v| v["kind"] == "NetworkPolicy")
+        .expect("a NetworkPolicy for NATS");
+    let monitoring = policy["spec"]["ingress"]
+        .as_array()
+        .expect("ingress")
+        .iter()
+        .find(|rule| rule["ports"][0]["port"] == 8222)
+        .expect("a rule for the monitoring port");
+    let allowed: Vec<&str> = monitoring["from"]
+        .as_array()
+        .expect("from")
+        .iter()
+        .map(|f| {
+            f["namespaceSelector"]["matchLabels"]["kubernetes.io/metadata.name"]
+                .as_str()
+                .expect("namespace")
+        })
+        .collect();
+    assert_eq!(
+        allowed,
+        vec!["keda", "monitoring"],
+        "only KEDA and Prometheus read lag"
+    );
+    let statefulset = objects
+        .iter()
+        .map(|(_, v)| v)
+        .find(|v| v["kind"] == "StatefulSet")
+        .expect("NATS StatefulSet");
+    assert_eq!(
+        statefulset["spec"]["replicas"], 3,
+        "a 3-node JetStream cluster"
+    );
+    let config = objects
+        .iter()
+        .map(|(_, v)| v)
+        .find(|v| v["kind"] == "ConfigMap")
+        .expect("nats-config");
+    assert!(
+        config["data"]["nats.conf"]
+            .as_str()
+            .expect("nats.conf")
+            .contains("sync_interval"),
+        "sync_interval chosen"
+    );
+    let job = objects
+        .iter()
+        .map(|(_, v)| v)
+        .find(|v| v["kind"] == "Job")
+        .expect("provisioning Job");
+    let command = job["spec"]["template"]["spec"]["containers"][0]["command"]
+        .as_array()
+        .expect("command");
+    assert!(
+        command.iter().any(|c| c == "provision"),
+        "provisioning runs `tidewatch provision`, the one source of truth"
+    );
 }

@@ -13,6 +13,22 @@
 //! ```
 
 use std::net::SocketAddr;
+
+#[cfg(test)]
+mod tests {
+    use super::connect_options;
+
+    #[test]
+    fn credentials_leave_the_url() {
+        let (_, servers) =
+            connect_options("nats://enrich:p%40ss@nats.ns.svc:4222, nats://other:4222");
+        assert_eq!(servers, "nats://nats.ns.svc:4222,nats://other:4222");
+        let (_, servers) = connect_options("127.0.0.1:4222");
+        assert_eq!(servers, "127.0.0.1:4222");
+        let (_, servers) = connect_options("nats://s3cr3t@host:4222");
+        assert_eq!(servers, "nats://host:4222");
+    }
+}
 use std::time::Duration;
 
 use crate::consume::{self, PullConfig};
@@ -204,16 +220,52 @@ impl Host {
     }
 }
 
+/// Options for `url`, with credentials embedded in it (`nats://user:pass@host`,
+/// `nats://token@host`) taken out and applied: async-nats ignores them in a
+/// URL, and the Kubernetes manifests pass them that way. Returns the options
+/// and the server list without credentials.
+pub fn connect_options(url: &str) -> (async_nats::ConnectOptions, String) {
+    let mut options = async_nats::ConnectOptions::new();
+    let mut servers = Vec::new();
+    for server in url.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+        let with_scheme = if server.contains("://") {
+            server.to_string()
+        } else {
+            format!("nats://{server}")
+        };
+        match url::Url::parse(&with_scheme) {
+            Ok(mut parsed) if !parsed.username().is_empty() => {
+                let decode = |s: &str| {
+                    percent_encoding::percent_decode_str(s)
+                        .decode_utf8_lossy()
+                        .into_owned()
+                };
+                let user = decode(parsed.username());
+                options = match parsed.password() {
+                    Some(password) => options.user_and_password(user, decode(password)),
+                    None => options.token(user),
+                };
+                let _ = parsed.set_username("");
+                let _ = parsed.set_password(None);
+                servers.push(parsed.to_string().trim_end_matches('/').to_string());
+            }
+            _ => servers.push(server.to_string()),
+        }
+    }
+    (options, servers.join(","))
+}
+
 /// Connect to NATS, retrying the first connection, and naming the process.
 pub async fn connect(url: &str, name: &str) -> Result<async_nats::Client, RuntimeError> {
-    async_nats::ConnectOptions::new()
+    let (options, servers) = connect_options(url);
+    options
         .name(format!("tidewatch-{name}"))
         .retry_on_initial_connect()
         .connection_timeout(Duration::from_secs(5))
-        .connect(url)
+        .connect(servers.as_str())
         .await
         .map_err(|e| RuntimeError::Connect {
-            url: url.to_string(),
+            url: servers.clone(),
             reason: e.to_string(),
         })
 }

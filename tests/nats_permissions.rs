@@ -1,0 +1,166 @@
+//! The NATS users rendered into deploy/nats.yaml, on a real nats-server: each
+//! function runs the whole pipeline as its own least-privilege user, and a
+//! user cannot publish where it has no business.
+
+mod common;
+
+use std::process::Stdio;
+use std::time::Duration;
+
+use common::*;
+use serde::Deserialize as _;
+use tidewatch_testkit::{eventually, free_port, nats_server_binary};
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+
+/// `auth.conf` from the rendered ConfigMap.
+fn rendered_auth_conf() -> String {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/nats.yaml");
+    let text = std::fs::read_to_string(&path).expect("deploy/nats.yaml is rendered");
+    serde_yaml::Deserializer::from_str(&text)
+        .map(|d| serde_json::Value::deserialize(d).expect("YAML"))
+        .find(|v| v["kind"] == "ConfigMap")
+        .and_then(|cm| cm["data"]["auth.conf"].as_str().map(str::to_string))
+        .expect("nats-config has auth.conf")
+}
+
+const USERS: [&str; 4] = ["admin", "enrich", "correlate", "export"];
+
+fn password(user: &str) -> String {
+    format!("secret-{user}")
+}
+
+fn start_function(binary_name: &str, user: &str, port: u16) -> Child {
+    Command::new(binary(binary_name))
+        .env(
+            "NATS_URL",
+            format!("nats://{user}:{}@127.0.0.1:{port}", password(user)),
+        )
+        .env("TIDEWATCH_METRICS_ADDR", "127.0.0.1:0")
+        .env("TIDEWATCH_TRANSPORT", "jetstream")
+        .env("RUST_LOG", "warn")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("function starts")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_function_runs_as_its_own_least_privilege_user() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let port = free_port();
+    std::fs::write(dir.path().join("auth.conf"), rendered_auth_conf()).expect("write auth.conf");
+    let store = dir.path().join("js");
+    std::fs::write(
+        dir.path().join("nats.conf"),
+        format!(
+            "listen: 127.0.0.1:{port}\njetstream {{ store_dir: \"{}\" }}\ninclude ./auth.conf\n",
+            store.display()
+        ),
+    )
+    .expect("write nats.conf");
+    let mut server = Command::new(nats_server_binary());
+    server
+        .arg("-c")
+        .arg(dir.path().join("nats.conf"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .kill_on_drop(true);
+    for user in USERS {
+        server.env(format!("{}_PASSWORD", user.to_uppercase()), password(user));
+    }
+    let _server = server.spawn().expect("nats-server starts");
+    let admin_url = format!("nats://admin:{}@127.0.0.1:{port}", password("admin"));
+    let admin = eventually(
+        "nats-server to accept the admin user",
+        Duration::from_secs(20),
+        || async {
+            let (options, servers) = tidewatch_runtime::host::connect_options(&admin_url);
+            options.connect(servers.as_str()).await.ok()
+        },
+    )
+    .await;
+
+    let provision = Command::new(binary("tidewatch"))
+        .arg("provision")
+        .env("NATS_URL", &admin_url)
+        .output()
+        .await
+        .expect("provision runs");
+    assert!(
+        provision.status.success(),
+        "{}",
+        String::from_utf8_lossy(&provision.stderr)
+    );
+
+    let mut functions = vec![
+        start_function("tidewatch-enrich", "enrich", port),
+        start_function("tidewatch-correlate", "correlate", port),
+        start_function("tidewatch-export", "export", port),
+    ];
+    let emit = Command::new(binary("tidewatch"))
+        .args(["emit", "--subject", "pod/default/web-1", "--count", "3"])
+        .args([
+            "--data",
+            r#"{"container":"app","exitCode":1,"reason":"Error"}"#,
+        ])
+        .env("NATS_URL", &admin_url)
+        .output()
+        .await
+        .expect("emit runs");
+    assert!(
+        emit.status.success(),
+        "{}",
+        String::from_utf8_lossy(&emit.stderr)
+    );
+
+    // The insight comes out of export: every hop worked with only its own permissions.
+    let stdout = functions[2].stdout.take().expect("export stdout");
+    let mut lines = BufReader::new(stdout).lines();
+    let line = tokio::time::timeout(Duration::from_secs(60), lines.next_line())
+        .await
+        .expect("an insight within a minute")
+        .expect("read")
+        .expect("a line");
+    assert!(line.contains("dev.tidewatch.insight.crash-loop"), "{line}");
+
+    // And a function cannot write where it has no business: enrich may not publish insights.
+    let (options, servers) = tidewatch_runtime::host::connect_options(&format!(
+        "nats://enrich:{}@127.0.0.1:{port}",
+        password("enrich")
+    ));
+    let enrich = options
+        .connect(servers.as_str())
+        .await
+        .expect("enrich connects");
+    let js = async_nats::jetstream::ContextBuilder::new()
+        .timeout(Duration::from_secs(2))
+        .build(enrich);
+    let forbidden: Result<(), async_nats::Error> = async {
+        Ok(js
+            .publish("tidewatch.insights.forged", "x".into())
+            .await?
+            .await
+            .map(|_| ())?)
+    }
+    .await;
+    assert!(
+        forbidden.is_err(),
+        "enrich must not be able to publish insights"
+    );
+    assert_eq!(
+        stream_messages(
+            &async_nats::jetstream::new(admin),
+            tidewatch_runtime::topology::INSIGHTS.name
+        )
+        .await,
+        1
+    );
+
+    for f in &mut functions {
+        signal(f, nix::sys::signal::Signal::SIGTERM);
+        assert!(wait_exit(f, Duration::from_secs(30)).await.success());
+    }
+}
