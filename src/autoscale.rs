@@ -216,7 +216,8 @@ mod tests {
         // min 2 is a floor for the HPA.
         let mut s = scaler();
         s.policy.min_replicas = 2;
-        assert_eq!(s.step(secs(0), 5, 3).desired, 3, "stabilised");
+        // lag 5 at 3 replicas recommends ceil(5/100) = 1, clamped up to min 2.
+        assert_eq!(s.step(secs(0), 5, 3).desired, 2, "min is the floor");
     }
 
     #[test]
