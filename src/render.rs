@@ -317,7 +317,77 @@ pub fn nats_users() -> Vec<NatsUser> {
             ],
         });
     }
+    // Collectors publish their own raw subjects, nothing else.
+    for collector in COLLECTORS {
+        users.push(NatsUser {
+            name: collector.to_string(),
+            publish: vec![format!("{}.{collector}.>", topology::RAW.prefix)],
+            subscribe: vec!["_INBOX.>".to_string()],
+        });
+    }
     users
+}
+
+/// Collectors deployed as DaemonSets.
+pub const COLLECTORS: &[&str] = &["ebpf"];
+
+/// The eBPF collector: a DaemonSet with the capabilities it needs, not
+/// privileged (collectors/ebpf/README.md explains each).
+pub fn ebpf_daemonset() -> Value {
+    let labels = json!({"app.kubernetes.io/name": "tidewatch-collector-ebpf", "app.kubernetes.io/part-of": "tidewatch", "app.kubernetes.io/component": "collector"});
+    let host = |name: &str, path: &str| json!({"name": name, "hostPath": {"path": path}});
+    json!({
+        "apiVersion": "apps/v1", "kind": "DaemonSet",
+        "metadata": {"name": "tidewatch-collector-ebpf", "namespace": SYSTEM_NAMESPACE, "labels": labels},
+        "spec": {
+            "selector": {"matchLabels": {"app.kubernetes.io/name": "tidewatch-collector-ebpf"}},
+            "updateStrategy": {"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": "10%"}},
+            "template": {
+                "metadata": {"labels": labels, "annotations": {"prometheus.io/scrape": "true", "prometheus.io/port": "9090"}},
+                "spec": {
+                    // Pids in events are host pids, and the start-up replay reads the host's /proc.
+                    "hostPID": true,
+                    "automountServiceAccountToken": false,
+                    "terminationGracePeriodSeconds": 30,
+                    "tolerations": [{"operator": "Exists"}],
+                    "containers": [{
+                        "name": "collector",
+                        "image": image(),
+                        "command": ["/usr/local/bin/tidewatch-collector-ebpf"],
+                        "env": [
+                            {"name": "NODE_NAME", "valueFrom": {"fieldRef": {"fieldPath": "spec.nodeName"}}},
+                            {"name": "NATS_PASSWORD", "valueFrom": {"secretKeyRef": {"name": "tidewatch-nats-users", "key": "ebpf"}}},
+                            {"name": "NATS_URL", "value": format!("nats://ebpf:$(NATS_PASSWORD)@{NATS_HOST}")},
+                            {"name": "TIDEWATCH_METRICS_ADDR", "value": "0.0.0.0:9090"},
+                            {"name": "TIDEWATCH_LOG_FORMAT", "value": "json"},
+                        ],
+                        "ports": [{"name": "metrics", "containerPort": 9090}],
+                        "readinessProbe": {"httpGet": {"path": "/readyz", "port": "metrics"}, "periodSeconds": 10},
+                        "livenessProbe": {"httpGet": {"path": "/healthz", "port": "metrics"}, "periodSeconds": 30},
+                        "resources": {"requests": {"cpu": "100m", "memory": "128Mi"}, "limits": {"memory": "512Mi"}},
+                        "securityContext": {
+                            "privileged": false,
+                            "allowPrivilegeEscalation": false,
+                            "readOnlyRootFilesystem": true,
+                            "capabilities": {"drop": ["ALL"], "add": ["BPF", "PERFMON", "SYS_RESOURCE", "SYS_PTRACE"]},
+                        },
+                        "volumeMounts": [
+                            {"name": "cgroup", "mountPath": "/sys/fs/cgroup", "readOnly": true},
+                            {"name": "btf", "mountPath": "/sys/kernel/btf", "readOnly": true},
+                            {"name": "tracefs", "mountPath": "/sys/kernel/tracing"},
+                            {"name": "bpffs", "mountPath": "/sys/fs/bpf"},
+                        ],
+                    }],
+                    "volumes": [
+                        host("cgroup", "/sys/fs/cgroup"),
+                        host("btf", "/sys/kernel/btf"),
+                        host("tracefs", "/sys/kernel/tracing"),
+                        host("bpffs", "/sys/fs/bpf"),
+                    ],
+                },
+            },
+        },
+    })
 }
 
 /// The `authorization` block of nats.conf; passwords come from the
@@ -565,6 +635,7 @@ pub fn render() -> anyhow::Result<Vec<(String, String)>> {
         ("nats.yaml", nats_objects()),
         ("network-policies.yaml", network_policies()),
         ("provision.yaml", vec![provision_job()]),
+        ("collector-ebpf.yaml", vec![ebpf_daemonset()]),
     ];
     let mut resources = Vec::new();
     for (file, objects) in deploy {

@@ -70,6 +70,9 @@ pub struct UpArgs {
     /// Print JSON lines (status, scaling decisions with reasons) instead of text.
     #[arg(long)]
     json: bool,
+    /// Do not start collectors, even where the host allows them.
+    #[arg(long)]
+    no_collectors: bool,
 }
 
 /// The state directory: `--state-dir`, `$XDG_STATE_HOME/tidewatch`, `~/.local/state/tidewatch`.
@@ -238,6 +241,8 @@ async fn supervise(url: &str, monitoring: &str, args: &UpArgs, logs: &Path) -> a
         });
     }
 
+    let mut collectors = start_collectors(args, &bin_dir, url, logs).await;
+
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     let deadline = args
         .duration_secs
@@ -253,6 +258,17 @@ async fn supervise(url: &str, monitoring: &str, args: &UpArgs, logs: &Path) -> a
             break;
         }
         let now = Instant::now();
+        collectors.retain_mut(|c| match c.try_wait() {
+            Ok(None) => true,
+            Ok(Some(status)) => {
+                eprintln!(
+                    "tidewatch: a collector exited ({status}); see {}",
+                    logs.display()
+                );
+                false
+            }
+            Err(_) => false,
+        });
         for f in &mut functions {
             // Replicas that died are gone; the autoscaler starts new ones if still needed.
             let before = f.replicas.len();
@@ -356,12 +372,96 @@ async fn supervise(url: &str, monitoring: &str, args: &UpArgs, logs: &Path) -> a
         "stopping functions (SIGTERM; they finish in-flight work and ack)",
     );
     let mut all: Vec<Child> = functions.into_iter().flat_map(|f| f.replicas).collect();
+    all.append(&mut collectors);
     futures::future::join_all(
         all.iter_mut()
             .map(|c| terminate(c, Duration::from_secs(30))),
     )
     .await;
     Ok(())
+}
+
+/// Collectors `up` runs when this host allows them, each with the binary
+/// that checks the host (`--check-host`) and says why not.
+const COLLECTORS: &[(&str, &str)] = &[("ebpf", "tidewatch-collector-ebpf")];
+
+/// Start every collector this host can run; say plainly why not for the others.
+async fn start_collectors(args: &UpArgs, bin_dir: &Path, url: &str, logs: &Path) -> Vec<Child> {
+    let mut running = Vec::new();
+    if args.no_collectors {
+        return running;
+    }
+    for (name, binary_name) in COLLECTORS {
+        let binary = bin_dir.join(binary_name);
+        if !binary.is_file() {
+            say(
+                args,
+                "collector",
+                json!({"collector": name, "running": false, "why": "not built"}),
+                &format!(
+                    "{name} collector not started: {binary_name} is not built (cargo build --release --workspace)"
+                ),
+            );
+            continue;
+        }
+        let check = Command::new(&binary)
+            .arg("--check-host")
+            .stdin(Stdio::null())
+            .output()
+            .await;
+        let why = match check {
+            Ok(out) if out.status.success() => None,
+            Ok(out) => Some(String::from_utf8_lossy(&out.stderr).trim().to_string()),
+            Err(e) => Some(e.to_string()),
+        };
+        if let Some(why) = why {
+            say(
+                args,
+                "collector",
+                json!({"collector": name, "running": false, "why": why}),
+                &format!("{name} collector not started: {why}"),
+            );
+            continue;
+        }
+        let log_path = logs.join(format!("collector-{name}.log"));
+        let Ok(log) = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log_path)
+        else {
+            continue;
+        };
+        match Command::new(&binary)
+            .env("NATS_URL", url)
+            .env("TIDEWATCH_METRICS_ADDR", "127.0.0.1:0")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .kill_on_drop(true)
+            .spawn()
+        {
+            Ok(child) => {
+                say(
+                    args,
+                    "collector",
+                    json!({"collector": name, "running": true, "pid": child.id(), "log": log_path}),
+                    &format!(
+                        "started the {name} collector (pid {}), log {}",
+                        child.id().unwrap_or(0),
+                        log_path.display()
+                    ),
+                );
+                running.push(child);
+            }
+            Err(e) => say(
+                args,
+                "collector",
+                json!({"collector": name, "running": false, "why": e.to_string()}),
+                &format!("{name} collector not started: {e}"),
+            ),
+        }
+    }
+    running
 }
 
 /// Print a line for people, or a JSON object for scripts with `--json`.

@@ -24,7 +24,7 @@ fn rendered_auth_conf() -> String {
         .expect("nats-config has auth.conf")
 }
 
-const USERS: [&str; 4] = ["admin", "enrich", "correlate", "export"];
+const USERS: [&str; 5] = ["admin", "enrich", "correlate", "export", "ebpf"];
 
 fn password(user: &str) -> String {
     format!("secret-{user}")

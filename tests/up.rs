@@ -67,11 +67,12 @@ async fn up_runs_the_pipeline_and_ctrl_c_leaves_nothing_behind() {
             break;
         }
     }
-    assert_eq!(
-        pids.len(),
-        1,
+    // nats-server, and the eBPF collector where the host allows it; no function yet.
+    assert!(
+        !pids.is_empty() && pids.len() <= 2,
         "nats-server was started, no function yet: {pids:?}"
     );
+    let before_functions = pids.len();
 
     let emit = tokio::time::timeout(
         Duration::from_secs(60),
@@ -119,7 +120,7 @@ async fn up_runs_the_pipeline_and_ctrl_c_leaves_nothing_behind() {
         Some(3)
     );
     assert!(
-        pids.len() >= 4,
+        pids.len() >= before_functions + 3,
         "each function was scaled from zero on its lag: {pids:?}"
     );
 
@@ -174,7 +175,7 @@ async fn a_burst_scales_functions_from_zero_to_many_and_back_without_loss() {
     let server = tidewatch_testkit::NatsServer::start().await;
     let state = tempfile::tempdir().expect("temp dir");
     let mut up = Command::new(binary("tidewatch"))
-        .args(["up", "--json", "--state-dir"])
+        .args(["up", "--json", "--no-collectors", "--state-dir"])
         .arg(state.path())
         .args(["--monitoring-url", &server.monitoring_url()])
         .args([

@@ -83,6 +83,7 @@ registry!(
     JournalEntry,
     PodMetadata,
     Insight,
+    CollectorDrops,
 );
 
 #[cfg(test)]

@@ -393,6 +393,7 @@ pub mod types {
         PROCESS_EXISTS = "dev.tidewatch.kernel.process.exists", "ProcessExec", "A process already running when the collector started";
         PROCESS_EXIT = "dev.tidewatch.kernel.process.exit", "ProcessExit", "A process exited or was killed";
         OOM_KILL = "dev.tidewatch.kernel.memory.oomkill", "OomKill", "The kernel OOM killer chose a victim";
+        COLLECTOR_DROPS = "dev.tidewatch.kernel.collector.drops", "CollectorDrops", "A collector lost events (counted per stage, kind and CPU)";
         TCP_CONNECT = "dev.tidewatch.kernel.tcp.connect", "TcpConnection", "An outbound TCP connection was established";
         TCP_ACCEPT = "dev.tidewatch.kernel.tcp.accept", "TcpConnection", "An inbound TCP connection was accepted";
         TCP_CLOSE = "dev.tidewatch.kernel.tcp.close", "TcpConnection", "A TCP connection closed";

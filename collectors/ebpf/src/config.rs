@@ -1,0 +1,285 @@
+//! Collector configuration: a TOML file (every key optional, unknown keys
+//! refused) plus the flags/environment for NATS, node name and metrics.
+//! [`Config::validate`] refuses bad filters at start, before anything loads.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::attribution;
+use crate::wire::Kind;
+
+/// Everything the collector needs to run.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// NATS server(s), comma separated.
+    pub nats_url: String,
+    /// Node name: the subject token and the CloudEvent source.
+    pub node: String,
+    /// `/metrics`, `/healthz`, `/readyz` (port 0 picks one; none to disable).
+    pub metrics_addr: Option<SocketAddr>,
+    /// Event kinds to collect (`process.exec`, `exec`, or the full CloudEvent
+    /// type); empty = all.
+    pub events: Vec<String>,
+    /// Keep one in N events of a kind (`{ "tcp.close" = 10 }`); N >= 1.
+    pub sampling: BTreeMap<String, u64>,
+    /// Only these cgroups (and their descendants): paths relative to the
+    /// cgroup2 mount (`/kubepods.slice`), absolute paths under it, or `id:<n>`.
+    pub include_cgroups: Vec<String>,
+    /// Never these cgroups (and their descendants); same syntax.
+    pub exclude_cgroups: Vec<String>,
+    /// Drop the collector's own events in the kernel.
+    pub ignore_self: bool,
+    /// Ring buffer size in bytes: a power of two, at least one page.
+    pub ring_bytes: u32,
+    /// Records read from the ring but not yet published, before new ones are
+    /// counted as lost (never blocking the kernel side).
+    pub queue_capacity: usize,
+    /// Unacknowledged publishes at once.
+    pub max_in_flight: usize,
+    /// How often drop counters are read and a drops event is sent when they grew.
+    #[serde(with = "secs")]
+    pub drops_interval: Duration,
+    /// How often aggregated retransmits are drained into events.
+    #[serde(with = "secs")]
+    pub retransmit_interval: Duration,
+    /// Emit `process.exists` for every running process at start.
+    pub replay_processes: bool,
+}
+
+mod secs {
+    use serde::{Deserialize, Deserializer};
+    use std::time::Duration;
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        let secs = f64::deserialize(d)?;
+        if !(secs > 0.0 && secs.is_finite()) {
+            return Err(serde::de::Error::custom(
+                "an interval must be a positive number of seconds",
+            ));
+        }
+        Ok(Duration::from_secs_f64(secs))
+    }
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            nats_url: "nats://127.0.0.1:4222".into(),
+            node: default_node(),
+            metrics_addr: Some(SocketAddr::from(([0, 0, 0, 0], 9090))),
+            events: Vec::new(),
+            sampling: BTreeMap::new(),
+            include_cgroups: Vec::new(),
+            exclude_cgroups: Vec::new(),
+            ignore_self: true,
+            ring_bytes: 4 << 20,
+            queue_capacity: 65_536,
+            max_in_flight: 1024,
+            drops_interval: Duration::from_secs(10),
+            retransmit_interval: Duration::from_secs(5),
+            replay_processes: true,
+        }
+    }
+}
+
+/// The node's hostname, or `localhost`.
+pub fn default_node() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_string())
+        .ok()
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "localhost".into())
+}
+
+/// Why a configuration was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("config file {path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error(
+        "unknown event type {0:?} in the config: known types are {known}",
+        known = Kind::ALL.iter().map(|k| k.name()).collect::<Vec<_>>().join(", ")
+    )]
+    UnknownEventType(String),
+    #[error("sampling for {kind}: {every} is not a valid rate (keep one in N events, N >= 1)")]
+    BadSampling { kind: String, every: u64 },
+    #[error(
+        "malformed cgroup filter {filter:?}: {reason} (use a path under the cgroup2 mount, e.g. \"/kubepods.slice\", or \"id:<cgroup id>\")"
+    )]
+    BadCgroup { filter: String, reason: String },
+    #[error("ring_bytes {0} must be a power of two and at least 4096")]
+    BadRing(u32),
+    #[error("{0} must be at least 1")]
+    Zero(&'static str),
+}
+
+/// A validated configuration, with filters resolved for the kernel.
+#[derive(Debug, Clone)]
+pub struct Resolved {
+    pub config: Config,
+    /// Per kind: 0 = off, 1 = every event, N = one in N.
+    pub sample_every: [u64; Kind::COUNT],
+    pub include: Vec<u64>,
+    pub exclude: Vec<u64>,
+}
+
+impl Config {
+    /// Read a TOML config file; flags override its values afterwards.
+    pub fn from_file(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Config::from_toml(&text).map_err(|message| ConfigError::Parse {
+            path: path.to_path_buf(),
+            message,
+        })
+    }
+
+    pub fn from_toml(text: &str) -> Result<Config, String> {
+        toml::from_str(text).map_err(|e| e.to_string())
+    }
+
+    /// Check everything that can be checked before loading: event types,
+    /// sampling rates, cgroup filters (which must exist), sizes.
+    pub fn validate(self) -> Result<Resolved, ConfigError> {
+        let mut sample_every = [0u64; Kind::COUNT];
+        if self.events.is_empty() {
+            sample_every = [1; Kind::COUNT];
+        }
+        for name in &self.events {
+            let kind =
+                Kind::parse(name).ok_or_else(|| ConfigError::UnknownEventType(name.clone()))?;
+            sample_every[kind as usize] = 1;
+        }
+        for (name, &every) in &self.sampling {
+            let kind =
+                Kind::parse(name).ok_or_else(|| ConfigError::UnknownEventType(name.clone()))?;
+            if every == 0 {
+                return Err(ConfigError::BadSampling {
+                    kind: name.clone(),
+                    every,
+                });
+            }
+            if sample_every[kind as usize] != 0 {
+                sample_every[kind as usize] = every;
+            }
+        }
+        if !self.ring_bytes.is_power_of_two() || self.ring_bytes < 4096 {
+            return Err(ConfigError::BadRing(self.ring_bytes));
+        }
+        if self.queue_capacity == 0 {
+            return Err(ConfigError::Zero("queue_capacity"));
+        }
+        if self.max_in_flight == 0 {
+            return Err(ConfigError::Zero("max_in_flight"));
+        }
+        let root = attribution::cgroup2_root();
+        let include = self
+            .include_cgroups
+            .iter()
+            .map(|f| resolve_cgroup(f, root.as_deref()))
+            .collect::<Result<_, _>>()?;
+        let exclude = self
+            .exclude_cgroups
+            .iter()
+            .map(|f| resolve_cgroup(f, root.as_deref()))
+            .collect::<Result<_, _>>()?;
+        Ok(Resolved {
+            config: self,
+            sample_every,
+            include,
+            exclude,
+        })
+    }
+}
+
+/// A cgroup filter → cgroup v2 id.
+pub fn resolve_cgroup(filter: &str, root: Option<&Path>) -> Result<u64, ConfigError> {
+    let bad = |reason: &str| ConfigError::BadCgroup {
+        filter: filter.to_string(),
+        reason: reason.to_string(),
+    };
+    if let Some(id) = filter.strip_prefix("id:") {
+        return match id.parse::<u64>() {
+            Ok(id) if id > 0 => Ok(id),
+            _ => Err(bad("the id is not a positive integer")),
+        };
+    }
+    if !filter.starts_with('/') {
+        return Err(bad("not an absolute path or id:<n>"));
+    }
+    if filter.split('/').any(|c| c == ".." || c == ".") {
+        return Err(bad("'.' and '..' are not allowed"));
+    }
+    let root = root.ok_or_else(|| bad("this host has no cgroup2 mount"))?;
+    let dir = if Path::new(filter).starts_with(root) {
+        PathBuf::from(filter)
+    } else {
+        root.join(filter.trim_start_matches('/'))
+    };
+    attribution::cgroup_id(&dir).map_err(|e| bad(&format!("{}: {e}", dir.display())))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_collect_everything() {
+        let r = Config::default().validate().expect("valid");
+        assert_eq!(r.sample_every, [1; Kind::COUNT]);
+    }
+
+    #[test]
+    fn unknown_keys_and_types_are_refused() {
+        let err = Config::from_toml("evnets = [\"exec\"]").expect_err("unknown key");
+        assert!(err.contains("unknown field"), "{err}");
+        let config = Config::from_toml("events = [\"exec\", \"process.fork\"]").expect("parses");
+        let err = config.validate().expect_err("unknown type").to_string();
+        assert!(err.contains("unknown event type \"process.fork\""), "{err}");
+        let config = Config::from_toml("[sampling]\n\"tcp.bogus\" = 2").expect("parses");
+        assert!(config.validate().is_err());
+        let config = Config::from_toml("[sampling]\nexec = 0").expect("parses");
+        assert!(config.validate().is_err());
+    }
+
+    #[test]
+    fn events_and_sampling_set_the_kernel_rates() {
+        let config =
+            Config::from_toml("events = [\"exec\", \"tcp.close\"]\n[sampling]\n\"tcp.close\" = 10")
+                .expect("parses");
+        let r = config.validate().expect("valid");
+        assert_eq!(r.sample_every[Kind::Exec as usize], 1);
+        assert_eq!(r.sample_every[Kind::TcpClose as usize], 10);
+        assert_eq!(r.sample_every[Kind::Exit as usize], 0);
+    }
+
+    #[test]
+    fn malformed_cgroup_filters_are_refused() {
+        for filter in [
+            "kubepods.slice",
+            "/a/../b",
+            "id:x",
+            "id:0",
+            "/no/such/cgroup-tidewatch",
+        ] {
+            let config = Config {
+                include_cgroups: vec![filter.into()],
+                ..Config::default()
+            };
+            let err = config.validate().expect_err(filter).to_string();
+            assert!(err.contains("malformed cgroup filter"), "{err}");
+        }
+        assert_eq!(resolve_cgroup("id:42", None).expect("id"), 42);
+    }
+}
