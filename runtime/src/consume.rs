@@ -8,13 +8,12 @@
 //! finishes in-flight handlers, flushes acks and returns: nothing is left
 //! un-acked for a rolling update or a scale-down.
 
-use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use async_nats::jetstream::{self, AckKind};
 use cloudevents::{AttributesReader, Event};
-use futures::{FutureExt, StreamExt};
+use futures::StreamExt;
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 use tracing::Instrument;
@@ -23,7 +22,7 @@ use crate::RuntimeError;
 use crate::binding::nats::{from_nats, wire_size};
 use crate::dead_letter::{DeadLetters, Kind, Origin};
 use crate::event::MAX_EVENT_BYTES;
-use crate::function::{Context, Emitted, Function, Outcome};
+use crate::function::{Context, Emitted, Function, Outcome, invoke};
 use crate::metrics::{Metrics, Readiness};
 use crate::publisher::{PublishErrorKind, Publisher};
 use crate::telemetry;
@@ -258,27 +257,12 @@ async fn handle_message<F: Function>(shared: &Shared<F>, message: jetstream::Mes
     shared.metrics.events_in.inc();
     shared.metrics.in_flight.inc();
     let span = tracing::info_span!("handle", function = shared.name, id = %event.id(), ty = %event.ty(), seq = stream_sequence, delivery);
-    telemetry::adopt_parent(&span, &event);
-    let started = Instant::now();
-    let outcome = AssertUnwindSafe(shared.function.handle(event.clone(), &ctx))
-        .catch_unwind()
-        .instrument(span.clone())
-        .await;
-    shared
-        .metrics
-        .handler_seconds
-        .observe(started.elapsed().as_secs_f64());
-    let outcome = outcome.unwrap_or_else(|panic| {
-        let what = panic
-            .downcast_ref::<&str>()
-            .map(|s| s.to_string())
-            .or_else(|| panic.downcast_ref::<String>().cloned())
-            .unwrap_or_else(|| "unknown panic".into());
-        Outcome::RetryAfter {
+    let outcome = invoke(&shared.function, &event, &ctx, &shared.metrics, &span)
+        .await
+        .unwrap_or_else(|panic| Outcome::RetryAfter {
             delay: Duration::ZERO,
-            reason: format!("handler panicked: {what}"),
-        }
-    });
+            reason: format!("handler panicked: {panic}"),
+        });
     settle(shared, &message, origin, &ctx, &event, outcome, &span)
         .instrument(span.clone())
         .await;

@@ -80,3 +80,33 @@ impl Context {
 pub trait Function: Send + Sync + 'static {
     fn handle(&self, event: Event, ctx: &Context) -> impl Future<Output = Outcome> + Send;
 }
+
+/// Run the handler the way both transports do: a child of the input's trace,
+/// timed into `tidewatch_handler_seconds`, and with a panic caught and
+/// returned as its message instead of taking the process down.
+pub(crate) async fn invoke<F: Function>(
+    function: &F,
+    event: &Event,
+    ctx: &Context,
+    metrics: &crate::metrics::Metrics,
+    span: &tracing::Span,
+) -> Result<Outcome, String> {
+    use futures::FutureExt;
+    use tracing::Instrument;
+    crate::telemetry::adopt_parent(span, event);
+    let started = std::time::Instant::now();
+    let outcome = std::panic::AssertUnwindSafe(function.handle(event.clone(), ctx))
+        .catch_unwind()
+        .instrument(span.clone())
+        .await;
+    metrics
+        .handler_seconds
+        .observe(started.elapsed().as_secs_f64());
+    outcome.map_err(|panic| {
+        panic
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| panic.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "unknown panic".into())
+    })
+}

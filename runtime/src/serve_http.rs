@@ -14,24 +14,21 @@
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use bytes::Bytes;
 use cloudevents::{AttributesReader, Event};
-use futures::FutureExt;
 use http::{HeaderValue, Method, StatusCode};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::{Request, Response, body::Incoming, service::service_fn};
 use hyper_util::client::legacy::{Client, connect::HttpConnector};
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use tracing::Instrument;
 
 use crate::RuntimeError;
 use crate::binding::http::{from_http, to_request, to_response};
 use crate::event::MAX_EVENT_BYTES;
-use crate::function::{Context, Emitted, Function, Outcome};
+use crate::function::{Context, Emitted, Function, Outcome, invoke};
 use crate::metrics::{Metrics, Readiness, admin_response};
 use crate::telemetry;
 
@@ -187,16 +184,7 @@ async fn handle<F: Function>(shared: &Shared<F>, event: Event) -> Response<Full<
     shared.metrics.in_flight.inc();
     let span =
         tracing::info_span!("handle", function = shared.name, id = %event.id(), ty = %event.ty());
-    telemetry::adopt_parent(&span, &event);
-    let started = Instant::now();
-    let outcome = AssertUnwindSafe(shared.function.handle(event.clone(), &ctx))
-        .catch_unwind()
-        .instrument(span.clone())
-        .await;
-    shared
-        .metrics
-        .handler_seconds
-        .observe(started.elapsed().as_secs_f64());
+    let outcome = invoke(&shared.function, &event, &ctx, &shared.metrics, &span).await;
     let response = match outcome {
         Err(_) => plain(StatusCode::INTERNAL_SERVER_ERROR, "handler panicked"),
         Ok(Outcome::Done) => accepted(shared),
