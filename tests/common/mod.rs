@@ -105,3 +105,204 @@ pub fn is_gone(pid: u32) -> bool {
             .is_some_and(|rest| rest.trim_start().starts_with('Z')),
     }
 }
+
+// ---- Scenario helpers (pipeline of real function binaries) ----
+
+/// Start a function binary against `server` in JetStream mode.
+pub fn start_function(
+    server: &tidewatch_testkit::NatsServer,
+    name: &str,
+    args: &[&str],
+) -> tokio::process::Child {
+    tokio::process::Command::new(binary(name))
+        .env("NATS_URL", server.client_url())
+        .env("TIDEWATCH_METRICS_ADDR", "127.0.0.1:0")
+        .env("TIDEWATCH_TRANSPORT", "jetstream")
+        .env("RUST_LOG", "warn")
+        .args(args)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::inherit())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("function starts")
+}
+
+/// Provision everything with a short ack wait; returns JetStream and a publisher.
+pub async fn provisioned(
+    server: &tidewatch_testkit::NatsServer,
+) -> (jetstream::Context, tidewatch_runtime::publisher::Publisher) {
+    let client = server.connect().await;
+    let js = jetstream::new(client.clone());
+    let options =
+        tidewatch_runtime::provision::ProvisionOptions::default().ack_wait(Duration::from_secs(2));
+    tidewatch_runtime::provision::provision(&js, &options)
+        .await
+        .expect("provisioned");
+    let publisher = tidewatch_runtime::publisher::Publisher::new(
+        client,
+        tidewatch_runtime::publisher::PublisherConfig::default(),
+        tidewatch_runtime::metrics::Metrics::new("test"),
+    );
+    (js, publisher)
+}
+
+/// Write pod metadata under every key enrich joins by (uid, name, container ids, IPs).
+pub async fn put_pod(js: &jetstream::Context, meta: &v1::PodMetadata) {
+    use tidewatch_runtime::topology::pod_keys;
+    let kv = js
+        .get_key_value(topology::POD_METADATA.bucket)
+        .await
+        .expect("pod bucket");
+    let bytes = bytes::Bytes::from(prost::Message::encode_to_vec(meta));
+    let mut keys = vec![
+        pod_keys::by_uid(&meta.uid),
+        pod_keys::by_name(&meta.namespace, &meta.name),
+    ];
+    for c in &meta.containers {
+        let id = c
+            .container_id
+            .rsplit("://")
+            .next()
+            .unwrap_or(&c.container_id);
+        keys.push(pod_keys::by_container(id));
+    }
+    for ip in &meta.pod_ips {
+        keys.push(pod_keys::by_ip(ip));
+    }
+    for key in keys {
+        kv.put(key.as_str(), bytes.clone()).await.expect("put pod");
+    }
+}
+
+/// A Service's cluster IP, as the k8s collector writes it.
+pub async fn put_service_ip(js: &jetstream::Context, ip: &str, namespace: &str, name: &str) {
+    let kv = js
+        .get_key_value(topology::POD_METADATA.bucket)
+        .await
+        .expect("pod bucket");
+    let value = serde_json::json!({"namespace": namespace, "name": name}).to_string();
+    kv.put(
+        tidewatch_runtime::topology::pod_keys::by_service_ip(ip).as_str(),
+        value.into(),
+    )
+    .await
+    .expect("put service");
+}
+
+/// An event with a protobuf payload, from `/tidewatch/<collector>/<node>`.
+pub fn proto_event<M: prost::Message + prost::Name>(
+    id: &str,
+    ty: &str,
+    collector: &str,
+    node: &str,
+    subject: Option<&str>,
+    time: chrono::DateTime<chrono::Utc>,
+    payload: &M,
+) -> cloudevents::Event {
+    new_event(
+        id,
+        ty,
+        &topology::source(collector, node),
+        subject,
+        time,
+        payload,
+    )
+    .expect("event builds")
+}
+
+/// An event with JSON data (types without a protobuf message yet).
+pub fn json_event(
+    id: &str,
+    ty: &str,
+    collector: &str,
+    node: &str,
+    subject: Option<&str>,
+    time: chrono::DateTime<chrono::Utc>,
+    data: serde_json::Value,
+) -> cloudevents::Event {
+    use cloudevents::{EventBuilder, EventBuilderV10};
+    let mut b = EventBuilderV10::new()
+        .id(id)
+        .ty(ty)
+        .source(topology::source(collector, node))
+        .time(time)
+        .data("application/json", data);
+    if let Some(s) = subject {
+        b = b.subject(s);
+    }
+    b.build().expect("event builds")
+}
+
+/// Publish events to the raw stream as their collectors would, waiting for every ack.
+pub async fn publish_raw(
+    publisher: &tidewatch_runtime::publisher::Publisher,
+    events: &[cloudevents::Event],
+) {
+    use cloudevents::AttributesReader;
+    for event in events {
+        let (collector, node) = topology::parse_source(event.source()).expect("tidewatch source");
+        publisher
+            .publish(
+                tidewatch_runtime::topology::subjects::raw(collector, node).as_str(),
+                event,
+            )
+            .await
+            .expect("stored");
+    }
+}
+
+/// Every message of a stream, decoded as CloudEvents, in stream order.
+pub async fn stream_events(js: &jetstream::Context, name: &str) -> Vec<cloudevents::Event> {
+    let stream = js.get_stream(name).await.expect("stream");
+    let last = stream.get_info().await.expect("info").state.last_sequence;
+    let mut out = Vec::new();
+    for seq in 1..=last {
+        let Ok(m) = stream.get_raw_message(seq).await else {
+            continue;
+        };
+        out.push(
+            tidewatch_runtime::binding::nats::from_nats(Some(&m.headers), &m.payload)
+                .expect("a CloudEvent"),
+        );
+    }
+    out
+}
+
+/// Every insight message in the insights stream.
+pub async fn insights(js: &jetstream::Context) -> Vec<v1::Insight> {
+    stream_events(js, topology::INSIGHTS.name)
+        .await
+        .iter()
+        .map(|e| tidewatch_runtime::event::payload::<v1::Insight>(e).expect("an Insight"))
+        .collect()
+}
+
+/// Wait until `durables` have nothing pending or un-acked.
+pub async fn settled(js: &jetstream::Context, durables: &[&str]) {
+    tidewatch_testkit::eventually(
+        "the pipeline to settle",
+        Duration::from_secs(60),
+        || async {
+            for d in durables {
+                let (pending, ack_pending, _, _) = consumer_state(js, d).await;
+                if pending != 0 || ack_pending != 0 {
+                    return None;
+                }
+            }
+            Some(())
+        },
+    )
+    .await;
+}
+
+/// The latest revision of each insight, by insight id.
+pub fn latest(insights: &[v1::Insight]) -> std::collections::BTreeMap<String, v1::Insight> {
+    let mut out: std::collections::BTreeMap<String, v1::Insight> = Default::default();
+    for i in insights {
+        if out.get(&i.id).is_none_or(|o| o.revision < i.revision) {
+            out.insert(i.id.clone(), i.clone());
+        }
+    }
+    out
+}

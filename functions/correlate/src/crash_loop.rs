@@ -10,6 +10,43 @@
 use serde::{Deserialize, Serialize};
 use tidewatch_proto::v1::{Entity, Insight};
 use tidewatch_runtime::event::derive_id;
+use tidewatch_runtime::topology::types;
+
+use crate::observation::Observation;
+pub use crate::rules::Finding;
+
+/// `[crash_loop]` in the rules file.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    #[serde(default = "yes")]
+    pub enabled: bool,
+    /// Restarts within the window that make a crash loop.
+    pub threshold: usize,
+    pub window: crate::rules::Duration,
+}
+
+fn yes() -> bool {
+    true
+}
+
+impl Config {
+    pub fn validate(&self) -> Result<(), String> {
+        if self.threshold == 0 {
+            return Err("threshold must be at least 1".into());
+        }
+        if self.window.0.is_zero() {
+            return Err("window must be positive".into());
+        }
+        Ok(())
+    }
+    pub fn rule(&self) -> CrashLoop {
+        CrashLoop {
+            threshold: self.threshold,
+            window_ns: self.window.nanos(),
+        }
+    }
+}
 
 /// Rule settings.
 #[derive(Debug, Clone, Copy)]
@@ -48,16 +85,11 @@ pub struct State {
     pub incident: Option<String>,
 }
 
-/// What the rule says about one restart.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Finding {
-    /// Message id for this version of the insight (stable per restart count).
-    pub message_id: String,
-    pub insight: Insight,
-}
-
 /// What a restart's exit code means (128 + n = killed by signal n).
 pub fn exit_meaning(exit_code: i32, reason: &str) -> String {
+    if reason.contains("ImagePull") || reason == "InvalidImageName" {
+        return format!("startup failure: the image could not be pulled ({reason})");
+    }
     if reason == "OOMKilled" {
         return "killed by the OOM killer: the container exceeded its memory limit".into();
     }
@@ -85,15 +117,65 @@ fn pod_entity(pod: &str) -> Entity {
 }
 
 impl CrashLoop {
+    pub fn wants(&self, ty: &str) -> bool {
+        matches!(
+            ty,
+            types::CONTAINER_RESTARTED
+                | types::CONTAINER_OOMKILLED
+                | types::CONTAINER_IMAGE_PULL_FAILED
+        )
+    }
+
+    /// The pod (`<ns>/<name>`) a container event is about.
+    pub fn key(&self, obs: &Observation) -> Option<String> {
+        obs.value("subject.pod")
+    }
+
+    /// [`CrashLoop::step`] for an observation of a container event.
+    pub fn step_observation(
+        &self,
+        state: State,
+        key: &str,
+        obs: &Observation,
+    ) -> (State, Option<Finding>) {
+        let restart = Restart {
+            event_id: obs.id.clone(),
+            at_ns: obs.at_ns,
+            exit_code: obs
+                .value("data.exitCode")
+                .and_then(|c| c.parse().ok())
+                .unwrap_or(0),
+            reason: obs.value("data.reason").unwrap_or_else(|| {
+                if obs.ty == types::CONTAINER_IMAGE_PULL_FAILED {
+                    "ImagePullBackOff".into()
+                } else {
+                    String::new()
+                }
+            }),
+            container: obs.value("data.container").unwrap_or_default(),
+        };
+        self.step(state, &format!("pod/{key}"), restart)
+    }
+
     /// Fold one restart of `pod` (`pod/<ns>/<name>`) into the state.
     pub fn step(&self, mut state: State, pod: &str, restart: Restart) -> (State, Option<Finding>) {
-        let horizon = restart.at_ns.saturating_sub(self.window_ns);
+        let newest = state
+            .restarts
+            .iter()
+            .map(|r| r.at_ns)
+            .fold(restart.at_ns, i64::max);
+        // The window ends at the newest restart seen, whatever order they arrive in.
+        let horizon = newest.saturating_sub(self.window_ns);
         let already_seen = state
             .restarts
             .iter()
             .any(|r| r.event_id == restart.event_id);
         if !already_seen {
             state.restarts.retain(|r| r.at_ns >= horizon);
+            if restart.at_ns < horizon {
+                // Arrived late and already outside the window.
+                return (state, None);
+            }
             if state.restarts.len() < self.threshold {
                 // A quiet spell closed the previous incident.
                 state.incident = None;
@@ -127,14 +209,22 @@ impl CrashLoop {
         let meaning = exit_meaning(last.exit_code, &last.reason);
         let minutes = self.window_ns / 60_000_000_000;
         let oom = last.reason == "OOMKilled" || last.exit_code == 137;
+        let startup = last.reason.contains("ImagePull");
         let insight = Insight {
             id: incident.to_string(),
             kind: "crash-loop".into(),
             severity: if oom { "critical" } else { "warning" }.into(),
-            summary: format!(
-                "container {} of {pod} restarted {count} times in {minutes}m: {meaning}",
-                last.container
-            ),
+            summary: if startup {
+                format!(
+                    "container {} of {pod} failed to start {count} times in {minutes}m: {meaning}",
+                    last.container
+                )
+            } else {
+                format!(
+                    "container {} of {pod} restarted {count} times in {minutes}m: {meaning}",
+                    last.container
+                )
+            },
             root_cause: meaning,
             root_cause_event_id: first.event_id.clone(),
             evidence_event_ids: state.restarts.iter().map(|r| r.event_id.clone()).collect(),
@@ -146,6 +236,7 @@ impl CrashLoop {
         };
         Finding {
             message_id: derive_id(&[incident.as_bytes(), &(count as u64).to_be_bytes()]),
+            subject: pod.to_string(),
             insight,
         }
     }
@@ -251,10 +342,22 @@ mod tests {
     }
 
     #[test]
+    fn late_arrivals_outside_the_window_do_not_count() {
+        let rule = CrashLoop::default();
+        let (s, _) = rule.step(State::default(), "pod/ns/p", restart("c", 23, 1, "Error"));
+        let (s, _) = rule.step(s, "pod/ns/p", restart("b", 12, 1, "Error"));
+        let (s, f) = rule.step(s, "pod/ns/p", restart("a", 1, 1, "Error"));
+        assert!(f.is_none(), "{s:?}");
+        assert_eq!(s.restarts.len(), 1, "only c is within 10m of the newest");
+    }
+
+    #[test]
     fn exit_codes_mean_what_they_mean() {
         assert!(exit_meaning(137, "Error").contains("SIGKILL"));
         assert!(exit_meaning(137, "OOMKilled").contains("OOM"));
         assert!(exit_meaning(130, "Error").contains("signal 2"));
         assert!(exit_meaning(2, "Error").contains("code 2"));
+        assert!(exit_meaning(0, "ErrImagePull").contains("startup failure"));
+        assert!(exit_meaning(139, "Error").contains("SIGSEGV"));
     }
 }

@@ -3,20 +3,26 @@
 //!
 //! The output keeps the input's id (an identity derivation: redelivery
 //! yields the same id, so the enriched stream deduplicates it) and adds
-//! `namespace`, `pod`, `node`, `workload` extensions. An event that cannot
-//! be resolved is passed on marked `resolution=unresolved` with the reason,
-//! never dropped.
+//! extensions ([`resolve`] lists the joins). Lookups go through a local
+//! cache ([`cache`]) kept correct by a KV watch, so the steady state costs no
+//! KV round trip per event. An event that cannot be resolved is passed on
+//! marked `resolution=unresolved` with the reason, never dropped.
 
+mod cache;
+mod resolve;
+
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
-use async_nats::jetstream::kv;
+use bytes::Bytes;
 use clap::Parser;
 use cloudevents::{AttributesReader, Event};
-use tidewatch_proto::v1::PodMetadata;
 use tidewatch_runtime::host::{FunctionArgs, Host};
-use tidewatch_runtime::topology::{self, extensions, pod_keys, subjects};
+use tidewatch_runtime::topology::{self, subjects};
 use tidewatch_runtime::{Context, Emitted, Function, Outcome};
+
+use cache::PodCache;
 
 /// Tidewatch enrich function: raw events + pod metadata → enriched events.
 #[derive(Parser)]
@@ -24,42 +30,25 @@ use tidewatch_runtime::{Context, Emitted, Function, Outcome};
 struct Args {
     #[command(flatten)]
     function: FunctionArgs,
+    /// How long a key found absent in KV is remembered as absent (ms).
+    #[arg(long, env = "TIDEWATCH_ENRICH_NEGATIVE_TTL_MS", default_value_t = 5000)]
+    negative_ttl_ms: u64,
+    /// Cache entries kept at most (the cache is emptied when full).
+    #[arg(
+        long,
+        env = "TIDEWATCH_ENRICH_CACHE_ENTRIES",
+        default_value_t = 200_000
+    )]
+    cache_entries: usize,
 }
 
 struct Enrich {
-    pods: kv::Store,
+    pods: Arc<PodCache>,
 }
 
-/// What the pod metadata lookup found.
-enum Resolution {
-    Resolved(Box<PodMetadata>),
-    Unresolved(String),
-}
-
-impl Enrich {
-    async fn resolve(&self, event: &Event) -> Result<Resolution, String> {
-        let Some((namespace, name)) = event
-            .subject()
-            .and_then(|s| s.strip_prefix("pod/"))
-            .and_then(|s| s.split_once('/'))
-        else {
-            return Ok(Resolution::Unresolved(
-                "event names no pod (subject is not pod/<namespace>/<name>)".into(),
-            ));
-        };
-        let key = pod_keys::by_name(namespace, name);
-        match self.pods.get(key.as_str()).await {
-            Ok(Some(bytes)) => match <PodMetadata as prost::Message>::decode(bytes.as_ref()) {
-                Ok(meta) => Ok(Resolution::Resolved(Box::new(meta))),
-                Err(e) => Ok(Resolution::Unresolved(format!(
-                    "pod metadata at {key} is corrupt: {e}"
-                ))),
-            },
-            Ok(None) => Ok(Resolution::Unresolved(format!(
-                "no pod metadata for {namespace}/{name}"
-            ))),
-            Err(e) => Err(format!("pod metadata bucket unavailable: {e}")),
-        }
+impl resolve::Lookup for Arc<PodCache> {
+    async fn get(&self, key: &str) -> Result<Option<Bytes>, String> {
+        PodCache::get(self, key).await
     }
 }
 
@@ -68,28 +57,12 @@ impl Function for Enrich {
         let (collector, node) =
             topology::parse_source(event.source()).unwrap_or(("external", "unknown"));
         let subject = subjects::enriched(collector, node);
-        let mut out = event.clone();
-        match self.resolve(&event).await {
+        let enrichment = match resolve::resolve(&self.pods, &event).await {
+            Ok(e) => e,
             Err(reason) => return Outcome::retry(Duration::from_secs(1), reason),
-            Ok(Resolution::Resolved(meta)) => {
-                out.set_extension(extensions::RESOLUTION, "resolved");
-                out.set_extension(extensions::NAMESPACE, meta.namespace.clone());
-                out.set_extension(extensions::POD, meta.name.clone());
-                if !meta.node.is_empty() {
-                    out.set_extension(extensions::NODE, meta.node.clone());
-                }
-                if !meta.workload_kind.is_empty() {
-                    out.set_extension(
-                        extensions::WORKLOAD,
-                        format!("{}/{}", meta.workload_kind, meta.workload_name),
-                    );
-                }
-            }
-            Ok(Resolution::Unresolved(reason)) => {
-                out.set_extension(extensions::RESOLUTION, "unresolved");
-                out.set_extension(extensions::RESOLUTION_REASON, reason);
-            }
-        }
+        };
+        let mut out = event;
+        enrichment.apply(&mut out);
         Outcome::emit(Emitted {
             subject,
             event: out,
@@ -102,7 +75,7 @@ async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let host = Host::start(&topology::ENRICH, args.function).await?;
     let js = async_nats::jetstream::new(host.client()?.clone());
-    let pods = js
+    let store = js
         .get_key_value(topology::POD_METADATA.bucket)
         .await
         .with_context(|| {
@@ -111,6 +84,12 @@ async fn main() -> anyhow::Result<()> {
                 topology::POD_METADATA.bucket
             )
         })?;
+    let pods = Arc::new(PodCache::new(
+        store,
+        Duration::from_millis(args.negative_ttl_ms),
+        args.cache_entries,
+    ));
+    pods.watch().await.map_err(anyhow::Error::msg)?;
     host.run(Enrich { pods }).await?;
     Ok(())
 }

@@ -1,44 +1,246 @@
-//! export: ships insights to where people look. This version writes each
-//! insight as one JSON line to stdout (readable: attributes plus the decoded
-//! protobuf payload), flushed per line so log shippers see it at once.
-//! A write failure (closed pipe, full disk) retries the insight rather than
-//! losing it.
+//! export: ships insights to where people look ([`sinks`]): JSON lines on
+//! stdout, an HTTP webhook (CloudEvents JSON or Slack text), OTLP logs over
+//! gRPC or HTTP.
+//!
+//! Every sink gets every insight at least once, and receivers deduplicate
+//! by the CloudEvent id (one id per insight revision):
+//!
+//! - Sinks are called concurrently, each with a timeout, so a slow sink
+//!   does not hold up the others.
+//! - A sink that fails makes the input retry (nak with backoff); sinks that
+//!   already took it are remembered and not called again for it. After the
+//!   consumer's `max_deliver` attempts the insight goes to the dead-letter
+//!   stream, from where `tidewatch replay` re-drives it: nothing is lost.
+//! - A circuit breaker per sink ([`breaker`]) fails fast while a sink is
+//!   down, so retries do not pile up on a dead endpoint.
 
-use std::io::Write;
-use std::time::Duration;
+mod breaker;
+mod sinks;
+
+use std::collections::{HashSet, VecDeque};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
 use clap::Parser;
-use cloudevents::Event;
-use tidewatch_runtime::event::to_json;
+use cloudevents::{AttributesReader, Event};
 use tidewatch_runtime::host::{FunctionArgs, Host};
 use tidewatch_runtime::topology;
 use tidewatch_runtime::{Context, Function, Outcome};
 
-/// Tidewatch export function: insights → JSON lines on stdout.
+use breaker::{Breaker, Permit};
+use sinks::{OtlpProtocol, Sink, WebhookFormat};
+
+/// Tidewatch export function: insights → stdout, webhook, OTLP logs.
 #[derive(Parser)]
 #[command(version)]
 struct Args {
     #[command(flatten)]
     function: FunctionArgs,
+    /// Write each insight as a JSON line to stdout.
+    #[arg(long, env = "TIDEWATCH_EXPORT_STDOUT", default_value_t = true, action = clap::ArgAction::Set)]
+    stdout: bool,
+    /// POST each insight to this URL (http://).
+    #[arg(long, env = "TIDEWATCH_EXPORT_WEBHOOK")]
+    webhook: Option<String>,
+    /// Webhook body: a structured CloudEvent, or Slack-compatible text.
+    #[arg(
+        long,
+        env = "TIDEWATCH_EXPORT_WEBHOOK_FORMAT",
+        value_enum,
+        default_value = "cloudevents"
+    )]
+    webhook_format: WebhookFormat,
+    /// Send each insight as an OTLP log record to this endpoint (http://host:4317 for gRPC, :4318 for HTTP).
+    #[arg(long, env = "TIDEWATCH_EXPORT_OTLP_ENDPOINT")]
+    otlp_endpoint: Option<String>,
+    #[arg(
+        long,
+        env = "TIDEWATCH_EXPORT_OTLP_PROTOCOL",
+        value_enum,
+        default_value = "grpc"
+    )]
+    otlp_protocol: OtlpProtocol,
+    /// Longest one sink may take for one insight (ms).
+    #[arg(long, env = "TIDEWATCH_EXPORT_SINK_TIMEOUT_MS", default_value_t = 5000)]
+    sink_timeout_ms: u64,
+    /// Consecutive failures that open a sink's circuit breaker.
+    #[arg(long, env = "TIDEWATCH_EXPORT_BREAKER_FAILURES", default_value_t = 5)]
+    breaker_failures: u32,
+    /// How long an open breaker fails fast before a trial call (ms).
+    #[arg(
+        long,
+        env = "TIDEWATCH_EXPORT_BREAKER_OPEN_MS",
+        default_value_t = 30_000
+    )]
+    breaker_open_ms: u64,
 }
 
-struct Stdout;
+/// Ids a sink has taken, bounded (oldest forgotten first).
+struct Delivered {
+    ids: HashSet<String>,
+    order: VecDeque<String>,
+    cap: usize,
+}
 
-impl Function for Stdout {
-    async fn handle(&self, event: Event, _ctx: &Context) -> Outcome {
-        let line = to_json(&event).to_string();
-        let mut out = std::io::stdout().lock();
-        match writeln!(out, "{line}").and_then(|_| out.flush()) {
-            Ok(()) => Outcome::Done,
-            Err(e) => Outcome::retry(Duration::from_secs(1), format!("stdout: {e}")),
+impl Delivered {
+    fn new(cap: usize) -> Delivered {
+        Delivered {
+            ids: HashSet::new(),
+            order: VecDeque::new(),
+            cap,
         }
     }
+    fn contains(&self, id: &str) -> bool {
+        self.ids.contains(id)
+    }
+    fn insert(&mut self, id: &str) {
+        if self.ids.insert(id.to_string()) {
+            self.order.push_back(id.to_string());
+            while self.order.len() > self.cap {
+                if let Some(old) = self.order.pop_front() {
+                    self.ids.remove(&old);
+                }
+            }
+        }
+    }
+}
+
+struct Slot {
+    sink: Sink,
+    name: String,
+    breaker: Breaker,
+    delivered: Mutex<Delivered>,
+}
+
+struct Export {
+    slots: Vec<Slot>,
+    timeout: Duration,
+}
+
+enum Result1 {
+    Ok,
+    Failed(String, Option<Duration>),
+}
+
+impl Export {
+    async fn deliver(&self, slot: &Slot, event: &Event) -> Result1 {
+        let id = event.id();
+        if slot
+            .delivered
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains(id)
+        {
+            return Result1::Ok;
+        }
+        if let Permit::Wait(wait) = slot.breaker.permit(Instant::now()) {
+            return Result1::Failed(format!("{}: circuit open", slot.name), Some(wait));
+        }
+        let outcome = match tokio::time::timeout(self.timeout, slot.sink.send(event)).await {
+            Ok(r) => r,
+            Err(_) => Err(format!("timed out after {:?}", self.timeout)),
+        };
+        match outcome {
+            Ok(()) => {
+                slot.breaker.success();
+                slot.delivered
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .insert(id);
+                Result1::Ok
+            }
+            Err(reason) => {
+                if slot.breaker.failure(Instant::now()) {
+                    tracing::warn!(sink = %slot.name, %reason, "sink failing: circuit opened");
+                }
+                Result1::Failed(format!("{}: {reason}", slot.name), None)
+            }
+        }
+    }
+}
+
+impl Function for Export {
+    async fn handle(&self, event: Event, ctx: &Context) -> Outcome {
+        let results =
+            futures::future::join_all(self.slots.iter().map(|slot| self.deliver(slot, &event)))
+                .await;
+        let mut reasons = Vec::new();
+        let mut wait: Option<Duration> = None;
+        for r in results {
+            if let Result1::Failed(reason, w) = r {
+                reasons.push(reason);
+                if let Some(w) = w {
+                    wait = Some(wait.map_or(w, |x| x.min(w)));
+                }
+            }
+        }
+        if reasons.is_empty() {
+            Outcome::Done
+        } else {
+            // Exponential backoff per delivery, at least until an open breaker lets a trial through.
+            let backoff = Duration::from_millis(500)
+                .saturating_mul(1 << ctx.delivery.saturating_sub(1).min(7))
+                .min(Duration::from_secs(60));
+            Outcome::retry(wait.map_or(backoff, |w| w.max(backoff)), reasons.join("; "))
+        }
+    }
+}
+
+fn slots(args: &Args) -> anyhow::Result<Vec<Slot>> {
+    let mut sinks = Vec::new();
+    if args.stdout {
+        sinks.push(Sink::Stdout);
+    }
+    if let Some(url) = &args.webhook {
+        sinks.push(Sink::webhook(url, args.webhook_format).map_err(anyhow::Error::msg)?);
+    }
+    if let Some(endpoint) = &args.otlp_endpoint {
+        sinks.push(Sink::otlp(endpoint, args.otlp_protocol).map_err(anyhow::Error::msg)?);
+    }
+    if sinks.is_empty() {
+        anyhow::bail!("no sink configured: enable --stdout or set --webhook / --otlp-endpoint");
+    }
+    Ok(sinks
+        .into_iter()
+        .map(|sink| Slot {
+            name: sink.name(),
+            sink,
+            breaker: Breaker::new(
+                args.breaker_failures,
+                Duration::from_millis(args.breaker_open_ms),
+            ),
+            delivered: Mutex::new(Delivered::new(100_000)),
+        })
+        .collect())
 }
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    let host = Host::start(&topology::EXPORT, args.function).await?;
-    host.run(Stdout).await?;
+    let host = Host::start(&topology::EXPORT, args.function.clone()).await?;
+    let slots = slots(&args)?;
+    tracing::info!(sinks = ?slots.iter().map(|s| s.name.as_str()).collect::<Vec<_>>(), "exporting");
+    host.run(Export {
+        slots,
+        timeout: Duration::from_millis(args.sink_timeout_ms),
+    })
+    .await?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn delivered_ids_are_bounded() {
+        let mut d = Delivered::new(2);
+        d.insert("a");
+        d.insert("b");
+        d.insert("a");
+        assert!(d.contains("a") && d.contains("b"));
+        d.insert("c");
+        assert!(!d.contains("a"));
+        assert!(d.contains("b") && d.contains("c"));
+    }
 }

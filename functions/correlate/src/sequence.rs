@@ -1,0 +1,745 @@
+//! Declarative threshold/sequence rules: "these events, on the same key,
+//! within a window, (in this order), this many times". A pure state machine:
+//! [`SequenceRule::step`] folds one observation into the state of one key
+//! and says which insight (if any) the state now supports.
+//!
+//! Matching is recomputed from the set of observations each time, in event
+//! time order, so the outcome does not depend on the order events arrive
+//! in (replicas, redelivery). Each observation counts for one step: in
+//! `strict` order, the earliest required step not yet satisfied that it
+//! matches and whose predecessors were satisfied before it happened; else
+//! an optional step; else a step already satisfied (extra evidence).
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+use tidewatch_proto::v1::{Entity, Insight};
+use tidewatch_runtime::event::derive_id;
+use tidewatch_runtime::topology::types;
+
+use crate::observation::{Observation, check_reference, entity, subject_entity};
+use crate::rules::{Duration, Finding};
+
+/// Evidence kept per key at most; the oldest extra evidence goes first.
+pub const MAX_EVIDENCE: usize = 64;
+
+/// Optional-only evidence kept per key while no required step has any.
+pub const MAX_UNANCHORED: usize = 8;
+
+/// How the steps of a sequence must be ordered in time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Order {
+    /// Each required step only counts events after the previous one was satisfied.
+    #[default]
+    Strict,
+    /// Steps may be satisfied in any order within the window.
+    Any,
+}
+
+/// One string or several.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(untagged)]
+pub enum OneOrMany {
+    One(String),
+    Many(Vec<String>),
+}
+
+impl OneOrMany {
+    pub fn as_slice(&self) -> &[String] {
+        match self {
+            OneOrMany::One(s) => std::slice::from_ref(s),
+            OneOrMany::Many(v) => v,
+        }
+    }
+}
+
+/// A `[[sequence]]` rule of the rules file.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SequenceRule {
+    /// Insight kind (`oom-cascade`); also names the rule's state keys.
+    pub name: String,
+    /// Set false to switch a shipped rule off.
+    #[serde(default = "yes")]
+    pub enabled: bool,
+    /// `critical`, `warning` or `info`.
+    #[serde(default = "warning")]
+    pub severity: String,
+    /// Kind of entity the join key names: `pod`, `node`, `service`, `deployment`...
+    pub entity: String,
+    /// Field references tried in order to find an event's join key; a step may override.
+    #[serde(default)]
+    pub key: Vec<String>,
+    /// All evidence of one incident lies within this window (and an open
+    /// incident closes after this long without new evidence).
+    pub window: Duration,
+    #[serde(default)]
+    pub order: Order,
+    /// One-line summary, a template (see the rules file header).
+    pub summary: String,
+    /// Root cause sentence, a template.
+    pub root_cause: String,
+    /// Confidence when the required steps match, 0..1; each satisfied optional step adds 0.05.
+    #[serde(default = "confidence")]
+    pub confidence: f64,
+    pub steps: Vec<Step>,
+}
+
+/// One step of a sequence rule.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Step {
+    /// Name used in templates (`{count.restarts}`, `{step.oom.data.victim.comm}`).
+    pub name: String,
+    /// Event types (patterns with `*`).
+    pub types: Vec<String>,
+    /// Field reference → accepted value(s) (patterns with `*`); all must match.
+    #[serde(default, rename = "where")]
+    pub filter: BTreeMap<String, OneOrMany>,
+    /// Events needed to satisfy the step.
+    #[serde(default = "one")]
+    pub count: usize,
+    /// Adds evidence (and confidence) but is not needed to fire.
+    #[serde(default)]
+    pub optional: bool,
+    /// Join key references for this step's events, instead of the rule's.
+    #[serde(default)]
+    pub key: Option<Vec<String>>,
+    /// The first event of this step is the root cause (default: the first step).
+    #[serde(default)]
+    pub root_cause: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+fn one() -> usize {
+    1
+}
+fn warning() -> String {
+    "warning".into()
+}
+fn confidence() -> f64 {
+    0.7
+}
+
+/// State of one rule for one key.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct State {
+    /// Observations that matched a step, in event time order.
+    pub events: Vec<Observation>,
+    /// The open incident, once the required steps matched.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub incident: Option<Incident>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Incident {
+    pub id: String,
+    /// Bumped by every new piece of evidence while open.
+    pub revision: u32,
+}
+
+/// Which step each observation counts for.
+struct Assignment {
+    /// Step index per event (None: not counted).
+    step: Vec<Option<usize>>,
+    /// Events per step, in time order.
+    per_step: Vec<Vec<usize>>,
+    fired: bool,
+}
+
+impl SequenceRule {
+    /// Refuse rules that can never work, naming the problem.
+    pub fn validate(&self) -> Result<(), String> {
+        let at = |what: String| format!("sequence rule {:?}: {what}", self.name);
+        if self.name.is_empty()
+            || self
+                .name
+                .contains(|c: char| !(c.is_ascii_alphanumeric() || c == '-'))
+        {
+            return Err(at("name must be non-empty [a-z0-9-]".into()));
+        }
+        if !["critical", "warning", "info"].contains(&self.severity.as_str()) {
+            return Err(at(format!(
+                "severity {:?} is not critical, warning or info",
+                self.severity
+            )));
+        }
+        if self.steps.is_empty() || self.steps.iter().all(|s| s.optional) {
+            return Err(at("needs at least one required step".into()));
+        }
+        if self.window.0.is_zero() {
+            return Err(at("window must be positive".into()));
+        }
+        if !(0.0..=1.0).contains(&self.confidence) {
+            return Err(at("confidence must be within 0..1".into()));
+        }
+        let mut names = std::collections::BTreeSet::new();
+        for step in &self.steps {
+            if !names.insert(step.name.as_str()) {
+                return Err(at(format!("two steps are named {:?}", step.name)));
+            }
+            if step.types.is_empty() {
+                return Err(at(format!("step {:?} matches no event types", step.name)));
+            }
+            if step.count == 0 {
+                return Err(at(format!(
+                    "step {:?}: count must be at least 1",
+                    step.name
+                )));
+            }
+            let keys = step.key.as_ref().unwrap_or(&self.key);
+            if keys.is_empty() {
+                return Err(at(format!(
+                    "step {:?} has no join key (set `key` on the rule or the step)",
+                    step.name
+                )));
+            }
+            for r in keys.iter().chain(step.filter.keys()) {
+                check_reference(r).map_err(|e| at(format!("step {:?}: {e}", step.name)))?;
+            }
+        }
+        for template in [&self.summary, &self.root_cause] {
+            crate::template::check(template, &self.steps).map_err(at)?;
+        }
+        Ok(())
+    }
+
+    pub fn wants(&self, ty: &str) -> bool {
+        self.enabled
+            && self
+                .steps
+                .iter()
+                .any(|s| s.types.iter().any(|p| types::matches(p, ty)))
+    }
+
+    fn step_matches(step: &Step, obs: &Observation) -> bool {
+        step.types.iter().any(|p| types::matches(p, &obs.ty))
+            && step.filter.iter().all(|(reference, accepted)| {
+                let values = obs.values(reference);
+                values
+                    .iter()
+                    .any(|v| accepted.as_slice().iter().any(|p| types::matches(p, v)))
+            })
+    }
+
+    /// The join keys of `obs` for this rule (several when a key reference
+    /// names an array), each with nothing else implied.
+    pub fn keys(&self, obs: &Observation) -> Vec<String> {
+        let mut keys = Vec::new();
+        for step in &self.steps {
+            if !Self::step_matches(step, obs) {
+                continue;
+            }
+            let refs = step.key.as_ref().unwrap_or(&self.key);
+            if let Some(values) = refs.iter().map(|r| obs.values(r)).find(|v| !v.is_empty()) {
+                for v in values {
+                    if !keys.contains(&v) {
+                        keys.push(v);
+                    }
+                }
+            }
+        }
+        keys
+    }
+
+    fn assign(&self, events: &[Observation]) -> Assignment {
+        let n = self.steps.len();
+        let mut step = vec![None; events.len()];
+        let mut per_step: Vec<Vec<usize>> = vec![Vec::new(); n];
+        let required: Vec<usize> = (0..n).filter(|&i| !self.steps[i].optional).collect();
+        // Index into `required` of the step a strict sequence waits for.
+        let mut next = 0usize;
+        for (e, obs) in events.iter().enumerate() {
+            let matching: Vec<usize> = (0..n)
+                .filter(|&i| Self::step_matches(&self.steps[i], obs))
+                .collect();
+            if matching.is_empty() {
+                continue;
+            }
+            let satisfied =
+                |i: usize, per_step: &Vec<Vec<usize>>| per_step[i].len() >= self.steps[i].count;
+            let chosen = match self.order {
+                Order::Strict => {
+                    let current = required.get(next).copied();
+                    if let Some(c) = current.filter(|c| matching.contains(c)) {
+                        Some(c)
+                    } else if let Some(&o) = matching.iter().find(|&&i| {
+                        // An optional step counts once the required steps before it are satisfied.
+                        self.steps[i].optional
+                            && required
+                                .iter()
+                                .take_while(|&&r| r < i)
+                                .all(|&r| satisfied(r, &per_step))
+                    }) {
+                        Some(o)
+                    } else {
+                        matching
+                            .iter()
+                            .copied()
+                            .find(|&i| !self.steps[i].optional && satisfied(i, &per_step))
+                    }
+                }
+                Order::Any => matching
+                    .iter()
+                    .copied()
+                    .find(|&i| !satisfied(i, &per_step))
+                    .or_else(|| matching.first().copied()),
+            };
+            if let Some(c) = chosen {
+                step[e] = Some(c);
+                per_step[c].push(e);
+                while required.get(next).is_some_and(|&r| satisfied(r, &per_step)) {
+                    next += 1;
+                }
+            }
+        }
+        let fired = required
+            .iter()
+            .all(|&r| per_step[r].len() >= self.steps[r].count);
+        Assignment {
+            step,
+            per_step,
+            fired,
+        }
+    }
+
+    /// Fold `obs` (for join key `key`) into `state`.
+    pub fn step(&self, mut state: State, key: &str, obs: &Observation) -> (State, Option<Finding>) {
+        let duplicate = state.events.iter().any(|e| e.id == obs.id);
+        if !duplicate {
+            let window = self.window.nanos();
+            let last = state.events.iter().map(|e| e.at_ns).max();
+            if state.incident.is_some()
+                && last.is_some_and(|l| obs.at_ns > l.saturating_add(window))
+            {
+                // The incident went quiet for a whole window: it is over.
+                state = State::default();
+            }
+            let at = state
+                .events
+                .iter()
+                .position(|e| (e.at_ns, e.id.as_str()) > (obs.at_ns, obs.id.as_str()))
+                .unwrap_or(state.events.len());
+            state.events.insert(at, obs.clone());
+            if state.incident.is_none() {
+                let newest = state
+                    .events
+                    .iter()
+                    .map(|e| e.at_ns)
+                    .max()
+                    .unwrap_or(obs.at_ns);
+                state
+                    .events
+                    .retain(|e| e.at_ns >= newest.saturating_sub(window));
+            }
+        }
+        let anchored = state.events.iter().any(|e| {
+            self.steps
+                .iter()
+                .any(|s| !s.optional && Self::step_matches(s, e))
+        });
+        if !anchored && state.events.len() > MAX_UNANCHORED {
+            // Only optional evidence (pod restarts on a healthy node): keep
+            // the newest few, in case the cause arrives late, not a hot key's worth.
+            let excess = state.events.len() - MAX_UNANCHORED;
+            state.events.drain(..excess);
+        }
+        let mut assignment = self.assign(&state.events);
+        if !duplicate {
+            // Events that count for nothing yet are kept (an earlier event may
+            // still arrive), but bounded like the evidence.
+            while state.events.len() > MAX_EVIDENCE {
+                let core = self.core(&assignment);
+                let Some(drop) = (0..state.events.len()).find(|i| !core.contains(i)) else {
+                    break;
+                };
+                state.events.remove(drop);
+                assignment = self.assign(&state.events);
+            }
+        }
+        if !assignment.fired {
+            return (state, None);
+        }
+        let counted = assignment.step[state
+            .events
+            .iter()
+            .position(|e| e.id == obs.id)
+            .unwrap_or(0)]
+        .is_some();
+        match &mut state.incident {
+            None => {
+                let core = self.core(&assignment);
+                let ids: Vec<&[u8]> = core
+                    .iter()
+                    .map(|&i| state.events[i].id.as_bytes())
+                    .collect();
+                state.incident = Some(Incident {
+                    id: derive_id(&[self.name.as_bytes(), key.as_bytes(), &ids.concat()]),
+                    revision: 1,
+                });
+            }
+            Some(incident) if !duplicate && counted => incident.revision += 1,
+            Some(_) => {}
+        }
+        let finding = self.finding(&state, &assignment, key);
+        (state, Some(finding))
+    }
+
+    /// The events that satisfy the required steps first.
+    fn core(&self, a: &Assignment) -> Vec<usize> {
+        let mut core: Vec<usize> = (0..self.steps.len())
+            .filter(|&i| !self.steps[i].optional)
+            .flat_map(|i| a.per_step[i].iter().take(self.steps[i].count).copied())
+            .collect();
+        core.sort_unstable();
+        core
+    }
+
+    fn finding(&self, state: &State, a: &Assignment, key: &str) -> Finding {
+        let incident = state.incident.clone().expect("fired");
+        let evidence: Vec<&Observation> = (0..state.events.len())
+            .filter(|&i| a.step[i].is_some())
+            .map(|i| &state.events[i])
+            .collect();
+        let root_step = self.steps.iter().position(|s| s.root_cause).unwrap_or(0);
+        let root = a.per_step[root_step]
+            .first()
+            .or_else(|| a.per_step.iter().find_map(|s| s.first()))
+            .map(|&i| &state.events[i])
+            .expect("a fired rule has evidence");
+        let last = evidence.last().copied().unwrap_or(root);
+        let ctx = crate::template::Ctx {
+            key,
+            window: self.window,
+            steps: &self.steps,
+            per_step: a
+                .per_step
+                .iter()
+                .map(|v| v.iter().map(|&i| &state.events[i]).collect())
+                .collect(),
+            root,
+            last,
+        };
+        let mut affected: Vec<Entity> = vec![entity(&self.entity, key)];
+        for obs in &evidence {
+            let mut candidates: Vec<Entity> = subject_entity(obs).into_iter().collect();
+            if let Some(pod) = obs.value("pod") {
+                candidates.push(entity("pod", &pod));
+            }
+            if let Some(node) = obs.first_of(&["ext.node"]) {
+                candidates.push(entity("node", &node));
+            }
+            for e in candidates {
+                if !affected.contains(&e) {
+                    affected.push(e);
+                }
+            }
+        }
+        let optional_hit = (0..self.steps.len())
+            .filter(|&i| self.steps[i].optional && !a.per_step[i].is_empty())
+            .count();
+        let insight = Insight {
+            id: incident.id.clone(),
+            kind: self.name.clone(),
+            severity: self.severity.clone(),
+            summary: crate::template::render(&self.summary, &ctx),
+            root_cause: crate::template::render(&self.root_cause, &ctx),
+            root_cause_event_id: root.id.clone(),
+            evidence_event_ids: evidence.iter().map(|e| e.id.clone()).collect(),
+            affected,
+            first_seen_ns: evidence.first().map(|e| e.at_ns).unwrap_or(root.at_ns),
+            last_seen_ns: last.at_ns,
+            confidence: (self.confidence + 0.05 * optional_hit as f64).min(0.99),
+            revision: incident.revision,
+        };
+        Finding {
+            message_id: derive_id(&[
+                incident.id.as_bytes(),
+                &u64::from(incident.revision).to_be_bytes(),
+            ]),
+            subject: format!("{}/{key}", self.entity),
+            insight,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::observation::tests::obs;
+    use crate::rules::RulesFile;
+    use serde_json::json;
+
+    fn rule(name: &str) -> SequenceRule {
+        RulesFile::builtin()
+            .sequence
+            .into_iter()
+            .find(|r| r.name == name)
+            .expect("shipped rule")
+    }
+
+    fn run(rule: &SequenceRule, events: &[Observation]) -> (State, Vec<Finding>) {
+        let mut state = State::default();
+        let mut findings = Vec::new();
+        for e in events {
+            for key in rule.keys(e) {
+                let (next, f) = rule.step(state, &key, e);
+                state = next;
+                findings.extend(f);
+            }
+        }
+        (state, findings)
+    }
+
+    fn oom_events() -> Vec<Observation> {
+        let mut kernel = obs(
+            "k1",
+            types::OOM_KILL,
+            10,
+            None,
+            json!({"victim": {"comm": "java", "pid": 4242, "containerId": "c0ffee"}, "memoryLimitBytes": 268435456}),
+        );
+        kernel.ext.insert("namespace".into(), "shop".into());
+        kernel.ext.insert("pod".into(), "cart-1".into());
+        kernel.ext.insert("container".into(), "cart".into());
+        let r1 = obs(
+            "r1",
+            types::CONTAINER_OOMKILLED,
+            12,
+            Some("pod/shop/cart-1"),
+            json!({"container": "cart", "reason": "OOMKilled", "exitCode": 137, "restartCount": 1, "memoryLimitBytes": 268435456}),
+        );
+        let r2 = obs(
+            "r2",
+            types::CONTAINER_RESTARTED,
+            40,
+            Some("pod/shop/cart-1"),
+            json!({"container": "cart", "reason": "OOMKilled", "exitCode": 137, "restartCount": 2}),
+        );
+        vec![kernel, r1, r2]
+    }
+
+    #[test]
+    fn oom_cascade_names_container_limit_and_killing_event() {
+        let rule = rule("oom-cascade");
+        let events = oom_events();
+        let (_, findings) = run(&rule, &events[..2]);
+        assert!(findings.is_empty(), "one restart is not a cascade yet");
+        let (state, findings) = run(&rule, &events);
+        assert_eq!(findings.len(), 1);
+        let i = &findings[0].insight;
+        assert_eq!(i.kind, "oom-cascade");
+        assert_eq!(i.root_cause_event_id, "k1");
+        assert_eq!(i.evidence_event_ids, vec!["k1", "r1", "r2"]);
+        assert!(i.root_cause.contains("cart"), "{}", i.root_cause);
+        assert!(i.root_cause.contains("256 MiB"), "{}", i.root_cause);
+        assert!(i.root_cause.contains("java"), "{}", i.root_cause);
+        assert_eq!(findings[0].subject, "pod/shop/cart-1");
+        assert_eq!(i.revision, 1);
+        assert!(state.incident.is_some());
+    }
+
+    #[test]
+    fn arrival_order_does_not_change_the_outcome() {
+        let rule = rule("oom-cascade");
+        let events = oom_events();
+        let (a, fa) = run(&rule, &events);
+        let reversed: Vec<Observation> = events.iter().rev().cloned().collect();
+        let (b, fb) = run(&rule, &reversed);
+        assert_eq!(a.events, b.events);
+        assert_eq!(
+            fa.last().map(|f| &f.insight.evidence_event_ids),
+            fb.last().map(|f| &f.insight.evidence_event_ids)
+        );
+        assert_eq!(
+            fa.last().map(|f| &f.insight.id),
+            fb.last().map(|f| &f.insight.id)
+        );
+    }
+
+    #[test]
+    fn restarts_before_the_oom_kill_do_not_count_in_strict_order() {
+        let rule = rule("oom-cascade");
+        let mut events = oom_events();
+        events[1].at_ns = 5_000_000_000;
+        events[2].at_ns = 6_000_000_000;
+        let (_, findings) = run(&rule, &events);
+        assert!(findings.is_empty());
+    }
+
+    #[test]
+    fn redelivery_repeats_the_same_message_and_updates_bump_the_revision() {
+        let rule = rule("oom-cascade");
+        let events = oom_events();
+        let (state, findings) = run(&rule, &events);
+        let (again, f) = rule.step(state.clone(), "shop/cart-1", &events[2]);
+        assert_eq!(again, state);
+        assert_eq!(
+            f.as_ref().map(|f| &f.message_id),
+            Some(&findings[0].message_id)
+        );
+        let more = obs(
+            "r3",
+            types::CONTAINER_RESTARTED,
+            90,
+            Some("pod/shop/cart-1"),
+            json!({"container": "cart"}),
+        );
+        let (_, f) = rule.step(state, "shop/cart-1", &more);
+        let f = f.expect("update");
+        assert_eq!(f.insight.id, findings[0].insight.id);
+        assert_eq!(f.insight.revision, 2);
+        assert_ne!(f.message_id, findings[0].message_id);
+        assert_eq!(
+            f.insight.evidence_event_ids.last().map(String::as_str),
+            Some("r3")
+        );
+    }
+
+    #[test]
+    fn a_quiet_window_closes_the_incident() {
+        let rule = rule("oom-cascade");
+        let (state, findings) = run(&rule, &oom_events());
+        let late = obs(
+            "r9",
+            types::CONTAINER_RESTARTED,
+            40 + 3600,
+            Some("pod/shop/cart-1"),
+            json!({}),
+        );
+        let (state, f) = rule.step(state, "shop/cart-1", &late);
+        assert!(f.is_none());
+        assert!(state.incident.is_none());
+        assert_eq!(state.events.len(), 1);
+        assert_eq!(findings.len(), 1);
+    }
+
+    #[test]
+    fn endpoints_dropping_joins_the_cascade_by_pod_list() {
+        let rule = rule("oom-cascade");
+        let (state, _) = run(&rule, &oom_events());
+        let ep = obs(
+            "ep1",
+            types::ENDPOINTS_EMPTY,
+            45,
+            Some("service/shop/cart"),
+            json!({"namespace": "shop", "service": "cart", "notReadyPods": ["shop/cart-1", "shop/cart-2"]}),
+        );
+        assert_eq!(rule.keys(&ep), vec!["shop/cart-1", "shop/cart-2"]);
+        let (_, f) = rule.step(state, "shop/cart-1", &ep);
+        let i = f.expect("update").insight;
+        assert_eq!(i.evidence_event_ids, vec!["k1", "r1", "r2", "ep1"]);
+        assert!(
+            i.affected
+                .iter()
+                .any(|e| e.kind == "service" && e.name == "cart")
+        );
+        assert!(i.confidence > 0.8);
+    }
+
+    #[test]
+    fn node_runtime_failure_needs_the_runtime_then_notready() {
+        let rule = rule("node-runtime-failure");
+        let unit = obs(
+            "u1",
+            types::UNIT_FAILED,
+            10,
+            Some("unit/kubelet.service"),
+            json!({"unit": "kubelet.service", "node": "n1", "activeState": "failed", "result": "exit-code"}),
+        );
+        let other = obs(
+            "u0",
+            types::UNIT_FAILED,
+            9,
+            Some("unit/cron.service"),
+            json!({"unit": "cron.service", "node": "n1"}),
+        );
+        let notready = obs(
+            "nr",
+            types::NODE_NOT_READY,
+            50,
+            Some("node/n1"),
+            json!({"node": "n1", "reason": "KubeletNotReady"}),
+        );
+        let mut pod = obs(
+            "p1",
+            types::CONTAINER_RESTARTED,
+            70,
+            Some("pod/default/web-1"),
+            json!({"node": "n1", "container": "web"}),
+        );
+        pod.ext.insert("node".into(), "n1".into());
+        let (_, f) = run(&rule, &[other.clone(), notready.clone()]);
+        assert!(f.is_empty(), "cron failing is not a runtime failure");
+        let (_, f) = run(&rule, &[other, unit, notready, pod]);
+        assert_eq!(
+            f.len(),
+            2,
+            "fires on NotReady, updates when a pod is affected"
+        );
+        let i = &f[1].insight;
+        assert_eq!(i.root_cause_event_id, "u1");
+        assert_eq!(i.evidence_event_ids, vec!["u1", "nr", "p1"]);
+        assert!(
+            i.affected
+                .iter()
+                .any(|e| e.kind == "pod" && e.name == "web-1")
+        );
+        assert!(i.summary.contains("kubelet.service"), "{}", i.summary);
+        assert_eq!(f[0].insight.id, f[1].insight.id);
+    }
+
+    #[test]
+    fn optional_evidence_alone_is_bounded() {
+        let rule = rule("node-runtime-failure");
+        let mut state = State::default();
+        for i in 0..50 {
+            let mut pod = obs(
+                &format!("p{i}"),
+                types::CONTAINER_RESTARTED,
+                i,
+                Some("pod/default/web-1"),
+                json!({"node": "n1"}),
+            );
+            pod.ext.insert("node".into(), "n1".into());
+            let (next, f) = rule.step(state, "n1", &pod);
+            assert!(f.is_none());
+            state = next;
+        }
+        assert_eq!(state.events.len(), MAX_UNANCHORED);
+        assert_eq!(state.events[0].id, "p42");
+    }
+
+    #[test]
+    fn service_disruption_in_any_order() {
+        let rule = rule("service-disruption");
+        let tcp = |id: &str, at: i64| {
+            let mut o = obs(
+                id,
+                types::TCP_REFUSED,
+                at,
+                None,
+                json!({"daddr": "10.96.0.10", "dport": 80}),
+            );
+            o.ext.insert("peerservice".into(), "shop/api".into());
+            o
+        };
+        let ep = obs(
+            "ep",
+            types::ENDPOINTS_EMPTY,
+            12,
+            Some("service/shop/api"),
+            json!({"service": "api"}),
+        );
+        let (_, f) = run(&rule, &[tcp("t1", 10), tcp("t2", 11), ep.clone()]);
+        assert!(f.is_empty(), "two refusals are below the threshold");
+        let (_, f) = run(&rule, &[tcp("t1", 10), tcp("t2", 11), ep, tcp("t3", 13)]);
+        let i = &f.last().expect("fires").insight;
+        assert_eq!(i.root_cause_event_id, "ep");
+        assert_eq!(i.evidence_event_ids, vec!["t1", "t2", "ep", "t3"]);
+        assert!(i.summary.contains("shop/api"), "{}", i.summary);
+    }
+}

@@ -1,0 +1,177 @@
+//! Summary and root-cause templates of sequence rules.
+//!
+//! `{placeholder}` is replaced; `{{` and `}}` are literal braces.
+//! Placeholders: `key`, `window`, `count` (all evidence), `count.<step>`,
+//! `root.<ref>` (the root-cause event), `last.<ref>` (the newest evidence),
+//! `step.<step>.<ref>` (the first event of a step), where `<ref>` is a field
+//! reference ([`crate::observation`]). Alternatives are separated by `|`
+//! (the first that resolves wins); a trailing `:bytes` formats a byte count
+//! (`268435456` → `256 MiB`). Unresolved placeholders render as `?`.
+
+use crate::observation::{Observation, check_reference};
+use crate::rules::Duration;
+use crate::sequence::Step;
+
+pub struct Ctx<'a> {
+    pub key: &'a str,
+    pub window: Duration,
+    pub steps: &'a [Step],
+    pub per_step: Vec<Vec<&'a Observation>>,
+    pub root: &'a Observation,
+    pub last: &'a Observation,
+}
+
+fn placeholders(template: &str) -> Result<Vec<(usize, usize, &str)>, String> {
+    let mut out = Vec::new();
+    let bytes = template.as_bytes();
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'{' if bytes.get(i + 1) == Some(&b'{') => i += 2,
+            b'}' if bytes.get(i + 1) == Some(&b'}') => i += 2,
+            b'{' => {
+                let end = template[i..]
+                    .find('}')
+                    .map(|e| i + e)
+                    .ok_or_else(|| format!("template {template:?}: unclosed '{{'"))?;
+                out.push((i, end + 1, &template[i + 1..end]));
+                i = end + 1;
+            }
+            b'}' => return Err(format!("template {template:?}: stray '}}' (write '}}}}')")),
+            _ => i += 1,
+        }
+    }
+    Ok(out)
+}
+
+/// Check every placeholder names something that exists.
+pub fn check(template: &str, steps: &[Step]) -> Result<(), String> {
+    for (_, _, body) in placeholders(template)? {
+        let body = body.strip_suffix(":bytes").unwrap_or(body);
+        for alt in body.split('|') {
+            let alt = alt.trim();
+            let ok = match alt {
+                "key" | "window" | "count" => Ok(()),
+                a => {
+                    if let Some(step) = a.strip_prefix("count.") {
+                        known_step(step, steps)
+                    } else if let Some(r) =
+                        a.strip_prefix("root.").or_else(|| a.strip_prefix("last."))
+                    {
+                        check_reference(r)
+                    } else if let Some(rest) = a.strip_prefix("step.") {
+                        let (step, r) = rest.split_once('.').unwrap_or((rest, ""));
+                        known_step(step, steps).and_then(|()| check_reference(r))
+                    } else {
+                        Err(format!("unknown placeholder {a:?}"))
+                    }
+                }
+            };
+            ok.map_err(|e| format!("template {template:?}: {e}"))?;
+        }
+    }
+    Ok(())
+}
+
+fn known_step(name: &str, steps: &[Step]) -> Result<(), String> {
+    if steps.iter().any(|s| s.name == name) {
+        Ok(())
+    } else {
+        Err(format!("no step named {name:?}"))
+    }
+}
+
+fn resolve(alt: &str, ctx: &Ctx<'_>) -> Option<String> {
+    match alt {
+        "key" => Some(ctx.key.to_string()),
+        "window" => Some(ctx.window.to_string()),
+        "count" => Some(ctx.per_step.iter().map(Vec::len).sum::<usize>().to_string()),
+        a => {
+            if let Some(step) = a.strip_prefix("count.") {
+                let i = ctx.steps.iter().position(|s| s.name == step)?;
+                Some(ctx.per_step[i].len().to_string())
+            } else if let Some(r) = a.strip_prefix("root.") {
+                ctx.root.value(r)
+            } else if let Some(r) = a.strip_prefix("last.") {
+                ctx.last.value(r)
+            } else if let Some(rest) = a.strip_prefix("step.") {
+                let (step, r) = rest.split_once('.')?;
+                let i = ctx.steps.iter().position(|s| s.name == step)?;
+                ctx.per_step[i].iter().find_map(|o| o.value(r))
+            } else {
+                None
+            }
+        }
+    }
+}
+
+pub fn render(template: &str, ctx: &Ctx<'_>) -> String {
+    let Ok(spots) = placeholders(template) else {
+        return template.to_string();
+    };
+    let mut out = String::new();
+    let mut from = 0;
+    for (start, end, body) in spots {
+        out.push_str(&template[from..start].replace("{{", "{").replace("}}", "}"));
+        let (body, bytes) = match body.strip_suffix(":bytes") {
+            Some(b) => (b, true),
+            None => (body, false),
+        };
+        let value = body.split('|').find_map(|a| resolve(a.trim(), ctx));
+        out.push_str(&match value {
+            Some(v) if bytes => human_bytes(&v),
+            Some(v) => v,
+            None => "?".into(),
+        });
+        from = end;
+    }
+    out.push_str(&template[from..].replace("{{", "{").replace("}}", "}"));
+    out
+}
+
+/// `268435456` → `256 MiB`; anything not a number is returned as is.
+pub fn human_bytes(v: &str) -> String {
+    let Ok(n) = v.parse::<f64>() else {
+        return v.to_string();
+    };
+    let units = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut value = n;
+    let mut unit = 0;
+    while value >= 1024.0 && unit < units.len() - 1 {
+        value /= 1024.0;
+        unit += 1;
+    }
+    if value.fract() == 0.0 {
+        format!("{value:.0} {}", units[unit])
+    } else {
+        format!("{value:.1} {}", units[unit])
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bytes_are_readable() {
+        assert_eq!(human_bytes("268435456"), "256 MiB");
+        assert_eq!(human_bytes("1536"), "1.5 KiB");
+        assert_eq!(human_bytes("x"), "x");
+    }
+
+    #[test]
+    fn bad_templates_are_named() {
+        assert!(check("ok {key} {{literal}}", &[]).is_ok());
+        assert!(check("{nope}", &[]).expect_err("refused").contains("nope"));
+        assert!(
+            check("{count.missing}", &[])
+                .expect_err("refused")
+                .contains("missing")
+        );
+        assert!(
+            check("{root.data.x", &[])
+                .expect_err("refused")
+                .contains("unclosed")
+        );
+    }
+}

@@ -1,0 +1,438 @@
+//! How an event is joined with Kubernetes context. Pure apart from the
+//! [`Lookup`] it is given (the KV-backed cache in production, a map in
+//! tests).
+//!
+//! | event | joined by | adds |
+//! |---|---|---|
+//! | subject `pod/<ns>/<name>` (k8s) | `name.<ns>.<name>` | pod context |
+//! | kernel (`process`/`victim` ProcessInfo) | `container.<id>`, else `uid.<pod uid>` | pod context, `container`, `memorylimit` |
+//! | TCP | the local process as above; `daddr` by `ip.<ip>` and `svcip.<ip>` | `peerpod`, `peerservice` |
+//! | systemd (`UnitStateChange`, `JournalEntry`) | its `node` field, else the source's node | `node` |
+//! | subject `node/<name>` | the subject | `node` |
+//!
+//! Pod context: `namespace`, `pod`, `node`, `workload` (`<Kind>/<name>`),
+//! `labels` (`k=v,k=v`, sorted). `resolution` is `resolved`, or
+//! `unresolved` with `resolutionreason`; the event is never dropped.
+
+use std::collections::BTreeMap;
+use std::future::Future;
+
+use bytes::Bytes;
+use cloudevents::{AttributesReader, Event};
+use prost::Message;
+use tidewatch_proto::v1::{
+    ContainerRestart, JournalEntry, OomKill, PodMetadata, ProcessExec, ProcessExit, ProcessInfo,
+    TcpConnection, UnitStateChange,
+};
+use tidewatch_runtime::event::payload;
+use tidewatch_runtime::topology::{self, extensions, pod_keys};
+
+/// Extensions enrich adds beyond [`extensions`].
+pub mod ext {
+    /// Container name, when the event was joined by container id.
+    pub const CONTAINER: &str = "container";
+    /// Memory limit of that container, bytes.
+    pub const MEMORY_LIMIT: &str = "memorylimit";
+    /// `<ns>/<name>` of the pod a TCP peer address belongs to.
+    pub const PEER_POD: &str = "peerpod";
+    /// `<ns>/<name>` of the Service a TCP peer address belongs to.
+    pub const PEER_SERVICE: &str = "peerservice";
+    /// Pod labels, `k=v` sorted and comma separated.
+    pub const LABELS: &str = "labels";
+}
+
+/// Where pod metadata comes from.
+pub trait Lookup: Sync {
+    /// Err: the store is unreachable (retry later).
+    fn get(&self, key: &str) -> impl Future<Output = Result<Option<Bytes>, String>> + Send;
+}
+
+/// What enrich learned about an event.
+#[derive(Debug, Default, PartialEq)]
+pub struct Enrichment {
+    pub extensions: BTreeMap<&'static str, String>,
+    /// None when resolved.
+    pub unresolved: Option<String>,
+}
+
+impl Enrichment {
+    fn pod(&mut self, meta: &PodMetadata) {
+        self.extensions
+            .insert(extensions::NAMESPACE, meta.namespace.clone());
+        self.extensions.insert(extensions::POD, meta.name.clone());
+        if !meta.node.is_empty() {
+            self.extensions.insert(extensions::NODE, meta.node.clone());
+        }
+        if !meta.workload_kind.is_empty() {
+            self.extensions.insert(
+                extensions::WORKLOAD,
+                format!("{}/{}", meta.workload_kind, meta.workload_name),
+            );
+        }
+        if !meta.labels.is_empty() {
+            let mut labels: Vec<String> = meta
+                .labels
+                .iter()
+                .map(|(k, v)| format!("{k}={v}"))
+                .collect();
+            labels.sort();
+            self.extensions.insert(ext::LABELS, labels.join(","));
+        }
+    }
+
+    /// Apply to an event.
+    pub fn apply(self, event: &mut Event) {
+        for (name, value) in self.extensions {
+            event.set_extension(name, value);
+        }
+        match self.unresolved {
+            None => event.set_extension(extensions::RESOLUTION, "resolved"),
+            Some(reason) => {
+                event.set_extension(extensions::RESOLUTION, "unresolved");
+                event.set_extension(extensions::RESOLUTION_REASON, reason);
+            }
+        }
+    }
+}
+
+async fn pod_at<L: Lookup>(lookup: &L, key: &str) -> Result<Result<PodMetadata, String>, String> {
+    Ok(match lookup.get(key).await? {
+        Some(bytes) => PodMetadata::decode(bytes.as_ref())
+            .map_err(|e| format!("pod metadata at {key} is corrupt: {e}")),
+        None => Err(format!("no pod metadata at {key}")),
+    })
+}
+
+/// The process an event is about, if it carries one.
+fn process_of(event: &Event) -> Option<ProcessInfo> {
+    let schema = event.dataschema()?.as_str().to_string();
+    let name = schema.strip_prefix("proto:")?;
+    match name {
+        "tidewatch.v1.ProcessExec" => payload::<ProcessExec>(event).ok()?.process,
+        "tidewatch.v1.ProcessExit" => payload::<ProcessExit>(event).ok()?.process,
+        "tidewatch.v1.OomKill" => payload::<OomKill>(event).ok()?.victim,
+        "tidewatch.v1.TcpConnection" => payload::<TcpConnection>(event).ok()?.process,
+        _ => None,
+    }
+}
+
+/// Join `event` with what `lookup` knows. Err only when the store is down.
+pub async fn resolve<L: Lookup>(lookup: &L, event: &Event) -> Result<Enrichment, String> {
+    let mut out = Enrichment::default();
+    let schema = event
+        .dataschema()
+        .map(|s| s.as_str().to_string())
+        .unwrap_or_default();
+    let subject = event.subject().unwrap_or_default();
+
+    // systemd: the node is in the payload (or the source).
+    if schema == "proto:tidewatch.v1.UnitStateChange" || schema == "proto:tidewatch.v1.JournalEntry"
+    {
+        let node = if schema.ends_with("UnitStateChange") {
+            payload::<UnitStateChange>(event).ok().map(|u| u.node)
+        } else {
+            payload::<JournalEntry>(event).ok().map(|j| j.node)
+        }
+        .filter(|n| !n.is_empty())
+        .or_else(|| topology::parse_source(event.source()).map(|(_, n)| n.to_string()));
+        match node {
+            Some(node) => {
+                out.extensions.insert(extensions::NODE, node);
+            }
+            None => out.unresolved = Some("systemd event names no node".into()),
+        }
+        return Ok(out);
+    }
+    if let Some(node) = subject.strip_prefix("node/") {
+        out.extensions.insert(extensions::NODE, node.to_string());
+        return Ok(out);
+    }
+
+    // The pod the event is about.
+    let mut reasons = Vec::new();
+    if let Some((namespace, name)) = subject.strip_prefix("pod/").and_then(|s| s.split_once('/')) {
+        match pod_at(lookup, &pod_keys::by_name(namespace, name)).await? {
+            Ok(meta) => out.pod(&meta),
+            Err(reason) => {
+                // Still say which pod it is: the subject names it.
+                out.extensions
+                    .insert(extensions::NAMESPACE, namespace.to_string());
+                out.extensions.insert(extensions::POD, name.to_string());
+                if schema == "proto:tidewatch.v1.ContainerRestart"
+                    && let Ok(c) = payload::<ContainerRestart>(event)
+                    && !c.node.is_empty()
+                {
+                    out.extensions.insert(extensions::NODE, c.node);
+                }
+                reasons.push(reason);
+            }
+        }
+    } else if let Some(process) = process_of(event) {
+        let mut found = false;
+        let mut misses = Vec::new();
+        if !process.container_id.is_empty() {
+            match pod_at(lookup, &pod_keys::by_container(&process.container_id)).await? {
+                Ok(meta) => {
+                    out.pod(&meta);
+                    if let Some(c) = meta.containers.iter().find(|c| {
+                        !c.container_id.is_empty()
+                            && (c.container_id.ends_with(&process.container_id)
+                                || process.container_id.ends_with(&c.container_id))
+                    }) {
+                        out.extensions.insert(ext::CONTAINER, c.name.clone());
+                        if c.memory_limit_bytes > 0 {
+                            out.extensions
+                                .insert(ext::MEMORY_LIMIT, c.memory_limit_bytes.to_string());
+                        }
+                    }
+                    found = true;
+                }
+                Err(reason) => misses.push(reason),
+            }
+        }
+        if !found && !process.pod_uid.is_empty() {
+            match pod_at(lookup, &pod_keys::by_uid(&process.pod_uid)).await? {
+                Ok(meta) => {
+                    out.pod(&meta);
+                    found = true;
+                }
+                Err(reason) => misses.push(reason),
+            }
+        }
+        if !found {
+            reasons.extend(misses);
+        }
+        if !found && process.container_id.is_empty() && process.pod_uid.is_empty() {
+            reasons.push(format!(
+                "process {} (cgroup {}) is not in a container",
+                process.pid, process.cgroup_id
+            ));
+        }
+        if !found && let Some((_, node)) = topology::parse_source(event.source()) {
+            out.extensions.insert(extensions::NODE, node.to_string());
+        }
+    } else if !subject.contains('/') || subject.is_empty() {
+        reasons.push("event names no pod, container or node".into());
+    }
+
+    // TCP peers.
+    if schema == "proto:tidewatch.v1.TcpConnection"
+        && let Ok(tcp) = payload::<TcpConnection>(event)
+        && !tcp.daddr.is_empty()
+    {
+        if let Some(bytes) = lookup.get(&pod_keys::by_service_ip(&tcp.daddr)).await? {
+            match serde_json::from_slice::<serde_json::Value>(&bytes) {
+                Ok(v) => {
+                    let ns = v["namespace"].as_str().unwrap_or_default();
+                    let name = v["name"].as_str().unwrap_or_default();
+                    out.extensions
+                        .insert(ext::PEER_SERVICE, format!("{ns}/{name}"));
+                }
+                Err(e) => reasons.push(format!(
+                    "service metadata for {} is corrupt: {e}",
+                    tcp.daddr
+                )),
+            }
+        }
+        if let Ok(peer) = pod_at(lookup, &pod_keys::by_ip(&tcp.daddr)).await? {
+            out.extensions
+                .insert(ext::PEER_POD, format!("{}/{}", peer.namespace, peer.name));
+        }
+    }
+    if !reasons.is_empty() {
+        out.unresolved = Some(reasons.join("; "));
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+    use tidewatch_proto::v1::ContainerMetadata;
+    use tidewatch_runtime::event::new_event;
+    use tidewatch_runtime::topology::types;
+
+    struct Map(HashMap<String, Bytes>);
+    impl Lookup for Map {
+        async fn get(&self, key: &str) -> Result<Option<Bytes>, String> {
+            Ok(self.0.get(key).cloned())
+        }
+    }
+    struct Down;
+    impl Lookup for Down {
+        async fn get(&self, _: &str) -> Result<Option<Bytes>, String> {
+            Err("down".into())
+        }
+    }
+
+    fn meta() -> PodMetadata {
+        PodMetadata {
+            uid: "u-1".into(),
+            namespace: "shop".into(),
+            name: "cart-1".into(),
+            node: "node-1".into(),
+            labels: [
+                ("app".to_string(), "cart".to_string()),
+                ("tier".to_string(), "web".to_string()),
+            ]
+            .into(),
+            workload_kind: "ReplicaSet".into(),
+            workload_name: "cart-7c9f".into(),
+            pod_ips: vec!["10.1.0.5".into()],
+            containers: vec![ContainerMetadata {
+                name: "cart".into(),
+                container_id: "containerd://abc123".into(),
+                memory_limit_bytes: 256 << 20,
+                ..Default::default()
+            }],
+            deleted_at_ns: 0,
+        }
+    }
+
+    fn store() -> Map {
+        let bytes = Bytes::from(meta().encode_to_vec());
+        let mut m = HashMap::new();
+        for key in [
+            pod_keys::by_uid("u-1"),
+            pod_keys::by_name("shop", "cart-1"),
+            pod_keys::by_container("abc123"),
+            pod_keys::by_ip("10.1.0.5"),
+        ] {
+            m.insert(key, bytes.clone());
+        }
+        m.insert(
+            pod_keys::by_service_ip("10.96.0.10"),
+            Bytes::from_static(br#"{"namespace":"shop","name":"cart"}"#),
+        );
+        Map(m)
+    }
+
+    fn kernel<M: prost::Message + prost::Name>(ty: &str, m: &M) -> Event {
+        new_event(
+            "e1",
+            ty,
+            "/tidewatch/ebpf/node-1",
+            None,
+            chrono::Utc::now(),
+            m,
+        )
+        .expect("event")
+    }
+
+    #[tokio::test]
+    async fn kernel_events_join_by_container_id_then_pod_uid() {
+        let oom = OomKill {
+            victim: Some(ProcessInfo {
+                pid: 7,
+                comm: "java".into(),
+                container_id: "abc123".into(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let e = resolve(&store(), &kernel(types::OOM_KILL, &oom))
+            .await
+            .expect("store up");
+        assert_eq!(e.unresolved, None);
+        assert_eq!(e.extensions[extensions::POD], "cart-1");
+        assert_eq!(e.extensions[extensions::WORKLOAD], "ReplicaSet/cart-7c9f");
+        assert_eq!(e.extensions[ext::CONTAINER], "cart");
+        assert_eq!(e.extensions[ext::MEMORY_LIMIT], (256u64 << 20).to_string());
+        assert_eq!(e.extensions[ext::LABELS], "app=cart,tier=web");
+        let exec = ProcessExec {
+            process: Some(ProcessInfo {
+                pod_uid: "u-1".into(),
+                container_id: "unknown".into(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let e = resolve(&store(), &kernel(types::PROCESS_EXEC, &exec))
+            .await
+            .expect("up");
+        assert_eq!(e.unresolved, None, "the pod uid resolves it");
+        assert_eq!(e.extensions[extensions::NODE], "node-1");
+    }
+
+    #[tokio::test]
+    async fn tcp_peers_resolve_to_pod_and_service() {
+        let tcp = TcpConnection {
+            process: Some(ProcessInfo {
+                container_id: "abc123".into(),
+                ..Default::default()
+            }),
+            daddr: "10.96.0.10".into(),
+            dport: 80,
+            ..Default::default()
+        };
+        let e = resolve(&store(), &kernel(types::TCP_REFUSED, &tcp))
+            .await
+            .expect("up");
+        assert_eq!(e.extensions[ext::PEER_SERVICE], "shop/cart");
+        let tcp = TcpConnection {
+            daddr: "10.1.0.5".into(),
+            ..tcp
+        };
+        let e = resolve(&store(), &kernel(types::TCP_CONNECT, &tcp))
+            .await
+            .expect("up");
+        assert_eq!(e.extensions[ext::PEER_POD], "shop/cart-1");
+    }
+
+    #[tokio::test]
+    async fn systemd_events_get_their_node_and_unknowns_are_marked() {
+        let unit = UnitStateChange {
+            unit: "kubelet.service".into(),
+            node: "node-9".into(),
+            ..Default::default()
+        };
+        let e = resolve(&Down, &kernel(types::UNIT_FAILED, &unit))
+            .await
+            .expect("no KV needed");
+        assert_eq!(e.extensions[extensions::NODE], "node-9");
+        assert_eq!(e.unresolved, None);
+        let exit = ProcessExit {
+            process: Some(ProcessInfo {
+                container_id: "nope".into(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let e = resolve(&store(), &kernel(types::PROCESS_EXIT, &exit))
+            .await
+            .expect("up");
+        assert!(
+            e.unresolved
+                .as_deref()
+                .is_some_and(|r| r.contains("container.nope")),
+            "{e:?}"
+        );
+        assert_eq!(
+            e.extensions[extensions::NODE],
+            "node-1",
+            "the collector's node still says where"
+        );
+        let host = ProcessExit {
+            process: Some(ProcessInfo {
+                pid: 1,
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let e = resolve(&store(), &kernel(types::PROCESS_EXIT, &host))
+            .await
+            .expect("up");
+        assert!(
+            e.unresolved
+                .as_deref()
+                .is_some_and(|r| r.contains("not in a container"))
+        );
+        assert!(
+            resolve(&Down, &kernel(types::PROCESS_EXIT, &exit))
+                .await
+                .is_err(),
+            "store down: retry"
+        );
+    }
+}

@@ -1,0 +1,504 @@
+//! The export binary against a real nats-server, a real HTTP webhook
+//! receiver and a real OTLP logs gRPC receiver (tonic service) started in
+//! the test.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::convert::Infallible;
+use std::process::Stdio;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use opentelemetry_proto::tonic::collector::logs::v1::logs_service_server::{
+    LogsService, LogsServiceServer,
+};
+use opentelemetry_proto::tonic::collector::logs::v1::{
+    ExportLogsServiceRequest, ExportLogsServiceResponse,
+};
+use opentelemetry_proto::tonic::common::v1::any_value;
+use tidewatch_proto::v1::{Entity, Insight};
+use tidewatch_runtime::event::new_event;
+use tidewatch_runtime::metrics::Metrics;
+use tidewatch_runtime::provision::{ProvisionOptions, provision};
+use tidewatch_runtime::publisher::{Publisher, PublisherConfig};
+use tidewatch_runtime::topology::{self, subjects, types};
+use tidewatch_testkit::{NatsServer, eventually};
+use tokio::net::TcpListener;
+use tokio::process::{Child, Command};
+
+/// What a receiver got: every delivery (duplicates included), by receiver.
+#[derive(Default)]
+struct Received {
+    /// Event ids in arrival order.
+    ids: Mutex<Vec<String>>,
+    /// Raw bodies (HTTP) for format checks.
+    bodies: Mutex<Vec<(String, Bytes)>>,
+    /// While now (ms since start) < this, answer slowly / fail.
+    down_until_ms: AtomicU64,
+}
+
+impl Received {
+    fn ids(&self) -> Vec<String> {
+        self.ids.lock().expect("lock").clone()
+    }
+    fn distinct(&self) -> BTreeSet<String> {
+        self.ids().into_iter().collect()
+    }
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or_default()
+}
+
+/// An HTTP/1 receiver. While down it answers 503 after `slow`.
+async fn http_receiver(slow: Duration) -> (u16, Arc<Received>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let port = listener.local_addr().expect("addr").port();
+    let received = Arc::new(Received::default());
+    let r = received.clone();
+    tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                return;
+            };
+            let r = r.clone();
+            tokio::spawn(async move {
+                let service =
+                    hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
+                        let r = r.clone();
+                        async move {
+                            let path = req.uri().path().to_string();
+                            let content_type = req
+                                .headers()
+                                .get(http::header::CONTENT_TYPE)
+                                .and_then(|v| v.to_str().ok())
+                                .unwrap_or_default()
+                                .to_string();
+                            let body = req
+                                .into_body()
+                                .collect()
+                                .await
+                                .map(|b| b.to_bytes())
+                                .unwrap_or_default();
+                            if now_ms() < r.down_until_ms.load(Ordering::SeqCst) {
+                                tokio::time::sleep(slow).await;
+                                return Ok::<_, Infallible>(
+                                    http::Response::builder()
+                                        .status(503)
+                                        .body(Full::new(Bytes::new()))
+                                        .expect("response"),
+                                );
+                            }
+                            let id = if path == "/v1/logs" {
+                                let request: ExportLogsServiceRequest =
+                                    prost::Message::decode(body.as_ref()).expect("OTLP protobuf");
+                                event_id(&request)
+                            } else if content_type == "application/cloudevents+json" {
+                                let json: serde_json::Value =
+                                    serde_json::from_slice(&body).expect("JSON");
+                                json["id"].as_str().unwrap_or_default().to_string()
+                            } else {
+                                let json: serde_json::Value =
+                                    serde_json::from_slice(&body).expect("JSON");
+                                json["text"].as_str().unwrap_or_default().to_string()
+                            };
+                            r.ids.lock().expect("lock").push(id);
+                            r.bodies.lock().expect("lock").push((content_type, body));
+                            Ok(http::Response::builder()
+                                .status(200)
+                                .body(Full::new(Bytes::new()))
+                                .expect("response"))
+                        }
+                    });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), service)
+                    .await;
+            });
+        }
+    });
+    (port, received)
+}
+
+fn event_id(request: &ExportLogsServiceRequest) -> String {
+    let record = &request.resource_logs[0].scope_logs[0].log_records[0];
+    record
+        .attributes
+        .iter()
+        .find(|kv| kv.key == "cloudevents.event_id")
+        .and_then(|kv| kv.value.as_ref()?.value.as_ref())
+        .and_then(|v| match v {
+            any_value::Value::StringValue(s) => Some(s.clone()),
+            _ => None,
+        })
+        .unwrap_or_default()
+}
+
+struct Otlp {
+    received: Arc<Received>,
+    requests: Arc<Mutex<Vec<ExportLogsServiceRequest>>>,
+    slow: Duration,
+}
+
+#[tonic::async_trait]
+impl LogsService for Otlp {
+    async fn export(
+        &self,
+        request: tonic::Request<ExportLogsServiceRequest>,
+    ) -> Result<tonic::Response<ExportLogsServiceResponse>, tonic::Status> {
+        if now_ms() < self.received.down_until_ms.load(Ordering::SeqCst) {
+            tokio::time::sleep(self.slow).await;
+            return Err(tonic::Status::unavailable("receiver down"));
+        }
+        let request = request.into_inner();
+        self.received
+            .ids
+            .lock()
+            .expect("lock")
+            .push(event_id(&request));
+        self.requests.lock().expect("lock").push(request);
+        Ok(tonic::Response::new(ExportLogsServiceResponse::default()))
+    }
+}
+
+/// An OTLP logs gRPC receiver (HTTP/2), the tonic service served by hyper.
+async fn otlp_receiver(
+    slow: Duration,
+) -> (
+    u16,
+    Arc<Received>,
+    Arc<Mutex<Vec<ExportLogsServiceRequest>>>,
+) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let port = listener.local_addr().expect("addr").port();
+    let received = Arc::new(Received::default());
+    let requests = Arc::new(Mutex::new(Vec::new()));
+    let service = LogsServiceServer::new(Otlp {
+        received: received.clone(),
+        requests: requests.clone(),
+        slow,
+    });
+    tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                return;
+            };
+            let service = service.clone();
+            tokio::spawn(async move {
+                let hyper_service =
+                    hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
+                        let mut service = service.clone();
+                        async move { tonic::codegen::Service::call(&mut service, req).await }
+                    });
+                let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(stream), hyper_service)
+                    .await;
+            });
+        }
+    });
+    (port, received, requests)
+}
+
+fn insight(i: u32) -> cloudevents::Event {
+    let insight = Insight {
+        id: format!("incident-{}", i / 2),
+        kind: "crash-loop".into(),
+        severity: if i.is_multiple_of(2) {
+            "critical"
+        } else {
+            "warning"
+        }
+        .into(),
+        summary: format!("container app of pod/shop/web-{i} restarted 3 times in 10m"),
+        root_cause: "segmentation fault (SIGSEGV, exit 139): a crash in native code".into(),
+        root_cause_event_id: format!("r-{i}-0"),
+        evidence_event_ids: (0..3).map(|j| format!("r-{i}-{j}")).collect(),
+        affected: vec![Entity {
+            kind: "pod".into(),
+            name: format!("web-{i}"),
+            namespace: "shop".into(),
+        }],
+        first_seen_ns: 1,
+        last_seen_ns: 2,
+        confidence: 0.6,
+        revision: 1 + i % 2,
+    };
+    new_event(
+        format!("msg-{i:03}"),
+        &types::insight("crash-loop"),
+        &topology::source("correlate", "node-1"),
+        Some(&format!("pod/shop/web-{i}")),
+        chrono::Utc::now(),
+        &insight,
+    )
+    .expect("event")
+}
+
+async fn setup(server: &NatsServer) -> (async_nats::jetstream::Context, Publisher) {
+    let client = server.connect().await;
+    let js = async_nats::jetstream::new(client.clone());
+    provision(
+        &js,
+        &ProvisionOptions::default().ack_wait(Duration::from_secs(5)),
+    )
+    .await
+    .expect("provisioned");
+    (
+        js,
+        Publisher::new(client, PublisherConfig::default(), Metrics::new("test")),
+    )
+}
+
+fn start_export(server: &NatsServer, args: &[String]) -> Child {
+    Command::new(env!("CARGO_BIN_EXE_tidewatch-export"))
+        .env("NATS_URL", server.client_url())
+        .env("TIDEWATCH_METRICS_ADDR", "127.0.0.1:0")
+        .env("TIDEWATCH_TRANSPORT", "jetstream")
+        .env("RUST_LOG", "warn")
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("export starts")
+}
+
+async fn consumer_idle(js: &async_nats::jetstream::Context) -> bool {
+    let info = js
+        .get_stream(topology::INSIGHTS.name)
+        .await
+        .expect("stream")
+        .consumer_info("export")
+        .await
+        .expect("consumer");
+    info.num_pending == 0 && info.num_ack_pending == 0
+}
+
+async fn stream_len(js: &async_nats::jetstream::Context, name: &str) -> u64 {
+    js.get_stream(name)
+        .await
+        .expect("stream")
+        .info()
+        .await
+        .expect("info")
+        .state
+        .messages
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_failing_sink_recovers_and_gets_every_insight_without_holding_up_the_other() {
+    const N: u32 = 20;
+    let server = NatsServer::start().await;
+    let (js, publisher) = setup(&server).await;
+    // The webhook is down (slow, then 503) for the first 2.5 s; OTLP is healthy.
+    let (web_port, web) = http_receiver(Duration::from_millis(1500)).await;
+    let (otlp_port, otlp, requests) = otlp_receiver(Duration::ZERO).await;
+    let started = now_ms();
+    web.down_until_ms.store(started + 2500, Ordering::SeqCst);
+    let _export = start_export(
+        &server,
+        &[
+            "--stdout=false".into(),
+            "--webhook".into(),
+            format!("http://127.0.0.1:{web_port}/hook"),
+            "--otlp-endpoint".into(),
+            format!("http://127.0.0.1:{otlp_port}"),
+            "--sink-timeout-ms".into(),
+            "1000".into(),
+            "--breaker-failures".into(),
+            "3".into(),
+            "--breaker-open-ms".into(),
+            "500".into(),
+        ],
+    );
+    let subject = subjects::insight("crash-loop");
+    for i in 0..N {
+        publisher
+            .publish(subject.as_str(), &insight(i))
+            .await
+            .expect("stored");
+    }
+    let expected: BTreeSet<String> = (0..N).map(|i| format!("msg-{i:03}")).collect();
+
+    // OTLP gets everything while the webhook is still down.
+    eventually(
+        "OTLP to receive every insight",
+        Duration::from_secs(20),
+        || async { (otlp.distinct() == expected).then_some(()) },
+    )
+    .await;
+    assert!(
+        now_ms() < started + 2500,
+        "the down webhook did not hold OTLP up"
+    );
+    assert!(web.distinct().is_empty());
+
+    // The webhook recovers: every insight arrives, none lost, none twice after dedupe by id.
+    eventually(
+        "the webhook to receive every insight",
+        Duration::from_secs(60),
+        || async { (web.distinct() == expected).then_some(()) },
+    )
+    .await;
+    eventually("export to settle", Duration::from_secs(30), || async {
+        consumer_idle(&js).await.then_some(())
+    })
+    .await;
+    assert_eq!(web.distinct(), expected);
+    assert_eq!(
+        otlp.ids().len(),
+        N as usize,
+        "OTLP was not called again for redelivered insights"
+    );
+    assert_eq!(
+        stream_len(&js, topology::DEAD_LETTER.name).await,
+        0,
+        "nothing was given up on"
+    );
+
+    // OTLP log records carry the insight.
+    let requests = requests.lock().expect("lock");
+    let record = &requests[0].resource_logs[0].scope_logs[0].log_records[0];
+    let attr = |k: &str| {
+        record
+            .attributes
+            .iter()
+            .find(|kv| kv.key == k)
+            .and_then(|kv| kv.value.clone())
+    };
+    assert!(attr("tidewatch.insight.id").is_some());
+    assert!(attr("tidewatch.insight.evidence_event_ids").is_some());
+    assert!(record.severity_number == 17 || record.severity_number == 13);
+    // Webhook bodies are structured CloudEvents with the insight as JSON data.
+    let bodies = web.bodies.lock().expect("lock");
+    let (content_type, body) = &bodies[0];
+    assert_eq!(content_type, "application/cloudevents+json");
+    let json: serde_json::Value = serde_json::from_slice(body).expect("json");
+    assert_eq!(json["specversion"], "1.0");
+    assert_eq!(json["type"], "dev.tidewatch.insight.crash-loop");
+    assert_eq!(json["data"]["kind"], "crash-loop");
+    assert_eq!(
+        json["data"]["evidenceEventIds"].as_array().map(Vec::len),
+        Some(3)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slack_text_and_otlp_over_http() {
+    let server = NatsServer::start().await;
+    let (js, publisher) = setup(&server).await;
+    let (port, received) = http_receiver(Duration::ZERO).await;
+    let _export = start_export(
+        &server,
+        &[
+            "--stdout=false".into(),
+            "--webhook".into(),
+            format!("http://127.0.0.1:{port}/slack"),
+            "--webhook-format".into(),
+            "slack".into(),
+            "--otlp-endpoint".into(),
+            format!("http://127.0.0.1:{port}"),
+            "--otlp-protocol".into(),
+            "http".into(),
+        ],
+    );
+    publisher
+        .publish(subjects::insight("crash-loop").as_str(), &insight(4))
+        .await
+        .expect("stored");
+    eventually("both sinks to deliver", Duration::from_secs(20), || async {
+        (received.ids().len() == 2).then_some(())
+    })
+    .await;
+    eventually("export to settle", Duration::from_secs(30), || async {
+        consumer_idle(&js).await.then_some(())
+    })
+    .await;
+    let bodies: BTreeMap<String, Bytes> = received
+        .bodies
+        .lock()
+        .expect("lock")
+        .iter()
+        .cloned()
+        .collect();
+    let slack: serde_json::Value =
+        serde_json::from_slice(&bodies["application/json"]).expect("json");
+    let text = slack["text"].as_str().expect("text");
+    assert!(
+        text.starts_with("*[critical] crash-loop*: container app of pod/shop/web-4"),
+        "{text}"
+    );
+    assert!(text.contains("Root cause: segmentation fault"), "{text}");
+    assert!(text.contains("pod/shop/web-4"), "{text}");
+    let otlp: ExportLogsServiceRequest =
+        prost::Message::decode(bodies["application/x-protobuf"].as_ref()).expect("protobuf");
+    assert_eq!(event_id(&otlp), "msg-004");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sink_down_for_good_dead_letters_the_insight_with_the_reason() {
+    let server = NatsServer::start().await;
+    let client = server.connect().await;
+    let js = async_nats::jetstream::new(client.clone());
+    provision(
+        &js,
+        &ProvisionOptions::default()
+            .ack_wait(Duration::from_secs(5))
+            .max_deliver(3),
+    )
+    .await
+    .expect("provisioned");
+    let publisher = Publisher::new(client, PublisherConfig::default(), Metrics::new("test"));
+    let (port, received) = http_receiver(Duration::ZERO).await;
+    received.down_until_ms.store(u64::MAX, Ordering::SeqCst);
+    let _export = start_export(
+        &server,
+        &[
+            "--stdout=false".into(),
+            "--webhook".into(),
+            format!("http://127.0.0.1:{port}/hook"),
+        ],
+    );
+    publisher
+        .publish(subjects::insight("crash-loop").as_str(), &insight(7))
+        .await
+        .expect("stored");
+    eventually(
+        "the insight to be dead-lettered",
+        Duration::from_secs(30),
+        || async { (stream_len(&js, topology::DEAD_LETTER.name).await == 1).then_some(()) },
+    )
+    .await;
+    let dlq = js
+        .get_stream(topology::DEAD_LETTER.name)
+        .await
+        .expect("dlq");
+    let message = dlq.get_raw_message(1).await.expect("dead letter");
+    let reason = message
+        .headers
+        .get(tidewatch_runtime::dead_letter::REASON_HEADER)
+        .map(|v| v.to_string())
+        .unwrap_or_default();
+    assert!(
+        reason.contains("webhook") && reason.contains("503"),
+        "{reason}"
+    );
+    let event =
+        tidewatch_runtime::binding::nats::from_nats(Some(&message.headers), &message.payload)
+            .expect("the original event");
+    assert_eq!(
+        cloudevents::AttributesReader::id(&event),
+        "msg-007",
+        "kept whole for replay"
+    );
+    eventually("export to settle", Duration::from_secs(30), || async {
+        consumer_idle(&js).await.then_some(())
+    })
+    .await;
+}
