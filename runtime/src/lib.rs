@@ -7,6 +7,7 @@
 //! - [`binding`]: CloudEvents over NATS (binary + structured) and HTTP.
 //! - [`publisher`]: async JetStream publishing with bounded in-flight acks
 //!   and same-id retries.
+//! - [`spool`]: the bounded on-disk outage spool, replayed in order once NATS is back.
 //! - [`function`]: the `Function` trait and its `Outcome`.
 //! - [`consume`] (JetStream pull, KEDA) and [`serve_http`] (HTTP, Knative):
 //!   the two transports one function value runs on.
@@ -25,6 +26,7 @@ pub mod provision;
 pub mod publisher;
 pub mod serve_http;
 pub mod shutdown;
+pub mod spool;
 pub mod telemetry;
 pub mod topology;
 
