@@ -16,6 +16,7 @@ mod emit;
 mod local_nats;
 mod render;
 mod replay;
+mod scaffold;
 mod status;
 mod tail;
 mod up;
@@ -70,6 +71,9 @@ enum Command {
     Bench(bench::BenchCommand),
     /// List the event types Tidewatch knows and the payload each carries.
     Types,
+    /// Add things: `tidewatch new function <name>` scaffolds a function with its own consumer.
+    #[command(subcommand)]
+    New(scaffold::NewCommand),
     /// Render the Kubernetes manifests (keda/) from the topology; --check fails if they drifted.
     Render(render::RenderArgs),
 }
@@ -87,6 +91,7 @@ async fn main() -> anyhow::Result<()> {
         Command::Replay(args) => replay::run(&connect(&cli.nats_url).await?, args).await,
         Command::Bench(cmd) => bench::run(&cli.nats_url, cmd).await,
         Command::Render(args) => render::run(args),
+        Command::New(command) => scaffold::run(command),
         Command::Types => {
             for t in tidewatch_runtime::topology::types::ALL {
                 println!("{:<48} {:<28} {}", t.name, t.payload, t.description);

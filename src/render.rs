@@ -107,8 +107,9 @@ pub fn keda_deployment(function: &FunctionSpec) -> Value {
 }
 
 /// A function's ScaledObject: the `nats-jetstream` trigger on its durable consumer.
-pub fn scaled_object(function: &FunctionSpec) -> anyhow::Result<Value> {
-    let consumer = topology::consumer(function.consumer)
+pub fn scaled_object(function: &FunctionSpec, fns: &Functions) -> anyhow::Result<Value> {
+    let consumer = fns
+        .consumer(function.consumer)
         .with_context(|| format!("no consumer {}", function.consumer))?;
     let stream = topology::stream(consumer.stream)
         .with_context(|| format!("no stream {}", consumer.stream))?;
@@ -269,10 +270,10 @@ pub struct NatsUser {
 /// What each function may publish and subscribe: its consumer's pull, ack
 /// and info subjects, its advisories, its outputs, its dead letters, and the
 /// KV buckets it uses.
-pub fn nats_users() -> Vec<NatsUser> {
+pub fn nats_users(fns: &Functions) -> Vec<NatsUser> {
     let mut users = Vec::new();
-    for function in topology::FUNCTIONS {
-        let Some(consumer) = topology::consumer(function.consumer) else {
+    for function in &fns.functions {
+        let Some(consumer) = fns.consumer(function.consumer) else {
             continue;
         };
         let Some(stream) = topology::stream(consumer.stream) else {
@@ -392,7 +393,7 @@ pub fn ebpf_daemonset() -> Value {
 
 /// The `authorization` block of nats.conf; passwords come from the
 /// environment (`$<USER>_PASSWORD`), filled from the Secret.
-pub fn nats_authorization() -> String {
+pub fn nats_authorization(fns: &Functions) -> String {
     let quote = |v: &[String]| {
         v.iter()
             .map(|s| format!("\"{s}\""))
@@ -402,7 +403,7 @@ pub fn nats_authorization() -> String {
     let mut out = String::from("authorization {\n  users: [\n");
     out.push_str("    # Provisioning (the Job) and operators: full access.\n");
     out.push_str("    { user: admin, password: $ADMIN_PASSWORD }\n");
-    for user in nats_users() {
+    for user in nats_users(fns) {
         out.push_str(&format!(
             "    {{ user: {}, password: ${}_PASSWORD, permissions: {{\n        publish: [{}]\n        subscribe: [{}]\n    }} }}\n",
             user.name,
@@ -435,9 +436,9 @@ fn nats_labels() -> Value {
 /// A plain StatefulSet rather than the Helm chart so `kubectl apply -k`
 /// needs no Helm, and the config (users, permissions) is rendered from the
 /// topology like everything else.
-pub fn nats_objects() -> Vec<Value> {
+pub fn nats_objects(fns: &Functions) -> Vec<Value> {
     let password_env: Vec<Value> = std::iter::once("admin".to_string())
-        .chain(nats_users().into_iter().map(|u| u.name))
+        .chain(nats_users(fns).into_iter().map(|u| u.name))
         .map(|name| json!({"name": format!("{}_PASSWORD", name.to_uppercase()), "valueFrom": {"secretKeyRef": {"name": "tidewatch-nats-users", "key": name}}}))
         .collect();
     let mut env = vec![
@@ -448,7 +449,7 @@ pub fn nats_objects() -> Vec<Value> {
         json!({
             "apiVersion": "v1", "kind": "ConfigMap",
             "metadata": {"name": "nats-config", "namespace": SYSTEM_NAMESPACE, "labels": nats_labels()},
-            "data": {"nats.conf": nats_conf(), "auth.conf": nats_authorization()},
+            "data": {"nats.conf": nats_conf(), "auth.conf": nats_authorization(fns)},
         }),
         json!({
             "apiVersion": "v1", "kind": "Service",
@@ -516,10 +517,10 @@ pub fn namespaces() -> Vec<Value> {
 
 /// NATS users' passwords. Placeholders: replace them before production
 /// (`kubectl create secret generic tidewatch-nats-users --from-literal=...`).
-pub fn secrets() -> Vec<Value> {
+pub fn secrets(fns: &Functions) -> Vec<Value> {
     let mut data = serde_json::Map::new();
     data.insert("admin".into(), json!("change-me-admin"));
-    for user in nats_users() {
+    for user in nats_users(fns) {
         data.insert(user.name.clone(), json!(format!("change-me-{}", user.name)));
     }
     [SYSTEM_NAMESPACE, FUNCTIONS_NAMESPACE]
@@ -612,15 +613,40 @@ fn kustomization(resources: &[String]) -> anyhow::Result<String> {
     Ok(yaml(&[kustomization])?.replace("---\n", ""))
 }
 
-/// Every rendered file, as (path relative to the repository root, contents).
+/// The functions and consumers to render: the compiled topology, plus a
+/// function `tidewatch new function` is adding (not compiled in yet).
+pub struct Functions {
+    pub functions: Vec<FunctionSpec>,
+    pub consumers: Vec<topology::ConsumerSpec>,
+}
+
+impl Functions {
+    pub fn compiled() -> Functions {
+        Functions {
+            functions: topology::FUNCTIONS.to_vec(),
+            consumers: topology::CONSUMERS.to_vec(),
+        }
+    }
+
+    fn consumer(&self, durable: &str) -> Option<&topology::ConsumerSpec> {
+        self.consumers.iter().find(|c| c.durable == durable)
+    }
+}
+
+/// Every rendered file for the compiled topology.
 pub fn render() -> anyhow::Result<Vec<(String, String)>> {
+    render_with(&Functions::compiled())
+}
+
+/// Every rendered file for `fns`, as (path relative to the repository root, contents).
+pub fn render_with(fns: &Functions) -> anyhow::Result<Vec<(String, String)>> {
     let mut files = Vec::new();
     let mut resources = Vec::new();
-    for function in topology::FUNCTIONS {
+    for function in &fns.functions {
         let file = format!("{}.yaml", function.name);
         files.push((
             format!("keda/{file}"),
-            yaml(&[keda_deployment(function), scaled_object(function)?])?,
+            yaml(&[keda_deployment(function), scaled_object(function, fns)?])?,
         ));
         resources.push(file);
     }
@@ -631,8 +657,8 @@ pub fn render() -> anyhow::Result<Vec<(String, String)>> {
 
     let deploy = [
         ("namespaces.yaml", namespaces()),
-        ("secrets.yaml", secrets()),
-        ("nats.yaml", nats_objects()),
+        ("secrets.yaml", secrets(fns)),
+        ("nats.yaml", nats_objects(fns)),
         ("network-policies.yaml", network_policies()),
         ("provision.yaml", vec![provision_job()]),
         ("collector-ebpf.yaml", vec![ebpf_daemonset()]),
@@ -652,7 +678,7 @@ pub fn render() -> anyhow::Result<Vec<(String, String)>> {
         "knative/broker.yaml".to_string(),
         yaml(&[knative_broker(), knative_dead_letter_service()])?,
     ));
-    for function in topology::FUNCTIONS {
+    for function in &fns.functions {
         let file = format!("{}.yaml", function.name);
         files.push((
             format!("knative/{file}"),
@@ -678,14 +704,23 @@ pub struct RenderArgs {
 }
 
 pub fn run(args: RenderArgs) -> anyhow::Result<()> {
+    write(&args.out, args.check, render()?)
+}
+
+/// Write rendered files under `out` (or, with `check`, only compare).
+pub fn write(
+    out: &std::path::Path,
+    check: bool,
+    files: Vec<(String, String)>,
+) -> anyhow::Result<()> {
     let mut drifted = Vec::new();
-    for (path, contents) in render()? {
-        let target = args.out.join(&path);
+    for (path, contents) in files {
+        let target = out.join(&path);
         let current = std::fs::read_to_string(&target).unwrap_or_default();
         if current == contents {
             continue;
         }
-        if args.check {
+        if check {
             drifted.push(path);
             continue;
         }

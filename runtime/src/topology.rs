@@ -183,6 +183,7 @@ pub const CONSUMERS: &[ConsumerSpec] = &[
         "correlate: finds root causes across events",
     ),
     function_consumer("export", INSIGHTS.key, "export: ships insights to sinks"),
+    // `tidewatch new function` adds consumers above this line.
 ];
 
 pub const ENRICH: FunctionSpec = FunctionSpec {
@@ -210,7 +211,12 @@ pub const EXPORT: FunctionSpec = FunctionSpec {
     scale: scale_to_zero(50, 10),
 };
 
-pub const FUNCTIONS: &[FunctionSpec] = &[ENRICH, CORRELATE, EXPORT];
+// `tidewatch new function` adds function specs above this line.
+
+pub const FUNCTIONS: &[FunctionSpec] = &[
+    ENRICH, CORRELATE, EXPORT,
+    // `tidewatch new function` adds functions above this line.
+];
 
 /// Pod metadata for enrichment, written by the k8s collector.
 pub const POD_METADATA: BucketSpec = BucketSpec {
