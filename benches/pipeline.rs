@@ -265,7 +265,7 @@ async fn end_to_end_latency_at_a_steady_rate() {
         interval.tick().await;
         for _ in 0..per_tick {
             let at = Utc::now();
-            let (subject, event) = if i % 100 == 0 {
+            let (subject, event) = if i.is_multiple_of(100) {
                 let p = (i / 100) as usize % PODS;
                 let payload = ContainerRestart {
                     namespace: "bench".into(),

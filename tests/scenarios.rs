@@ -53,6 +53,7 @@ fn pod(
     }
 }
 
+#[allow(clippy::too_many_arguments)] // one argument per field of a realistic restart event
 fn restart(
     id: &str,
     ty: &str,
