@@ -14,8 +14,7 @@ use futures::stream::FuturesUnordered;
 use futures::{FutureExt as _, StreamExt};
 use tidewatch_proto::{PROTOBUF_CONTENT_TYPE, v1};
 use tidewatch_runtime::event::{derive_id, new_event};
-use tidewatch_runtime::metrics::Metrics;
-use tidewatch_runtime::publisher::{Publisher, PublisherConfig};
+use tidewatch_runtime::publisher::PublisherConfig;
 use tidewatch_runtime::topology::{self, subjects, types};
 
 #[derive(clap::Args)]
@@ -51,15 +50,8 @@ pub async fn emit(client: &async_nats::Client, args: EmitArgs) -> anyhow::Result
         )),
         None => None,
     };
-    let publisher = Publisher::new(
-        client.clone(),
-        PublisherConfig::default(),
-        Metrics::new("cli"),
-    );
-    let run = chrono::Utc::now()
-        .timestamp_nanos_opt()
-        .unwrap_or_default()
-        .to_string();
+    let publisher = crate::publisher(client, PublisherConfig::default());
+    let run = crate::invocation_id();
     for i in 0..args.count {
         let id = derive_id(&[
             b"cli",
@@ -169,15 +161,11 @@ pub async fn burst(client: &async_nats::Client, args: BurstArgs) -> anyhow::Resu
     }
     let node = args.node.clone().unwrap_or_else(crate::hostname);
     let subject = subjects::raw("burst", &node);
-    let publisher = Publisher::new(
-        client.clone(),
+    let publisher = crate::publisher(
+        client,
         PublisherConfig::default().max_in_flight(args.in_flight),
-        Metrics::new("cli"),
     );
-    let run = chrono::Utc::now()
-        .timestamp_nanos_opt()
-        .unwrap_or_default()
-        .to_string();
+    let run = crate::invocation_id();
     let started = Instant::now();
     let mut pending = FuturesUnordered::new();
     let mut acked = 0u64;

@@ -119,6 +119,28 @@ pub async fn try_connect(url: &str) -> anyhow::Result<async_nats::Client> {
     Ok(client)
 }
 
+/// A publisher for a CLI command.
+pub fn publisher(
+    client: &async_nats::Client,
+    config: tidewatch_runtime::publisher::PublisherConfig,
+) -> tidewatch_runtime::publisher::Publisher {
+    tidewatch_runtime::publisher::Publisher::new(
+        client.clone(),
+        config,
+        tidewatch_runtime::metrics::Metrics::new("cli"),
+    )
+}
+
+/// A token unique to this invocation, hashed into the ids of the events it
+/// creates so two runs never collide while one run's retries deduplicate.
+pub fn invocation_id() -> String {
+    format!(
+        "{}-{}",
+        std::process::id(),
+        chrono::Utc::now().timestamp_nanos_opt().unwrap_or_default()
+    )
+}
+
 /// This machine's name, for event sources.
 pub fn hostname() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname")

@@ -13,8 +13,7 @@ use async_nats::jetstream::{self, consumer::DeliverPolicy, consumer::pull::Order
 use futures::StreamExt;
 use tidewatch_runtime::binding::nats::from_nats;
 use tidewatch_runtime::event::derive_id;
-use tidewatch_runtime::metrics::Metrics;
-use tidewatch_runtime::publisher::{Publisher, PublisherConfig};
+use tidewatch_runtime::publisher::PublisherConfig;
 use tidewatch_runtime::topology::{self, subjects, types};
 
 #[derive(clap::Args)]
@@ -96,15 +95,8 @@ pub async fn run(client: &async_nats::Client, args: ReplayArgs) -> anyhow::Resul
         .await?;
     let info = consumer.cached_info();
     let mut remaining = info.num_pending;
-    let publisher = Publisher::new(
-        client.clone(),
-        PublisherConfig::default(),
-        Metrics::new("cli"),
-    );
-    let run = chrono::Utc::now()
-        .timestamp_nanos_opt()
-        .unwrap_or_default()
-        .to_string();
+    let publisher = crate::publisher(client, PublisherConfig::default());
+    let run = crate::invocation_id();
     let mut messages = consumer.messages().await?;
     let (mut replayed, mut skipped) = (0u64, 0u64);
     while remaining > 0 {
