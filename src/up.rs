@@ -164,6 +164,8 @@ struct Scaled {
     last_seq: Option<(Instant, u64)>,
     rate: f64,
     consumer_stream: &'static str,
+    /// The autoscaler's last decision.
+    desired: u32,
 }
 
 async fn supervise(url: &str, monitoring: &str, args: &UpArgs, logs: &Path) -> anyhow::Result<()> {
@@ -238,6 +240,7 @@ async fn supervise(url: &str, monitoring: &str, args: &UpArgs, logs: &Path) -> a
             last_seq: None,
             rate: 0.0,
             consumer_stream,
+            desired: 0,
         });
     }
 
@@ -310,6 +313,7 @@ async fn supervise(url: &str, monitoring: &str, args: &UpArgs, logs: &Path) -> a
                     ),
                 );
             }
+            f.desired = decision.desired;
             while (f.replicas.len() as u32) < decision.desired {
                 f.replicas.push(spawn(args, f.spec, &bin_dir, url, logs)?);
             }
@@ -341,8 +345,9 @@ async fn supervise(url: &str, monitoring: &str, args: &UpArgs, logs: &Path) -> a
             .iter()
             .map(|f| {
                 format!(
-                    "{} {}/{} lag {} in {:.0}/s",
+                    "{} {}/{} (max {}) lag {} in {:.0}/s",
                     f.spec.name,
+                    f.desired,
                     f.replicas.len(),
                     f.scaler.policy.max_replicas,
                     f.lag,
@@ -352,7 +357,7 @@ async fn supervise(url: &str, monitoring: &str, args: &UpArgs, logs: &Path) -> a
             .collect();
         let status: Vec<Value> = functions
             .iter()
-            .map(|f| json!({"function": f.spec.name, "replicas": f.replicas.len(), "max": f.scaler.policy.max_replicas, "lag": f.lag, "rate": f.rate.round()}))
+            .map(|f| json!({"function": f.spec.name, "desired": f.desired, "replicas": f.replicas.len(), "max": f.scaler.policy.max_replicas, "lag": f.lag, "rate": f.rate.round()}))
             .collect();
         say(
             args,

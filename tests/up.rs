@@ -63,7 +63,7 @@ async fn up_runs_the_pipeline_and_ctrl_c_leaves_nothing_behind() {
         if let Some(pid) = pid_after(&line, "pid ") {
             pids.push(pid);
         }
-        if line.contains("enrich 0/10 lag 0") {
+        if line.contains("enrich 0/0 (max 10) lag 0") {
             break;
         }
     }
