@@ -34,6 +34,22 @@ fn copy_repo(from: &Path, to: &Path) {
     }
 }
 
+/// Every entry of the profile dir and of its deps/, build/ and .fingerprint/.
+fn artifacts(profile: &Path) -> std::collections::BTreeSet<PathBuf> {
+    let mut found = std::collections::BTreeSet::new();
+    for dir in [
+        profile.to_path_buf(),
+        profile.join("deps"),
+        profile.join("build"),
+        profile.join(".fingerprint"),
+    ] {
+        if let Ok(entries) = std::fs::read_dir(&dir) {
+            found.extend(entries.flatten().map(|e| e.path()));
+        }
+    }
+    found
+}
+
 #[test]
 fn a_scaffolded_function_builds_passes_its_test_and_is_wired_in() {
     let repo = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
@@ -114,12 +130,26 @@ fn a_scaffolded_function_builds_passes_its_test_and_is_wired_in() {
         .and_then(Path::parent)
         .expect("target dir")
         .to_path_buf();
+    let profile_dir = binary("tidewatch")
+        .parent()
+        .expect("profile dir")
+        .to_path_buf();
+    let before = artifacts(&profile_dir);
     let test = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
         .args(["test", "--quiet", "-p", "tidewatch-siem"])
         .current_dir(&copy)
         .env("CARGO_TARGET_DIR", &target_dir)
         .output()
         .expect("cargo runs");
+    // The copy's crates have the same names as ours: take their artifacts out
+    // again, or rustdoc would later find two `tidewatch_runtime`s in deps/.
+    for new in artifacts(&profile_dir).difference(&before) {
+        let _ = if new.is_dir() {
+            std::fs::remove_dir_all(new)
+        } else {
+            std::fs::remove_file(new)
+        };
+    }
     assert!(
         test.status.success(),
         "the scaffolded function's test failed:\n{}{}",
