@@ -34,20 +34,42 @@ fn copy_repo(from: &Path, to: &Path) {
     }
 }
 
-/// Every entry of the profile dir and of its deps/, build/ and .fingerprint/.
-fn artifacts(profile: &Path) -> std::collections::BTreeSet<PathBuf> {
-    let mut found = std::collections::BTreeSet::new();
-    for dir in [
-        profile.to_path_buf(),
-        profile.join("deps"),
-        profile.join("build"),
-        profile.join(".fingerprint"),
-    ] {
-        if let Ok(entries) = std::fs::read_dir(&dir) {
-            found.extend(entries.flatten().map(|e| e.path()));
+/// A target dir for the copy that reuses this build's compiled registry
+/// crates (hard links: nothing is copied or rebuilt) but none of the
+/// workspace's own, which the copy builds afresh from its own sources.
+/// Sharing the target dir itself would not do: the copy's crates have the
+/// same names and hashes as ours and would overwrite them.
+fn seeded_target_dir(ours: &Path, into: &Path) {
+    fn link_tree(from: &Path, to: &Path) {
+        std::fs::create_dir_all(to).expect("mkdir");
+        for entry in std::fs::read_dir(from).expect("read dir").flatten() {
+            let (source, target) = (entry.path(), to.join(entry.file_name()));
+            if source.is_dir() {
+                link_tree(&source, &target);
+            } else if std::fs::hard_link(&source, &target).is_err() {
+                std::fs::copy(&source, &target).expect("copy");
+            }
         }
     }
-    found
+    for sub in ["deps", "build", ".fingerprint"] {
+        let Ok(entries) = std::fs::read_dir(ours.join(sub)) else {
+            continue;
+        };
+        let to = into.join(sub);
+        std::fs::create_dir_all(&to).expect("mkdir");
+        for entry in entries.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if name.contains("tidewatch") {
+                continue;
+            }
+            let source = entry.path();
+            if source.is_dir() {
+                link_tree(&source, &to.join(&name));
+            } else if std::fs::hard_link(&source, to.join(&name)).is_err() {
+                std::fs::copy(&source, to.join(&name)).expect("copy");
+            }
+        }
+    }
 }
 
 #[test]
@@ -123,33 +145,19 @@ fn a_scaffolded_function_builds_passes_its_test_and_is_wired_in() {
         .expect("runs");
     assert!(!again.status.success());
 
-    // The scaffolded crate compiles and its own tests pass (sharing this build's
-    // dependencies; only the new binary lands in the target dir).
-    let target_dir = binary("tidewatch")
-        .parent()
-        .and_then(Path::parent)
-        .expect("target dir")
-        .to_path_buf();
+    // The scaffolded crate compiles and its own tests pass.
     let profile_dir = binary("tidewatch")
         .parent()
         .expect("profile dir")
         .to_path_buf();
-    let before = artifacts(&profile_dir);
+    let target_dir = temp.path().join("target");
+    seeded_target_dir(&profile_dir, &target_dir.join("debug"));
     let test = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
         .args(["test", "--quiet", "-p", "tidewatch-siem"])
         .current_dir(&copy)
         .env("CARGO_TARGET_DIR", &target_dir)
         .output()
         .expect("cargo runs");
-    // The copy's crates have the same names as ours: take their artifacts out
-    // again, or rustdoc would later find two `tidewatch_runtime`s in deps/.
-    for new in artifacts(&profile_dir).difference(&before) {
-        let _ = if new.is_dir() {
-            std::fs::remove_dir_all(new)
-        } else {
-            std::fs::remove_file(new)
-        };
-    }
     assert!(
         test.status.success(),
         "the scaffolded function's test failed:\n{}{}",
