@@ -179,13 +179,6 @@ pub fn describe(event: &Event) -> String {
     }
 }
 
-/// Set the `time` attribute to now if missing (events built by hand).
-pub fn ensure_time(event: &mut Event) {
-    if event.time().is_none() {
-        event.set_time(Some(chrono::Utc::now()));
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
