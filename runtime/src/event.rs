@@ -1,7 +1,7 @@
 //! Building and reading Tidewatch CloudEvents: deterministic ids, protobuf
 //! payloads, the 64 KiB limit, and the `traceparent` extension.
 
-use cloudevents::{AttributesReader, AttributesWriter, Data, Event, EventBuilder, EventBuilderV10};
+use cloudevents::{AttributesReader, Data, Event, EventBuilder, EventBuilderV10};
 use prost::Name;
 use sha2::{Digest, Sha256};
 use tidewatch_proto::{PROTOBUF_CONTENT_TYPE, schema_url};
