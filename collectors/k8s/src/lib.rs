@@ -1,0 +1,1 @@
+//! Tidewatch Kubernetes collector (being built; see issue 4).

@@ -1,0 +1,1 @@
+//! Tidewatch systemd collector (being built; see issue 4).
