@@ -8,6 +8,8 @@
 //! - [`publisher`]: async JetStream publishing with bounded in-flight acks
 //!   and same-id retries.
 //! - [`spool`]: the bounded on-disk outage spool, replayed in order once NATS is back.
+//! - [`outbox`]: what collectors publish through: the publisher while NATS
+//!   is reachable, the spool while it is not, then a replay with the same ids.
 //! - [`function`]: the `Function` trait and its `Outcome`.
 //! - [`consume`] (JetStream pull, KEDA) and [`serve_http`] (HTTP, Knative):
 //!   the two transports one function value runs on.
@@ -22,6 +24,7 @@ pub mod event;
 pub mod function;
 pub mod host;
 pub mod metrics;
+pub mod outbox;
 pub mod provision;
 pub mod publisher;
 pub mod serve_http;

@@ -50,6 +50,18 @@ pub struct Inner {
     pub publish_failed: Family<Reason, Counter>,
     /// Events refused before publishing or handling (oversized, malformed).
     pub refused: Family<Reason, Counter>,
+    /// Events written to the outage spool because NATS was unreachable.
+    pub spooled: Counter,
+    /// Spooled events the stream acknowledged on replay.
+    pub spool_replayed: Counter,
+    /// Spooled events deleted unsent by the drop-oldest overflow policy.
+    pub spool_dropped: Counter,
+    /// Bytes of torn or corrupt spool records skipped.
+    pub spool_corrupt_bytes: Counter,
+    /// Spooled events waiting for replay.
+    pub spool_pending: Gauge,
+    /// Bytes the spool takes on disk.
+    pub spool_bytes: Gauge,
 }
 
 impl std::ops::Deref for Metrics {
@@ -78,6 +90,12 @@ impl Metrics {
             publish_retries: Counter::default(),
             publish_failed: Family::default(),
             refused: Family::default(),
+            spooled: Counter::default(),
+            spool_replayed: Counter::default(),
+            spool_dropped: Counter::default(),
+            spool_corrupt_bytes: Counter::default(),
+            spool_pending: Gauge::default(),
+            spool_bytes: Gauge::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -130,6 +148,36 @@ impl Metrics {
             "refused",
             "Events refused as oversized or malformed, by reason",
             inner.refused.clone(),
+        );
+        registry.register(
+            "spooled",
+            "Events written to the outage spool while NATS was unreachable",
+            inner.spooled.clone(),
+        );
+        registry.register(
+            "spool_replayed",
+            "Spooled events acknowledged by the stream on replay",
+            inner.spool_replayed.clone(),
+        );
+        registry.register(
+            "spool_dropped",
+            "Spooled events deleted unsent by the drop-oldest overflow policy",
+            inner.spool_dropped.clone(),
+        );
+        registry.register(
+            "spool_corrupt_bytes",
+            "Bytes of torn or corrupt spool records skipped",
+            inner.spool_corrupt_bytes.clone(),
+        );
+        registry.register(
+            "spool_pending",
+            "Spooled events waiting for replay",
+            inner.spool_pending.clone(),
+        );
+        registry.register(
+            "spool_bytes",
+            "Bytes the outage spool takes on disk",
+            inner.spool_bytes.clone(),
         );
         Metrics {
             inner: Arc::new(Inner { registry, ..inner }),

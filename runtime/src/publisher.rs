@@ -19,6 +19,7 @@ use cloudevents::{AttributesReader, Event};
 use crate::binding::nats::{to_nats, wire_size};
 use crate::event::MAX_EVENT_BYTES;
 use crate::metrics::{Metrics, Reason};
+use crate::spool::Record;
 
 /// Publisher settings, builder style.
 #[derive(Debug, Clone)]
@@ -85,6 +86,9 @@ pub enum PublishError {
         attempts: u32,
         #[source]
         source: jetstream::context::PublishError,
+        /// The message as it would have been sent, for a caller that keeps
+        /// it elsewhere (the [`Outbox`](crate::outbox::Outbox) spools it).
+        unsent: Unsent,
     },
     /// Retryable: the task confirming the publish ended early (the runtime is shutting down).
     #[error("event {id}: confirmation aborted: {reason}")]
@@ -97,6 +101,23 @@ pub enum PublishError {
         #[source]
         source: jetstream::context::PublishError,
     },
+}
+
+/// A message that was not stored, kept so it can be spooled and sent
+/// again with the same msg id. Its `Debug` shows sizes, not the payload.
+pub struct Unsent(pub Box<Record>);
+
+impl std::fmt::Debug for Unsent {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "Unsent {{ msg_id: {:?}, subject: {:?}, {} headers, {} payload bytes }}",
+            self.0.msg_id,
+            self.0.subject,
+            self.0.headers.len(),
+            self.0.payload.len()
+        )
+    }
 }
 
 /// Kind of a [`PublishError`], for matching without the payload.
@@ -126,6 +147,7 @@ impl PublishError {
 /// Publishes events to JetStream. Cheap to clone; clones share the in-flight bound.
 #[derive(Clone)]
 pub struct Publisher {
+    client: async_nats::Client,
     js: jetstream::Context,
     config: PublisherConfig,
     metrics: Metrics,
@@ -194,9 +216,10 @@ impl Publisher {
             .timeout(config.ack_timeout)
             .max_ack_inflight(config.max_in_flight)
             .backpressure_on_inflight(true)
-            .build(client);
+            .build(client.clone());
         let (confirmer, jobs) = tokio::sync::mpsc::unbounded_channel();
         let publisher = Publisher {
+            client,
             js,
             config,
             metrics,
@@ -215,6 +238,7 @@ impl Publisher {
     async fn confirm_all(self, mut jobs: tokio::sync::mpsc::UnboundedReceiver<Pending>) {
         // This task holds a clone whose sender would keep the channel open.
         let Publisher {
+            client,
             js,
             config,
             metrics,
@@ -222,6 +246,7 @@ impl Publisher {
         } = self;
         let (unused, _) = tokio::sync::mpsc::unbounded_channel();
         let publisher = Publisher {
+            client,
             js,
             config,
             metrics,
@@ -248,6 +273,19 @@ impl Publisher {
 
     pub fn metrics(&self) -> &Metrics {
         &self.metrics
+    }
+
+    /// Whether the connection to NATS is up right now. A publish made
+    /// while it is down waits in the client until it reconnects or the ack
+    /// times out, so a caller with somewhere else to put events (the
+    /// [`Outbox`](crate::outbox::Outbox)) asks first.
+    pub fn is_connected(&self) -> bool {
+        self.client.connection_state() == async_nats::connection::State::Connected
+    }
+
+    /// The largest event [`send`](Self::send) accepts.
+    pub fn max_event_bytes(&self) -> usize {
+        self.config.max_event_bytes
     }
 
     /// Encode and send `event` to `subject`; resolve the returned
@@ -379,11 +417,19 @@ impl Publisher {
                         reason: "unavailable",
                     })
                     .inc();
+                let headers = outgoing.take_headers();
+                let unsent = Unsent(Box::new(Record::from_nats(
+                    outgoing.subject.clone(),
+                    outgoing.id.clone(),
+                    &headers,
+                    outgoing.payload.clone(),
+                )));
                 return Err(PublishError::Unavailable {
                     id: outgoing.id,
                     subject: outgoing.subject,
                     attempts: attempt,
                     source: error,
+                    unsent,
                 });
             }
             let backoff = self

@@ -55,10 +55,6 @@ impl ServerProcess {
         self.pid
     }
 
-    pub(crate) fn log_path(&self) -> &Path {
-        &self.log_path
-    }
-
     /// The exit status if the process has exited (reaping it), else `None`.
     pub(crate) fn exit_status(&self) -> Option<ExitStatus> {
         let mut child = self.child.lock().unwrap_or_else(|p| p.into_inner());

@@ -20,7 +20,9 @@ const START_TIMEOUT: Duration = Duration::from_secs(10);
 #[derive(Debug)]
 pub struct NatsServer {
     // Declared before `dir` so the process dies before its store is deleted.
-    process: ServerProcess,
+    // `None` while killed (see [`NatsServer::kill`]).
+    process: Option<ServerProcess>,
+    log_path: PathBuf,
     client_port: u16,
     monitoring_port: u16,
     store_dir: PathBuf,
@@ -62,41 +64,56 @@ impl NatsServer {
             OsStr::new("--ports_file_dir"),
             ports_dir.as_os_str(),
         ];
-        let process = ServerProcess::spawn(args, &dir.path().join("server.log"));
-
-        let ready = poll_until(START_TIMEOUT, || async {
-            if let Some(status) = process.exit_status() {
-                panic!(
-                    "nats-server exited during startup ({status})\n{}",
-                    process.log_tail()
-                );
-            }
-            let (client_port, monitoring_port) = read_ports_file(&ports_dir, process.pid())?;
-            if !accepts_clients(client_port).await {
-                return None;
-            }
-            let url = format!("http://127.0.0.1:{monitoring_port}/healthz?js-enabled-only=true");
-            match http_get(&url).await {
-                Ok((200, _)) => Some((client_port, monitoring_port)),
-                _ => None,
-            }
-        })
-        .await;
-        let Some((client_port, monitoring_port)) = ready else {
-            panic!(
-                "nats-server (pid {}) not ready after {START_TIMEOUT:?}\n{}",
-                process.pid(),
-                process.log_tail()
-            );
-        };
+        let log_path = dir.path().join("server.log");
+        let process = ServerProcess::spawn(args, &log_path);
+        let (client_port, monitoring_port) =
+            wait_ready(&process, |pid| read_ports_file(&ports_dir, pid)).await;
 
         NatsServer {
-            process,
+            process: Some(process),
+            log_path,
             client_port,
             monitoring_port,
             store_dir,
             dir,
         }
+    }
+
+    /// Kill the server (SIGKILL), keeping its store and ports: an outage
+    /// that [`restart`](Self::restart) ends.
+    pub async fn kill(&mut self) {
+        if let Some(process) = self.process.take() {
+            process.kill().await;
+        }
+    }
+
+    /// Start the server again on the same ports with the same store
+    /// (killing it first if it runs), and wait until it is ready.
+    ///
+    /// # Panics
+    ///
+    /// If it is not ready within ~10 s (e.g. another process took a port).
+    pub async fn restart(&mut self) {
+        self.kill().await;
+        let (client, monitoring) = (
+            self.client_port.to_string(),
+            self.monitoring_port.to_string(),
+        );
+        let args = [
+            OsStr::new("-js"),
+            OsStr::new("-a"),
+            OsStr::new("127.0.0.1"),
+            OsStr::new("-p"),
+            OsStr::new(&client),
+            OsStr::new("-m"),
+            OsStr::new(&monitoring),
+            OsStr::new("-sd"),
+            self.store_dir.as_os_str(),
+        ];
+        let process = ServerProcess::spawn(args, &self.log_path);
+        let ports = (self.client_port, self.monitoring_port);
+        wait_ready(&process, |_| Some(ports)).await;
+        self.process = Some(process);
     }
 
     /// Client URL, e.g. `nats://127.0.0.1:41234`.
@@ -127,12 +144,12 @@ impl NatsServer {
 
     /// The file collecting the server's stdout and stderr.
     pub fn log_path(&self) -> &Path {
-        self.process.log_path()
+        &self.log_path
     }
 
     /// The last lines of the server's log, handy in assertion messages.
     pub fn log_tail(&self) -> String {
-        self.process.log_tail()
+        crate::process::log_tail(&self.log_path)
     }
 
     /// A client connected to this server.
@@ -151,20 +168,54 @@ impl NatsServer {
         async_nats::jetstream::new(self.connect().await)
     }
 
-    /// The server's process id.
+    /// The server's process id (0 while [killed](Self::kill)).
     pub fn pid(&self) -> u32 {
-        self.process.pid()
+        self.process.as_ref().map_or(0, ServerProcess::pid)
     }
 
-    /// Whether the server process is still alive.
+    /// Whether the server process is alive.
     pub fn is_running(&self) -> bool {
-        self.process.is_running()
+        self.process.as_ref().is_some_and(ServerProcess::is_running)
     }
 
     /// The temp dir holding the store, ports file and log.
     pub fn dir(&self) -> &Path {
         self.dir.path()
     }
+}
+
+/// Wait until `process` accepts clients (sends `INFO`) and its
+/// `/healthz?js-enabled-only=true` answers 200; `ports` finds its (client,
+/// monitoring) ports from its pid.
+async fn wait_ready(
+    process: &ServerProcess,
+    ports: impl Fn(u32) -> Option<(u16, u16)>,
+) -> (u16, u16) {
+    let ready = poll_until(START_TIMEOUT, || async {
+        if let Some(status) = process.exit_status() {
+            panic!(
+                "nats-server exited during startup ({status})\n{}",
+                process.log_tail()
+            );
+        }
+        let (client_port, monitoring_port) = ports(process.pid())?;
+        if !accepts_clients(client_port).await {
+            return None;
+        }
+        let url = format!("http://127.0.0.1:{monitoring_port}/healthz?js-enabled-only=true");
+        match http_get(&url).await {
+            Ok((200, _)) => Some((client_port, monitoring_port)),
+            _ => None,
+        }
+    })
+    .await;
+    ready.unwrap_or_else(|| {
+        panic!(
+            "nats-server (pid {}) not ready after {START_TIMEOUT:?}\n{}",
+            process.pid(),
+            process.log_tail()
+        )
+    })
 }
 
 /// Parse the ports file the server writes once it is listening.

@@ -1,0 +1,755 @@
+//! Where collectors publish: the [`Publisher`] while NATS is reachable, the
+//! on-disk [`Spool`] while it is not, and a replay of the spool, in order
+//! and with the same msg ids, once it is back.
+//!
+//! ```text
+//!  send ──► route ──Publish──► Publisher ──ack──► Delivered::Stored
+//!             │                    │ not acknowledged after retries
+//!             └──Spool──► Spool ◄──┘                ──► Delivered::Spooled
+//!                          │ replayer task: oldest first, a window at a time,
+//!                          ▼ commit what the stream acknowledged
+//!                        stream (Nats-Msg-Id dedupes anything sent twice)
+//! ```
+//!
+//! The routing is a two-state machine ([`Mode`], [`route`], [`step`]):
+//! once anything is spooled every later event is spooled too, until the
+//! replayer has emptied the spool, so spooled events reach the stream in
+//! the order they were sent. (An event whose publish was already in flight
+//! when NATS went away may land before or after spooled ones; it is
+//! stored once either way.)
+//!
+//! Overflow: the spool drops its oldest segment when full
+//! ([`crate::spool`]). Dropped events are counted on
+//! `tidewatch_spool_dropped_total` and, once the spool has drained, reported
+//! as a `dev.tidewatch.kernel.collector.drops` event with stage `spool`.
+//!
+//! A collector started after a crash opens the same spool directory and
+//! replays what the previous process had spooled.
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use async_nats::jetstream::publish::PublishAck;
+use cloudevents::{AttributesReader, Event};
+use futures::StreamExt;
+use futures::stream::FuturesUnordered;
+use tokio::sync::{Notify, mpsc, oneshot};
+
+use crate::binding::nats::{to_nats, wire_size};
+use crate::event::{derive_id, new_event};
+use crate::metrics::Metrics;
+use crate::publisher::{Confirmation, PublishError, PublishErrorKind, Publisher, Unsent};
+use crate::spool::{Cursor, Record, Spool, SpoolConfig, SpoolError, SpoolStats};
+use crate::topology;
+
+/// Outbox settings, builder style.
+#[derive(Debug, Clone)]
+pub struct OutboxConfig {
+    /// Directory of the spool; one per collector instance (a hostPath or
+    /// emptyDir in Kubernetes, so it outlives the container).
+    pub spool_dir: PathBuf,
+    /// Size bounds and fsync policy of the spool.
+    pub spool: SpoolConfig,
+    /// How often the replayer looks again while NATS is down or a replay
+    /// failed.
+    pub retry_interval: Duration,
+    /// Spooled events replayed per round (sent before waiting for acks).
+    pub replay_window: usize,
+    /// Component (`k8s`, `systemd`, `ebpf`) and node, for the subject and
+    /// source of the overflow report.
+    pub component: String,
+    pub node: String,
+}
+
+impl Default for OutboxConfig {
+    fn default() -> Self {
+        OutboxConfig {
+            spool_dir: PathBuf::from("/var/lib/tidewatch/spool"),
+            spool: SpoolConfig::default(),
+            retry_interval: Duration::from_secs(1),
+            replay_window: 256,
+            component: "collector".into(),
+            node: "unknown".into(),
+        }
+    }
+}
+
+impl OutboxConfig {
+    pub fn spool_dir(mut self, dir: impl Into<PathBuf>) -> Self {
+        self.spool_dir = dir.into();
+        self
+    }
+    pub fn spool(mut self, spool: SpoolConfig) -> Self {
+        self.spool = spool;
+        self
+    }
+    pub fn retry_interval(mut self, interval: Duration) -> Self {
+        self.retry_interval = interval;
+        self
+    }
+    pub fn replay_window(mut self, window: usize) -> Self {
+        self.replay_window = window.max(1);
+        self
+    }
+    pub fn component(mut self, component: impl Into<String>) -> Self {
+        self.component = component.into();
+        self
+    }
+    pub fn node(mut self, node: impl Into<String>) -> Self {
+        self.node = node.into();
+        self
+    }
+}
+
+/// What became of a sent event.
+#[derive(Debug)]
+pub enum Delivered {
+    /// The stream stored it.
+    Stored(PublishAck),
+    /// The spool holds it: it survives this process being killed and is
+    /// replayed, with its id, once NATS is reachable.
+    Spooled,
+}
+
+/// What went wrong sending through the outbox.
+#[derive(Debug, thiserror::Error)]
+pub enum OutboxError {
+    /// Terminal: the event is over the size limit; neither published nor
+    /// spooled (counted on `tidewatch_refused_total{reason="oversized"}`).
+    #[error(transparent)]
+    TooLarge(PublishError),
+    /// Terminal: the stream refused the event; replaying it would be
+    /// refused again, so it is not spooled.
+    #[error(transparent)]
+    Rejected(PublishError),
+    /// Retryable: NATS was unreachable and the spool could not take the
+    /// event either (disk full, directory gone). The event is not kept.
+    #[error("NATS unreachable and the spool refused event {id}: {source}")]
+    Spool {
+        id: String,
+        #[source]
+        source: SpoolError,
+    },
+    /// Retryable: the outbox is shutting down; the event was not kept.
+    #[error("outbox closed: event {id} was not kept")]
+    Closed { id: String },
+}
+
+/// Kind of an [`OutboxError`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OutboxErrorKind {
+    TooLarge,
+    Rejected,
+    Spool,
+    Closed,
+}
+
+impl OutboxError {
+    pub fn kind(&self) -> OutboxErrorKind {
+        match self {
+            OutboxError::TooLarge(_) => OutboxErrorKind::TooLarge,
+            OutboxError::Rejected(_) => OutboxErrorKind::Rejected,
+            OutboxError::Spool { .. } => OutboxErrorKind::Spool,
+            OutboxError::Closed { .. } => OutboxErrorKind::Closed,
+        }
+    }
+    /// Whether sending the same event later can succeed.
+    pub fn is_retryable(&self) -> bool {
+        matches!(
+            self.kind(),
+            OutboxErrorKind::Spool | OutboxErrorKind::Closed
+        )
+    }
+}
+
+/// Where events go now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// Straight to the stream.
+    Direct,
+    /// Into the spool, behind what is already there.
+    Spooling,
+}
+
+/// Where one event goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Route {
+    Publish,
+    Spool,
+}
+
+/// What happened that can change the [`Mode`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Input {
+    /// An event was written to the spool.
+    Spooled,
+    /// The replayer found nothing left to replay.
+    Drained,
+}
+
+/// Route an event: to the spool while anything is spooled (order) or the
+/// connection is down (a publish would only wait and time out).
+pub fn route(mode: Mode, connected: bool) -> Route {
+    match (mode, connected) {
+        (Mode::Direct, true) => Route::Publish,
+        _ => Route::Spool,
+    }
+}
+
+/// The next mode.
+pub fn step(mode: Mode, input: Input) -> Mode {
+    match (mode, input) {
+        (_, Input::Spooled) => Mode::Spooling,
+        (Mode::Spooling, Input::Drained) => Mode::Direct,
+        (Mode::Direct, Input::Drained) => Mode::Direct,
+    }
+}
+
+/// Resolves to what became of a sent event.
+#[must_use = "an event is only known to be kept once its receipt resolves"]
+pub struct Receipt {
+    id: String,
+    state: ReceiptState,
+}
+
+enum ReceiptState {
+    Ready(Result<Delivered, OutboxError>),
+    Waiting(oneshot::Receiver<Result<Delivered, OutboxError>>),
+}
+
+impl Receipt {
+    /// Id of the event.
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+}
+
+impl std::future::IntoFuture for Receipt {
+    type Output = Result<Delivered, OutboxError>;
+    type IntoFuture = std::pin::Pin<Box<dyn std::future::Future<Output = Self::Output> + Send>>;
+
+    fn into_future(self) -> Self::IntoFuture {
+        Box::pin(async move {
+            match self.state {
+                ReceiptState::Ready(result) => result,
+                ReceiptState::Waiting(receiver) => receiver
+                    .await
+                    .unwrap_or(Err(OutboxError::Closed { id: self.id })),
+            }
+        })
+    }
+}
+
+/// Spool-backed publisher. Cheap to clone; clones share the spool.
+#[derive(Clone)]
+pub struct Outbox {
+    shared: Arc<Shared>,
+    confirmations: mpsc::UnboundedSender<Job>,
+}
+
+struct Shared {
+    publisher: Publisher,
+    config: OutboxConfig,
+    store: Mutex<Store>,
+    /// Mirror of `store.mode == Spooling`, read without the lock on every send.
+    spooling: AtomicBool,
+    /// Wakes the replayer when something was spooled. Its own `Arc`, so the
+    /// replayer can wait on it without keeping the outbox alive.
+    wake: Arc<Notify>,
+    metrics: Metrics,
+    /// Distinguishes this process's overflow reports from an earlier one's.
+    started_ns: i64,
+}
+
+struct Store {
+    spool: Spool,
+    mode: Mode,
+    /// Spool stats last put on `/metrics`.
+    seen: SpoolStats,
+    /// Dropped records already reported as an event.
+    reported_drops: u64,
+}
+
+enum Job {
+    Confirm {
+        confirmation: Confirmation,
+        reply: oneshot::Sender<Result<Delivered, OutboxError>>,
+    },
+    Flush(oneshot::Sender<()>),
+}
+
+impl Outbox {
+    /// Open the spool (replaying what an earlier process left in it) and
+    /// start the tasks that confirm publishes and replay the spool. They
+    /// end when every clone of the outbox is dropped.
+    pub fn open(publisher: Publisher, config: OutboxConfig) -> Result<Outbox, OutboxError> {
+        std::fs::create_dir_all(&config.spool_dir).map_err(|source| OutboxError::Spool {
+            id: String::new(),
+            source: SpoolError::Io {
+                path: config.spool_dir.clone(),
+                source,
+            },
+        })?;
+        let spool = Spool::open(&config.spool_dir, config.spool.clone()).map_err(|source| {
+            OutboxError::Spool {
+                id: String::new(),
+                source,
+            }
+        })?;
+        let mode = if spool.is_empty() {
+            Mode::Direct
+        } else {
+            Mode::Spooling
+        };
+        if mode == Mode::Spooling {
+            tracing::info!(dir = %config.spool_dir.display(), pending = spool.stats().pending_records, "spool holds events from an earlier run; replaying them once NATS is reachable");
+        }
+        let metrics = publisher.metrics().clone();
+        let shared = Arc::new(Shared {
+            publisher,
+            config,
+            store: Mutex::new(Store {
+                spool,
+                mode,
+                seen: SpoolStats::default(),
+                reported_drops: 0,
+            }),
+            spooling: AtomicBool::new(mode == Mode::Spooling),
+            wake: Arc::new(Notify::new()),
+            metrics,
+            started_ns: chrono::Utc::now().timestamp_nanos_opt().unwrap_or_default(),
+        });
+        shared.update_metrics(&mut shared.lock());
+        let (confirmations, jobs) = mpsc::unbounded_channel();
+        tokio::spawn(confirm_all(shared.clone(), jobs));
+        tokio::spawn(replay(Arc::downgrade(&shared)));
+        Ok(Outbox {
+            shared,
+            confirmations,
+        })
+    }
+
+    /// Publish `event` to `subject`, or spool it if NATS is unreachable.
+    /// Waits while the publisher's in-flight bound is reached (backpressure).
+    pub async fn send(
+        &self,
+        subject: impl Into<String>,
+        event: &Event,
+    ) -> Result<Receipt, OutboxError> {
+        let id = event.id().to_string();
+        let subject = subject.into();
+        let mode = if self.shared.spooling.load(Ordering::Acquire) {
+            Mode::Spooling
+        } else {
+            Mode::Direct
+        };
+        match route(mode, self.shared.publisher.is_connected()) {
+            Route::Publish => match self.shared.publisher.send(subject.as_str(), event).await {
+                Ok(confirmation) => {
+                    let (reply, receiver) = oneshot::channel();
+                    if self
+                        .confirmations
+                        .send(Job::Confirm {
+                            confirmation,
+                            reply,
+                        })
+                        .is_err()
+                    {
+                        return Err(OutboxError::Closed { id });
+                    }
+                    Ok(Receipt {
+                        id,
+                        state: ReceiptState::Waiting(receiver),
+                    })
+                }
+                Err(e) => Err(classify(e)),
+            },
+            Route::Spool => {
+                let (headers, payload) = to_nats(event);
+                let size = wire_size(Some(&headers), &payload);
+                let limit = self.shared.publisher.max_event_bytes();
+                if size > limit {
+                    self.shared.metrics.refuse("oversized");
+                    return Err(OutboxError::TooLarge(PublishError::TooLarge {
+                        id,
+                        size,
+                        limit,
+                    }));
+                }
+                let record = Record::from_nats(subject, id.clone(), &headers, payload);
+                let result = self.shared.clone().spool(record).await;
+                Ok(Receipt {
+                    id,
+                    state: ReceiptState::Ready(result),
+                })
+            }
+        }
+    }
+
+    /// Wait until every publish sent so far is acknowledged or spooled,
+    /// then fsync the spool: call before a graceful exit.
+    pub async fn flush(&self) -> Result<(), OutboxError> {
+        let (done, wait) = oneshot::channel();
+        if self.confirmations.send(Job::Flush(done)).is_ok() {
+            let _ = wait.await;
+        }
+        let shared = self.shared.clone();
+        tokio::task::spawn_blocking(move || shared.lock().spool.sync())
+            .await
+            .map_err(|e| OutboxError::Spool {
+                id: String::new(),
+                source: SpoolError::Io {
+                    path: self.shared.config.spool_dir.clone(),
+                    source: std::io::Error::other(e.to_string()),
+                },
+            })?
+            .map_err(|source| OutboxError::Spool {
+                id: String::new(),
+                source,
+            })
+    }
+
+    /// The current mode.
+    pub fn mode(&self) -> Mode {
+        self.shared.lock().mode
+    }
+
+    /// The spool's counters.
+    pub fn spool_stats(&self) -> SpoolStats {
+        self.shared.lock().spool.stats()
+    }
+
+    pub fn metrics(&self) -> &Metrics {
+        &self.shared.metrics
+    }
+}
+
+fn classify(error: PublishError) -> OutboxError {
+    match error.kind() {
+        PublishErrorKind::TooLarge => OutboxError::TooLarge(error),
+        _ => OutboxError::Rejected(error),
+    }
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, Store> {
+        // A panic while holding the lock cannot leave the spool half-written
+        // (appends are one write), so a poisoned lock is still usable.
+        self.store
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Append to the spool off the async workers (an append may fsync).
+    async fn spool(self: Arc<Self>, record: Record) -> Result<Delivered, OutboxError> {
+        let id = record.msg_id.clone();
+        let shared = self.clone();
+        let appended = tokio::task::spawn_blocking(move || {
+            let mut store = shared.lock();
+            let result = store.spool.append(&record);
+            if result.is_ok() {
+                let was = store.mode;
+                store.mode = step(store.mode, Input::Spooled);
+                shared.spooling.store(true, Ordering::Release);
+                if was == Mode::Direct {
+                    tracing::warn!(dir = %shared.config.spool_dir.display(), "NATS unreachable: spooling events to disk");
+                }
+            }
+            shared.update_metrics(&mut store);
+            result
+        })
+        .await;
+        match appended {
+            Ok(Ok(_)) => {
+                self.metrics.spooled.inc();
+                self.wake.notify_one();
+                Ok(Delivered::Spooled)
+            }
+            Ok(Err(source)) => Err(OutboxError::Spool { id, source }),
+            Err(join) => Err(OutboxError::Spool {
+                id,
+                source: SpoolError::Io {
+                    path: self.config.spool_dir.clone(),
+                    source: std::io::Error::other(join.to_string()),
+                },
+            }),
+        }
+    }
+
+    /// Put the spool's counters on `/metrics` (counters by their growth).
+    fn update_metrics(&self, store: &mut Store) {
+        let now = store.spool.stats();
+        let grew = |new: u64, old: u64| new.saturating_sub(old);
+        self.metrics
+            .spool_dropped
+            .inc_by(grew(now.dropped_records, store.seen.dropped_records));
+        self.metrics
+            .spool_corrupt_bytes
+            .inc_by(grew(now.corrupt_bytes, store.seen.corrupt_bytes));
+        self.metrics
+            .spool_pending
+            .set(i64::try_from(now.pending_records).unwrap_or(i64::MAX));
+        self.metrics
+            .spool_bytes
+            .set(i64::try_from(now.bytes).unwrap_or(i64::MAX));
+        store.seen = now;
+    }
+}
+
+/// Await publish confirmations in one task; spool what NATS did not take.
+async fn confirm_all(shared: Arc<Shared>, mut jobs: mpsc::UnboundedReceiver<Job>) {
+    let mut pending = FuturesUnordered::new();
+    let mut flushes: Vec<oneshot::Sender<()>> = Vec::new();
+    let mut open = true;
+    loop {
+        tokio::select! {
+            job = jobs.recv(), if open => match job {
+                Some(Job::Confirm { confirmation, reply }) => {
+                    let shared = shared.clone();
+                    pending.push(async move {
+                        let result = match confirmation.await {
+                            Ok(ack) => Ok(Delivered::Stored(ack)),
+                            Err(PublishError::Unavailable { unsent: Unsent(record), .. }) => {
+                                shared.spool(*record).await
+                            }
+                            Err(e) => Err(classify(e)),
+                        };
+                        let _ = reply.send(result);
+                    });
+                }
+                Some(Job::Flush(done)) => flushes.push(done),
+                None => open = false,
+            },
+            Some(()) = pending.next(), if !pending.is_empty() => {}
+            else => return,
+        }
+        if pending.is_empty() {
+            for done in flushes.drain(..) {
+                let _ = done.send(());
+            }
+        }
+    }
+}
+
+/// Replay the spool whenever it holds something and NATS is reachable.
+/// Holds only a weak reference between rounds, so it ends with the outbox.
+async fn replay(weak: std::sync::Weak<Shared>) {
+    loop {
+        let Some(shared) = weak.upgrade() else { return };
+        let interval = shared.config.retry_interval;
+        let idle = !shared.spooling.load(Ordering::Acquire);
+        let wait = if idle || !shared.publisher.is_connected() {
+            Some(interval)
+        } else {
+            match replay_round(&shared).await {
+                Ok(Round::More) => None,
+                Ok(Round::Drained) => {
+                    report_drops(&shared).await;
+                    Some(interval)
+                }
+                Err(reason) => {
+                    tracing::debug!(%reason, "spool replay paused");
+                    Some(interval)
+                }
+            }
+        };
+        if let Some(wait) = wait {
+            let wake = shared.wake.clone();
+            drop(shared);
+            tokio::select! {
+                _ = wake.notified() => {}
+                _ = tokio::time::sleep(wait) => {}
+            }
+        }
+    }
+}
+
+enum Round {
+    More,
+    Drained,
+}
+
+/// Send the next window of spooled records, wait for their acks, commit
+/// the acknowledged prefix.
+async fn replay_round(shared: &Arc<Shared>) -> Result<Round, String> {
+    let window = shared.config.replay_window;
+    let reader = shared.clone();
+    let batch = tokio::task::spawn_blocking(move || {
+        let mut store = reader.lock();
+        store.spool.rewind();
+        let mut batch = Vec::with_capacity(window);
+        while batch.len() < window {
+            match store.spool.next() {
+                Ok(Some(item)) => batch.push(item),
+                Ok(None) => break,
+                Err(e) => return Err(e.to_string()),
+            }
+        }
+        if batch.is_empty() && store.spool.is_empty() {
+            store.mode = step(store.mode, Input::Drained);
+            reader
+                .spooling
+                .store(store.mode == Mode::Spooling, Ordering::Release);
+            reader.update_metrics(&mut store);
+        }
+        Ok(batch)
+    })
+    .await
+    .map_err(|e| e.to_string())??;
+    if batch.is_empty() {
+        tracing::info!("spool replayed; publishing directly again");
+        return Ok(Round::Drained);
+    }
+    let mut confirmations = Vec::with_capacity(batch.len());
+    for (cursor, record) in batch {
+        let confirmation = shared
+            .publisher
+            .send_raw(
+                record.subject.clone(),
+                &record.msg_id,
+                record.header_map(),
+                record.payload.clone(),
+            )
+            .await;
+        confirmations.push((cursor, confirmation));
+    }
+    let mut acked: Option<Cursor> = None;
+    let mut failure = None;
+    for (cursor, confirmation) in confirmations {
+        match confirmation.await {
+            Ok(_) if failure.is_none() => acked = Some(cursor),
+            Ok(_) => {}
+            Err(e) if e.kind() == PublishErrorKind::Rejected => {
+                // The stream will never take it: skip it rather than block
+                // everything behind it (counted as a failed publish).
+                tracing::error!(error = %e, "spooled event refused by the stream; skipped");
+                if failure.is_none() {
+                    acked = Some(cursor);
+                }
+            }
+            Err(e) => {
+                failure.get_or_insert(e.to_string());
+            }
+        }
+    }
+    if let Some(upto) = acked {
+        let committer = shared.clone();
+        let committed = tokio::task::spawn_blocking(move || {
+            let mut store = committer.lock();
+            let before = store.spool.stats().pending_records;
+            let result = store.spool.commit(upto);
+            let after = store.spool.stats().pending_records;
+            committer.update_metrics(&mut store);
+            result.map(|()| before.saturating_sub(after))
+        })
+        .await
+        .map_err(|e| e.to_string())?
+        .map_err(|e| e.to_string())?;
+        shared.metrics.spool_replayed.inc_by(committed);
+    }
+    match failure {
+        Some(reason) => Err(reason),
+        None => Ok(Round::More),
+    }
+}
+
+/// Once the spool has drained, say how many events the overflow policy
+/// deleted, as a `CollectorDrops` event. Tried again after the next drain
+/// if it cannot be published now.
+async fn report_drops(shared: &Arc<Shared>) {
+    let (total, reported) = {
+        let store = shared.lock();
+        (store.spool.stats().dropped_records, store.reported_drops)
+    };
+    if total <= reported {
+        return;
+    }
+    let config = &shared.config;
+    let delta = total - reported;
+    let payload = tidewatch_proto::v1::CollectorDrops {
+        node: config.node.clone(),
+        counts: vec![tidewatch_proto::v1::DropCount {
+            stage: "spool".into(),
+            kind: String::new(),
+            cpu: 0,
+            total,
+            delta,
+        }],
+        delta,
+    };
+    let id = derive_id(&[
+        b"spool-overflow",
+        config.component.as_bytes(),
+        config.node.as_bytes(),
+        &shared.started_ns.to_be_bytes(),
+        &total.to_be_bytes(),
+    ]);
+    let event = match new_event(
+        id,
+        topology::types::COLLECTOR_DROPS,
+        &topology::source(&config.component, &config.node),
+        Some(&format!("node/{}", config.node)),
+        chrono::Utc::now(),
+        &payload,
+    ) {
+        Ok(event) => event,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot build the spool overflow report");
+            return;
+        }
+    };
+    let subject = topology::subjects::raw(&config.component, &config.node);
+    match shared.publisher.publish(subject, &event).await {
+        Ok(_) => {
+            tracing::warn!(
+                dropped = delta,
+                total,
+                "the outage spool was full: its oldest events were deleted unsent"
+            );
+            shared.lock().reported_drops = total;
+        }
+        Err(e) => tracing::warn!(error = %e, "spool overflow report not published yet"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn routes_to_the_stream_only_when_connected_and_nothing_is_spooled() {
+        assert_eq!(route(Mode::Direct, true), Route::Publish);
+        assert_eq!(route(Mode::Direct, false), Route::Spool);
+        assert_eq!(route(Mode::Spooling, true), Route::Spool);
+        assert_eq!(route(Mode::Spooling, false), Route::Spool);
+    }
+
+    #[test]
+    fn spooling_lasts_until_the_spool_drains() {
+        let mut mode = Mode::Direct;
+        mode = step(mode, Input::Drained);
+        assert_eq!(mode, Mode::Direct);
+        mode = step(mode, Input::Spooled);
+        assert_eq!(mode, Mode::Spooling);
+        mode = step(mode, Input::Spooled);
+        assert_eq!(mode, Mode::Spooling);
+        mode = step(mode, Input::Drained);
+        assert_eq!(mode, Mode::Direct);
+    }
+
+    #[test]
+    fn error_kinds_say_what_a_retry_can_fix() {
+        let closed = OutboxError::Closed { id: "x".into() };
+        assert!(closed.is_retryable());
+        let large = OutboxError::TooLarge(PublishError::TooLarge {
+            id: "x".into(),
+            size: 70_000,
+            limit: 65_536,
+        });
+        assert_eq!(large.kind(), OutboxErrorKind::TooLarge);
+        assert!(!large.is_retryable());
+        assert!(large.to_string().contains("70000"));
+    }
+}
