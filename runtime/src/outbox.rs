@@ -132,6 +132,10 @@ pub enum OutboxError {
         #[source]
         source: SpoolError,
     },
+    /// Retryable: not acknowledged after retries, with no spool to fall
+    /// back to (a [`Receipt`] made from a bare publisher confirmation).
+    #[error(transparent)]
+    Unavailable(PublishError),
     /// Retryable: the outbox is shutting down; the event was not kept.
     #[error("outbox closed: event {id} was not kept")]
     Closed { id: String },
@@ -143,6 +147,7 @@ pub enum OutboxErrorKind {
     TooLarge,
     Rejected,
     Spool,
+    Unavailable,
     Closed,
 }
 
@@ -152,6 +157,7 @@ impl OutboxError {
             OutboxError::TooLarge(_) => OutboxErrorKind::TooLarge,
             OutboxError::Rejected(_) => OutboxErrorKind::Rejected,
             OutboxError::Spool { .. } => OutboxErrorKind::Spool,
+            OutboxError::Unavailable(_) => OutboxErrorKind::Unavailable,
             OutboxError::Closed { .. } => OutboxErrorKind::Closed,
         }
     }
@@ -159,7 +165,7 @@ impl OutboxError {
     pub fn is_retryable(&self) -> bool {
         matches!(
             self.kind(),
-            OutboxErrorKind::Spool | OutboxErrorKind::Closed
+            OutboxErrorKind::Spool | OutboxErrorKind::Unavailable | OutboxErrorKind::Closed
         )
     }
 }
@@ -216,6 +222,7 @@ pub struct Receipt {
 
 enum ReceiptState {
     Ready(Result<Delivered, OutboxError>),
+    Confirming(Confirmation),
     Waiting(oneshot::Receiver<Result<Delivered, OutboxError>>),
 }
 
@@ -234,6 +241,9 @@ impl std::future::IntoFuture for Receipt {
         Box::pin(async move {
             match self.state {
                 ReceiptState::Ready(result) => result,
+                ReceiptState::Confirming(confirmation) => {
+                    confirmation.await.map(Delivered::Stored).map_err(classify)
+                }
                 ReceiptState::Waiting(receiver) => receiver
                     .await
                     .unwrap_or(Err(OutboxError::Closed { id: self.id })),
@@ -426,10 +436,22 @@ impl Outbox {
     }
 }
 
+/// A receipt for a publish made without an outbox (no spool to fall back
+/// to: a publish that is not acknowledged fails with `Unavailable`).
+impl From<Confirmation> for Receipt {
+    fn from(confirmation: Confirmation) -> Receipt {
+        Receipt {
+            id: confirmation.id().to_string(),
+            state: ReceiptState::Confirming(confirmation),
+        }
+    }
+}
+
 fn classify(error: PublishError) -> OutboxError {
     match error.kind() {
         PublishErrorKind::TooLarge => OutboxError::TooLarge(error),
-        _ => OutboxError::Rejected(error),
+        PublishErrorKind::Unavailable => OutboxError::Unavailable(error),
+        PublishErrorKind::Rejected => OutboxError::Rejected(error),
     }
 }
 

@@ -24,7 +24,9 @@ use futures::StreamExt;
 use tidewatch_proto::v1;
 use tidewatch_runtime::event::{derive_id, new_event};
 use tidewatch_runtime::metrics::{Metrics, Readiness};
-use tidewatch_runtime::publisher::{Confirmation, Publisher, PublisherConfig};
+use tidewatch_runtime::outbox::{Delivered, Outbox, OutboxConfig, Receipt};
+use tidewatch_runtime::publisher::{Publisher, PublisherConfig};
+use tidewatch_runtime::spool::SpoolConfig;
 use tidewatch_runtime::topology::{self, subjects, types};
 use tokio::io::unix::AsyncFd;
 use tokio::io::{AsyncReadExt, AsyncWriteExt, Interest};
@@ -703,17 +705,20 @@ fn to_event(
 }
 
 /// Await confirmations in one task and count the outcome per kind.
-async fn confirm_all(mut rx: mpsc::UnboundedReceiver<(Kind, Confirmation)>, stats: Arc<Stats>) {
+async fn confirm_all(mut rx: mpsc::UnboundedReceiver<(Kind, Receipt)>, stats: Arc<Stats>) {
     let mut pending = futures::stream::FuturesUnordered::new();
     let mut open = true;
     loop {
         tokio::select! {
             job = rx.recv(), if open => match job {
-                Some((kind, confirmation)) => pending.push(async move { (kind, confirmation.await) }),
+                Some((kind, receipt)) => pending.push(async move { (kind, receipt.await) }),
                 None => open = false,
             },
             Some((kind, result)) = pending.next(), if !pending.is_empty() => match result {
-                Ok(_) => { stats.published[kind as usize].fetch_add(1, Ordering::Relaxed); }
+                // Spooled events are counted as published once replayed
+                // (tidewatch_spool_replayed_total), not here.
+                Ok(Delivered::Stored(_)) => { stats.published[kind as usize].fetch_add(1, Ordering::Relaxed); }
+                Ok(Delivered::Spooled) => {}
                 Err(e) => {
                     stats.lost_publish.fetch_add(1, Ordering::Relaxed);
                     tracing::debug!(error = %e, "event lost: not stored by the stream");
@@ -766,6 +771,26 @@ async fn publish_all(
         handle.metrics.clone(),
     );
     let _ = publisher_cell.set(publisher.clone());
+    let sink = match &config.spool_dir {
+        Some(dir) => match Outbox::open(
+            publisher.clone(),
+            OutboxConfig::default()
+                .spool_dir(dir)
+                .spool(SpoolConfig {
+                    max_bytes: config.spool_max_bytes,
+                    ..SpoolConfig::default()
+                })
+                .component(COLLECTOR)
+                .node(config.node.as_str()),
+        ) {
+            Ok(outbox) => Sink::Outbox(outbox),
+            Err(e) => {
+                tracing::error!(error = %e, dir = %dir.display(), "cannot open the outage spool; publishing without it");
+                Sink::Publisher(publisher.clone())
+            }
+        },
+        None => Sink::Publisher(publisher.clone()),
+    };
     let subject = subjects::raw(COLLECTOR, &config.node);
     let source = topology::source(COLLECTOR, &config.node);
     let event_subject = format!("node/{}", config.node);
@@ -805,9 +830,9 @@ async fn publish_all(
                 continue;
             }
         };
-        match publisher.send(subject.as_str(), &event).await {
-            Ok(confirmation) => {
-                let _ = confirm_tx.send((record.kind, confirmation));
+        match sink.send(subject.as_str(), &event).await {
+            Ok(receipt) => {
+                let _ = confirm_tx.send((record.kind, receipt));
             }
             Err(e) => {
                 handle.stats.lost_publish.fetch_add(1, Ordering::Relaxed);
@@ -817,6 +842,30 @@ async fn publish_all(
     }
     drop(confirm_tx);
     let _ = confirmer.await;
+    if let Sink::Outbox(outbox) = &sink
+        && let Err(e) = outbox.flush().await
+    {
+        tracing::warn!(error = %e, "cannot fsync the outage spool at exit");
+    }
+}
+
+/// Where events go: through the outage spool when one is configured.
+enum Sink {
+    Outbox(Outbox),
+    Publisher(Publisher),
+}
+
+impl Sink {
+    async fn send(&self, subject: &str, event: &tidewatch_runtime::cloudevents::Event) -> Result<Receipt, String> {
+        match self {
+            Sink::Outbox(outbox) => outbox.send(subject, event).await.map_err(|e| e.to_string()),
+            Sink::Publisher(publisher) => publisher
+                .send(subject, event)
+                .await
+                .map(Receipt::from)
+                .map_err(|e| e.to_string()),
+        }
+    }
 }
 
 async fn replay(

@@ -49,6 +49,15 @@ pub struct Config {
     pub retransmit_interval: Duration,
     /// Emit `process.exists` for every running process at start.
     pub replay_processes: bool,
+    /// Outage spool: while NATS is unreachable events are written here and
+    /// replayed in order, with their ids, once it is back. One directory
+    /// per collector instance (a hostPath in the DaemonSet, so it survives
+    /// a restart). Unset: no spool; events beyond `queue_capacity` are
+    /// counted as lost during an outage.
+    pub spool_dir: Option<PathBuf>,
+    /// Upper bound of the spool on disk; when full, the oldest events are
+    /// deleted, counted and reported.
+    pub spool_max_bytes: u64,
 }
 
 mod secs {
@@ -82,6 +91,8 @@ impl Default for Config {
             drops_interval: Duration::from_secs(10),
             retransmit_interval: Duration::from_secs(5),
             replay_processes: true,
+            spool_dir: None,
+            spool_max_bytes: 256 << 20,
         }
     }
 }

@@ -26,6 +26,9 @@ struct Args {
     /// TOML file with filters, sampling and sizes (see README.md).
     #[arg(long, env = "TIDEWATCH_EBPF_CONFIG")]
     config: Option<PathBuf>,
+    /// Outage spool directory (see README.md) [default: none].
+    #[arg(long, env = "TIDEWATCH_SPOOL_DIR")]
+    spool_dir: Option<PathBuf>,
     /// Only validate the configuration, then exit.
     #[arg(long)]
     check_config: bool,
@@ -67,6 +70,9 @@ async fn main() -> ExitCode {
     }
     if let Some(node) = args.node {
         config.node = node;
+    }
+    if let Some(dir) = args.spool_dir {
+        config.spool_dir = Some(dir);
     }
     if args.check_config {
         return match config.validate() {

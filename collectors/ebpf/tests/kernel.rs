@@ -107,7 +107,7 @@ struct Harness {
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     task: Option<tokio::task::JoinHandle<Result<(), CollectorError>>>,
     // Last: the server outlives the collector.
-    _server: NatsServer,
+    server: NatsServer,
 }
 
 impl Harness {
@@ -151,7 +151,7 @@ impl Harness {
             raw,
             stop: Some(stop),
             task: Some(task),
-            _server: server,
+            server,
         })
     }
 
@@ -850,6 +850,72 @@ async fn with_nats_unreachable_the_ring_keeps_draining_and_losses_are_counted() 
         "{body}"
     );
     // No shutdown: with NATS down it would wait out the publish retries.
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn during_an_outage_events_are_spooled_and_replayed_once_nats_is_back() {
+    if !can_run("during_an_outage_events_are_spooled_and_replayed_once_nats_is_back") {
+        return;
+    }
+    let cgroup = Cgroup2::create(&unique("spool"));
+    let filter = cgroup.dir.display().to_string();
+    let spool = tempfile::tempdir().expect("spool dir");
+    let spool_dir = spool.path().to_path_buf();
+    let Some(mut h) = Harness::start("spool", |c| {
+        c.include_cgroups = vec![filter];
+        c.spool_dir = Some(spool_dir);
+    })
+    .await
+    else {
+        return;
+    };
+    let addr = h.handle.metrics_addr().expect("metrics");
+    let metric = |body: &str, name: &str| -> u64 {
+        body.lines()
+            .find(|l| l.starts_with(&format!("{name}{{")))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0)
+    };
+    h.server.kill().await;
+    const N: usize = 50;
+    // Execs and exits of the shell's children, plus the shell's own exit.
+    let expected = (2 * N + 1) as u64;
+    burst_in(&cgroup.dir, N);
+    eventually("the burst's events to be spooled", WAIT, || async move {
+        let (_, body) = tidewatch_testkit::http_get(&format!("http://{addr}/metrics"))
+            .await
+            .ok()?;
+        (metric(&body, "tidewatch_spooled_total") >= expected).then_some(())
+    })
+    .await;
+
+    h.server.restart().await;
+    let js = h.server.jetstream().await;
+    let node = format!("test-spool-{}", std::process::id());
+    let raw = Raw::new(&js, &node).await;
+    let events = raw
+        .wait("every spooled event in the stream", |events| {
+            let n = typed::<v1::ProcessExec>(events, types::PROCESS_EXEC)
+                .filter(|(_, p)| p.filename == "/bin/true")
+                .count();
+            (n >= N).then(|| events.to_vec())
+        })
+        .await;
+    let mut ids: Vec<&str> = events.iter().map(|e| e.id()).collect();
+    let total = ids.len();
+    ids.sort_unstable();
+    ids.dedup();
+    assert_eq!(ids.len(), total, "no event stored twice");
+    let (_, body) = tidewatch_testkit::http_get(&format!("http://{addr}/metrics"))
+        .await
+        .expect("GET /metrics");
+    assert!(
+        metric(&body, "tidewatch_spool_replayed_total") >= expected,
+        "{body}"
+    );
+    assert_eq!(metric(&body, "tidewatch_spool_dropped_total"), 0, "{body}");
+    h.shutdown().await;
 }
 
 /// Run `n` execs of /bin/true from a shell that first moves into `cgroup`.
