@@ -318,78 +318,257 @@ pub fn nats_users(fns: &Functions) -> Vec<NatsUser> {
             ],
         });
     }
-    // Collectors publish their own raw subjects, nothing else.
+    // Collectors publish their own raw subjects; the k8s collector also
+    // keeps the pod metadata bucket (read, write, delete).
     for collector in COLLECTORS {
+        let mut publish = vec![format!("{}.{collector}.>", topology::RAW.prefix)];
+        if *collector == "k8s" {
+            let b = topology::POD_METADATA.bucket;
+            publish.extend([
+                "$JS.API.INFO".to_string(),
+                format!("$JS.API.STREAM.INFO.KV_{b}"),
+                format!("$JS.API.DIRECT.GET.KV_{b}.>"),
+                format!("$JS.API.STREAM.MSG.GET.KV_{b}"),
+                format!("$KV.{b}.>"),
+            ]);
+        }
         users.push(NatsUser {
             name: collector.to_string(),
-            publish: vec![format!("{}.{collector}.>", topology::RAW.prefix)],
+            publish,
             subscribe: vec!["_INBOX.>".to_string()],
         });
     }
     users
 }
 
-/// Collectors deployed as DaemonSets.
-pub const COLLECTORS: &[&str] = &["ebpf"];
+/// Collectors deployed as DaemonSets, one per node each.
+pub const COLLECTORS: &[&str] = &["ebpf", "k8s", "systemd"];
 
-/// The eBPF collector: a DaemonSet with the capabilities it needs, not
-/// privileged (collectors/ebpf/README.md explains each).
-pub fn ebpf_daemonset() -> Value {
-    let labels = json!({"app.kubernetes.io/name": "tidewatch-collector-ebpf", "app.kubernetes.io/part-of": "tidewatch", "app.kubernetes.io/component": "collector"});
-    let host = |name: &str, path: &str| json!({"name": name, "hostPath": {"path": path}});
+/// Where a collector's outage spool lives on the node (a hostPath, so a
+/// restarted pod replays what the previous one spooled).
+pub fn spool_host_path(collector: &str) -> String {
+    format!("/var/lib/tidewatch/spool/{collector}")
+}
+
+/// What differs between the collector DaemonSets.
+struct CollectorPod {
+    name: &'static str,
+    /// Capabilities added after dropping ALL.
+    capabilities: &'static [&'static str],
+    host_pid: bool,
+    /// The k8s collector talks to the API server with its own ServiceAccount.
+    service_account: bool,
+    /// (volume name, host path, mount path, read-only).
+    host_mounts: &'static [(&'static str, &'static str, &'static str, bool)],
+    extra_env: Vec<Value>,
+    /// Spool on a hostPath (root collectors) or an emptyDir (the k8s
+    /// collector runs as non-root; an emptyDir survives container restarts).
+    spool_on_host: bool,
+    run_as_root: bool,
+    memory_limit: &'static str,
+}
+
+fn collector_daemonset(pod: CollectorPod) -> Value {
+    let name = pod.name;
+    let app = format!("tidewatch-collector-{name}");
+    let labels = json!({"app.kubernetes.io/name": app, "app.kubernetes.io/part-of": "tidewatch", "app.kubernetes.io/component": "collector"});
+    let spool_mount = format!("/var/lib/tidewatch/spool/{name}");
+    let mut env = vec![
+        json!({"name": "NODE_NAME", "valueFrom": {"fieldRef": {"fieldPath": "spec.nodeName"}}}),
+        json!({"name": "NATS_PASSWORD", "valueFrom": {"secretKeyRef": {"name": "tidewatch-nats-users", "key": name}}}),
+        json!({"name": "NATS_URL", "value": format!("nats://{name}:$(NATS_PASSWORD)@{NATS_HOST}")}),
+        json!({"name": "TIDEWATCH_METRICS_ADDR", "value": "0.0.0.0:9090"}),
+        json!({"name": "TIDEWATCH_SPOOL_DIR", "value": spool_mount}),
+        json!({"name": "TIDEWATCH_LOG_FORMAT", "value": "json"}),
+    ];
+    env.extend(pod.extra_env);
+    let mut mounts: Vec<Value> = pod
+        .host_mounts
+        .iter()
+        .map(|(volume, _, mount, read_only)| json!({"name": volume, "mountPath": mount, "readOnly": read_only}))
+        .collect();
+    mounts.push(json!({"name": "spool", "mountPath": spool_mount}));
+    let mut volumes: Vec<Value> = pod
+        .host_mounts
+        .iter()
+        .map(|(volume, host, _, _)| json!({"name": volume, "hostPath": {"path": host}}))
+        .collect();
+    volumes.push(if pod.spool_on_host {
+        json!({"name": "spool", "hostPath": {"path": spool_host_path(name), "type": "DirectoryOrCreate"}})
+    } else {
+        json!({"name": "spool", "emptyDir": {"sizeLimit": "512Mi"}})
+    });
+    let mut security = json!({
+        "privileged": false,
+        "allowPrivilegeEscalation": false,
+        "readOnlyRootFilesystem": true,
+        "capabilities": {"drop": ["ALL"]},
+    });
+    if !pod.capabilities.is_empty() {
+        security["capabilities"]["add"] = json!(pod.capabilities);
+    }
+    let pod_security = if pod.run_as_root {
+        json!({"runAsUser": 0, "seccompProfile": {"type": "RuntimeDefault"}})
+    } else {
+        json!({"runAsNonRoot": true, "runAsUser": 65532, "fsGroup": 65532, "seccompProfile": {"type": "RuntimeDefault"}})
+    };
+    let mut spec = json!({
+        "automountServiceAccountToken": pod.service_account,
+        "terminationGracePeriodSeconds": 30,
+        "tolerations": [{"operator": "Exists"}],
+        "securityContext": pod_security,
+        "containers": [{
+            "name": "collector",
+            "image": image(),
+            "command": [format!("/usr/local/bin/{app}")],
+            "env": env,
+            "ports": [{"name": "metrics", "containerPort": 9090}],
+            "readinessProbe": {"httpGet": {"path": "/readyz", "port": "metrics"}, "periodSeconds": 10},
+            "livenessProbe": {"httpGet": {"path": "/healthz", "port": "metrics"}, "periodSeconds": 30},
+            "resources": {"requests": {"cpu": "50m", "memory": "64Mi"}, "limits": {"memory": pod.memory_limit}},
+            "securityContext": security,
+            "volumeMounts": mounts,
+        }],
+        "volumes": volumes,
+    });
+    if pod.host_pid {
+        spec["hostPID"] = json!(true);
+    }
+    if pod.service_account {
+        spec["serviceAccountName"] = json!(app);
+    }
     json!({
         "apiVersion": "apps/v1", "kind": "DaemonSet",
-        "metadata": {"name": "tidewatch-collector-ebpf", "namespace": SYSTEM_NAMESPACE, "labels": labels},
+        "metadata": {"name": app, "namespace": SYSTEM_NAMESPACE, "labels": labels},
         "spec": {
-            "selector": {"matchLabels": {"app.kubernetes.io/name": "tidewatch-collector-ebpf"}},
+            "selector": {"matchLabels": {"app.kubernetes.io/name": app}},
             "updateStrategy": {"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": "10%"}},
             "template": {
                 "metadata": {"labels": labels, "annotations": {"prometheus.io/scrape": "true", "prometheus.io/port": "9090"}},
-                "spec": {
-                    // Pids in events are host pids, and the start-up replay reads the host's /proc.
-                    "hostPID": true,
-                    "automountServiceAccountToken": false,
-                    "terminationGracePeriodSeconds": 30,
-                    "tolerations": [{"operator": "Exists"}],
-                    "containers": [{
-                        "name": "collector",
-                        "image": image(),
-                        "command": ["/usr/local/bin/tidewatch-collector-ebpf"],
-                        "env": [
-                            {"name": "NODE_NAME", "valueFrom": {"fieldRef": {"fieldPath": "spec.nodeName"}}},
-                            {"name": "NATS_PASSWORD", "valueFrom": {"secretKeyRef": {"name": "tidewatch-nats-users", "key": "ebpf"}}},
-                            {"name": "NATS_URL", "value": format!("nats://ebpf:$(NATS_PASSWORD)@{NATS_HOST}")},
-                            {"name": "TIDEWATCH_METRICS_ADDR", "value": "0.0.0.0:9090"},
-                            {"name": "TIDEWATCH_LOG_FORMAT", "value": "json"},
-                        ],
-                        "ports": [{"name": "metrics", "containerPort": 9090}],
-                        "readinessProbe": {"httpGet": {"path": "/readyz", "port": "metrics"}, "periodSeconds": 10},
-                        "livenessProbe": {"httpGet": {"path": "/healthz", "port": "metrics"}, "periodSeconds": 30},
-                        "resources": {"requests": {"cpu": "100m", "memory": "128Mi"}, "limits": {"memory": "512Mi"}},
-                        "securityContext": {
-                            "privileged": false,
-                            "allowPrivilegeEscalation": false,
-                            "readOnlyRootFilesystem": true,
-                            "capabilities": {"drop": ["ALL"], "add": ["BPF", "PERFMON", "SYS_RESOURCE", "SYS_PTRACE"]},
-                        },
-                        "volumeMounts": [
-                            {"name": "cgroup", "mountPath": "/sys/fs/cgroup", "readOnly": true},
-                            {"name": "btf", "mountPath": "/sys/kernel/btf", "readOnly": true},
-                            {"name": "tracefs", "mountPath": "/sys/kernel/tracing"},
-                            {"name": "bpffs", "mountPath": "/sys/fs/bpf"},
-                        ],
-                    }],
-                    "volumes": [
-                        host("cgroup", "/sys/fs/cgroup"),
-                        host("btf", "/sys/kernel/btf"),
-                        host("tracefs", "/sys/kernel/tracing"),
-                        host("bpffs", "/sys/fs/bpf"),
-                    ],
-                },
+                "spec": spec,
             },
         },
     })
 }
+
+/// The eBPF collector: the capabilities it needs, not privileged
+/// (collectors/ebpf/README.md explains each). Pids in events are host
+/// pids, and the start-up replay reads the host's /proc: `hostPID`.
+pub fn ebpf_daemonset() -> Value {
+    collector_daemonset(CollectorPod {
+        name: "ebpf",
+        capabilities: &["BPF", "PERFMON", "SYS_RESOURCE", "SYS_PTRACE"],
+        host_pid: true,
+        service_account: false,
+        host_mounts: &[
+            ("cgroup", "/sys/fs/cgroup", "/sys/fs/cgroup", true),
+            ("btf", "/sys/kernel/btf", "/sys/kernel/btf", true),
+            (
+                "tracefs",
+                "/sys/kernel/tracing",
+                "/sys/kernel/tracing",
+                false,
+            ),
+            ("bpffs", "/sys/fs/bpf", "/sys/fs/bpf", false),
+        ],
+        extra_env: Vec::new(),
+        spool_on_host: true,
+        run_as_root: true,
+        memory_limit: "512Mi",
+    })
+}
+
+/// The Kubernetes collector: no capabilities, non-root, its own
+/// ServiceAccount (read-only RBAC, plus the election Lease).
+pub fn k8s_daemonset() -> Value {
+    collector_daemonset(CollectorPod {
+        name: "k8s",
+        capabilities: &[],
+        host_pid: false,
+        service_account: true,
+        host_mounts: &[],
+        extra_env: vec![
+            json!({"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}}),
+            json!({"name": "POD_NAMESPACE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}}),
+        ],
+        spool_on_host: false,
+        run_as_root: false,
+        memory_limit: "512Mi",
+    })
+}
+
+/// The systemd collector: the host's journal and the system D-Bus socket,
+/// read-only; root (journal files are root:systemd-journal 0640) with
+/// every capability dropped.
+pub fn systemd_daemonset() -> Value {
+    collector_daemonset(CollectorPod {
+        name: "systemd",
+        capabilities: &[],
+        host_pid: false,
+        service_account: false,
+        host_mounts: &[
+            ("journal", "/var/log/journal", "/host/var/log/journal", true),
+            (
+                "runtime-journal",
+                "/run/log/journal",
+                "/host/run/log/journal",
+                true,
+            ),
+            (
+                "machine-id",
+                "/etc/machine-id",
+                "/host/etc/machine-id",
+                true,
+            ),
+            ("dbus", "/run/dbus", "/run/dbus", true),
+        ],
+        extra_env: vec![json!({"name": "TIDEWATCH_HOST_ROOT", "value": "/host"})],
+        spool_on_host: true,
+        run_as_root: true,
+        memory_limit: "256Mi",
+    })
+}
+
+/// Read-only access to exactly what the k8s collector watches, and the
+/// Lease its replicas elect a leader with (in its own namespace only).
+pub fn k8s_rbac() -> Vec<Value> {
+    let name = "tidewatch-collector-k8s";
+    let read = ["get", "list", "watch"];
+    vec![
+        json!({"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": name, "namespace": SYSTEM_NAMESPACE}}),
+        json!({
+            "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRole",
+            "metadata": {"name": name},
+            "rules": K8S_READS.iter().map(|(group, resources)| json!({"apiGroups": [group], "resources": resources, "verbs": read})).collect::<Vec<_>>(),
+        }),
+        json!({
+            "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRoleBinding",
+            "metadata": {"name": name},
+            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": name},
+            "subjects": [{"kind": "ServiceAccount", "name": name, "namespace": SYSTEM_NAMESPACE}],
+        }),
+        json!({
+            "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role",
+            "metadata": {"name": format!("{name}-election"), "namespace": SYSTEM_NAMESPACE},
+            "rules": [{"apiGroups": ["coordination.k8s.io"], "resources": ["leases"], "verbs": K8S_LEASE_VERBS}],
+        }),
+        json!({
+            "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
+            "metadata": {"name": format!("{name}-election"), "namespace": SYSTEM_NAMESPACE},
+            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": format!("{name}-election")},
+            "subjects": [{"kind": "ServiceAccount", "name": name, "namespace": SYSTEM_NAMESPACE}],
+        }),
+    ]
+}
+
+/// (API group, resources) the k8s collector lists and watches.
+pub const K8S_READS: &[(&str, &[&str])] = &[
+    ("", &["pods", "nodes", "events", "services", "endpoints"]),
+    ("apps", &["deployments", "replicasets"]),
+    ("discovery.k8s.io", &["endpointslices"]),
+];
+/// Verbs on its election Lease.
+pub const K8S_LEASE_VERBS: &[&str] = &["get", "create", "update"];
 
 /// The `authorization` block of nats.conf; passwords come from the
 /// environment (`$<USER>_PASSWORD`), filled from the Secret.
@@ -662,6 +841,12 @@ pub fn render_with(fns: &Functions) -> anyhow::Result<Vec<(String, String)>> {
         ("network-policies.yaml", network_policies()),
         ("provision.yaml", vec![provision_job()]),
         ("collector-ebpf.yaml", vec![ebpf_daemonset()]),
+        ("collector-k8s.yaml", {
+            let mut objects = k8s_rbac();
+            objects.push(k8s_daemonset());
+            objects
+        }),
+        ("collector-systemd.yaml", vec![systemd_daemonset()]),
     ];
     let mut resources = Vec::new();
     for (file, objects) in deploy {

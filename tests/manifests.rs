@@ -514,3 +514,114 @@ fn the_base_isolates_nats_and_labels_namespaces_for_pod_security() {
         "provisioning runs `tidewatch provision`, the one source of truth"
     );
 }
+
+#[test]
+fn collectors_run_as_daemonsets_with_least_privilege() {
+    let objects: Vec<Value> = manifests("deploy").into_iter().map(|(_, v)| v).collect();
+    let daemonsets: Vec<&Value> = objects
+        .iter()
+        .filter(|v| v["kind"] == "DaemonSet")
+        .collect();
+    let names: Vec<&str> = daemonsets
+        .iter()
+        .map(|d| d["metadata"]["name"].as_str().expect("name"))
+        .collect();
+    assert_eq!(
+        names,
+        vec![
+            "tidewatch-collector-ebpf",
+            "tidewatch-collector-k8s",
+            "tidewatch-collector-systemd"
+        ]
+    );
+    for d in &daemonsets {
+        let name = d["metadata"]["name"].as_str().expect("name");
+        let pod = &d["spec"]["template"]["spec"];
+        let c = &pod["containers"][0];
+        let sc = &c["securityContext"];
+        assert_eq!(sc["privileged"], false, "{name}: never privileged");
+        assert_eq!(sc["allowPrivilegeEscalation"], false, "{name}");
+        assert_eq!(
+            sc["capabilities"]["drop"],
+            serde_json::json!(["ALL"]),
+            "{name}"
+        );
+        let added: Vec<&str> = sc["capabilities"]["add"]
+            .as_array()
+            .map(|a| a.iter().filter_map(Value::as_str).collect())
+            .unwrap_or_default();
+        let expected: &[&str] = match name {
+            // collectors/ebpf/README.md explains each.
+            "tidewatch-collector-ebpf" => &["BPF", "PERFMON", "SYS_RESOURCE", "SYS_PTRACE"],
+            _ => &[],
+        };
+        assert_eq!(added, expected, "{name}: capabilities as documented");
+        // Every collector has an outage spool mounted where it is told to write it.
+        let env = c["env"].as_array().expect("env");
+        let spool = env
+            .iter()
+            .find(|e| e["name"] == "TIDEWATCH_SPOOL_DIR")
+            .and_then(|e| e["value"].as_str())
+            .expect("TIDEWATCH_SPOOL_DIR");
+        assert!(
+            c["volumeMounts"]
+                .as_array()
+                .expect("mounts")
+                .iter()
+                .any(|m| m["mountPath"] == spool && m["readOnly"] != true),
+            "{name}: the spool is writable"
+        );
+        // Host paths other than the spool are read-only, except the eBPF ones it must write.
+        for m in c["volumeMounts"].as_array().expect("mounts") {
+            let path = m["mountPath"].as_str().expect("path");
+            if path != spool && !["/sys/kernel/tracing", "/sys/fs/bpf"].contains(&path) {
+                assert_eq!(m["readOnly"], true, "{name}: {path} read-only");
+            }
+        }
+        let token = pod["automountServiceAccountToken"]
+            .as_bool()
+            .expect("explicit");
+        assert_eq!(
+            token,
+            name == "tidewatch-collector-k8s",
+            "{name}: only the k8s collector talks to the API server"
+        );
+    }
+
+    // RBAC: read-only on what the k8s collector watches, Leases in its own namespace.
+    let role = objects
+        .iter()
+        .find(|v| v["kind"] == "ClusterRole" && v["metadata"]["name"] == "tidewatch-collector-k8s")
+        .expect("ClusterRole");
+    for rule in role["rules"].as_array().expect("rules") {
+        assert_eq!(
+            rule["verbs"],
+            serde_json::json!(["get", "list", "watch"]),
+            "read-only: {rule}"
+        );
+        for r in rule["resources"].as_array().expect("resources") {
+            assert!(
+                !r.as_str().expect("resource").contains('*'),
+                "no wildcards: {rule}"
+            );
+            assert_ne!(r, "secrets", "never secrets");
+        }
+    }
+    let election = objects
+        .iter()
+        .find(|v| {
+            v["kind"] == "Role" && v["metadata"]["name"] == "tidewatch-collector-k8s-election"
+        })
+        .expect("election Role");
+    assert_eq!(election["metadata"]["namespace"], "tidewatch-system");
+    assert_eq!(
+        election["rules"],
+        serde_json::json!([{"apiGroups": ["coordination.k8s.io"], "resources": ["leases"], "verbs": ["get", "create", "update"]}])
+    );
+    assert!(
+        !objects
+            .iter()
+            .any(|v| v["kind"] == "ClusterRole" && v["rules"].to_string().contains("leases")),
+        "Lease rights are namespaced, not cluster-wide"
+    );
+}

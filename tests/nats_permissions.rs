@@ -24,7 +24,15 @@ fn rendered_auth_conf() -> String {
         .expect("nats-config has auth.conf")
 }
 
-const USERS: [&str; 5] = ["admin", "enrich", "correlate", "export", "ebpf"];
+const USERS: [&str; 7] = [
+    "admin",
+    "enrich",
+    "correlate",
+    "export",
+    "ebpf",
+    "k8s",
+    "systemd",
+];
 
 fn password(user: &str) -> String {
     format!("secret-{user}")
@@ -157,6 +165,56 @@ async fn each_function_runs_as_its_own_least_privilege_user() {
         )
         .await,
         1
+    );
+
+    // The k8s collector keeps the pod metadata bucket and publishes its own
+    // raw subjects, and nothing of another collector's.
+    let (options, servers) = tidewatch_runtime::host::connect_options(&format!(
+        "nats://k8s:{}@127.0.0.1:{port}",
+        password("k8s")
+    ));
+    let k8s = options
+        .connect(servers.as_str())
+        .await
+        .expect("k8s connects");
+    let js = async_nats::jetstream::ContextBuilder::new()
+        .timeout(Duration::from_secs(2))
+        .build(k8s);
+    let pods = js
+        .get_key_value(tidewatch_runtime::topology::POD_METADATA.bucket)
+        .await
+        .expect("k8s opens the pod metadata bucket");
+    let key = tidewatch_runtime::topology::pod_keys::by_uid("uid-1");
+    pods.put(&key, "meta".into())
+        .await
+        .expect("k8s writes pod metadata");
+    assert_eq!(
+        pods.get(&key).await.expect("k8s reads it back").as_deref(),
+        Some(&b"meta"[..])
+    );
+    pods.delete(&key).await.expect("k8s deletes pod metadata");
+    js.publish(
+        tidewatch_runtime::topology::subjects::raw("k8s", "node-1"),
+        "x".into(),
+    )
+    .await
+    .expect("send")
+    .await
+    .expect("k8s publishes its raw subject");
+    let forged: Result<(), async_nats::Error> = async {
+        Ok(js
+            .publish(
+                tidewatch_runtime::topology::subjects::raw("ebpf", "node-1"),
+                "x".into(),
+            )
+            .await?
+            .await
+            .map(|_| ())?)
+    }
+    .await;
+    assert!(
+        forged.is_err(),
+        "k8s must not publish as the eBPF collector"
     );
 
     for f in &mut functions {

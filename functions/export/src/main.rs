@@ -13,11 +13,22 @@
 //!   stream, from where `tidewatch replay` re-drives it: nothing is lost.
 //! - A circuit breaker per sink ([`breaker`]) fails fast while a sink is
 //!   down, so retries do not pile up on a dead endpoint.
+//!
+//! Webhook and OTLP endpoints may be `http://` or `https://` ([`tls`]):
+//! server certificates are verified against the system CA certificates plus
+//! an optional PEM bundle, `--ca-file` / `TIDEWATCH_EXPORT_CA_FILE` (e.g. an
+//! internal CA). A malformed URL or a bad CA file is a configuration error:
+//! export exits at startup naming it. A failed TLS handshake (untrusted
+//! certificate, wrong host...) is a sink failure like any other: retried,
+//! counted by the breaker, dead-lettered after `max_deliver`, and its reason
+//! names the URL and what TLS rejected.
 
 mod breaker;
 mod sinks;
+mod tls;
 
 use std::collections::{HashSet, VecDeque};
+use std::path::PathBuf;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -28,7 +39,8 @@ use tidewatch_runtime::topology;
 use tidewatch_runtime::{Context, Function, Outcome};
 
 use breaker::{Breaker, Permit};
-use sinks::{OtlpProtocol, Sink, WebhookFormat};
+use sinks::{OtlpProtocol, SendError, Sink, WebhookFormat};
+use tls::Trust;
 
 /// Tidewatch export function: insights → stdout, webhook, OTLP logs.
 #[derive(Parser)]
@@ -39,7 +51,7 @@ struct Args {
     /// Write each insight as a JSON line to stdout.
     #[arg(long, env = "TIDEWATCH_EXPORT_STDOUT", default_value_t = true, action = clap::ArgAction::Set)]
     stdout: bool,
-    /// POST each insight to this URL (http://).
+    /// POST each insight to this URL (http:// or https://).
     #[arg(long, env = "TIDEWATCH_EXPORT_WEBHOOK")]
     webhook: Option<String>,
     /// Webhook body: a structured CloudEvent, or Slack-compatible text.
@@ -50,7 +62,7 @@ struct Args {
         default_value = "cloudevents"
     )]
     webhook_format: WebhookFormat,
-    /// Send each insight as an OTLP log record to this endpoint (http://host:4317 for gRPC, :4318 for HTTP).
+    /// Send each insight as an OTLP log record to this endpoint (http(s)://host:4317 for gRPC, :4318 for HTTP).
     #[arg(long, env = "TIDEWATCH_EXPORT_OTLP_ENDPOINT")]
     otlp_endpoint: Option<String>,
     #[arg(
@@ -60,6 +72,9 @@ struct Args {
         default_value = "grpc"
     )]
     otlp_protocol: OtlpProtocol,
+    /// Extra CA certificates (PEM bundle) trusted for https:// sinks, on top of the system's.
+    #[arg(long, env = "TIDEWATCH_EXPORT_CA_FILE")]
+    ca_file: Option<PathBuf>,
     /// Longest one sink may take for one insight (ms).
     #[arg(long, env = "TIDEWATCH_EXPORT_SINK_TIMEOUT_MS", default_value_t = 5000)]
     sink_timeout_ms: u64,
@@ -138,7 +153,7 @@ impl Export {
         }
         let outcome = match tokio::time::timeout(self.timeout, slot.sink.send(event)).await {
             Ok(r) => r,
-            Err(_) => Err(format!("timed out after {:?}", self.timeout)),
+            Err(_) => Err(SendError::Timeout(self.timeout)),
         };
         match outcome {
             Ok(()) => {
@@ -191,11 +206,21 @@ fn slots(args: &Args) -> anyhow::Result<Vec<Slot>> {
     if args.stdout {
         sinks.push(Sink::Stdout);
     }
+    // The system roots are only read when TLS may be used.
+    let https = [&args.webhook, &args.otlp_endpoint]
+        .into_iter()
+        .flatten()
+        .any(|url| url.trim_start().to_ascii_lowercase().starts_with("https:"));
+    let trust = if https || args.ca_file.is_some() {
+        Trust::load(args.ca_file.as_deref())?
+    } else {
+        Trust::empty()
+    };
     if let Some(url) = &args.webhook {
-        sinks.push(Sink::webhook(url, args.webhook_format).map_err(anyhow::Error::msg)?);
+        sinks.push(Sink::webhook(url, args.webhook_format, &trust)?);
     }
     if let Some(endpoint) = &args.otlp_endpoint {
-        sinks.push(Sink::otlp(endpoint, args.otlp_protocol).map_err(anyhow::Error::msg)?);
+        sinks.push(Sink::otlp(endpoint, args.otlp_protocol, &trust)?);
     }
     if sinks.is_empty() {
         anyhow::bail!("no sink configured: enable --stdout or set --webhook / --otlp-endpoint");

@@ -7,6 +7,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use cloudevents::{AttributesReader, Event};
 use http_body_util::{BodyExt, Full};
+use hyper_rustls::{HttpsConnector, HttpsConnectorBuilder};
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
@@ -19,6 +20,8 @@ use opentelemetry_proto::tonic::logs::v1::{LogRecord, ResourceLogs, ScopeLogs};
 use opentelemetry_proto::tonic::resource::v1::Resource;
 use tidewatch_proto::v1::Insight;
 use tidewatch_runtime::event::{payload, to_json};
+
+use crate::tls::{self, Trust, TrustError};
 
 /// Webhook body format.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -37,54 +40,177 @@ pub enum OtlpProtocol {
     Http,
 }
 
+/// A sink cannot be set up. Terminal: a configuration mistake, reported at
+/// startup (the process exits non-zero); retrying cannot fix it.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The URL does not parse, or its scheme is neither `http` nor `https`.
+    #[error("{sink} URL {url:?}: {reason}")]
+    Url {
+        sink: &'static str,
+        url: String,
+        reason: String,
+    },
+    /// An `https://` URL, but no usable trust (bad `--ca-file`, no roots).
+    #[error("{sink} URL {url}: {error}")]
+    Trust {
+        sink: &'static str,
+        url: String,
+        error: TrustError,
+    },
+}
+
+/// One delivery did not arrive. Always retryable: the insight is naked with
+/// backoff, the sink's circuit breaker counts the failure, sinks that took
+/// it are not called again, and after `max_deliver` attempts it is
+/// dead-lettered whole with this reason (nothing is lost).
+#[derive(Debug, thiserror::Error)]
+pub enum SendError {
+    /// The TLS handshake failed: untrusted or expired certificate, wrong
+    /// host name, not a TLS server...
+    #[error("{target}: TLS handshake failed: {reason}")]
+    Tls { target: String, reason: String },
+    /// No connection, or it broke (refused, reset, DNS...).
+    #[error("{target}: {reason}")]
+    Transport { target: String, reason: String },
+    /// The receiver answered with a non-2xx HTTP status.
+    #[error("{target}: HTTP {status}")]
+    Status {
+        target: String,
+        status: http::StatusCode,
+    },
+    /// The OTLP gRPC receiver answered with a non-OK status.
+    #[error("{target}: gRPC {code:?}: {message}")]
+    Grpc {
+        target: String,
+        code: tonic::Code,
+        message: String,
+    },
+    /// The sink took longer than `--sink-timeout-ms`.
+    #[error("timed out after {0:?}")]
+    Timeout(Duration),
+    /// Writing to stdout failed.
+    #[error("stdout: {0}")]
+    Stdout(#[from] std::io::Error),
+}
+
+type HttpClient = Client<HttpsConnector<HttpConnector>, Full<Bytes>>;
+
 pub enum Sink {
     Stdout,
     Webhook {
         url: http::Uri,
         format: WebhookFormat,
-        client: Client<HttpConnector, Full<Bytes>>,
+        client: HttpClient,
     },
     OtlpGrpc {
+        endpoint: String,
         client: LogsServiceClient<tonic::transport::Channel>,
     },
     OtlpHttp {
         url: http::Uri,
-        client: Client<HttpConnector, Full<Bytes>>,
+        client: HttpClient,
     },
 }
 
-fn http_client() -> Client<HttpConnector, Full<Bytes>> {
+/// An `http://` or `https://` URL.
+fn parse_url(sink: &'static str, url: &str) -> Result<(http::Uri, bool), ConfigError> {
+    let bad = |reason: String| ConfigError::Url {
+        sink,
+        url: url.to_string(),
+        reason,
+    };
+    let parsed: http::Uri = url
+        .parse()
+        .map_err(|e: http::uri::InvalidUri| bad(e.to_string()))?;
+    let https = match parsed.scheme_str() {
+        Some("http") => false,
+        Some("https") => true,
+        Some(other) => {
+            return Err(bad(format!(
+                "unsupported scheme {other:?} (use http:// or https://)"
+            )));
+        }
+        None => return Err(bad("no scheme (use http:// or https://)".into())),
+    };
+    if parsed.host().is_none_or(str::is_empty) {
+        return Err(bad("no host".into()));
+    }
+    Ok((parsed, https))
+}
+
+/// An HTTP/1.1 client for `http://` and `https://` (verified against `trust`).
+fn http_client(
+    sink: &'static str,
+    url: &http::Uri,
+    https: bool,
+    trust: &Trust,
+) -> Result<HttpClient, ConfigError> {
+    let config = if https {
+        trust.client_config()
+    } else {
+        trust.client_config_unchecked()
+    }
+    .map_err(|error| ConfigError::Trust {
+        sink,
+        url: url.to_string(),
+        error,
+    })?;
     let mut connector = HttpConnector::new();
     connector.set_connect_timeout(Some(Duration::from_secs(5)));
-    Client::builder(TokioExecutor::new()).build(connector)
+    connector.enforce_http(false);
+    let connector = HttpsConnectorBuilder::new()
+        .with_tls_config(config)
+        .https_or_http()
+        .enable_http1()
+        .wrap_connector(connector);
+    Ok(Client::builder(TokioExecutor::new()).build(connector))
 }
 
 impl Sink {
-    pub fn webhook(url: &str, format: WebhookFormat) -> Result<Sink, String> {
-        let url: http::Uri = url
-            .parse()
-            .map_err(|e| format!("webhook URL {url:?}: {e}"))?;
-        if url.scheme_str() != Some("http") {
-            return Err(format!(
-                "webhook URL {url}: only http:// is supported (terminate TLS in a sidecar or egress proxy)"
-            ));
-        }
+    pub fn webhook(url: &str, format: WebhookFormat, trust: &Trust) -> Result<Sink, ConfigError> {
+        let (url, https) = parse_url("webhook", url)?;
+        let client = http_client("webhook", &url, https, trust)?;
         Ok(Sink::Webhook {
             url,
             format,
-            client: http_client(),
+            client,
         })
     }
 
-    pub fn otlp(endpoint: &str, protocol: OtlpProtocol) -> Result<Sink, String> {
+    pub fn otlp(
+        endpoint: &str,
+        protocol: OtlpProtocol,
+        trust: &Trust,
+    ) -> Result<Sink, ConfigError> {
         match protocol {
             OtlpProtocol::Grpc => {
-                let channel = tonic::transport::Channel::from_shared(endpoint.to_string())
-                    .map_err(|e| format!("OTLP endpoint {endpoint:?}: {e}"))?
-                    .connect_timeout(Duration::from_secs(5))
-                    .connect_lazy();
+                let (url, https) = parse_url("OTLP endpoint", endpoint)?;
+                let bad = |reason: String| ConfigError::Url {
+                    sink: "OTLP endpoint",
+                    url: endpoint.to_string(),
+                    reason,
+                };
+                let mut channel = tonic::transport::Channel::from_shared(url.to_string())
+                    .map_err(|e| bad(e.to_string()))?
+                    .connect_timeout(Duration::from_secs(5));
+                if https {
+                    let verifier = trust.verifier().map_err(|error| ConfigError::Trust {
+                        sink: "OTLP endpoint",
+                        url: url.to_string(),
+                        error,
+                    })?;
+                    channel = channel
+                        .tls_config_with_verifier(
+                            tonic::transport::ClientTlsConfig::new()
+                                .timeout(Duration::from_secs(5)),
+                            verifier,
+                        )
+                        .map_err(|e| bad(format!("TLS setup: {}", tls::chain(&e))))?;
+                }
                 Ok(Sink::OtlpGrpc {
-                    client: LogsServiceClient::new(channel),
+                    endpoint: url.to_string(),
+                    client: LogsServiceClient::new(channel.connect_lazy()),
                 })
             }
             OtlpProtocol::Http => {
@@ -94,16 +220,9 @@ impl Sink {
                 } else {
                     format!("{base}/v1/logs")
                 };
-                let url: http::Uri = full
-                    .parse()
-                    .map_err(|e| format!("OTLP endpoint {endpoint:?}: {e}"))?;
-                if url.scheme_str() != Some("http") {
-                    return Err(format!("OTLP endpoint {url}: only http:// is supported"));
-                }
-                Ok(Sink::OtlpHttp {
-                    url,
-                    client: http_client(),
-                })
+                let (url, https) = parse_url("OTLP endpoint", &full)?;
+                let client = http_client("OTLP endpoint", &url, https, trust)?;
+                Ok(Sink::OtlpHttp { url, client })
             }
         }
     }
@@ -112,21 +231,20 @@ impl Sink {
         match self {
             Sink::Stdout => "stdout".into(),
             Sink::Webhook { url, .. } => format!("webhook {url}"),
-            Sink::OtlpGrpc { .. } => "otlp-grpc".into(),
+            Sink::OtlpGrpc { endpoint, .. } => format!("otlp-grpc {endpoint}"),
             Sink::OtlpHttp { url, .. } => format!("otlp-http {url}"),
         }
     }
 
-    /// Deliver one event; Err says why it did not arrive.
-    pub async fn send(&self, event: &Event) -> Result<(), String> {
+    /// Deliver one event; Err says why it did not arrive (always retryable).
+    pub async fn send(&self, event: &Event) -> Result<(), SendError> {
         match self {
             Sink::Stdout => {
                 use std::io::Write;
                 let line = to_json(event).to_string();
                 let mut out = std::io::stdout().lock();
-                writeln!(out, "{line}")
-                    .and_then(|_| out.flush())
-                    .map_err(|e| format!("stdout: {e}"))
+                writeln!(out, "{line}").and_then(|_| out.flush())?;
+                Ok(())
             }
             Sink::Webhook {
                 url,
@@ -144,13 +262,13 @@ impl Sink {
                 };
                 post(client, url, content_type, Bytes::from(body.to_string())).await
             }
-            Sink::OtlpGrpc { client } => {
+            Sink::OtlpGrpc { endpoint, client } => {
                 let mut client = client.clone();
                 client
                     .export(otlp_request(event))
                     .await
                     .map(|_| ())
-                    .map_err(|s| format!("OTLP gRPC: {s}"))
+                    .map_err(|status| grpc_error(endpoint, &status))
             }
             Sink::OtlpHttp { url, client } => {
                 let body = prost::Message::encode_to_vec(&otlp_request(event));
@@ -160,28 +278,64 @@ impl Sink {
     }
 }
 
+fn grpc_error(endpoint: &str, status: &tonic::Status) -> SendError {
+    let target = format!("OTLP gRPC {endpoint}");
+    if let Some(tls) = tls::tls_failure(status) {
+        return SendError::Tls {
+            target,
+            reason: tls::describe_tls(tls),
+        };
+    }
+    // The message, and the transport error behind it (which often repeats it).
+    let message = match std::error::Error::source(status).map(tls::chain) {
+        Some(source) if source.contains(status.message()) => source,
+        Some(source) => format!("{}: {source}", status.message()),
+        None => status.message().to_string(),
+    };
+    SendError::Grpc {
+        target,
+        code: status.code(),
+        message,
+    }
+}
+
 async fn post(
-    client: &Client<HttpConnector, Full<Bytes>>,
+    client: &HttpClient,
     url: &http::Uri,
     content_type: &str,
     body: Bytes,
-) -> Result<(), String> {
+) -> Result<(), SendError> {
+    let target = format!("POST {url}");
     let request = http::Request::post(url.clone())
         .header(http::header::CONTENT_TYPE, content_type)
         .header(http::header::USER_AGENT, "tidewatch-export")
         .body(Full::new(body))
-        .map_err(|e| e.to_string())?;
-    let response = client
-        .request(request)
-        .await
-        .map_err(|e| format!("POST {url}: {e}"))?;
+        .map_err(|e| SendError::Transport {
+            target: target.clone(),
+            reason: e.to_string(),
+        })?;
+    let response = match client.request(request).await {
+        Ok(response) => response,
+        Err(e) => {
+            return Err(match tls::tls_failure(&e) {
+                Some(tls) => SendError::Tls {
+                    target,
+                    reason: tls::describe_tls(tls),
+                },
+                None => SendError::Transport {
+                    target,
+                    reason: tls::chain(&e),
+                },
+            });
+        }
+    };
     let status = response.status();
     // Drain the body so the connection can be reused.
     let _ = response.into_body().collect().await;
     if status.is_success() {
         Ok(())
     } else {
-        Err(format!("POST {url}: HTTP {status}"))
+        Err(SendError::Status { target, status })
     }
 }
 
@@ -354,5 +508,105 @@ pub fn otlp_request(event: &Event) -> ExportLogsServiceRequest {
             }],
             schema_url: String::new(),
         }],
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config_error(r: Result<Sink, ConfigError>) -> String {
+        r.err().map(|e| e.to_string()).unwrap_or_default()
+    }
+
+    #[tokio::test]
+    async fn malformed_urls_are_config_errors_naming_the_url() {
+        let trust = Trust::empty();
+        let e = config_error(Sink::webhook(
+            "ftp://hooks.example/x",
+            WebhookFormat::Slack,
+            &trust,
+        ));
+        assert!(
+            e.contains("\"ftp://hooks.example/x\"") && e.contains("unsupported scheme"),
+            "{e}"
+        );
+        let e = config_error(Sink::webhook("hooks example", WebhookFormat::Slack, &trust));
+        assert!(e.starts_with("webhook URL \"hooks example\": "), "{e}");
+        let e = config_error(Sink::otlp("collector:4317", OtlpProtocol::Grpc, &trust));
+        assert!(e.starts_with("OTLP endpoint URL \"collector:4317\""), "{e}");
+        let e = config_error(Sink::otlp("/v1/logs", OtlpProtocol::Http, &trust));
+        assert!(e.contains("no scheme"), "{e}");
+    }
+
+    #[tokio::test]
+    async fn an_unreachable_receiver_is_a_transport_error_naming_the_url() {
+        // A port nobody listens on.
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map(|a| a.port())
+            .expect("a free port");
+        let event = tidewatch_runtime::event::new_event(
+            "id-1".to_string(),
+            "dev.tidewatch.insight.test",
+            "/test",
+            None,
+            chrono::Utc::now(),
+            &Insight::default(),
+        )
+        .expect("event");
+        let trust = Trust::empty();
+        let webhook = Sink::webhook(
+            &format!("http://127.0.0.1:{port}/hook"),
+            WebhookFormat::Cloudevents,
+            &trust,
+        )
+        .expect("webhook");
+        let e = webhook.send(&event).await.err().expect("nobody listens");
+        assert!(matches!(e, SendError::Transport { .. }), "{e:?}");
+        let e = e.to_string();
+        assert!(
+            e.starts_with(&format!("POST http://127.0.0.1:{port}/hook: ")) && !e.contains("TLS"),
+            "{e}"
+        );
+        let grpc = Sink::otlp(
+            &format!("http://127.0.0.1:{port}"),
+            OtlpProtocol::Grpc,
+            &trust,
+        )
+        .expect("grpc");
+        let e = grpc.send(&event).await.err().expect("nobody listens");
+        assert!(matches!(e, SendError::Grpc { .. }), "{e:?}");
+        let e = e.to_string();
+        assert!(
+            e.starts_with(&format!(
+                "OTLP gRPC http://127.0.0.1:{port}/: gRPC Unavailable"
+            )),
+            "{e}"
+        );
+    }
+
+    #[tokio::test]
+    async fn https_without_any_trusted_ca_is_a_config_error() {
+        let trust = Trust::empty();
+        for sink in [
+            Sink::webhook(
+                "https://hooks.example/x",
+                WebhookFormat::Cloudevents,
+                &trust,
+            ),
+            Sink::otlp("https://collector:4317", OtlpProtocol::Grpc, &trust),
+            Sink::otlp("https://collector:4318", OtlpProtocol::Http, &trust),
+        ] {
+            let e = config_error(sink);
+            assert!(
+                e.contains("https://") && e.contains("no trusted CA certificates"),
+                "{e}"
+            );
+        }
+        // Plain http needs no trust.
+        assert!(Sink::webhook("http://hooks.example/x", WebhookFormat::Slack, &trust).is_ok());
+        assert!(Sink::otlp("http://collector:4317", OtlpProtocol::Grpc, &trust).is_ok());
+        assert!(Sink::otlp("http://collector:4318", OtlpProtocol::Http, &trust).is_ok());
     }
 }

@@ -1,6 +1,7 @@
 //! The export binary against a real nats-server, a real HTTP webhook
 //! receiver and a real OTLP logs gRPC receiver (tonic service) started in
-//! the test.
+//! the test, in plain text and over TLS (a CA and server certificate made
+//! by rcgen, servers on tokio-rustls).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::convert::Infallible;
@@ -26,8 +27,11 @@ use tidewatch_runtime::provision::{ProvisionOptions, provision};
 use tidewatch_runtime::publisher::{Publisher, PublisherConfig};
 use tidewatch_runtime::topology::{self, subjects, types};
 use tidewatch_testkit::{NatsServer, eventually};
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpListener;
 use tokio::process::{Child, Command};
+use tokio_rustls::TlsAcceptor;
+use tokio_rustls::rustls;
 
 /// What a receiver got: every delivery (duplicates included), by receiver.
 #[derive(Default)]
@@ -38,6 +42,8 @@ struct Received {
     bodies: Mutex<Vec<(String, Bytes)>>,
     /// While now (ms since start) < this, answer slowly / fail.
     down_until_ms: AtomicU64,
+    /// TLS handshakes that failed (the client did not trust us...).
+    tls_failures: AtomicU64,
 }
 
 impl Received {
@@ -58,6 +64,11 @@ fn now_ms() -> u64 {
 
 /// An HTTP/1 receiver. While down it answers 503 after `slow`.
 async fn http_receiver(slow: Duration) -> (u16, Arc<Received>) {
+    http_receiver_on(slow, None).await
+}
+
+/// An HTTP/1 receiver, over TLS when `tls` is given.
+async fn http_receiver_on(slow: Duration, tls: Option<TlsAcceptor>) -> (u16, Arc<Received>) {
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let port = listener.local_addr().expect("addr").port();
     let received = Arc::new(Received::default());
@@ -68,61 +79,74 @@ async fn http_receiver(slow: Duration) -> (u16, Arc<Received>) {
                 return;
             };
             let r = r.clone();
+            let tls = tls.clone();
             tokio::spawn(async move {
-                let service =
-                    hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
-                        let r = r.clone();
-                        async move {
-                            let path = req.uri().path().to_string();
-                            let content_type = req
-                                .headers()
-                                .get(http::header::CONTENT_TYPE)
-                                .and_then(|v| v.to_str().ok())
-                                .unwrap_or_default()
-                                .to_string();
-                            let body = req
-                                .into_body()
-                                .collect()
-                                .await
-                                .map(|b| b.to_bytes())
-                                .unwrap_or_default();
-                            if now_ms() < r.down_until_ms.load(Ordering::SeqCst) {
-                                tokio::time::sleep(slow).await;
-                                return Ok::<_, Infallible>(
-                                    http::Response::builder()
-                                        .status(503)
-                                        .body(Full::new(Bytes::new()))
-                                        .expect("response"),
-                                );
-                            }
-                            let id = if path == "/v1/logs" {
-                                let request: ExportLogsServiceRequest =
-                                    prost::Message::decode(body.as_ref()).expect("OTLP protobuf");
-                                event_id(&request)
-                            } else if content_type == "application/cloudevents+json" {
-                                let json: serde_json::Value =
-                                    serde_json::from_slice(&body).expect("JSON");
-                                json["id"].as_str().unwrap_or_default().to_string()
-                            } else {
-                                let json: serde_json::Value =
-                                    serde_json::from_slice(&body).expect("JSON");
-                                json["text"].as_str().unwrap_or_default().to_string()
-                            };
-                            r.ids.lock().expect("lock").push(id);
-                            r.bodies.lock().expect("lock").push((content_type, body));
-                            Ok(http::Response::builder()
-                                .status(200)
-                                .body(Full::new(Bytes::new()))
-                                .expect("response"))
+                match tls {
+                    None => serve_http1(stream, slow, r).await,
+                    Some(tls) => match tls.accept(stream).await {
+                        Ok(stream) => serve_http1(stream, slow, r).await,
+                        Err(_) => {
+                            r.tls_failures.fetch_add(1, Ordering::SeqCst);
                         }
-                    });
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(TokioIo::new(stream), service)
-                    .await;
+                    },
+                }
             });
         }
     });
     (port, received)
+}
+
+async fn serve_http1<I>(io: I, slow: Duration, r: Arc<Received>)
+where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let service = hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
+        let r = r.clone();
+        async move {
+            let path = req.uri().path().to_string();
+            let content_type = req
+                .headers()
+                .get(http::header::CONTENT_TYPE)
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or_default()
+                .to_string();
+            let body = req
+                .into_body()
+                .collect()
+                .await
+                .map(|b| b.to_bytes())
+                .unwrap_or_default();
+            if now_ms() < r.down_until_ms.load(Ordering::SeqCst) {
+                tokio::time::sleep(slow).await;
+                return Ok::<_, Infallible>(
+                    http::Response::builder()
+                        .status(503)
+                        .body(Full::new(Bytes::new()))
+                        .expect("response"),
+                );
+            }
+            let id = if path == "/v1/logs" {
+                let request: ExportLogsServiceRequest =
+                    prost::Message::decode(body.as_ref()).expect("OTLP protobuf");
+                event_id(&request)
+            } else if content_type == "application/cloudevents+json" {
+                let json: serde_json::Value = serde_json::from_slice(&body).expect("JSON");
+                json["id"].as_str().unwrap_or_default().to_string()
+            } else {
+                let json: serde_json::Value = serde_json::from_slice(&body).expect("JSON");
+                json["text"].as_str().unwrap_or_default().to_string()
+            };
+            r.ids.lock().expect("lock").push(id);
+            r.bodies.lock().expect("lock").push((content_type, body));
+            Ok(http::Response::builder()
+                .status(200)
+                .body(Full::new(Bytes::new()))
+                .expect("response"))
+        }
+    });
+    let _ = hyper::server::conn::http1::Builder::new()
+        .serve_connection(TokioIo::new(io), service)
+        .await;
 }
 
 fn event_id(request: &ExportLogsServiceRequest) -> String {
@@ -174,6 +198,18 @@ async fn otlp_receiver(
     Arc<Received>,
     Arc<Mutex<Vec<ExportLogsServiceRequest>>>,
 ) {
+    otlp_receiver_on(slow, None).await
+}
+
+/// [`otlp_receiver`], over TLS (ALPN `h2`) when `tls` is given.
+async fn otlp_receiver_on(
+    slow: Duration,
+    tls: Option<TlsAcceptor>,
+) -> (
+    u16,
+    Arc<Received>,
+    Arc<Mutex<Vec<ExportLogsServiceRequest>>>,
+) {
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let port = listener.local_addr().expect("addr").port();
     let received = Arc::new(Received::default());
@@ -183,25 +219,43 @@ async fn otlp_receiver(
         requests: requests.clone(),
         slow,
     });
+    let received_out = received.clone();
     tokio::spawn(async move {
         loop {
             let Ok((stream, _)) = listener.accept().await else {
                 return;
             };
             let service = service.clone();
+            let tls = tls.clone();
+            let r = received.clone();
             tokio::spawn(async move {
-                let hyper_service =
-                    hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
-                        let mut service = service.clone();
-                        async move { tonic::codegen::Service::call(&mut service, req).await }
-                    });
-                let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
-                    .serve_connection(TokioIo::new(stream), hyper_service)
-                    .await;
+                match tls {
+                    None => serve_grpc(stream, service).await,
+                    Some(tls) => match tls.accept(stream).await {
+                        Ok(stream) => serve_grpc(stream, service).await,
+                        Err(_) => {
+                            r.tls_failures.fetch_add(1, Ordering::SeqCst);
+                        }
+                    },
+                }
             });
         }
     });
-    (port, received, requests)
+    (port, received_out, requests)
+}
+
+async fn serve_grpc<I>(io: I, service: LogsServiceServer<Otlp>)
+where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let hyper_service =
+        hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
+            let mut service = service.clone();
+            async move { tonic::codegen::Service::call(&mut service, req).await }
+        });
+    let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+        .serve_connection(TokioIo::new(io), hyper_service)
+        .await;
 }
 
 fn insight(i: u32) -> cloudevents::Event {
@@ -501,4 +555,335 @@ async fn a_sink_down_for_good_dead_letters_the_insight_with_the_reason() {
         consumer_idle(&js).await.then_some(())
     })
     .await;
+}
+
+/// A test CA and a server certificate it signed for 127.0.0.1 / localhost.
+struct Pki {
+    ca_pem: String,
+    chain: Vec<rustls::pki_types::CertificateDer<'static>>,
+    key: rustls::pki_types::PrivatePkcs8KeyDer<'static>,
+}
+
+fn ca(name: &str) -> (rcgen::CertificateParams, rcgen::KeyPair, String) {
+    let key = rcgen::KeyPair::generate().expect("CA key");
+    let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).expect("CA params");
+    params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, name);
+    params.key_usages = vec![
+        rcgen::KeyUsagePurpose::KeyCertSign,
+        rcgen::KeyUsagePurpose::CrlSign,
+        rcgen::KeyUsagePurpose::DigitalSignature,
+    ];
+    let pem = params.self_signed(&key).expect("CA cert").pem();
+    (params, key, pem)
+}
+
+fn pki() -> Pki {
+    let (ca_params, ca_key, ca_pem) = ca("tidewatch test CA");
+    let issuer = rcgen::Issuer::new(ca_params, ca_key);
+    let key = rcgen::KeyPair::generate().expect("server key");
+    let mut params = rcgen::CertificateParams::new(vec!["127.0.0.1".into(), "localhost".into()])
+        .expect("server params");
+    params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, "tidewatch test receiver");
+    params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ServerAuth];
+    let cert = params.signed_by(&key, &issuer).expect("server cert");
+    Pki {
+        ca_pem,
+        chain: vec![cert.der().clone()],
+        key: rustls::pki_types::PrivatePkcs8KeyDer::from(key.serialize_der()),
+    }
+}
+
+impl Pki {
+    /// A TLS server offering `alpn` (`h2` for gRPC).
+    fn acceptor(&self, alpn: &[u8]) -> TlsAcceptor {
+        let mut config = rustls::ServerConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .expect("protocol versions")
+        .with_no_client_auth()
+        .with_single_cert(self.chain.clone(), self.key.clone_key().into())
+        .expect("server config");
+        config.alpn_protocols = vec![alpn.to_vec()];
+        TlsAcceptor::from(Arc::new(config))
+    }
+}
+
+/// Writes `pem` to `dir/name`, returning the path.
+fn write_pem(dir: &tempfile::TempDir, name: &str, pem: &str) -> String {
+    let path = dir.path().join(name);
+    std::fs::write(&path, pem).expect("PEM written");
+    path.to_string_lossy().into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn https_webhook_and_otlp_grpc_deliver_over_tls_with_the_ca_file() {
+    const N: u32 = 6;
+    let pki = pki();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let ca_file = write_pem(&dir, "ca.pem", &pki.ca_pem);
+    let server = NatsServer::start().await;
+    let (js, publisher) = setup(&server).await;
+    let (web_port, web) = http_receiver_on(Duration::ZERO, Some(pki.acceptor(b"http/1.1"))).await;
+    let (otlp_port, otlp, requests) =
+        otlp_receiver_on(Duration::ZERO, Some(pki.acceptor(b"h2"))).await;
+    let _export = start_export(
+        &server,
+        &[
+            "--stdout=false".into(),
+            "--webhook".into(),
+            format!("https://127.0.0.1:{web_port}/hook"),
+            "--otlp-endpoint".into(),
+            format!("https://127.0.0.1:{otlp_port}"),
+            "--ca-file".into(),
+            ca_file,
+        ],
+    );
+    let subject = subjects::insight("crash-loop");
+    for i in 0..N {
+        publisher
+            .publish(subject.as_str(), &insight(i))
+            .await
+            .expect("stored");
+    }
+    let expected: BTreeSet<String> = (0..N).map(|i| format!("msg-{i:03}")).collect();
+    eventually(
+        "both TLS receivers to get every insight",
+        Duration::from_secs(30),
+        || async { (web.distinct() == expected && otlp.distinct() == expected).then_some(()) },
+    )
+    .await;
+    eventually("export to settle", Duration::from_secs(30), || async {
+        consumer_idle(&js).await.then_some(())
+    })
+    .await;
+    assert_eq!(web.ids().len(), N as usize, "each insight once over HTTPS");
+    assert_eq!(
+        otlp.ids().len(),
+        N as usize,
+        "each insight once over gRPC+TLS"
+    );
+    assert_eq!(web.tls_failures.load(Ordering::SeqCst), 0);
+    assert_eq!(otlp.tls_failures.load(Ordering::SeqCst), 0);
+    assert_eq!(stream_len(&js, topology::DEAD_LETTER.name).await, 0);
+    let bodies = web.bodies.lock().expect("lock");
+    let json: serde_json::Value = serde_json::from_slice(&bodies[0].1).expect("json");
+    assert_eq!(json["data"]["kind"], "crash-loop");
+    let requests = requests.lock().expect("lock");
+    assert!(expected.contains(&event_id(&requests[0])));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn otlp_over_https_with_the_ca_file_from_the_environment() {
+    let pki = pki();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let ca_file = write_pem(&dir, "ca.pem", &pki.ca_pem);
+    let server = NatsServer::start().await;
+    let (js, publisher) = setup(&server).await;
+    let (port, received) = http_receiver_on(Duration::ZERO, Some(pki.acceptor(b"http/1.1"))).await;
+    let mut export = Command::new(env!("CARGO_BIN_EXE_tidewatch-export"));
+    export
+        .env("NATS_URL", server.client_url())
+        .env("TIDEWATCH_METRICS_ADDR", "127.0.0.1:0")
+        .env("TIDEWATCH_TRANSPORT", "jetstream")
+        .env("RUST_LOG", "warn")
+        .env("TIDEWATCH_EXPORT_STDOUT", "false")
+        .env(
+            "TIDEWATCH_EXPORT_OTLP_ENDPOINT",
+            format!("https://localhost:{port}/"),
+        )
+        .env("TIDEWATCH_EXPORT_OTLP_PROTOCOL", "http")
+        .env("TIDEWATCH_EXPORT_CA_FILE", &ca_file)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .kill_on_drop(true);
+    let _export = export.spawn().expect("export starts");
+    publisher
+        .publish(subjects::insight("crash-loop").as_str(), &insight(4))
+        .await
+        .expect("stored");
+    eventually(
+        "the OTLP/HTTP record over TLS",
+        Duration::from_secs(30),
+        || async { (!received.ids().is_empty()).then_some(()) },
+    )
+    .await;
+    eventually("export to settle", Duration::from_secs(30), || async {
+        consumer_idle(&js).await.then_some(())
+    })
+    .await;
+    assert_eq!(received.ids(), vec!["msg-004".to_string()]);
+    let bodies = received.bodies.lock().expect("lock");
+    assert_eq!(bodies[0].0, "application/x-protobuf");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_the_ca_tls_sinks_fail_clearly_and_the_insight_is_retried_then_dead_lettered() {
+    let pki = pki();
+    // The "system" trusts some other CA only (SSL_CERT_FILE replaces the OS
+    // store), so the test does not depend on the host's certificates.
+    let (_, _, other_ca) = ca("some other CA");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let system_roots = write_pem(&dir, "system.pem", &other_ca);
+    let server = NatsServer::start().await;
+    let client = server.connect().await;
+    let js = async_nats::jetstream::new(client.clone());
+    provision(
+        &js,
+        &ProvisionOptions::default()
+            .ack_wait(Duration::from_secs(5))
+            .max_deliver(3),
+    )
+    .await
+    .expect("provisioned");
+    let publisher = Publisher::new(client, PublisherConfig::default(), Metrics::new("test"));
+    let (web_port, web) = http_receiver_on(Duration::ZERO, Some(pki.acceptor(b"http/1.1"))).await;
+    let (otlp_port, otlp, _) = otlp_receiver_on(Duration::ZERO, Some(pki.acceptor(b"h2"))).await;
+    let web_url = format!("https://127.0.0.1:{web_port}/hook");
+    let otlp_url = format!("https://127.0.0.1:{otlp_port}/");
+    let mut export = Command::new(env!("CARGO_BIN_EXE_tidewatch-export"));
+    export
+        .env("NATS_URL", server.client_url())
+        .env("TIDEWATCH_METRICS_ADDR", "127.0.0.1:0")
+        .env("TIDEWATCH_TRANSPORT", "jetstream")
+        .env("RUST_LOG", "warn")
+        .env("SSL_CERT_FILE", &system_roots)
+        .env_remove("SSL_CERT_DIR")
+        .env_remove("TIDEWATCH_EXPORT_CA_FILE")
+        .args([
+            "--stdout=false",
+            "--webhook",
+            &web_url,
+            "--otlp-endpoint",
+            &otlp_url,
+        ])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .kill_on_drop(true);
+    let _export = export.spawn().expect("export starts");
+    publisher
+        .publish(subjects::insight("crash-loop").as_str(), &insight(7))
+        .await
+        .expect("stored");
+    eventually(
+        "the insight to be dead-lettered after its retries",
+        Duration::from_secs(60),
+        || async { (stream_len(&js, topology::DEAD_LETTER.name).await == 1).then_some(()) },
+    )
+    .await;
+    let message = js
+        .get_stream(topology::DEAD_LETTER.name)
+        .await
+        .expect("dlq")
+        .get_raw_message(1)
+        .await
+        .expect("dead letter");
+    let header = |name: &str| {
+        message
+            .headers
+            .get(name)
+            .map(|v| v.to_string())
+            .unwrap_or_default()
+    };
+    let reason = header(tidewatch_runtime::dead_letter::REASON_HEADER);
+    assert_eq!(
+        header(tidewatch_runtime::dead_letter::DELIVERIES_HEADER),
+        "3",
+        "retried max_deliver times: {reason}"
+    );
+    // Both sinks name their URL, that TLS failed, and why.
+    assert!(
+        reason.contains(&format!(
+            "POST {web_url}: TLS handshake failed: invalid peer certificate: UnknownIssuer"
+        )),
+        "{reason}"
+    );
+    let otlp_target = format!(
+        "OTLP gRPC https://127.0.0.1:{otlp_port}/: TLS handshake failed: invalid peer certificate: UnknownIssuer"
+    );
+    assert!(reason.contains(&otlp_target), "{reason}");
+    assert!(reason.contains("--ca-file"), "with a hint: {reason}");
+    let event =
+        tidewatch_runtime::binding::nats::from_nats(Some(&message.headers), &message.payload)
+            .expect("the original event");
+    assert_eq!(
+        cloudevents::AttributesReader::id(&event),
+        "msg-007",
+        "kept whole for replay"
+    );
+    assert!(web.ids().is_empty() && otlp.ids().is_empty());
+    assert!(web.tls_failures.load(Ordering::SeqCst) >= 1);
+    assert!(otlp.tls_failures.load(Ordering::SeqCst) >= 1);
+}
+
+/// Starts export with `args`, expecting it to exit at startup; its stderr.
+async fn failed_start(server: &NatsServer, args: &[&str]) -> String {
+    let child = Command::new(env!("CARGO_BIN_EXE_tidewatch-export"))
+        .env("NATS_URL", server.client_url())
+        .env("TIDEWATCH_METRICS_ADDR", "127.0.0.1:0")
+        .env("TIDEWATCH_TRANSPORT", "jetstream")
+        .env("RUST_LOG", "warn")
+        .env_remove("TIDEWATCH_EXPORT_CA_FILE")
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("export starts");
+    let output = tokio::time::timeout(Duration::from_secs(60), child.wait_with_output())
+        .await
+        .expect("export exits on a config error")
+        .expect("output");
+    assert!(!output.status.success(), "{output:?}");
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bad_ca_file_or_url_stops_export_at_startup_naming_it() {
+    let server = NatsServer::start().await;
+    let (_js, _publisher) = setup(&server).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let missing = dir.path().join("missing.pem");
+    let missing = missing.to_string_lossy();
+    let stderr = failed_start(
+        &server,
+        &[
+            "--webhook",
+            "https://127.0.0.1:9/hook",
+            "--ca-file",
+            &missing,
+        ],
+    )
+    .await;
+    assert!(stderr.contains(&format!("CA file {missing}: ")), "{stderr}");
+
+    let not_pem = write_pem(&dir, "not.pem", "this is not a certificate\n");
+    let stderr = failed_start(
+        &server,
+        &[
+            "--otlp-endpoint",
+            "https://127.0.0.1:9",
+            "--ca-file",
+            &not_pem,
+        ],
+    )
+    .await;
+    assert!(
+        stderr.contains(&format!("CA file {not_pem}: no PEM certificate")),
+        "{stderr}"
+    );
+
+    let stderr = failed_start(&server, &["--webhook", "ftp://127.0.0.1/hook"]).await;
+    assert!(
+        stderr.contains("webhook URL \"ftp://127.0.0.1/hook\": unsupported scheme"),
+        "{stderr}"
+    );
 }
