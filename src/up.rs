@@ -388,7 +388,11 @@ async fn supervise(url: &str, monitoring: &str, args: &UpArgs, logs: &Path) -> a
 
 /// Collectors `up` runs when this host allows them, each with the binary
 /// that checks the host (`--check-host`) and says why not.
-const COLLECTORS: &[(&str, &str)] = &[("ebpf", "tidewatch-collector-ebpf")];
+const COLLECTORS: &[(&str, &str)] = &[
+    ("ebpf", "tidewatch-collector-ebpf"),
+    ("k8s", "tidewatch-collector-k8s"),
+    ("systemd", "tidewatch-collector-systemd"),
+];
 
 /// Start every collector this host can run; say plainly why not for the others.
 async fn start_collectors(args: &UpArgs, bin_dir: &Path, url: &str, logs: &Path) -> Vec<Child> {
@@ -436,9 +440,13 @@ async fn start_collectors(args: &UpArgs, bin_dir: &Path, url: &str, logs: &Path)
         else {
             continue;
         };
+        // Each collector spools to disk while NATS is unreachable, and
+        // replays after a restart of `up` what the last run had spooled.
+        let spool = logs.parent().unwrap_or(logs).join("spool").join(name);
         match Command::new(&binary)
             .env("NATS_URL", url)
             .env("TIDEWATCH_METRICS_ADDR", "127.0.0.1:0")
+            .env("TIDEWATCH_SPOOL_DIR", &spool)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log)
