@@ -52,7 +52,7 @@ fn labels(function: &FunctionSpec) -> Value {
 
 /// The container every function runs in, hardened for Pod Security "restricted".
 fn container(function: &FunctionSpec, transport: &str) -> Value {
-    json!({
+    let mut container = json!({
         "name": function.name,
         "image": image(),
         "command": [format!("/usr/local/bin/{}", function.binary)],
@@ -72,7 +72,14 @@ fn container(function: &FunctionSpec, transport: &str) -> Value {
             "capabilities": {"drop": ["ALL"]},
             "seccompProfile": {"type": "RuntimeDefault"},
         },
-    })
+    });
+    // Every export deployment reads its own durable (one per sink group).
+    if function.binary == topology::EXPORT.binary
+        && let Some(env) = container["env"].as_array_mut()
+    {
+        env.push(json!({"name": "TIDEWATCH_EXPORT_CONSUMER", "value": function.consumer}));
+    }
+    container
 }
 
 /// A function's Deployment for KEDA: starts at zero replicas, KEDA scales it.

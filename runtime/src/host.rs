@@ -96,6 +96,8 @@ pub struct Host {
     client: Option<async_nats::Client>,
     metrics: Metrics,
     readiness: Readiness,
+    /// Stream of a durable that is not in the compiled topology.
+    input: Option<&'static str>,
     _telemetry: Telemetry,
 }
 
@@ -120,8 +122,17 @@ impl Host {
             client,
             metrics: Metrics::new(spec.name),
             readiness: Readiness::default(),
+            input: None,
             _telemetry: telemetry,
         })
+    }
+
+    /// Read a durable consumer on `stream_key` that the compiled topology
+    /// does not name (made by a newer topology, or by hand): it must exist
+    /// on the server.
+    pub fn reading(mut self, stream_key: &'static str) -> Host {
+        self.input = Some(stream_key);
+        self
     }
 
     /// The NATS connection, for functions that keep state in KV.
@@ -162,21 +173,25 @@ impl Host {
                     self.readiness.clone(),
                     when_stopped(),
                 ));
-                let consumer = topology::consumer(self.spec.consumer).ok_or_else(|| {
-                    RuntimeError::Setup(format!(
-                        "no consumer {} in the topology",
-                        self.spec.consumer
-                    ))
-                })?;
-                let stream = topology::stream(consumer.stream).ok_or_else(|| {
-                    RuntimeError::Setup(format!("no stream {} in the topology", consumer.stream))
+                let stream_key = match (topology::consumer(self.spec.consumer), self.input) {
+                    (Some(consumer), _) => consumer.stream,
+                    (None, Some(stream)) => stream,
+                    (None, None) => {
+                        return Err(RuntimeError::Setup(format!(
+                            "no consumer {} in the topology",
+                            self.spec.consumer
+                        )));
+                    }
+                };
+                let stream = topology::stream(stream_key).ok_or_else(|| {
+                    RuntimeError::Setup(format!("no stream {stream_key} in the topology"))
                 })?;
                 let publisher = Publisher::new(
                     client.clone(),
                     PublisherConfig::default().max_in_flight(self.args.max_in_flight),
                     self.metrics.clone(),
                 );
-                let config = PullConfig::new(stream.name, consumer.durable)
+                let config = PullConfig::new(stream.name, self.spec.consumer)
                     .batch(self.args.batch)
                     .concurrency(self.args.concurrency);
                 let result = consume::run(

@@ -75,6 +75,13 @@ struct Args {
     /// Extra CA certificates (PEM bundle) trusted for https:// sinks, on top of the system's.
     #[arg(long, env = "TIDEWATCH_EXPORT_CA_FILE")]
     ca_file: Option<PathBuf>,
+    /// Durable consumer on TIDEWATCH_INSIGHTS this instance reads. Each
+    /// export deployment has its own (a `ConsumerSpec` + `FunctionSpec` in
+    /// the topology, which `tidewatch render` and `provision` turn into a
+    /// Deployment and a durable), so its pace and failures never touch
+    /// another's.
+    #[arg(long, env = "TIDEWATCH_EXPORT_CONSUMER", default_value = "export")]
+    consumer: String,
     /// Longest one sink may take for one insight (ms).
     #[arg(long, env = "TIDEWATCH_EXPORT_SINK_TIMEOUT_MS", default_value_t = 5000)]
     sink_timeout_ms: u64,
@@ -239,10 +246,38 @@ fn slots(args: &Args) -> anyhow::Result<Vec<Slot>> {
         .collect())
 }
 
+/// The function spec for an export reading `consumer`: the topology's
+/// entry when it has one, else `export`'s settings on that durable (a
+/// consumer made by hand, or by a newer topology than this binary's).
+fn spec_for(consumer: &str) -> anyhow::Result<&'static topology::FunctionSpec> {
+    if let Some(spec) = topology::FUNCTIONS
+        .iter()
+        .find(|f| f.consumer == consumer && f.binary == topology::EXPORT.binary)
+    {
+        return Ok(spec);
+    }
+    if consumer.is_empty()
+        || !consumer
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+    {
+        anyhow::bail!("--consumer {consumer:?}: a durable name is letters, digits, '-' and '_'");
+    }
+    // Leaked once at startup: the runtime keeps specs for the process' life.
+    let name: &'static str = Box::leak(consumer.to_string().into_boxed_str());
+    Ok(Box::leak(Box::new(topology::FunctionSpec {
+        name,
+        consumer: name,
+        ..topology::EXPORT
+    })))
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    let host = Host::start(&topology::EXPORT, args.function.clone()).await?;
+    let host = Host::start(spec_for(&args.consumer)?, args.function.clone())
+        .await?
+        .reading(topology::INSIGHTS.key);
     let slots = slots(&args)?;
     tracing::info!(sinks = ?slots.iter().map(|s| s.name.as_str()).collect::<Vec<_>>(), "exporting");
     host.run(Export {

@@ -887,3 +887,96 @@ async fn a_bad_ca_file_or_url_stops_export_at_startup_naming_it() {
         "{stderr}"
     );
 }
+
+/// Two export instances, each with its own durable consumer on the
+/// insights stream (as two export Deployments would be): a sink that is
+/// down holds up only its own instance, and both get every insight.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_export_instance_reads_its_own_durable_and_a_down_sink_holds_up_only_its_own() {
+    const N: u32 = 10;
+    let server = NatsServer::start().await;
+    let (js, publisher) = setup(&server).await;
+    // A second durable on the insights stream, as the topology defines export's.
+    let export = topology::consumer("export").expect("export consumer");
+    let insights = js
+        .get_stream(topology::INSIGHTS.name)
+        .await
+        .expect("stream");
+    insights
+        .create_consumer(async_nats::jetstream::consumer::pull::Config {
+            durable_name: Some("export-siem".into()),
+            filter_subjects: topology::consumer_filter_subjects(export)
+                .into_iter()
+                .map(|s| s.replace(".export", ".export-siem"))
+                .collect(),
+            ack_wait: Duration::from_secs(5),
+            max_deliver: 50,
+            ..Default::default()
+        })
+        .await
+        .expect("second durable");
+
+    let (chat_port, chat) = http_receiver(Duration::ZERO).await;
+    let (siem_port, siem) = http_receiver(Duration::from_millis(200)).await;
+    let started = now_ms();
+    siem.down_until_ms.store(started + 3000, Ordering::SeqCst);
+    let _chat = start_export(
+        &server,
+        &[
+            "--stdout=false".into(),
+            "--webhook".into(),
+            format!("http://127.0.0.1:{chat_port}/hook"),
+        ],
+    );
+    let _siem = start_export(
+        &server,
+        &[
+            "--stdout=false".into(),
+            "--consumer".into(),
+            "export-siem".into(),
+            "--webhook".into(),
+            format!("http://127.0.0.1:{siem_port}/siem"),
+            "--breaker-open-ms".into(),
+            "300".into(),
+        ],
+    );
+    let subject = subjects::insight("crash-loop");
+    for i in 0..N {
+        publisher
+            .publish(subject.as_str(), &insight(i))
+            .await
+            .expect("stored");
+    }
+    let expected: BTreeSet<String> = (0..N).map(|i| format!("msg-{i:03}")).collect();
+    eventually(
+        "the healthy sink to get everything",
+        Duration::from_secs(20),
+        || async { (chat.distinct() == expected).then_some(()) },
+    )
+    .await;
+    assert!(
+        now_ms() < started + 3000,
+        "the down SIEM did not hold up the other export instance"
+    );
+    eventually(
+        "the SIEM to get everything once it is back",
+        Duration::from_secs(60),
+        || async { (siem.distinct() == expected).then_some(()) },
+    )
+    .await;
+    assert_eq!(
+        chat.ids().len(),
+        N as usize,
+        "the healthy instance never re-sent"
+    );
+    let siem_info = js
+        .get_stream(topology::INSIGHTS.name)
+        .await
+        .expect("stream")
+        .consumer_info("export-siem")
+        .await
+        .expect("the SIEM durable")
+        .clone();
+    assert!(siem_info.delivered.stream_sequence >= u64::from(N));
+    assert_eq!(stream_len(&js, topology::DEAD_LETTER.name).await, 0);
+}
