@@ -17,6 +17,11 @@
 //! needs, so a replay keeps the event's msg id and the stream deduplicates
 //! anything that was published twice.
 //!
+//! One process owns a spool directory at a time: [`Spool::open`] takes an
+//! exclusive `flock` on `<dir>/lock` (released when the process dies, so a
+//! SIGKILLed collector's successor opens it at once) and refuses a second
+//! owner with [`SpoolError::Locked`].
+//!
 //! # Crash safety
 //!
 //! Every append is one `write` of a whole frame straight to the file (no
@@ -74,6 +79,7 @@ pub const FRAME_HEADER: usize = 8;
 const SEGMENT_SUFFIX: &str = ".seg";
 const ACK_FILE: &str = "ack";
 const ACK_TMP: &str = "ack.tmp";
+const LOCK_FILE: &str = "lock";
 const RECORD_VERSION: u8 = 1;
 
 /// When the spool calls `fsync` (see the module docs for what a crash can lose).
@@ -127,6 +133,12 @@ pub enum SpoolError {
         size: u64,
         limit: u64,
     },
+    /// Terminal: another live process holds this spool directory (two
+    /// collectors must never share one: their replays would interleave).
+    #[error(
+        "spool {dir} is in use by another process (each collector instance needs its own spool directory)"
+    )]
+    Locked { dir: PathBuf },
     /// Terminal: the configuration cannot work (e.g. a segment larger
     /// than the whole spool, or too small for one frame header).
     #[error("invalid spool configuration: {0}")]
@@ -452,6 +464,9 @@ pub struct SpoolStats {
 /// collector instance.
 pub struct Spool {
     dir: PathBuf,
+    /// Exclusive `flock` on `<dir>/lock`, released when the spool is dropped
+    /// or the process dies.
+    _lock: nix::fcntl::Flock<File>,
     config: SpoolConfig,
     /// Oldest first; the last is the active one. Never empty after open.
     segments: Vec<SegmentMeta>,
@@ -487,6 +502,21 @@ impl Spool {
         }
         let dir = dir.as_ref().to_path_buf();
         fs::create_dir_all(&dir).map_err(io_err(&dir))?;
+        let lock_path = dir.join(LOCK_FILE);
+        let lock_file = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&lock_path)
+            .map_err(io_err(&lock_path))?;
+        let lock = nix::fcntl::Flock::lock(lock_file, nix::fcntl::FlockArg::LockExclusiveNonblock)
+            .map_err(|(_, errno)| match errno {
+                nix::errno::Errno::EWOULDBLOCK => SpoolError::Locked { dir: dir.clone() },
+                other => SpoolError::Io {
+                    path: lock_path.clone(),
+                    source: io::Error::from(other),
+                },
+            })?;
         let mut ids = Vec::new();
         for entry in fs::read_dir(&dir).map_err(io_err(&dir))? {
             let entry = entry.map_err(io_err(&dir))?;
@@ -564,6 +594,7 @@ impl Spool {
             write_ack(&dir, committed)?;
         }
         let mut spool = Spool {
+            _lock: lock,
             dir,
             config,
             segments,
@@ -939,6 +970,22 @@ fn read_ack(dir: &Path) -> Option<Cursor> {
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn one_spool_directory_has_one_owner() {
+        let dir = tempfile::tempdir().unwrap();
+        let first = Spool::open(dir.path(), SpoolConfig::default()).unwrap();
+        match Spool::open(dir.path(), SpoolConfig::default()) {
+            Err(e @ SpoolError::Locked { .. }) => {
+                assert!(!e.is_retryable());
+                assert!(e.to_string().contains("in use by another process"), "{e}");
+            }
+            Err(e) => panic!("expected Locked, got {e}"),
+            Ok(_) => panic!("two owners of one spool"),
+        }
+        drop(first);
+        Spool::open(dir.path(), SpoolConfig::default()).expect("free again once dropped");
+    }
 
     fn record(i: usize, size: usize) -> Record {
         Record {
