@@ -557,7 +557,11 @@ pub fn k8s_rbac() -> Vec<Value> {
         json!({
             "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role",
             "metadata": {"name": format!("{name}-election"), "namespace": SYSTEM_NAMESPACE},
-            "rules": [{"apiGroups": ["coordination.k8s.io"], "resources": ["leases"], "verbs": K8S_LEASE_VERBS}],
+            "rules": [
+                // `create` cannot be limited by name (the object does not exist yet).
+                {"apiGroups": ["coordination.k8s.io"], "resources": ["leases"], "verbs": ["create"]},
+                {"apiGroups": ["coordination.k8s.io"], "resources": ["leases"], "resourceNames": [K8S_LEASE], "verbs": ["get", "update"]},
+            ],
         }),
         json!({
             "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
@@ -570,12 +574,12 @@ pub fn k8s_rbac() -> Vec<Value> {
 
 /// (API group, resources) the k8s collector lists and watches.
 pub const K8S_READS: &[(&str, &[&str])] = &[
-    ("", &["pods", "nodes", "events", "services", "endpoints"]),
+    ("", &["pods", "nodes", "events", "services"]),
     ("apps", &["deployments", "replicasets"]),
     ("discovery.k8s.io", &["endpointslices"]),
 ];
-/// Verbs on its election Lease.
-pub const K8S_LEASE_VERBS: &[&str] = &["get", "create", "update"];
+/// The Lease the k8s collector's replicas elect a leader with.
+pub const K8S_LEASE: &str = "tidewatch-collector-k8s";
 
 /// The `authorization` block of nats.conf; passwords come from the
 /// environment (`$<USER>_PASSWORD`), filled from the Secret.

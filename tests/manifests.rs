@@ -616,7 +616,10 @@ fn collectors_run_as_daemonsets_with_least_privilege() {
     assert_eq!(election["metadata"]["namespace"], "tidewatch-system");
     assert_eq!(
         election["rules"],
-        serde_json::json!([{"apiGroups": ["coordination.k8s.io"], "resources": ["leases"], "verbs": ["get", "create", "update"]}])
+        serde_json::json!([
+            {"apiGroups": ["coordination.k8s.io"], "resources": ["leases"], "verbs": ["create"]},
+            {"apiGroups": ["coordination.k8s.io"], "resources": ["leases"], "resourceNames": ["tidewatch-collector-k8s"], "verbs": ["get", "update"]}
+        ])
     );
     assert!(
         !objects

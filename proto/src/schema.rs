@@ -84,6 +84,11 @@ registry!(
     PodMetadata,
     Insight,
     CollectorDrops,
+    PodChange,
+    NodeConditionChange,
+    RolloutChange,
+    EndpointsChange,
+    KubeEvent,
 );
 
 #[cfg(test)]
