@@ -16,8 +16,10 @@
 //! - [`dead_letter`]: where poison messages go, with the reason.
 //! - [`metrics`], [`telemetry`]: `/metrics`, health, logs, OTLP traces.
 //! - [`host`]: the `main` of a function binary; [`shutdown`]: signals.
+//! - [`collector`]: what collectors' configurations share (node name, seconds).
 
 pub mod binding;
+pub mod collector;
 pub mod consume;
 pub mod dead_letter;
 pub mod event;

@@ -42,10 +42,10 @@ pub struct Config {
     /// Unacknowledged publishes at once.
     pub max_in_flight: usize,
     /// How often drop counters are read and a drops event is sent when they grew.
-    #[serde(with = "secs")]
+    #[serde(with = "tidewatch_runtime::collector::seconds")]
     pub drops_interval: Duration,
     /// How often aggregated retransmits are drained into events.
-    #[serde(with = "secs")]
+    #[serde(with = "tidewatch_runtime::collector::seconds")]
     pub retransmit_interval: Duration,
     /// Emit `process.exists` for every running process at start.
     pub replay_processes: bool,
@@ -60,19 +60,6 @@ pub struct Config {
     pub spool_max_bytes: u64,
 }
 
-mod secs {
-    use serde::{Deserialize, Deserializer};
-    use std::time::Duration;
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
-        let secs = f64::deserialize(d)?;
-        if !(secs > 0.0 && secs.is_finite()) {
-            return Err(serde::de::Error::custom(
-                "an interval must be a positive number of seconds",
-            ));
-        }
-        Ok(Duration::from_secs_f64(secs))
-    }
-}
 
 impl Default for Config {
     fn default() -> Self {
@@ -97,14 +84,7 @@ impl Default for Config {
     }
 }
 
-/// The node's hostname, or `localhost`.
-pub fn default_node() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .map(|h| h.trim().to_string())
-        .ok()
-        .filter(|h| !h.is_empty())
-        .unwrap_or_else(|| "localhost".into())
-}
+pub use tidewatch_runtime::collector::default_node;
 
 /// Why a configuration was refused.
 #[derive(Debug, thiserror::Error)]

@@ -28,17 +28,17 @@ pub struct Config {
     /// Holder identity; default: the node name.
     pub identity: Option<String>,
     /// Seconds a lease stays valid without renewal.
-    #[serde(with = "secs")]
+    #[serde(with = "tidewatch_runtime::collector::seconds")]
     pub lease_duration: Duration,
     /// Seconds a leader keeps trying to renew before it steps down
     /// (less than `lease_duration`).
-    #[serde(with = "secs")]
+    #[serde(with = "tidewatch_runtime::collector::seconds")]
     pub renew_deadline: Duration,
     /// Seconds between election attempts.
-    #[serde(with = "secs")]
+    #[serde(with = "tidewatch_runtime::collector::seconds")]
     pub retry_period: Duration,
     /// Seconds a deleted pod's metadata stays in KV, so late events resolve.
-    #[serde(with = "secs")]
+    #[serde(with = "tidewatch_runtime::collector::seconds")]
     pub pod_grace: Duration,
     /// Server-side timeout of one watch request, seconds (the watcher
     /// re-watches from its last resourceVersion after it).
@@ -49,19 +49,6 @@ pub struct Config {
     pub max_in_flight: usize,
 }
 
-mod secs {
-    use serde::{Deserialize, Deserializer};
-    use std::time::Duration;
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
-        let secs = f64::deserialize(d)?;
-        if !(secs > 0.0 && secs.is_finite()) {
-            return Err(serde::de::Error::custom(
-                "a duration must be a positive number of seconds",
-            ));
-        }
-        Ok(Duration::from_secs_f64(secs))
-    }
-}
 
 impl Default for Config {
     fn default() -> Self {
@@ -87,14 +74,7 @@ impl Default for Config {
     }
 }
 
-/// The hostname, or `unknown`.
-pub fn default_node() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .map(|h| h.trim().to_string())
-        .ok()
-        .filter(|h| !h.is_empty())
-        .unwrap_or_else(|| "unknown".into())
-}
+pub use tidewatch_runtime::collector::default_node;
 
 impl Config {
     pub fn nats_url(mut self, url: impl Into<String>) -> Self {

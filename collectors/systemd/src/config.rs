@@ -75,7 +75,7 @@ pub struct Config {
     /// A crash loop: this many restarts...
     pub crash_loop_restarts: u32,
     /// ...within this many seconds.
-    #[serde(with = "secs")]
+    #[serde(with = "tidewatch_runtime::collector::seconds")]
     pub crash_loop_window: Duration,
     /// Follow the journal.
     pub journal: bool,
@@ -107,19 +107,6 @@ pub struct Config {
     pub max_in_flight: usize,
 }
 
-mod secs {
-    use serde::{Deserialize, Deserializer};
-    use std::time::Duration;
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
-        let secs = f64::deserialize(d)?;
-        if !(secs > 0.0 && secs.is_finite()) {
-            return Err(serde::de::Error::custom(
-                "a window must be a positive number of seconds",
-            ));
-        }
-        Ok(Duration::from_secs_f64(secs))
-    }
-}
 
 impl Default for Config {
     fn default() -> Self {
@@ -147,14 +134,7 @@ impl Default for Config {
     }
 }
 
-/// The node's hostname, or `localhost`.
-pub fn default_node() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .map(|h| h.trim().to_string())
-        .ok()
-        .filter(|h| !h.is_empty())
-        .unwrap_or_else(|| "localhost".into())
-}
+pub use tidewatch_runtime::collector::default_node;
 
 /// Why a configuration was refused. All terminal: the same config fails again.
 #[derive(Debug, thiserror::Error)]
