@@ -7,7 +7,12 @@
 //! cargo build --release --workspace
 //! cargo bench --bench pipeline
 //! ```
-//! Environment: `TIDEWATCH_BENCH_EVENTS` (default 20000).
+//! Environment: `TIDEWATCH_BENCH_EVENTS` (default 20000),
+//! `TIDEWATCH_BENCH_RATE` / `TIDEWATCH_BENCH_SECS` (latency: 10000 events/s
+//! for 10 s), `TIDEWATCH_BENCH_ONLY=throughput|latency` (one half, for
+//! profiling). Rates move with the neighbours on a shared machine; the CPU
+//! microseconds per event printed beside them (function process and
+//! nats-server, from /proc) say where the time went.
 
 #[path = "../tests/common/mod.rs"]
 mod common;
@@ -41,6 +46,66 @@ fn pod(i: usize) -> PodMetadata {
             ..Default::default()
         }],
         deleted_at_ns: 0,
+    }
+}
+
+/// CPU seconds (user + system) a process has used so far; 0 if unknown.
+fn cpu_seconds(pid: u32) -> f64 {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return 0.0;
+    };
+    // Fields after the `(comm)`: state is field 3, utime 14, stime 15.
+    let fields: Vec<&str> = stat
+        .rsplit(')')
+        .next()
+        .unwrap_or("")
+        .split_whitespace()
+        .collect();
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    (ticks(11) + ticks(12)) / 100.0
+}
+
+/// The nats-server process serving `server` (found by its store dir).
+fn server_pid(server: &NatsServer) -> u32 {
+    let dir = server.store_dir().to_string_lossy().into_owned();
+    std::fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .find(|pid| {
+            std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| {
+                let c = String::from_utf8_lossy(&c);
+                c.contains("nats-server") && c.contains(dir.as_str())
+            })
+        })
+        .unwrap_or(0)
+}
+
+/// CPU microseconds per event each of `pids` spent over `f`.
+struct Cpu {
+    pids: Vec<u32>,
+    start: Vec<f64>,
+}
+
+impl Cpu {
+    fn start(pids: &[u32]) -> Cpu {
+        Cpu {
+            pids: pids.to_vec(),
+            start: pids.iter().map(|&p| cpu_seconds(p)).collect(),
+        }
+    }
+    fn per_event(&self, events: u64) -> Vec<f64> {
+        self.pids
+            .iter()
+            .zip(&self.start)
+            .map(|(&p, s)| (cpu_seconds(p) - s) * 1e6 / events.max(1) as f64)
+            .collect()
     }
 }
 
@@ -78,19 +143,25 @@ async fn raw_rate(js: &jetstream::Context, stream: &str, count: u64) -> f64 {
     count as f64 / started.elapsed().as_secs_f64()
 }
 
-/// Time from the function's first ack to `count` acks; events/s.
-async fn function_rate(js: &jetstream::Context, durable: &str, count: u64) -> f64 {
+/// Time from the function's first ack to `count` acks: events/s, and CPU
+/// microseconds per event of `pids` (the function, the server) meanwhile.
+async fn function_rate(
+    js: &jetstream::Context,
+    durable: &str,
+    count: u64,
+    pids: &[u32],
+) -> (f64, Vec<f64>) {
     let mut started = None;
     loop {
-        let (_, _, _, floor) = consumer_state(js, durable).await;
-        let (pending, ack_pending, _, _) = consumer_state(js, durable).await;
+        let (pending, ack_pending, _, floor) = consumer_state(js, durable).await;
         if floor > 0 && started.is_none() {
-            started = Some((Instant::now(), floor));
+            started = Some((Instant::now(), floor, Cpu::start(pids)));
         }
         if pending == 0 && ack_pending == 0 && floor > 0 {
-            let (t, first) = started.expect("started");
+            let (t, first, cpu) = started.expect("started");
             let done = (count - first).max(1);
-            return done as f64 / t.elapsed().as_secs_f64().max(1e-3);
+            let rate = done as f64 / t.elapsed().as_secs_f64().max(1e-3);
+            return (rate, cpu.per_event(done));
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
@@ -164,22 +235,51 @@ async fn enrich_and_correlate_against_the_raw_rate() {
         c.await.expect("stored");
     }
 
+    let nats = server_pid(&server);
+    let me = std::process::id();
+    let cpu = Cpu::start(&[me, nats]);
     let raw = raw_rate(&js, topology::RAW.name, n).await;
-    let _enrich = start_function(&server, "tidewatch-enrich", &[]);
-    let enrich = function_rate(&js, "enrich", n).await;
+    let raw_cpu = cpu.per_event(n);
+    let enrich_process = start_function(&server, "tidewatch-enrich", &[]);
+    let (enrich, enrich_cpu) =
+        function_rate(&js, "enrich", n, &[enrich_process.id().unwrap_or(0), nats]).await;
+    let cpu = Cpu::start(&[me, nats]);
     let raw_enriched = raw_rate(&js, topology::ENRICHED.name, n).await;
-    let _correlate = start_function(&server, "tidewatch-correlate", &[]);
-    let correlate = function_rate(&js, "correlate", n).await;
+    let raw_enriched_cpu = cpu.per_event(n);
+    let correlate_process = start_function(&server, "tidewatch-correlate", &[]);
+    let (correlate, correlate_cpu) = function_rate(
+        &js,
+        "correlate",
+        n,
+        &[correlate_process.id().unwrap_or(0), nats],
+    )
+    .await;
+    // CPU per event says where the time went on a shared machine, where
+    // wall-clock rates move with the neighbours.
+    let cpu = |c: &[f64]| {
+        format!(
+            "CPU/event: client {:.1} µs, nats-server {:.1} µs",
+            c[0], c[1]
+        )
+    };
     println!("events: {n}");
-    println!("raw consume+ack (raw stream):      {raw:>10.0} events/s");
     println!(
-        "enrich, one instance:              {enrich:>10.0} events/s  ratio {:.2} (target >= 0.5)",
-        enrich / raw
+        "raw consume+ack (raw stream):      {raw:>10.0} events/s  {}",
+        cpu(&raw_cpu)
     );
-    println!("raw consume+ack (enriched stream): {raw_enriched:>10.0} events/s");
     println!(
-        "correlate, one instance:           {correlate:>10.0} events/s  ratio {:.2} (target >= 0.25)",
-        correlate / raw_enriched
+        "enrich, one instance:              {enrich:>10.0} events/s  ratio {:.2} (target >= 0.5)  {}",
+        enrich / raw,
+        cpu(&enrich_cpu)
+    );
+    println!(
+        "raw consume+ack (enriched stream): {raw_enriched:>10.0} events/s  {}",
+        cpu(&raw_enriched_cpu)
+    );
+    println!(
+        "correlate, one instance:           {correlate:>10.0} events/s  ratio {:.2} (target >= 0.25)  {}",
+        correlate / raw_enriched,
+        cpu(&correlate_cpu)
     );
     println!(
         "insights: {}",
@@ -350,6 +450,12 @@ async fn end_to_end_latency_at_a_steady_rate() {
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
-    enrich_and_correlate_against_the_raw_rate().await;
-    end_to_end_latency_at_a_steady_rate().await;
+    // `TIDEWATCH_BENCH_ONLY=throughput|latency` runs one half (for profiling).
+    let only = std::env::var("TIDEWATCH_BENCH_ONLY").unwrap_or_default();
+    if only != "latency" {
+        enrich_and_correlate_against_the_raw_rate().await;
+    }
+    if only != "throughput" {
+        end_to_end_latency_at_a_steady_rate().await;
+    }
 }

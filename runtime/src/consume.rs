@@ -15,14 +15,13 @@ use async_nats::jetstream::{self, AckKind};
 use cloudevents::{AttributesReader, Event};
 use futures::StreamExt;
 use tokio::sync::Semaphore;
-use tokio::task::JoinSet;
 use tracing::Instrument;
 
 use crate::RuntimeError;
-use crate::binding::nats::{from_nats, wire_size};
+use crate::binding::nats::{from_nats, peek_type, wire_size};
 use crate::dead_letter::{DeadLetters, Kind, Origin};
-use crate::event::MAX_EVENT_BYTES;
-use crate::function::{Context, Emitted, Function, Outcome, invoke};
+use crate::event::{MAX_EVENT_BYTES, TRACEPARENT};
+use crate::function::{Context, Emitted, Function, Outcome, invoke_owned};
 use crate::metrics::{Metrics, Readiness};
 use crate::publisher::{PublishErrorKind, Publisher};
 use crate::telemetry;
@@ -145,30 +144,41 @@ pub async fn run<F: Function>(
     ));
 
     let semaphore = Arc::new(Semaphore::new(config.concurrency));
-    let mut tasks = JoinSet::new();
+    // Pull in chunks of at least half the batch: every pull request is an
+    // inbox subscription, a request and an unsubscribe, which costs the
+    // server more than the messages it returns. Asking for whatever single
+    // slot just freed up made that the dominant cost.
+    let target = config.batch.min(config.concurrency).max(1);
+    let refill = target.div_ceil(2);
     readiness.set(true);
     tracing::info!(function = name, stream = %config.stream, consumer = %config.consumer, max_deliver, "consuming");
     tokio::pin!(shutdown);
     'fetching: loop {
-        let permit = tokio::select! {
+        let mut permits = tokio::select! {
             biased;
             _ = &mut shutdown => break 'fetching,
-            permit = semaphore.clone().acquire_owned() => match permit {
+            permits = semaphore.clone().acquire_many_owned(refill as u32) => match permits {
                 Ok(p) => p,
                 Err(_) => break 'fetching,
             },
         };
-        let room = (1 + semaphore.available_permits()).min(config.batch);
+        let extra = semaphore.available_permits().min(target - refill);
+        if extra > 0
+            && let Ok(more) = semaphore.clone().try_acquire_many_owned(extra as u32)
+        {
+            permits.merge(more);
+        }
+        let room = permits.num_permits();
         let batch = tokio::select! {
             biased;
             _ = &mut shutdown => break 'fetching,
             batch = consumer.batch().max_messages(room).expires(config.fetch_expires).messages() => batch,
         };
-        let mut batch = match batch {
+        let batch = match batch {
             Ok(b) => b,
             Err(e) => {
                 tracing::warn!(error = %e, "pull request failed; retrying");
-                drop(permit);
+                drop(permits);
                 tokio::select! {
                     _ = &mut shutdown => break 'fetching,
                     _ = tokio::time::sleep(Duration::from_millis(500)) => continue 'fetching,
@@ -177,38 +187,20 @@ pub async fn run<F: Function>(
         };
         // Drain the whole batch even when shutdown arrives meanwhile: these
         // messages are already ours, and dropping them would leave them
-        // un-acked until ack_wait.
-        let mut first = Some(permit);
-        while let Some(next) = batch.next().await {
-            let message = match next {
-                Ok(m) => m,
-                Err(e) => {
-                    tracing::warn!(error = %e, "pull batch ended with an error");
-                    break;
-                }
-            };
-            let permit = match first.take() {
-                Some(p) => p,
-                None => match semaphore.clone().acquire_owned().await {
-                    Ok(p) => p,
-                    Err(_) => break 'fetching,
-                },
-            };
-            let shared = shared.clone();
-            tasks.spawn(async move {
-                handle_message(&shared, message).await;
-                drop(permit);
-            });
-            while tasks.try_join_next().is_some() {}
-        }
+        // un-acked until ack_wait. (Overlapping the next pull with this
+        // drain was tried: more, smaller pulls cost the server more than the
+        // round trip it saves.)
+        drain(&shared, &semaphore, batch, permits).await;
     }
     readiness.set(false);
     tracing::info!(
         function = name,
-        in_flight = tasks.len(),
+        in_flight = config.concurrency - semaphore.available_permits(),
         "shutting down: finishing in-flight messages"
     );
-    while tasks.join_next().await.is_some() {}
+    // Every handler holds a permit until its message is settled (a panic
+    // drops it too).
+    let _handlers = semaphore.acquire_many(config.concurrency as u32).await;
     // Acks are fire-and-forget publishes; make sure they left the process.
     if let Err(e) = client.flush().await {
         tracing::warn!(error = %e, "flushing acks on shutdown failed; unflushed messages will be redelivered");
@@ -219,7 +211,45 @@ pub async fn run<F: Function>(
     Ok(())
 }
 
-async fn handle_message<F: Function>(shared: &Shared<F>, message: jetstream::Message) {
+/// Hand every message of `batch` to a handler task, each with one of the
+/// slots in `permits` (what the batch does not fill goes back).
+async fn drain<F: Function>(
+    shared: &Arc<Shared<F>>,
+    semaphore: &Arc<Semaphore>,
+    mut batch: jetstream::consumer::pull::Batch,
+    mut permits: tokio::sync::OwnedSemaphorePermit,
+) {
+    while let Some(next) = batch.next().await {
+        let message = match next {
+            Ok(m) => m,
+            Err(e) => {
+                tracing::warn!(error = %e, "pull batch ended with an error");
+                break;
+            }
+        };
+        let permit = match permits.split(1) {
+            Some(p) => p,
+            // The server never sends more than asked; if it did, wait for a slot.
+            None => match semaphore.clone().acquire_owned().await {
+                Ok(p) => p,
+                Err(_) => break,
+            },
+        };
+        let shared = shared.clone();
+        // Boxed: the handler's state machine is large, and an unboxed one
+        // is copied into and around the task on every spawn. The permit is
+        // the task's handle: shutdown waits for all of them.
+        tokio::spawn(Box::pin(async move {
+            handle_message(&shared, message, permit).await;
+        }));
+    }
+}
+
+async fn handle_message<F: Function>(
+    shared: &Shared<F>,
+    message: jetstream::Message,
+    slot: tokio::sync::OwnedSemaphorePermit,
+) {
     let (stream_sequence, delivery) = match message.info() {
         Ok(info) => (info.stream_sequence, info.delivered),
         Err(e) => {
@@ -240,6 +270,14 @@ async fn handle_message<F: Function>(shared: &Shared<F>, message: jetstream::Mes
         dead_letter(shared, &message, origin, Kind::Oversized, &reason).await;
         return;
     }
+    if let Some(ty) = peek_type(message.headers.as_ref())
+        && !shared.function.accepts(&ty)
+    {
+        // Nothing to decode or hand over: the function ignores this type.
+        shared.metrics.events_in.inc();
+        ack(shared, &message, AckKind::Ack).await;
+        return;
+    }
     let event = match from_nats(message.headers.as_ref(), &message.payload) {
         Ok(e) => e,
         Err(e) => {
@@ -257,16 +295,41 @@ async fn handle_message<F: Function>(shared: &Shared<F>, message: jetstream::Mes
     shared.metrics.events_in.inc();
     shared.metrics.in_flight.inc();
     let span = tracing::info_span!("handle", function = shared.name, id = %event.id(), ty = %event.ty(), seq = stream_sequence, delivery);
-    let outcome = invoke(&shared.function, &event, &ctx, &shared.metrics, &span)
+    // The handler takes the event; outputs only need its trace context.
+    let carrier = trace_carrier(&event);
+    let carrier = carrier.as_ref().unwrap_or(&NO_TRACE);
+    let outcome = invoke_owned(&shared.function, event, &ctx, &shared.metrics, &span)
         .await
         .unwrap_or_else(|panic| Outcome::RetryAfter {
             delay: Duration::ZERO,
             reason: format!("handler panicked: {panic}"),
         });
-    settle(shared, &message, origin, &ctx, &event, outcome, &span)
+    settle(shared, &message, origin, &ctx, carrier, outcome, &span)
         .instrument(span.clone())
         .await;
+    // The slot is held until the message is settled: releasing it when the
+    // handler returns (settling in the background) was tried, and let the
+    // pipeline take in more than it could finish at a steady rate.
+    drop(slot);
     shared.metrics.in_flight.dec();
+}
+
+/// An event without trace context, for inputs that carry none. Built once:
+/// `Event::default()` draws a random id and reads the clock.
+static NO_TRACE: std::sync::LazyLock<Event> = std::sync::LazyLock::new(Event::default);
+
+/// An event holding only the trace context of `event`, which is all
+/// [`telemetry::stamp`] reads from an input; `None` if it has none.
+fn trace_carrier(event: &Event) -> Option<Event> {
+    let mut carrier = None;
+    for name in [TRACEPARENT, "tracestate"] {
+        if let Some(value) = event.extension(name) {
+            carrier
+                .get_or_insert_with(|| NO_TRACE.clone())
+                .set_extension(name, value.clone());
+        }
+    }
+    carrier
 }
 
 async fn settle<F: Function>(

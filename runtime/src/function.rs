@@ -79,6 +79,15 @@ impl Context {
 /// and HTTP) and is shared by all concurrent handlers, so it is `Sync`.
 pub trait Function: Send + Sync + 'static {
     fn handle(&self, event: Event, ctx: &Context) -> impl Future<Output = Outcome> + Send;
+
+    /// Whether events of this type can matter to the function. The JetStream
+    /// transport acks events of other types without decoding them (the
+    /// handler would have answered [`Outcome::Done`] anyway), which is most
+    /// of the stream for a function that only cares about a few types.
+    fn accepts(&self, event_type: &str) -> bool {
+        let _ = event_type;
+        true
+    }
 }
 
 /// Run the handler the way both transports do: a child of the input's trace,
@@ -91,11 +100,22 @@ pub(crate) async fn invoke<F: Function>(
     metrics: &crate::metrics::Metrics,
     span: &tracing::Span,
 ) -> Result<Outcome, String> {
+    invoke_owned(function, event.clone(), ctx, metrics, span).await
+}
+
+/// [`invoke`] for a caller that no longer needs the event: no copy of it.
+pub(crate) async fn invoke_owned<F: Function>(
+    function: &F,
+    event: Event,
+    ctx: &Context,
+    metrics: &crate::metrics::Metrics,
+    span: &tracing::Span,
+) -> Result<Outcome, String> {
     use futures::FutureExt;
     use tracing::Instrument;
-    crate::telemetry::adopt_parent(span, event);
+    crate::telemetry::adopt_parent(span, &event);
     let started = std::time::Instant::now();
-    let outcome = std::panic::AssertUnwindSafe(function.handle(event.clone(), ctx))
+    let outcome = std::panic::AssertUnwindSafe(function.handle(event, ctx))
         .catch_unwind()
         .instrument(span.clone())
         .await;

@@ -194,33 +194,100 @@ impl Rule {
 
     /// Fold `obs` into the serialized state of `key`: the new state (None:
     /// unchanged) and the finding. Unreadable state starts over.
+    #[cfg(test)]
     pub fn step(
         &self,
         state: Option<&[u8]>,
         key: &str,
         obs: &Observation,
     ) -> (Option<Vec<u8>>, Option<Finding>) {
-        fn go<S: Serialize + for<'de> Deserialize<'de> + Default + PartialEq + Clone>(
-            state: Option<&[u8]>,
-            f: impl FnOnce(S) -> (S, Option<Finding>),
-        ) -> (Option<Vec<u8>>, Option<Finding>) {
-            let current: S = state
-                .and_then(|b| serde_json::from_slice(b).ok())
-                .unwrap_or_default();
-            let (next, finding) = f(current.clone());
-            // Unreadable state is rewritten; an empty state is not created.
-            let readable = state.is_none_or(|b| serde_json::from_slice::<S>(b).is_ok());
-            let changed = next != current || !readable;
-            let bytes = changed.then(|| serde_json::to_vec(&next).unwrap_or_default());
-            (bytes, finding)
+        let (current, readable) = self.decode(state);
+        let (next, changed, finding) = self.fold(current, readable, key, obs);
+        (changed.then(|| next.encode()), finding)
+    }
+
+    /// Read stored state (`None`: new key). Unreadable state starts empty,
+    /// and the flag is false so that the next fold rewrites it.
+    pub fn decode(&self, bytes: Option<&[u8]>) -> (State, bool) {
+        fn go<S: for<'de> Deserialize<'de> + Default>(bytes: Option<&[u8]>) -> (S, bool) {
+            match bytes.map(serde_json::from_slice::<S>) {
+                None => (S::default(), true),
+                Some(Ok(s)) => (s, true),
+                Some(Err(_)) => (S::default(), false),
+            }
         }
         match self {
-            Rule::CrashLoop(r) => {
-                go::<crash_loop::State>(state, |s| r.step_observation(s, key, obs))
+            Rule::CrashLoop(_) => {
+                let (s, ok) = go(bytes);
+                (State::CrashLoop(s), ok)
             }
-            Rule::BadRollout(r) => go::<crate::bad_rollout::State>(state, |s| r.step(s, key, obs)),
-            Rule::Sequence(r) => go::<sequence::State>(state, |s| r.step(s, key, obs)),
+            Rule::BadRollout(_) => {
+                let (s, ok) = go(bytes);
+                (State::BadRollout(s), ok)
+            }
+            Rule::Sequence(_) => {
+                let (s, ok) = go(bytes);
+                (State::Sequence(s), ok)
+            }
         }
+    }
+
+    /// Fold `obs` into decoded state: the next state, whether it must be
+    /// written (changed, or the stored bytes were unreadable; an empty state
+    /// is not created) and the finding.
+    pub fn fold(
+        &self,
+        state: State,
+        readable: bool,
+        key: &str,
+        obs: &Observation,
+    ) -> (State, bool, Option<Finding>) {
+        fn go<S: PartialEq + Clone>(
+            current: S,
+            readable: bool,
+            wrap: fn(S) -> State,
+            f: impl FnOnce(S) -> (S, Option<Finding>),
+        ) -> (State, bool, Option<Finding>) {
+            let (next, finding) = f(current.clone());
+            let changed = next != current || !readable;
+            (wrap(next), changed, finding)
+        }
+        match (self, state) {
+            (Rule::CrashLoop(r), State::CrashLoop(s)) => go(s, readable, State::CrashLoop, |s| {
+                r.step_observation(s, key, obs)
+            }),
+            (Rule::BadRollout(r), State::BadRollout(s)) => {
+                go(s, readable, State::BadRollout, |s| r.step(s, key, obs))
+            }
+            (Rule::Sequence(r), State::Sequence(s)) => {
+                go(s, readable, State::Sequence, |s| r.step(s, key, obs))
+            }
+            // State of another rule: cannot happen (state keys are per rule); start over.
+            (rule, _) => {
+                let (empty, _) = rule.decode(None);
+                rule.fold(empty, false, key, obs)
+            }
+        }
+    }
+}
+
+/// Decoded state of one rule for one join key.
+#[derive(Debug, Clone, PartialEq)]
+pub enum State {
+    CrashLoop(crash_loop::State),
+    BadRollout(crate::bad_rollout::State),
+    Sequence(sequence::State),
+}
+
+impl State {
+    /// The bytes stored in KV.
+    pub fn encode(&self) -> Vec<u8> {
+        match self {
+            State::CrashLoop(s) => serde_json::to_vec(s),
+            State::BadRollout(s) => serde_json::to_vec(s),
+            State::Sequence(s) => serde_json::to_vec(s),
+        }
+        .unwrap_or_default()
     }
 }
 
@@ -242,6 +309,46 @@ mod tests {
                 "service-disruption"
             ]
         );
+    }
+
+    #[test]
+    fn folding_decoded_state_matches_stepping_stored_bytes() {
+        // correlate keeps decoded state between events and folds several
+        // observations per write; that must equal one stored step at a time.
+        use tidewatch_runtime::topology::types;
+        let rules = RulesFile::builtin().into_rules();
+        let events: Vec<Observation> = (0..6)
+            .map(|i| {
+                let mut o = crate::observation::tests::obs(
+                    &format!("r{i}"),
+                    types::CONTAINER_RESTARTED,
+                    i,
+                    Some("pod/ns/web-5d4b-x"),
+                    serde_json::json!({"container": "app", "exitCode": 1, "node": "n1"}),
+                );
+                o.ext.insert("node".into(), "n1".into());
+                o.ext
+                    .insert("workload".into(), "ReplicaSet/web-5d4b".into());
+                o
+            })
+            .collect();
+        for rule in &rules {
+            let mut stored: Option<Vec<u8>> = Some(b"not json".to_vec());
+            let (mut state, mut readable) = rule.decode(stored.as_deref());
+            for obs in &events {
+                for key in rule.keys(obs) {
+                    let (bytes, by_step) = rule.step(stored.as_deref(), &key, obs);
+                    stored = bytes.or(stored);
+                    let (next, changed, by_fold) = rule.fold(state, readable, &key, obs);
+                    state = next;
+                    readable = true;
+                    assert_eq!(by_fold, by_step, "{}", rule.name());
+                    if changed {
+                        assert_eq!(Some(state.encode()), stored, "{}", rule.name());
+                    }
+                }
+            }
+        }
     }
 
     #[test]

@@ -10,19 +10,36 @@
 //! - If the watch breaks, the cache is emptied and the watch re-established.
 
 use std::collections::HashMap;
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use async_nats::jetstream::kv;
 use bytes::Bytes;
 use futures::StreamExt;
+use prost::Message;
+use tidewatch_proto::v1::PodMetadata;
 
 #[derive(Clone)]
 struct Cached {
     value: Option<Bytes>,
+    /// The value decoded as pod metadata, once someone asked: decoding
+    /// it for every event that joins on the key would be most of a hit's cost.
+    pod: Arc<OnceLock<Decoded>>,
     /// Absent entries expire; present ones live until the watch evicts them.
     expires: Option<Instant>,
+}
+
+/// Pod metadata at a key, or why there is none (absent, or not decodable).
+pub type Decoded = Result<Arc<PodMetadata>, String>;
+
+fn decode(key: &str, value: Option<&Bytes>) -> Decoded {
+    match value {
+        Some(bytes) => PodMetadata::decode(bytes.as_ref())
+            .map(Arc::new)
+            .map_err(|e| format!("pod metadata at {key} is corrupt: {e}")),
+        None => Err(format!("no pod metadata at {key}")),
+    }
 }
 
 /// Counters, for tests and logs.
@@ -63,11 +80,25 @@ impl PodCache {
 
     /// The value at `key`, from the cache or KV. Err: KV is unreachable.
     pub async fn get(&self, key: &str) -> Result<Option<Bytes>, String> {
+        Ok(self.entry(key).await?.value)
+    }
+
+    /// The pod metadata at `key`, decoded once per cached value. Err: KV
+    /// is unreachable; Ok(Err): no pod there, or its metadata is corrupt.
+    pub async fn pod(&self, key: &str) -> Result<Decoded, String> {
+        let entry = self.entry(key).await?;
+        Ok(entry
+            .pod
+            .get_or_init(|| decode(key, entry.value.as_ref()))
+            .clone())
+    }
+
+    async fn entry(&self, key: &str) -> Result<Cached, String> {
         if let Some(c) = self.lock().get(key)
             && c.expires.is_none_or(|e| e > Instant::now())
         {
             self.stats.hits.fetch_add(1, Ordering::Relaxed);
-            return Ok(c.value.clone());
+            return Ok(c.clone());
         }
         self.stats.misses.fetch_add(1, Ordering::Relaxed);
         let generation = self.generation.load(Ordering::SeqCst);
@@ -76,6 +107,11 @@ impl PodCache {
             .get(key)
             .await
             .map_err(|e| format!("pod metadata bucket unavailable: {e}"))?;
+        let cached = Cached {
+            expires: value.is_none().then(|| Instant::now() + self.negative_ttl),
+            value,
+            pod: Arc::default(),
+        };
         let mut entries = self.lock();
         if self.watching.load(Ordering::SeqCst)
             && self.generation.load(Ordering::SeqCst) == generation
@@ -83,16 +119,9 @@ impl PodCache {
             if entries.len() >= self.max_entries {
                 entries.clear();
             }
-            let expires = value.is_none().then(|| Instant::now() + self.negative_ttl);
-            entries.insert(
-                key.to_string(),
-                Cached {
-                    value: value.clone(),
-                    expires,
-                },
-            );
+            entries.insert(key.to_string(), cached.clone());
         }
-        Ok(value)
+        Ok(cached)
     }
 
     fn evict(&self, key: &str) {
@@ -110,7 +139,7 @@ impl PodCache {
 
     /// Start watching the bucket; returns once the watch is in place (so
     /// nothing written after this is missed), and keeps it up in a task.
-    pub async fn watch(self: &std::sync::Arc<Self>) -> Result<(), String> {
+    pub async fn watch(self: &Arc<Self>) -> Result<(), String> {
         let first = self
             .store
             .watch_all()

@@ -16,6 +16,7 @@
 
 use std::collections::BTreeMap;
 use std::future::Future;
+use std::sync::Arc;
 
 use bytes::Bytes;
 use cloudevents::{AttributesReader, Event};
@@ -45,6 +46,23 @@ pub mod ext {
 pub trait Lookup: Sync {
     /// Err: the store is unreachable (retry later).
     fn get(&self, key: &str) -> impl Future<Output = Result<Option<Bytes>, String>> + Send;
+
+    /// The pod metadata at `key`. Err: the store is unreachable; Ok(Err):
+    /// no pod there, or its metadata is corrupt. A cache overrides this to
+    /// decode each value once.
+    fn pod(
+        &self,
+        key: &str,
+    ) -> impl Future<Output = Result<Result<Arc<PodMetadata>, String>, String>> + Send {
+        async move {
+            Ok(match self.get(key).await? {
+                Some(bytes) => PodMetadata::decode(bytes.as_ref())
+                    .map(Arc::new)
+                    .map_err(|e| format!("pod metadata at {key} is corrupt: {e}")),
+                None => Err(format!("no pod metadata at {key}")),
+            })
+        }
+    }
 }
 
 /// What enrich learned about an event.
@@ -95,12 +113,11 @@ impl Enrichment {
     }
 }
 
-async fn pod_at<L: Lookup>(lookup: &L, key: &str) -> Result<Result<PodMetadata, String>, String> {
-    Ok(match lookup.get(key).await? {
-        Some(bytes) => PodMetadata::decode(bytes.as_ref())
-            .map_err(|e| format!("pod metadata at {key} is corrupt: {e}")),
-        None => Err(format!("no pod metadata at {key}")),
-    })
+async fn pod_at<L: Lookup>(
+    lookup: &L,
+    key: &str,
+) -> Result<Result<Arc<PodMetadata>, String>, String> {
+    lookup.pod(key).await
 }
 
 /// The process an event is about, if it carries one.

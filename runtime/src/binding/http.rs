@@ -52,7 +52,7 @@ pub fn from_http(headers: &HeaderMap, body: &[u8]) -> Result<Event, BindingError
         attributes.retain(|(k, _)| k != "datacontenttype");
         attributes.push(("datacontenttype".to_string(), ct));
     }
-    binary_event(attributes, body)
+    binary_event(&attributes, body)
 }
 
 /// Binary-mode headers and body for `event`.

@@ -45,15 +45,15 @@ pub enum BindingError {
 /// Build an event from decoded binary-mode attributes and a body, checking
 /// what the SDK's builder does not (spec version, required attributes,
 /// extension names, JSON data).
-pub(crate) fn binary_event(
-    attributes: Vec<(String, String)>,
+pub(crate) fn binary_event<N: AsRef<str>, V: AsRef<str>>(
+    attributes: &[(N, V)],
     payload: &[u8],
 ) -> Result<Event, BindingError> {
     let get = |n: &str| {
         attributes
             .iter()
-            .find(|(k, _)| k == n)
-            .map(|(_, v)| v.as_str())
+            .find(|(k, _)| k.as_ref() == n)
+            .map(|(_, v)| v.as_ref())
     };
     let spec = get("specversion").ok_or(BindingError::NotACloudEvent)?;
     if SpecVersion::try_from(spec).ok() != Some(SpecVersion::V10) {
@@ -78,11 +78,12 @@ pub(crate) fn binary_event(
             reason: e.to_string(),
         })?;
     let mut content_type = None;
-    for (name, value) in &attributes {
-        match name.as_str() {
+    for (name, value) in attributes {
+        let value = value.as_ref();
+        match name.as_ref() {
             "specversion" | "id" | "source" | "type" => {}
             "subject" => {
-                event.set_subject(Some(value.as_str()));
+                event.set_subject(Some(value));
             }
             "time" => {
                 let time = chrono::DateTime::parse_from_rfc3339(value).map_err(|e| {
@@ -93,13 +94,9 @@ pub(crate) fn binary_event(
                 })?;
                 event.set_time(Some(time.with_timezone(&chrono::Utc)));
             }
-            "datacontenttype" => content_type = Some(value.clone()),
+            "datacontenttype" => content_type = Some(value.to_string()),
             "dataschema" => {
-                let url = url::Url::parse(value).map_err(|e| BindingError::Attribute {
-                    name: "dataschema".into(),
-                    reason: e.to_string(),
-                })?;
-                event.set_dataschema(Some(url));
+                event.set_dataschema(Some(schema_url(value)?));
             }
             extension => {
                 if !valid_extension_name(extension) {
@@ -108,7 +105,7 @@ pub(crate) fn binary_event(
                         reason: "extension names are lowercase letters and digits".into(),
                     });
                 }
-                event.set_extension(extension, ExtensionValue::String(value.clone()));
+                event.set_extension(extension, ExtensionValue::String(value.to_string()));
             }
         }
     }
@@ -128,6 +125,35 @@ pub(crate) fn binary_event(
         event.set_data_unchecked(data);
     }
     Ok(event)
+}
+
+/// `dataschema` as a URL. Every event of a type carries the same few
+/// schemas, so parsed ones are remembered per thread (bounded) instead of
+/// being parsed again for each event.
+fn schema_url(value: &str) -> Result<url::Url, BindingError> {
+    use std::cell::RefCell;
+    const REMEMBERED: usize = 64;
+    thread_local! {
+        static PARSED: RefCell<Vec<(String, url::Url)>> = const { RefCell::new(Vec::new()) };
+    }
+    if let Some(url) = PARSED.with_borrow(|p| {
+        p.iter()
+            .find(|(raw, _)| raw == value)
+            .map(|(_, url)| url.clone())
+    }) {
+        return Ok(url);
+    }
+    let url = url::Url::parse(value).map_err(|e| BindingError::Attribute {
+        name: "dataschema".into(),
+        reason: e.to_string(),
+    })?;
+    PARSED.with_borrow_mut(|p| {
+        if p.len() >= REMEMBERED {
+            p.remove(0);
+        }
+        p.push((value.to_string(), url.clone()));
+    });
+    Ok(url)
 }
 
 /// Whether a media type carries JSON (`application/json`, `text/json`, `+json` suffixes).
@@ -171,7 +197,16 @@ pub fn percent_encode(value: &str) -> std::borrow::Cow<'_, str> {
 
 /// Unquote an RFC 7230 quoted-string (older senders), then percent-decode once.
 pub fn decode_header_value(raw: &str) -> Result<String, String> {
+    decode_header_value_cow(raw).map(std::borrow::Cow::into_owned)
+}
+
+/// [`decode_header_value`], borrowing when there is nothing to decode (the
+/// common case: most values need no escapes).
+pub(crate) fn decode_header_value_cow(raw: &str) -> Result<std::borrow::Cow<'_, str>, String> {
     let trimmed = raw.trim();
+    if !trimmed.starts_with('"') && !trimmed.contains('%') {
+        return Ok(std::borrow::Cow::Borrowed(trimmed));
+    }
     let unquoted = if trimmed.len() >= 2 && trimmed.starts_with('"') && trimmed.ends_with('"') {
         let mut out = String::with_capacity(trimmed.len());
         let mut chars = trimmed[1..trimmed.len() - 1].chars();
@@ -203,5 +238,7 @@ pub fn decode_header_value(raw: &str) -> Result<String, String> {
             i += 1;
         }
     }
-    String::from_utf8(decoded).map_err(|_| "percent-decoded value is not UTF-8".to_string())
+    String::from_utf8(decoded)
+        .map(std::borrow::Cow::Owned)
+        .map_err(|_| "percent-decoded value is not UTF-8".to_string())
 }

@@ -13,7 +13,7 @@ use bytes::Bytes;
 use cloudevents::event::AttributeValue;
 use cloudevents::{AttributesReader, Data, Event};
 
-use super::{BindingError, PREFIX, binary_event, decode_header_value, percent_encode};
+use super::{BindingError, PREFIX, binary_event, decode_header_value_cow, percent_encode};
 
 /// Header JetStream deduplicates on.
 pub const MSG_ID_HEADER: &str = "Nats-Msg-Id";
@@ -81,9 +81,10 @@ pub fn rfc3339(t: &chrono::DateTime<chrono::Utc>) -> String {
     out
 }
 
-/// `ce-<name>`; static (allocation-free) for the spec's own attributes.
+/// `ce-<name>`; static (allocation-free) for the spec's own attributes and
+/// the extensions Tidewatch functions add to every event.
 fn header_name(attribute: &str) -> HeaderName {
-    const KNOWN: [(&str, HeaderName); 10] = [
+    const KNOWN: [(&str, HeaderName); 21] = [
         ("specversion", HeaderName::from_static("ce-specversion")),
         ("id", HeaderName::from_static("ce-id")),
         ("source", HeaderName::from_static("ce-source")),
@@ -97,6 +98,20 @@ fn header_name(attribute: &str) -> HeaderName {
         ("dataschema", HeaderName::from_static("ce-dataschema")),
         ("traceparent", HeaderName::from_static("ce-traceparent")),
         ("tracestate", HeaderName::from_static("ce-tracestate")),
+        ("resolution", HeaderName::from_static("ce-resolution")),
+        (
+            "resolutionreason",
+            HeaderName::from_static("ce-resolutionreason"),
+        ),
+        ("namespace", HeaderName::from_static("ce-namespace")),
+        ("pod", HeaderName::from_static("ce-pod")),
+        ("node", HeaderName::from_static("ce-node")),
+        ("workload", HeaderName::from_static("ce-workload")),
+        ("container", HeaderName::from_static("ce-container")),
+        ("memorylimit", HeaderName::from_static("ce-memorylimit")),
+        ("labels", HeaderName::from_static("ce-labels")),
+        ("peerpod", HeaderName::from_static("ce-peerpod")),
+        ("peerservice", HeaderName::from_static("ce-peerservice")),
     ];
     match KNOWN.iter().find(|(name, _)| *name == attribute) {
         Some((_, header)) => header.clone(),
@@ -124,37 +139,74 @@ pub fn wire_size(headers: Option<&HeaderMap>, payload: &[u8]) -> usize {
 
 /// Decode a NATS message in either content mode.
 pub fn from_nats(headers: Option<&HeaderMap>, payload: &[u8]) -> Result<Event, BindingError> {
+    use std::borrow::Cow;
     let empty = HeaderMap::new();
     let headers = headers.unwrap_or(&empty);
     let mut content_type = None;
-    let mut attributes: Vec<(String, String)> = Vec::new();
+    // Borrowed from the headers: this runs once per consumed message, and
+    // most names are already lowercase and most values need no decoding.
+    let mut attributes: Vec<(Cow<'_, str>, Cow<'_, str>)> = Vec::with_capacity(16);
     for (name, values) in headers.iter() {
-        let lower = AsRef::<str>::as_ref(name).to_ascii_lowercase();
+        let name: &str = name.as_ref();
         let Some(value) = values.last() else { continue };
-        if lower == "content-type" {
-            content_type = Some(value.as_str().to_string());
-        } else if let Some(attr) = lower.strip_prefix(PREFIX) {
-            let decoded =
-                decode_header_value(value.as_str()).map_err(|reason| BindingError::Attribute {
+        if name.eq_ignore_ascii_case("content-type") {
+            content_type = Some(value.as_str());
+        } else if name.len() > PREFIX.len()
+            && name.is_char_boundary(PREFIX.len())
+            && name[..PREFIX.len()].eq_ignore_ascii_case(PREFIX)
+        {
+            let attr = &name[PREFIX.len()..];
+            let attr = if attr.bytes().any(|b| b.is_ascii_uppercase()) {
+                Cow::Owned(attr.to_ascii_lowercase())
+            } else {
+                Cow::Borrowed(attr)
+            };
+            let decoded = decode_header_value_cow(value.as_str()).map_err(|reason| {
+                BindingError::Attribute {
                     name: attr.to_string(),
                     reason,
-                })?;
-            attributes.push((attr.to_string(), decoded));
+                }
+            })?;
+            attributes.push((attr, decoded));
         }
     }
-    if content_type.as_deref().is_some_and(|ct| {
-        ct.to_ascii_lowercase()
-            .starts_with("application/cloudevents")
+    if content_type.is_some_and(|ct| {
+        ct.len() >= STRUCTURED_PREFIX.len()
+            && ct.is_char_boundary(STRUCTURED_PREFIX.len())
+            && ct[..STRUCTURED_PREFIX.len()].eq_ignore_ascii_case(STRUCTURED_PREFIX)
     }) {
         return serde_json::from_slice::<Event>(payload)
             .map_err(|e| BindingError::Structured(e.to_string()));
     }
-    binary_event(attributes, payload)
+    binary_event(&attributes, payload)
+}
+
+/// Content types of structured mode start with this.
+const STRUCTURED_PREFIX: &str = "application/cloudevents";
+
+/// The `type` of a binary-mode message without decoding it (`None` for
+/// structured mode or when absent). Lets a consumer skip messages its
+/// function ignores.
+pub fn peek_type(headers: Option<&HeaderMap>) -> Option<std::borrow::Cow<'_, str>> {
+    let headers = headers?;
+    let mut ty = None;
+    for (name, values) in headers.iter() {
+        let name: &str = name.as_ref();
+        if name.eq_ignore_ascii_case("content-type") {
+            // Structured mode (or anything unusual): let the full decoder decide.
+            return None;
+        }
+        if name.eq_ignore_ascii_case("ce-type") {
+            ty = values.last();
+        }
+    }
+    decode_header_value_cow(ty?.as_str()).ok()
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::binding::decode_header_value;
     use cloudevents::{EventBuilder, EventBuilderV10};
 
     fn sample() -> Event {
@@ -223,6 +275,25 @@ mod tests {
             Some("v w".into())
         );
         assert!(event.data().is_none());
+    }
+
+    #[test]
+    fn the_type_is_peeked_without_decoding_binary_mode_only() {
+        let (headers, _) = to_nats(&sample());
+        assert_eq!(
+            peek_type(Some(&headers)).as_deref(),
+            Some("dev.tidewatch.k8s.container.restarted")
+        );
+        let mut headers = HeaderMap::new();
+        headers.insert("CE-Type", "a%2Eb");
+        assert_eq!(peek_type(Some(&headers)).as_deref(), Some("a.b"));
+        headers.insert("content-type", "application/cloudevents+json");
+        assert_eq!(
+            peek_type(Some(&headers)),
+            None,
+            "structured: decode to know"
+        );
+        assert_eq!(peek_type(None), None);
     }
 
     #[test]
