@@ -693,6 +693,33 @@ mod tests {
     }
 
     #[test]
+    fn a_crash_looping_container_runtime_is_a_root_cause_too() {
+        let rule = rule("node-runtime-failure");
+        let looping = obs(
+            "cl",
+            types::UNIT_CRASH_LOOP,
+            10,
+            Some("unit/containerd.service"),
+            json!({"unit": "containerd.service", "node": "n2", "activeState": "activating", "nRestarts": 5}),
+        );
+        let notready = obs(
+            "nr2",
+            types::NODE_NOT_READY,
+            40,
+            Some("node/n2"),
+            json!({"node": "n2", "reason": "ContainerRuntimeNotReady"}),
+        );
+        let (_, f) = run(&rule, &[looping, notready]);
+        assert_eq!(f.len(), 1);
+        assert_eq!(f[0].insight.root_cause_event_id, "cl");
+        assert!(
+            f[0].insight.root_cause.contains("containerd.service"),
+            "{}",
+            f[0].insight.root_cause
+        );
+    }
+
+    #[test]
     fn optional_evidence_alone_is_bounded() {
         let rule = rule("node-runtime-failure");
         let mut state = State::default();
