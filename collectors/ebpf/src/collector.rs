@@ -786,10 +786,10 @@ async fn publish_all(
             Ok(outbox) => Sink::Outbox(outbox),
             Err(e) => {
                 tracing::error!(error = %e, dir = %dir.display(), "cannot open the outage spool; publishing without it");
-                Sink::Publisher(publisher.clone())
+                Sink::Publisher(Box::new(publisher.clone()))
             }
         },
-        None => Sink::Publisher(publisher.clone()),
+        None => Sink::Publisher(Box::new(publisher.clone())),
     };
     let subject = subjects::raw(COLLECTOR, &config.node);
     let source = topology::source(COLLECTOR, &config.node);
@@ -852,11 +852,15 @@ async fn publish_all(
 /// Where events go: through the outage spool when one is configured.
 enum Sink {
     Outbox(Outbox),
-    Publisher(Publisher),
+    Publisher(Box<Publisher>),
 }
 
 impl Sink {
-    async fn send(&self, subject: &str, event: &tidewatch_runtime::cloudevents::Event) -> Result<Receipt, String> {
+    async fn send(
+        &self,
+        subject: &str,
+        event: &tidewatch_runtime::cloudevents::Event,
+    ) -> Result<Receipt, String> {
         match self {
             Sink::Outbox(outbox) => outbox.send(subject, event).await.map_err(|e| e.to_string()),
             Sink::Publisher(publisher) => publisher

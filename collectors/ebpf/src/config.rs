@@ -60,7 +60,6 @@ pub struct Config {
     pub spool_max_bytes: u64,
 }
 
-
 impl Default for Config {
     fn default() -> Self {
         Config {

@@ -49,7 +49,6 @@ pub struct Config {
     pub max_in_flight: usize,
 }
 
-
 impl Default for Config {
     fn default() -> Self {
         Config {

@@ -562,7 +562,7 @@ mod tests {
             &trust,
         )
         .expect("webhook");
-        let e = webhook.send(&event).await.err().expect("nobody listens");
+        let e = webhook.send(&event).await.expect_err("nobody listens");
         assert!(matches!(e, SendError::Transport { .. }), "{e:?}");
         let e = e.to_string();
         assert!(
@@ -575,7 +575,7 @@ mod tests {
             &trust,
         )
         .expect("grpc");
-        let e = grpc.send(&event).await.err().expect("nobody listens");
+        let e = grpc.send(&event).await.expect_err("nobody listens");
         assert!(matches!(e, SendError::Grpc { .. }), "{e:?}");
         let e = e.to_string();
         assert!(
