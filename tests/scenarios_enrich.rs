@@ -132,10 +132,20 @@ async fn cache_follows_kv_changes_and_misses_expire() {
     other.pod_ips = vec!["10.1.0.6".into()];
     other.containers[0].container_id = "containerd://beef02".into();
     put_pod(&js, &other).await;
-    tokio::time::sleep(Duration::from_millis(400)).await;
-    publish_raw(&publisher, &[exec("u2", "beef02")]).await;
-    let e = enriched(&js, "u2").await;
-    assert_eq!(ext(&e, "resolution").as_deref(), Some("resolved"));
+    let e = eventually(
+        "the cached miss to expire so the new pod resolves",
+        Duration::from_secs(30),
+        || async {
+            let id = format!(
+                "u2-{}",
+                Utc::now().timestamp_nanos_opt().unwrap_or_default()
+            );
+            publish_raw(&publisher, &[exec(&id, "beef02")]).await;
+            let e = enriched(&js, &id).await;
+            (ext(&e, "resolution").as_deref() == Some("resolved")).then_some(e)
+        },
+    )
+    .await;
     assert_eq!(ext(&e, "pod").as_deref(), Some("web-2"));
 
     // Nothing was dropped or dead-lettered.

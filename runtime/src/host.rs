@@ -270,17 +270,38 @@ pub fn connect_options(url: &str) -> (async_nats::ConnectOptions, String) {
     (options, servers.join(","))
 }
 
-/// Connect to NATS, retrying the first connection, and naming the process.
+/// How long [`connect`] waits for the first connection before handing
+/// back a client that keeps trying in the background.
+pub const FIRST_CONNECT_GRACE: Duration = Duration::from_secs(5);
+
+/// Connect to NATS, naming the process. The first connection is retried in
+/// the background; this returns once it is up, or after
+/// [`FIRST_CONNECT_GRACE`] (so a collector starting during an outage spools
+/// instead of waiting, and one starting normally publishes directly).
 pub async fn connect(url: &str, name: &str) -> Result<async_nats::Client, RuntimeError> {
     let (options, servers) = connect_options(url);
-    options
+    let (connected_tx, mut connected) = tokio::sync::watch::channel(false);
+    let client = options
         .name(format!("tidewatch-{name}"))
         .retry_on_initial_connect()
         .connection_timeout(Duration::from_secs(5))
+        .event_callback(move |event| {
+            let connected_tx = connected_tx.clone();
+            async move {
+                if matches!(event, async_nats::Event::Connected) {
+                    connected_tx.send_replace(true);
+                }
+            }
+        })
         .connect(servers.as_str())
         .await
         .map_err(|e| RuntimeError::Connect {
             url: servers.clone(),
             reason: e.to_string(),
-        })
+        })?;
+    let up = tokio::time::timeout(FIRST_CONNECT_GRACE, connected.wait_for(|up| *up)).await;
+    if !matches!(up, Ok(Ok(_))) {
+        tracing::warn!(url = %servers, "NATS not reachable yet; still trying in the background");
+    }
+    Ok(client)
 }

@@ -252,11 +252,22 @@ impl std::future::IntoFuture for Receipt {
     }
 }
 
-/// Spool-backed publisher. Cheap to clone; clones share the spool.
+/// Spool-backed publisher ([`Outbox::open`]), or a bare one
+/// ([`Outbox::without_spool`]) for a collector run without a spool
+/// directory. Cheap to clone; clones share the spool.
 #[derive(Clone)]
 pub struct Outbox {
-    shared: Arc<Shared>,
-    confirmations: mpsc::UnboundedSender<Job>,
+    inner: Inner,
+}
+
+#[derive(Clone)]
+enum Inner {
+    Spooled {
+        shared: Arc<Shared>,
+        confirmations: mpsc::UnboundedSender<Job>,
+    },
+    // Boxed: a publisher is much larger than the spooled handle.
+    Direct(Box<Publisher>),
 }
 
 struct Shared {
@@ -336,9 +347,37 @@ impl Outbox {
         tokio::spawn(confirm_all(shared.clone(), jobs));
         tokio::spawn(replay(Arc::downgrade(&shared)));
         Ok(Outbox {
-            shared,
-            confirmations,
+            inner: Inner::Spooled {
+                shared,
+                confirmations,
+            },
         })
+    }
+
+    /// What a collector runs with: the spool `config` names when it has
+    /// one, else (no spool configured, or it cannot be opened: said in the
+    /// log) no spool.
+    pub fn open_or_without_spool(publisher: Publisher, config: Option<OutboxConfig>) -> Outbox {
+        let Some(config) = config else {
+            return Outbox::without_spool(publisher);
+        };
+        let dir = config.spool_dir.clone();
+        match Outbox::open(publisher.clone(), config) {
+            Ok(outbox) => outbox,
+            Err(e) => {
+                tracing::error!(error = %e, dir = %dir.display(), "cannot open the outage spool; publishing without it");
+                Outbox::without_spool(publisher)
+            }
+        }
+    }
+
+    /// No spool: events go straight to `publisher`, and one the stream does
+    /// not acknowledge after the publisher's retries fails with
+    /// [`OutboxError::Unavailable`].
+    pub fn without_spool(publisher: Publisher) -> Outbox {
+        Outbox {
+            inner: Inner::Direct(Box::new(publisher)),
+        }
     }
 
     /// Publish `event` to `subject`, or spool it if NATS is unreachable.
@@ -348,19 +387,31 @@ impl Outbox {
         subject: impl Into<String>,
         event: &Event,
     ) -> Result<Receipt, OutboxError> {
+        let (shared, confirmations) = match &self.inner {
+            Inner::Spooled {
+                shared,
+                confirmations,
+            } => (shared, confirmations),
+            Inner::Direct(publisher) => {
+                return publisher
+                    .send(subject, event)
+                    .await
+                    .map(Receipt::from)
+                    .map_err(classify);
+            }
+        };
         let id = event.id().to_string();
         let subject = subject.into();
-        let mode = if self.shared.spooling.load(Ordering::Acquire) {
+        let mode = if shared.spooling.load(Ordering::Acquire) {
             Mode::Spooling
         } else {
             Mode::Direct
         };
-        match route(mode, self.shared.publisher.is_connected()) {
-            Route::Publish => match self.shared.publisher.send(subject.as_str(), event).await {
+        match route(mode, shared.publisher.is_connected()) {
+            Route::Publish => match shared.publisher.send(subject.as_str(), event).await {
                 Ok(confirmation) => {
                     let (reply, receiver) = oneshot::channel();
-                    if self
-                        .confirmations
+                    if confirmations
                         .send(Job::Confirm {
                             confirmation,
                             reply,
@@ -379,9 +430,9 @@ impl Outbox {
             Route::Spool => {
                 let (headers, payload) = to_nats(event);
                 let size = wire_size(Some(&headers), &payload);
-                let limit = self.shared.publisher.max_event_bytes();
+                let limit = shared.publisher.max_event_bytes();
                 if size > limit {
-                    self.shared.metrics.refuse("oversized");
+                    shared.metrics.refuse("oversized");
                     return Err(OutboxError::TooLarge(PublishError::TooLarge {
                         id,
                         size,
@@ -389,7 +440,7 @@ impl Outbox {
                     }));
                 }
                 let record = Record::from_nats(subject, id.clone(), &headers, payload);
-                let result = self.shared.clone().spool(record).await;
+                let result = shared.clone().spool(record).await;
                 Ok(Receipt {
                     id,
                     state: ReceiptState::Ready(result),
@@ -400,18 +451,27 @@ impl Outbox {
 
     /// Wait until every publish sent so far is acknowledged or spooled,
     /// then fsync the spool: call before a graceful exit.
+    /// (Without a spool there is nothing to do: receipts say what became
+    /// of each event.)
     pub async fn flush(&self) -> Result<(), OutboxError> {
+        let Inner::Spooled {
+            shared,
+            confirmations,
+        } = &self.inner
+        else {
+            return Ok(());
+        };
         let (done, wait) = oneshot::channel();
-        if self.confirmations.send(Job::Flush(done)).is_ok() {
+        if confirmations.send(Job::Flush(done)).is_ok() {
             let _ = wait.await;
         }
-        let shared = self.shared.clone();
-        tokio::task::spawn_blocking(move || shared.lock().spool.sync())
+        let syncing = shared.clone();
+        tokio::task::spawn_blocking(move || syncing.lock().spool.sync())
             .await
             .map_err(|e| OutboxError::Spool {
                 id: String::new(),
                 source: SpoolError::Io {
-                    path: self.shared.config.spool_dir.clone(),
+                    path: shared.config.spool_dir.clone(),
                     source: std::io::Error::other(e.to_string()),
                 },
             })?
@@ -423,21 +483,30 @@ impl Outbox {
 
     /// The current mode.
     pub fn mode(&self) -> Mode {
-        self.shared.lock().mode
+        match &self.inner {
+            Inner::Spooled { shared, .. } => shared.lock().mode,
+            Inner::Direct(_) => Mode::Direct,
+        }
     }
 
-    /// The spool's counters.
+    /// The spool's counters (all zero without a spool).
     pub fn spool_stats(&self) -> SpoolStats {
-        self.shared.lock().spool.stats()
+        match &self.inner {
+            Inner::Spooled { shared, .. } => shared.lock().spool.stats(),
+            Inner::Direct(_) => SpoolStats::default(),
+        }
     }
 
     pub fn metrics(&self) -> &Metrics {
-        &self.shared.metrics
+        match &self.inner {
+            Inner::Spooled { shared, .. } => &shared.metrics,
+            Inner::Direct(publisher) => publisher.metrics(),
+        }
     }
 }
 
-/// A receipt for a publish made without an outbox (no spool to fall back
-/// to: a publish that is not acknowledged fails with `Unavailable`).
+/// A receipt for a publish made without a spool to fall back to: one that
+/// is not acknowledged fails with `Unavailable`.
 impl From<Confirmation> for Receipt {
     fn from(confirmation: Confirmation) -> Receipt {
         Receipt {

@@ -771,26 +771,17 @@ async fn publish_all(
         handle.metrics.clone(),
     );
     let _ = publisher_cell.set(publisher.clone());
-    let sink = match &config.spool_dir {
-        Some(dir) => match Outbox::open(
-            publisher.clone(),
-            OutboxConfig::default()
-                .spool_dir(dir)
-                .spool(SpoolConfig {
-                    max_bytes: config.spool_max_bytes,
-                    ..SpoolConfig::default()
-                })
-                .component(COLLECTOR)
-                .node(config.node.as_str()),
-        ) {
-            Ok(outbox) => Sink::Outbox(outbox),
-            Err(e) => {
-                tracing::error!(error = %e, dir = %dir.display(), "cannot open the outage spool; publishing without it");
-                Sink::Publisher(Box::new(publisher.clone()))
-            }
-        },
-        None => Sink::Publisher(Box::new(publisher.clone())),
-    };
+    let spool = config.spool_dir.as_ref().map(|dir| {
+        OutboxConfig::default()
+            .spool_dir(dir)
+            .spool(SpoolConfig {
+                max_bytes: config.spool_max_bytes,
+                ..SpoolConfig::default()
+            })
+            .component(COLLECTOR)
+            .node(config.node.as_str())
+    });
+    let sink = Outbox::open_or_without_spool(publisher.clone(), spool);
     let subject = subjects::raw(COLLECTOR, &config.node);
     let source = topology::source(COLLECTOR, &config.node);
     let event_subject = format!("node/{}", config.node);
@@ -842,33 +833,8 @@ async fn publish_all(
     }
     drop(confirm_tx);
     let _ = confirmer.await;
-    if let Sink::Outbox(outbox) = &sink
-        && let Err(e) = outbox.flush().await
-    {
+    if let Err(e) = sink.flush().await {
         tracing::warn!(error = %e, "cannot fsync the outage spool at exit");
-    }
-}
-
-/// Where events go: through the outage spool when one is configured.
-enum Sink {
-    Outbox(Outbox),
-    Publisher(Box<Publisher>),
-}
-
-impl Sink {
-    async fn send(
-        &self,
-        subject: &str,
-        event: &tidewatch_runtime::cloudevents::Event,
-    ) -> Result<Receipt, String> {
-        match self {
-            Sink::Outbox(outbox) => outbox.send(subject, event).await.map_err(|e| e.to_string()),
-            Sink::Publisher(publisher) => publisher
-                .send(subject, event)
-                .await
-                .map(Receipt::from)
-                .map_err(|e| e.to_string()),
-        }
     }
 }
 

@@ -27,10 +27,6 @@ use crate::units::{Snapshot, Transition, UnitState};
 /// Collector name in subjects, sources and metrics.
 pub const COLLECTOR: &str = "systemd";
 
-/// How long start-up waits for the first NATS connection before following
-/// anything (it follows anyway afterwards, spooling).
-const CONNECT_GRACE: Duration = Duration::from_secs(5);
-
 /// Why the collector could not start or stopped.
 #[derive(Debug, thiserror::Error)]
 pub enum CollectorError {
@@ -121,41 +117,22 @@ impl Collector {
             PublisherConfig::default().max_in_flight(config.max_in_flight),
             metrics.clone(),
         );
-        // The first connection is made in the background: give it a moment,
-        // so a normal start publishes directly instead of spooling (and
-        // replaying) its first events.
-        let connecting = tokio::time::Instant::now();
-        while !publisher.is_connected() && connecting.elapsed() < CONNECT_GRACE {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        if !publisher.is_connected() {
-            tracing::warn!(url = %config.nats_url, "NATS not reachable yet; spooling (when a spool is configured) until it is");
-        }
         let subject = subjects::raw(COLLECTOR, &config.node);
-        let emitter = match &config.spool_dir {
-            Some(dir) => match Outbox::open(
-                publisher.clone(),
-                OutboxConfig::default()
-                    .spool_dir(dir)
-                    // fsync every record: the journal cursor moves on once an
-                    // entry is spooled, so a spooled entry must survive a
-                    // machine crash too (the journal rate makes this cheap).
-                    .spool(SpoolConfig {
-                        max_bytes: config.spool_max_bytes,
-                        fsync: FsyncPolicy::EveryRecord,
-                        ..SpoolConfig::default()
-                    })
-                    .component(COLLECTOR)
-                    .node(config.node.as_str()),
-            ) {
-                Ok(outbox) => Emitter::outbox(outbox, subject),
-                Err(e) => {
-                    tracing::error!(error = %e, dir = %dir.display(), "cannot open the outage spool; publishing without it");
-                    Emitter::publisher(publisher, subject)
-                }
-            },
-            None => Emitter::publisher(publisher, subject),
-        };
+        let spool = config.spool_dir.as_ref().map(|dir| {
+            OutboxConfig::default()
+                .spool_dir(dir)
+                // fsync every record: the journal cursor moves on once an
+                // entry is spooled, so a spooled entry must survive a
+                // machine crash too (the journal rate makes this cheap).
+                .spool(SpoolConfig {
+                    max_bytes: config.spool_max_bytes,
+                    fsync: FsyncPolicy::EveryRecord,
+                    ..SpoolConfig::default()
+                })
+                .component(COLLECTOR)
+                .node(config.node.as_str())
+        });
+        let emitter = Emitter::new(Outbox::open_or_without_spool(publisher, spool), subject);
         let (admin, metrics_addr) = match config.metrics_addr {
             Some(addr) => {
                 let (listener, local) = metrics::bind(addr)
