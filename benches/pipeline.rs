@@ -143,6 +143,74 @@ async fn raw_rate(js: &jetstream::Context, stream: &str, count: u64) -> f64 {
     count as f64 / started.elapsed().as_secs_f64()
 }
 
+/// The least any function that republishes every event must do, with
+/// plain async-nats: consume `stream` through a fresh durable, publish
+/// each message unchanged (same headers, so the same `Nats-Msg-Id`) to a
+/// scratch stream configured like the enriched one, and ack the input once
+/// its copy is stored; 256 in flight, like a function's handler slots.
+/// events/s: the ceiling for enrich on this machine in this run.
+async fn raw_republish_rate(js: &jetstream::Context, stream: &str, count: u64) -> f64 {
+    let mut scratch = tidewatch_runtime::provision::desired_stream(
+        &topology::ENRICHED,
+        &tidewatch_runtime::provision::ProvisionOptions::default(),
+    );
+    scratch.name = "BENCH_REPUBLISH".into();
+    scratch.subjects = vec!["bench.republish.>".into()];
+    // The test server has room for the provisioned streams only.
+    scratch.max_bytes = 1 << 30;
+    js.get_or_create_stream(scratch)
+        .await
+        .expect("scratch stream");
+    let stream = js.get_stream(stream).await.expect("stream");
+    let consumer = stream
+        .create_consumer(pull::Config {
+            durable_name: Some("bench-republish".into()),
+            ack_policy: jetstream::consumer::AckPolicy::Explicit,
+            max_ack_pending: 10_000,
+            ..Default::default()
+        })
+        .await
+        .expect("consumer");
+    let publisher = jetstream::ContextBuilder::new()
+        .max_ack_inflight(4096)
+        .build(js.client());
+    let mut messages = consumer
+        .stream()
+        .max_messages_per_batch(256)
+        .messages()
+        .await
+        .expect("messages");
+    let mut in_flight = futures::stream::FuturesUnordered::new();
+    let started = Instant::now();
+    let (mut received, mut done) = (0u64, 0u64);
+    while done < count {
+        tokio::select! {
+            biased;
+            Some(stored) = in_flight.next(), if !in_flight.is_empty() => {
+                let (m, ack): (jetstream::Message, _) = stored;
+                let _: jetstream::publish::PublishAck = ack;
+                m.ack().await.expect("ack");
+                done += 1;
+            }
+            m = messages.next(), if received < count && in_flight.len() < 256 => {
+                let m = m.expect("more").expect("message");
+                let ack = publisher
+                    .send_publish(
+                        "bench.republish.x",
+                        jetstream::message::PublishMessage::build()
+                            .headers(m.headers.clone().unwrap_or_default())
+                            .payload(m.payload.clone()),
+                    )
+                    .await
+                    .expect("sent");
+                received += 1;
+                in_flight.push(async move { (m, ack.await.expect("stored")) });
+            }
+        }
+    }
+    count as f64 / started.elapsed().as_secs_f64()
+}
+
 /// Time from the function's first ack to `count` acks: events/s, and CPU
 /// microseconds per event of `pids` (the function, the server) meanwhile.
 async fn function_rate(
@@ -240,6 +308,9 @@ async fn enrich_and_correlate_against_the_raw_rate() {
     let cpu = Cpu::start(&[me, nats]);
     let raw = raw_rate(&js, topology::RAW.name, n).await;
     let raw_cpu = cpu.per_event(n);
+    let cpu = Cpu::start(&[me, nats]);
+    let republish = raw_republish_rate(&js, topology::RAW.name, n).await;
+    let republish_cpu = cpu.per_event(n);
     let enrich_process = start_function(&server, "tidewatch-enrich", &[]);
     let (enrich, enrich_cpu) =
         function_rate(&js, "enrich", n, &[enrich_process.id().unwrap_or(0), nats]).await;
@@ -268,8 +339,14 @@ async fn enrich_and_correlate_against_the_raw_rate() {
         cpu(&raw_cpu)
     );
     println!(
-        "enrich, one instance:              {enrich:>10.0} events/s  ratio {:.2} (target >= 0.5)  {}",
+        "raw consume+republish+ack:         {republish:>10.0} events/s  ratio {:.2} (the ceiling for enrich)  {}",
+        republish / raw,
+        cpu(&republish_cpu)
+    );
+    println!(
+        "enrich, one instance:              {enrich:>10.0} events/s  ratio {:.2} (target >= 0.5), {:.2} of the ceiling  {}",
         enrich / raw,
+        enrich / republish,
         cpu(&enrich_cpu)
     );
     println!(

@@ -95,7 +95,7 @@ pub fn run(command: NewCommand) -> anyhow::Result<()> {
     source = source.replacen(
         SPEC_MARKER,
         &format!(
-            "pub const {constant}: FunctionSpec = FunctionSpec {{\n    name: {name:?},\n    consumer: {name:?},\n    output_stream: None,\n    binary: \"tidewatch-{name}\",\n    scale: scale_to_zero(100, 10),\n}};\n\n{SPEC_MARKER}"
+            "pub const {constant}: FunctionSpec = FunctionSpec {{\n    name: {name:?},\n    consumer: {name:?},\n    output_stream: None,\n    binary: \"tidewatch-{name}\",\n    scale: scale_to_zero(100, 10),\n    concurrency: 64,\n}};\n\n{SPEC_MARKER}"
         ),
         1,
     );
@@ -150,6 +150,7 @@ pub fn run(command: NewCommand) -> anyhow::Result<()> {
             output_stream: None,
             binary: Box::leak(format!("tidewatch-{name}").into_boxed_str()),
             scale: topology::scale_to_zero(100, 10),
+            concurrency: 64,
         };
         render(repo, spec, consumer)?;
     }

@@ -67,12 +67,12 @@ pub struct FunctionArgs {
     /// Address of /metrics, /healthz and /readyz in JetStream mode (port 0 picks one).
     #[arg(long, env = "TIDEWATCH_METRICS_ADDR", default_value = "0.0.0.0:9090")]
     pub metrics_addr: SocketAddr,
-    /// Handlers running at once.
-    #[arg(long, env = "TIDEWATCH_CONCURRENCY", default_value_t = 64)]
-    pub concurrency: usize,
-    /// Most messages per pull request.
-    #[arg(long, env = "TIDEWATCH_BATCH", default_value_t = 128)]
-    pub batch: usize,
+    /// Handlers running at once (default: the function's, from the topology).
+    #[arg(long, env = "TIDEWATCH_CONCURRENCY")]
+    pub concurrency: Option<usize>,
+    /// Most messages per pull request (default: the concurrency).
+    #[arg(long, env = "TIDEWATCH_BATCH")]
+    pub batch: Option<usize>,
     /// Un-acked publishes allowed at once.
     #[arg(long, env = "TIDEWATCH_MAX_IN_FLIGHT", default_value_t = 1024)]
     pub max_in_flight: usize,
@@ -192,8 +192,8 @@ impl Host {
                     self.metrics.clone(),
                 );
                 let config = PullConfig::new(stream.name, self.spec.consumer)
-                    .batch(self.args.batch)
-                    .concurrency(self.args.concurrency);
+                    .batch(self.args.batch.unwrap_or(self.spec.concurrency))
+                    .concurrency(self.args.concurrency.unwrap_or(self.spec.concurrency));
                 let result = consume::run(
                     function,
                     self.spec.name,

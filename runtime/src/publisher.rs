@@ -252,13 +252,16 @@ impl Publisher {
             metrics,
             confirmer: unused,
         };
+        // The confirmations borrow this one publisher rather than each
+        // cloning it (a client and a JetStream context with its prefix
+        // string): that was work on every published event.
+        let publisher = &publisher;
         let mut pending = futures::stream::FuturesUnordered::new();
         let mut open = true;
         loop {
             tokio::select! {
                 job = jobs.recv(), if open => match job {
                     Some(Pending { outgoing, first, reply }) => {
-                        let publisher = publisher.clone();
                         pending.push(async move {
                             let _ = reply.send(publisher.confirm(outgoing, first).await);
                         });
@@ -347,7 +350,7 @@ impl Publisher {
                 first,
                 reply,
             } = job.0;
-            let _ = reply.send(self.clone().confirm(outgoing, first).await);
+            let _ = reply.send(self.confirm(outgoing, first).await);
         }
         Confirmation { id, receiver }
     }
@@ -371,7 +374,7 @@ impl Publisher {
     }
 
     async fn confirm(
-        self,
+        &self,
         mut outgoing: Outgoing,
         first: SendResult,
     ) -> Result<PublishAck, PublishError> {
@@ -381,7 +384,10 @@ impl Publisher {
             let result = match sent.take() {
                 Some(Ok(ack)) => ack.await,
                 Some(Err(e)) => Err(e),
-                None => match self.send_once(&mut outgoing).await {
+                // Boxed, like the sleep below: the retry path is rare, and
+                // unboxed its futures would make every confirmation's
+                // state (moved around per publish) several times larger.
+                None => match Box::pin(self.send_once(&mut outgoing)).await {
                     Ok(ack) => ack.await,
                     Err(e) => Err(e),
                 },
@@ -439,7 +445,7 @@ impl Publisher {
                 .min(Duration::from_secs(5));
             tracing::debug!(id = %outgoing.id, subject = %outgoing.subject, attempt, error = %error, ?backoff, "publish not acknowledged; retrying with the same msg id");
             self.metrics.publish_retries.inc();
-            tokio::time::sleep(backoff).await;
+            Box::pin(tokio::time::sleep(backoff)).await;
             attempt += 1;
         }
     }

@@ -87,6 +87,10 @@ pub struct FunctionSpec {
     pub binary: &'static str,
     /// How it scales (KEDA ScaledObject, Knative annotations, `tidewatch up`).
     pub scale: ScaleSpec,
+    /// Handlers a replica runs at once in JetStream mode, and so the
+    /// messages it asks for per pull, unless `TIDEWATCH_CONCURRENCY` /
+    /// `TIDEWATCH_BATCH` say otherwise.
+    pub concurrency: usize,
 }
 
 /// Scaling of one function; rendered into its ScaledObject and Knative
@@ -193,6 +197,9 @@ pub const ENRICH: FunctionSpec = FunctionSpec {
     binary: "tidewatch-enrich",
     // Cheap per event (a cached KV join): a replica keeps up with a deep backlog.
     scale: scale_to_zero(1000, 100),
+    // Each handler mostly waits for its output's stream ack: a deeper
+    // pipeline lets nats-server batch its work (benches/pipeline.rs).
+    concurrency: 256,
 };
 pub const CORRELATE: FunctionSpec = FunctionSpec {
     name: "correlate",
@@ -201,6 +208,7 @@ pub const CORRELATE: FunctionSpec = FunctionSpec {
     binary: "tidewatch-correlate",
     // A KV compare-and-set per event: more replicas sooner.
     scale: scale_to_zero(500, 50),
+    concurrency: 64,
 };
 pub const EXPORT: FunctionSpec = FunctionSpec {
     name: "export",
@@ -209,6 +217,7 @@ pub const EXPORT: FunctionSpec = FunctionSpec {
     binary: "tidewatch-export",
     // Insights are few; each may wait on a slow sink.
     scale: scale_to_zero(50, 10),
+    concurrency: 64,
 };
 
 // `tidewatch new function` adds function specs above this line.

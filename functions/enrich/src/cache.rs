@@ -17,8 +17,8 @@ use std::time::{Duration, Instant};
 use async_nats::jetstream::kv;
 use bytes::Bytes;
 use futures::StreamExt;
-use prost::Message;
-use tidewatch_proto::v1::PodMetadata;
+
+use crate::resolve::Pod;
 
 #[derive(Clone)]
 struct Cached {
@@ -30,17 +30,8 @@ struct Cached {
     expires: Option<Instant>,
 }
 
-/// Pod metadata at a key, or why there is none (absent, or not decodable).
-pub type Decoded = Result<Arc<PodMetadata>, String>;
-
-fn decode(key: &str, value: Option<&Bytes>) -> Decoded {
-    match value {
-        Some(bytes) => PodMetadata::decode(bytes.as_ref())
-            .map(Arc::new)
-            .map_err(|e| format!("pod metadata at {key} is corrupt: {e}")),
-        None => Err(format!("no pod metadata at {key}")),
-    }
-}
+/// The pod at a key, or why there is none (absent, or not decodable).
+pub type Decoded = Result<Arc<Pod>, String>;
 
 /// Counters, for tests and logs.
 #[derive(Debug, Default)]
@@ -89,7 +80,7 @@ impl PodCache {
         let entry = self.entry(key).await?;
         Ok(entry
             .pod
-            .get_or_init(|| decode(key, entry.value.as_ref()))
+            .get_or_init(|| Pod::decode(key, entry.value.as_ref()))
             .clone())
     }
 

@@ -50,10 +50,7 @@ impl resolve::Lookup for Arc<PodCache> {
     async fn get(&self, key: &str) -> Result<Option<Bytes>, String> {
         PodCache::get(self, key).await
     }
-    async fn pod(
-        &self,
-        key: &str,
-    ) -> Result<Result<Arc<tidewatch_proto::v1::PodMetadata>, String>, String> {
+    async fn pod(&self, key: &str) -> Result<Result<Arc<resolve::Pod>, String>, String> {
         PodCache::pod(self, key).await
     }
 }

@@ -53,14 +53,54 @@ pub trait Lookup: Sync {
     fn pod(
         &self,
         key: &str,
-    ) -> impl Future<Output = Result<Result<Arc<PodMetadata>, String>, String>> + Send {
-        async move {
-            Ok(match self.get(key).await? {
-                Some(bytes) => PodMetadata::decode(bytes.as_ref())
-                    .map(Arc::new)
-                    .map_err(|e| format!("pod metadata at {key} is corrupt: {e}")),
-                None => Err(format!("no pod metadata at {key}")),
-            })
+    ) -> impl Future<Output = Result<Result<Arc<Pod>, String>, String>> + Send {
+        async move { Ok(Pod::decode(key, self.get(key).await?.as_ref())) }
+    }
+}
+
+/// A pod's metadata and the extensions it gives every event joined to it,
+/// formatted once per stored value rather than once per event.
+#[derive(Debug)]
+pub struct Pod {
+    pub meta: PodMetadata,
+    extensions: Vec<(&'static str, String)>,
+}
+
+impl Pod {
+    pub fn new(meta: PodMetadata) -> Pod {
+        let mut extensions = vec![
+            (extensions::NAMESPACE, meta.namespace.clone()),
+            (extensions::POD, meta.name.clone()),
+        ];
+        if !meta.node.is_empty() {
+            extensions.push((extensions::NODE, meta.node.clone()));
+        }
+        if !meta.workload_kind.is_empty() {
+            extensions.push((
+                extensions::WORKLOAD,
+                format!("{}/{}", meta.workload_kind, meta.workload_name),
+            ));
+        }
+        if !meta.labels.is_empty() {
+            let mut labels: Vec<String> = meta
+                .labels
+                .iter()
+                .map(|(k, v)| format!("{k}={v}"))
+                .collect();
+            labels.sort();
+            extensions.push((ext::LABELS, labels.join(",")));
+        }
+        Pod { meta, extensions }
+    }
+
+    /// The pod stored at `key` (`value` as read from the bucket), or why
+    /// there is none.
+    pub fn decode(key: &str, value: Option<&Bytes>) -> Result<Arc<Pod>, String> {
+        match value {
+            Some(bytes) => PodMetadata::decode(bytes.as_ref())
+                .map(|meta| Arc::new(Pod::new(meta)))
+                .map_err(|e| format!("pod metadata at {key} is corrupt: {e}")),
+            None => Err(format!("no pod metadata at {key}")),
         }
     }
 }
@@ -74,27 +114,9 @@ pub struct Enrichment {
 }
 
 impl Enrichment {
-    fn pod(&mut self, meta: &PodMetadata) {
-        self.extensions
-            .insert(extensions::NAMESPACE, meta.namespace.clone());
-        self.extensions.insert(extensions::POD, meta.name.clone());
-        if !meta.node.is_empty() {
-            self.extensions.insert(extensions::NODE, meta.node.clone());
-        }
-        if !meta.workload_kind.is_empty() {
-            self.extensions.insert(
-                extensions::WORKLOAD,
-                format!("{}/{}", meta.workload_kind, meta.workload_name),
-            );
-        }
-        if !meta.labels.is_empty() {
-            let mut labels: Vec<String> = meta
-                .labels
-                .iter()
-                .map(|(k, v)| format!("{k}={v}"))
-                .collect();
-            labels.sort();
-            self.extensions.insert(ext::LABELS, labels.join(","));
+    fn pod(&mut self, pod: &Pod) {
+        for (name, value) in &pod.extensions {
+            self.extensions.insert(name, value.clone());
         }
     }
 
@@ -113,10 +135,7 @@ impl Enrichment {
     }
 }
 
-async fn pod_at<L: Lookup>(
-    lookup: &L,
-    key: &str,
-) -> Result<Result<Arc<PodMetadata>, String>, String> {
+async fn pod_at<L: Lookup>(lookup: &L, key: &str) -> Result<Result<Arc<Pod>, String>, String> {
     lookup.pod(key).await
 }
 
@@ -169,7 +188,7 @@ pub async fn resolve<L: Lookup>(lookup: &L, event: &Event) -> Result<Enrichment,
     let mut reasons = Vec::new();
     if let Some((namespace, name)) = subject.strip_prefix("pod/").and_then(|s| s.split_once('/')) {
         match pod_at(lookup, &pod_keys::by_name(namespace, name)).await? {
-            Ok(meta) => out.pod(&meta),
+            Ok(pod) => out.pod(&pod),
             Err(reason) => {
                 // Still say which pod it is: the subject names it.
                 out.extensions
@@ -189,9 +208,9 @@ pub async fn resolve<L: Lookup>(lookup: &L, event: &Event) -> Result<Enrichment,
         let mut misses = Vec::new();
         if !process.container_id.is_empty() {
             match pod_at(lookup, &pod_keys::by_container(&process.container_id)).await? {
-                Ok(meta) => {
-                    out.pod(&meta);
-                    if let Some(c) = meta.containers.iter().find(|c| {
+                Ok(pod) => {
+                    out.pod(&pod);
+                    if let Some(c) = pod.meta.containers.iter().find(|c| {
                         !c.container_id.is_empty()
                             && (c.container_id.ends_with(&process.container_id)
                                 || process.container_id.ends_with(&c.container_id))
@@ -209,8 +228,8 @@ pub async fn resolve<L: Lookup>(lookup: &L, event: &Event) -> Result<Enrichment,
         }
         if !found && !process.pod_uid.is_empty() {
             match pod_at(lookup, &pod_keys::by_uid(&process.pod_uid)).await? {
-                Ok(meta) => {
-                    out.pod(&meta);
+                Ok(pod) => {
+                    out.pod(&pod);
                     found = true;
                 }
                 Err(reason) => misses.push(reason),
@@ -252,8 +271,10 @@ pub async fn resolve<L: Lookup>(lookup: &L, event: &Event) -> Result<Enrichment,
             }
         }
         if let Ok(peer) = pod_at(lookup, &pod_keys::by_ip(&tcp.daddr)).await? {
-            out.extensions
-                .insert(ext::PEER_POD, format!("{}/{}", peer.namespace, peer.name));
+            out.extensions.insert(
+                ext::PEER_POD,
+                format!("{}/{}", peer.meta.namespace, peer.meta.name),
+            );
         }
     }
     if !reasons.is_empty() {

@@ -82,41 +82,33 @@ pub fn rfc3339(t: &chrono::DateTime<chrono::Utc>) -> String {
 }
 
 /// `ce-<name>`; static (allocation-free) for the spec's own attributes and
-/// the extensions Tidewatch functions add to every event.
+/// the extensions Tidewatch functions add to every event. A `match`, not a
+/// table: a table of `HeaderName`s is built and dropped on every call.
 fn header_name(attribute: &str) -> HeaderName {
-    const KNOWN: [(&str, HeaderName); 21] = [
-        ("specversion", HeaderName::from_static("ce-specversion")),
-        ("id", HeaderName::from_static("ce-id")),
-        ("source", HeaderName::from_static("ce-source")),
-        ("type", HeaderName::from_static("ce-type")),
-        ("subject", HeaderName::from_static("ce-subject")),
-        ("time", HeaderName::from_static("ce-time")),
-        (
-            "datacontenttype",
-            HeaderName::from_static("ce-datacontenttype"),
-        ),
-        ("dataschema", HeaderName::from_static("ce-dataschema")),
-        ("traceparent", HeaderName::from_static("ce-traceparent")),
-        ("tracestate", HeaderName::from_static("ce-tracestate")),
-        ("resolution", HeaderName::from_static("ce-resolution")),
-        (
-            "resolutionreason",
-            HeaderName::from_static("ce-resolutionreason"),
-        ),
-        ("namespace", HeaderName::from_static("ce-namespace")),
-        ("pod", HeaderName::from_static("ce-pod")),
-        ("node", HeaderName::from_static("ce-node")),
-        ("workload", HeaderName::from_static("ce-workload")),
-        ("container", HeaderName::from_static("ce-container")),
-        ("memorylimit", HeaderName::from_static("ce-memorylimit")),
-        ("labels", HeaderName::from_static("ce-labels")),
-        ("peerpod", HeaderName::from_static("ce-peerpod")),
-        ("peerservice", HeaderName::from_static("ce-peerservice")),
-    ];
-    match KNOWN.iter().find(|(name, _)| *name == attribute) {
-        Some((_, header)) => header.clone(),
+    match attribute {
+        "specversion" => const { HeaderName::from_static("ce-specversion") },
+        "id" => const { HeaderName::from_static("ce-id") },
+        "source" => const { HeaderName::from_static("ce-source") },
+        "type" => const { HeaderName::from_static("ce-type") },
+        "subject" => const { HeaderName::from_static("ce-subject") },
+        "time" => const { HeaderName::from_static("ce-time") },
+        "datacontenttype" => const { HeaderName::from_static("ce-datacontenttype") },
+        "dataschema" => const { HeaderName::from_static("ce-dataschema") },
+        "traceparent" => const { HeaderName::from_static("ce-traceparent") },
+        "tracestate" => const { HeaderName::from_static("ce-tracestate") },
+        "resolution" => const { HeaderName::from_static("ce-resolution") },
+        "resolutionreason" => const { HeaderName::from_static("ce-resolutionreason") },
+        "namespace" => const { HeaderName::from_static("ce-namespace") },
+        "pod" => const { HeaderName::from_static("ce-pod") },
+        "node" => const { HeaderName::from_static("ce-node") },
+        "workload" => const { HeaderName::from_static("ce-workload") },
+        "container" => const { HeaderName::from_static("ce-container") },
+        "memorylimit" => const { HeaderName::from_static("ce-memorylimit") },
+        "labels" => const { HeaderName::from_static("ce-labels") },
+        "peerpod" => const { HeaderName::from_static("ce-peerpod") },
+        "peerservice" => const { HeaderName::from_static("ce-peerservice") },
         // Extension names were checked to be lowercase alphanumeric: a valid header name.
-        None => format!("{PREFIX}{attribute}").into_header_name(),
+        other => format!("{PREFIX}{other}").into_header_name(),
     }
 }
 
