@@ -29,6 +29,9 @@ use tidewatch_proto::v1::{
 use tidewatch_runtime::topology::{self, types};
 use tidewatch_testkit::NatsServer;
 
+/// Pods in the metadata bucket; the traffic spreads over them.
+const PODS: usize = 200;
+
 fn pod(i: usize) -> PodMetadata {
     PodMetadata {
         uid: format!("uid-{i}"),
@@ -46,6 +49,59 @@ fn pod(i: usize) -> PodMetadata {
             ..Default::default()
         }],
         deleted_at_ns: 0,
+    }
+}
+
+/// The bench's traffic: a container restart (joined by pod name, from the
+/// k8s collector) when `restart`, else a kernel exec (joined by container
+/// id, from the eBPF collector); `i` picks the pod. Returns the raw subject too.
+fn bench_event(
+    id: &str,
+    i: usize,
+    restart: bool,
+    at: chrono::DateTime<Utc>,
+) -> (String, cloudevents::Event) {
+    if restart {
+        let p = i % PODS;
+        let payload = ContainerRestart {
+            namespace: "bench".into(),
+            pod: format!("app-{p}"),
+            container: "app".into(),
+            exit_code: 1,
+            reason: "Error".into(),
+            ..Default::default()
+        };
+        let event = proto_event(
+            id,
+            types::CONTAINER_RESTARTED,
+            "k8s",
+            "node-1",
+            Some(&format!("pod/bench/app-{p}")),
+            at,
+            &payload,
+        );
+        (topology::subjects::raw("k8s", "node-1"), event)
+    } else {
+        let payload = ProcessExec {
+            process: Some(ProcessInfo {
+                pid: i as u32,
+                comm: "sh".into(),
+                container_id: format!("c{:06}", i % PODS),
+                ..Default::default()
+            }),
+            filename: "/bin/sh".into(),
+            ..Default::default()
+        };
+        let event = proto_event(
+            id,
+            types::PROCESS_EXEC,
+            "ebpf",
+            "node-1",
+            None,
+            at,
+            &payload,
+        );
+        (topology::subjects::raw("ebpf", "node-1"), event)
     }
 }
 
@@ -242,56 +298,16 @@ async fn enrich_and_correlate_against_the_raw_rate() {
         .unwrap_or(20_000);
     let server = NatsServer::start().await;
     let (js, publisher) = provisioned(&server).await;
-    const PODS: usize = 200;
     for i in 0..PODS {
         put_pod(&js, &pod(i)).await;
     }
-    // A mix: kernel exec events (joined by container id) and container restarts (by pod name).
-    let subject = topology::subjects::raw("ebpf", "node-1");
+    // A mix: 90 % kernel exec events, 10 % container restarts.
     let base = Utc::now() - chrono::Duration::hours(1);
     let mut confirmations = Vec::new();
     for i in 0..n as usize {
         let at = base + chrono::Duration::milliseconds(i as i64 * 10);
-        let event = if i % 10 == 0 {
-            let p = (i / 10) % PODS;
-            let payload = ContainerRestart {
-                namespace: "bench".into(),
-                pod: format!("app-{p}"),
-                container: "app".into(),
-                exit_code: 1,
-                reason: "Error".into(),
-                ..Default::default()
-            };
-            proto_event(
-                &format!("b-{i}"),
-                types::CONTAINER_RESTARTED,
-                "k8s",
-                "node-1",
-                Some(&format!("pod/bench/app-{p}")),
-                at,
-                &payload,
-            )
-        } else {
-            let payload = ProcessExec {
-                process: Some(ProcessInfo {
-                    pid: i as u32,
-                    comm: "sh".into(),
-                    container_id: format!("c{:06}", i % PODS),
-                    ..Default::default()
-                }),
-                filename: "/bin/sh".into(),
-                ..Default::default()
-            };
-            proto_event(
-                &format!("b-{i}"),
-                types::PROCESS_EXEC,
-                "ebpf",
-                "node-1",
-                None,
-                at,
-                &payload,
-            )
-        };
+        let pick = if i % 10 == 0 { i / 10 } else { i };
+        let (subject, event) = bench_event(&format!("b-{i}"), pick, i % 10 == 0, at);
         confirmations.push(
             publisher
                 .send(subject.as_str(), &event)
@@ -382,7 +398,6 @@ async fn end_to_end_latency_at_a_steady_rate() {
         .unwrap_or(10);
     let server = NatsServer::start().await;
     let (js, publisher) = provisioned(&server).await;
-    const PODS: usize = 200;
     for i in 0..PODS {
         put_pod(&js, &pod(i)).await;
     }
@@ -399,11 +414,12 @@ async fn end_to_end_latency_at_a_steady_rate() {
         .expect("export starts");
     let published: Arc<Mutex<HashMap<String, Instant>>> = Arc::default();
     let latencies: Arc<Mutex<Vec<Duration>>> = Arc::default();
+    let reader;
     {
         let published = published.clone();
         let latencies = latencies.clone();
         let mut lines = tokio::io::BufReader::new(export.stdout.take().expect("stdout")).lines();
-        tokio::spawn(async move {
+        reader = tokio::spawn(async move {
             while let Ok(Some(line)) = lines.next_line().await {
                 let arrived = Instant::now();
                 let Ok(json) = serde_json::from_str::<serde_json::Value>(&line) else {
@@ -423,8 +439,6 @@ async fn end_to_end_latency_at_a_steady_rate() {
             }
         });
     }
-    let subject_ebpf = topology::subjects::raw("ebpf", "node-1");
-    let subject_k8s = topology::subjects::raw("k8s", "node-1");
     let total = rate * seconds;
     let tick = Duration::from_millis(10);
     let per_tick = (rate / 100).max(1);
@@ -442,57 +456,13 @@ async fn end_to_end_latency_at_a_steady_rate() {
         interval.tick().await;
         for _ in 0..per_tick {
             let at = Utc::now();
-            let (subject, event) = if i.is_multiple_of(100) {
-                let p = (i / 100) as usize % PODS;
-                let payload = ContainerRestart {
-                    namespace: "bench".into(),
-                    pod: format!("app-{p}"),
-                    container: "app".into(),
-                    exit_code: 1,
-                    reason: "Error".into(),
-                    ..Default::default()
-                };
-                let id = format!("l-{i}");
-                published
-                    .lock()
-                    .expect("lock")
-                    .insert(id.clone(), Instant::now());
-                (
-                    &subject_k8s,
-                    proto_event(
-                        &id,
-                        types::CONTAINER_RESTARTED,
-                        "k8s",
-                        "node-1",
-                        Some(&format!("pod/bench/app-{p}")),
-                        at,
-                        &payload,
-                    ),
-                )
-            } else {
-                let payload = ProcessExec {
-                    process: Some(ProcessInfo {
-                        pid: i as u32,
-                        comm: "sh".into(),
-                        container_id: format!("c{:06}", i as usize % PODS),
-                        ..Default::default()
-                    }),
-                    filename: "/bin/sh".into(),
-                    ..Default::default()
-                };
-                (
-                    &subject_ebpf,
-                    proto_event(
-                        &format!("l-{i}"),
-                        types::PROCESS_EXEC,
-                        "ebpf",
-                        "node-1",
-                        None,
-                        at,
-                        &payload,
-                    ),
-                )
-            };
+            let restart = i.is_multiple_of(100);
+            let id = format!("l-{i}");
+            let pick = if restart { i / 100 } else { i } as usize;
+            let (subject, event) = bench_event(&id, pick, restart, at);
+            if restart {
+                published.lock().expect("lock").insert(id, Instant::now());
+            }
             let c = publisher
                 .send(subject.as_str(), &event)
                 .await
@@ -504,7 +474,11 @@ async fn end_to_end_latency_at_a_steady_rate() {
     let sent_for = started.elapsed();
     drop(confirm_tx);
     confirmer.await.expect("confirmed");
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    // Every insight is written once the pipeline has settled; stopping
+    // export then closes its stdout, and the reader ends at EOF.
+    settled(&js, &["enrich", "correlate", "export"]).await;
+    export.start_kill().expect("export stops");
+    reader.await.expect("reader");
     let mut l = latencies.lock().expect("lock").clone();
     l.sort();
     let pct = |p: f64| {
