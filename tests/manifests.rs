@@ -83,10 +83,10 @@ fn checked_in_manifests_match_the_topology() {
 
 #[test]
 fn manifests_validate_against_the_crd_and_kubernetes_schemas() {
-    let schemas = repo().join("../shared/schemas");
+    let schemas = repo().join("testdata/schemas");
     assert!(
         schemas.join("keda").is_dir(),
-        "shared/schemas not found at {}",
+        "testdata/schemas not found at {}",
         schemas.display()
     );
     let files: Vec<PathBuf> = manifests("keda")

@@ -2,7 +2,7 @@
 """Validate Kubernetes manifests the way the API server would.
 
 Custom resources (KEDA, Knative) are validated against the real CRD schemas
-in shared/schemas, made strict (an unknown field is an error, as with
+in testdata/schemas, made strict (an unknown field is an error, as with
 `kubectl apply --validate=strict`). Core objects are validated with
 kubernetes-validate, which bundles the official schemas per Kubernetes
 version. Usage: validate_manifests.py SCHEMAS_DIR K8S_VERSION FILE...

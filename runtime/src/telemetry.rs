@@ -53,8 +53,13 @@ pub fn init(service: &str) -> Telemetry {
             .with_writer(std::io::stderr)
     });
     let fmt_text = (!json).then(|| {
+        // Colour only on a terminal: `tidewatch up` and log shippers write
+        // stderr to files, where escape codes are noise.
+        let colour = std::io::IsTerminal::is_terminal(&std::io::stderr())
+            && std::env::var_os("NO_COLOR").is_none();
         tracing_subscriber::fmt::layer()
             .compact()
+            .with_ansi(colour)
             .with_writer(std::io::stderr)
     });
     let _ = tracing_subscriber::registry()

@@ -587,7 +587,7 @@ pub(crate) mod tests {
 
     pub(crate) fn fixture(name: &str) -> serde_json::Value {
         let path = format!(
-            "{}/../../../shared/fixtures/k8s/{name}",
+            "{}/../../testdata/k8s/{name}",
             env!("CARGO_MANIFEST_DIR")
         );
         let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{path}: {e}"));

@@ -30,7 +30,7 @@ const WAIT: Duration = Duration::from_secs(30);
 
 fn fixture(name: &str) -> Value {
     let path = format!(
-        "{}/../../../shared/fixtures/k8s/{name}",
+        "{}/../../testdata/k8s/{name}",
         env!("CARGO_MANIFEST_DIR")
     );
     serde_json::from_str(&std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{path}: {e}")))
@@ -1043,7 +1043,7 @@ fn watch_lines_from_real_api_servers_read_as_kube_reads_them() {
     use kube::core::WatchEvent;
     let read = |name: &str| -> Vec<WatchEvent<Pod>> {
         let path = format!(
-            "{}/../../../shared/fixtures/k8s/{name}",
+            "{}/../../testdata/k8s/{name}",
             env!("CARGO_MANIFEST_DIR")
         );
         std::fs::read_to_string(&path)

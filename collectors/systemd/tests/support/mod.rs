@@ -1,5 +1,5 @@
-//! Shared by the integration tests: skipping (or, under `CI`, failing) when
-//! the host cannot run them, and reading what the collector published.
+//! Shared by the integration tests: what the host must have (skips go through
+//! `tidewatch_testkit::skip`), and reading what the collector published.
 
 #![allow(dead_code)]
 
@@ -15,28 +15,11 @@ use tidewatch_runtime::event::payload;
 use tidewatch_runtime::topology::{self, subjects};
 use tidewatch_testkit::eventually;
 
-/// Why a test cannot run here. Without `CI` it is skipped with the reason
-/// printed; with `CI` set it fails with the reason.
-pub fn cannot_run(test: &str, why: &str) {
-    if std::env::var_os("CI").is_some() {
-        panic!("CI is set and {test} cannot run here: {why}");
-    }
-    eprintln!("SKIPPED {test}: {why}");
-}
+pub use tidewatch_testkit::skip::cannot_run;
 
 /// Root, or the reason the tests need it.
 pub fn require_root() -> Result<(), String> {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    let uid = status
-        .lines()
-        .find_map(|l| l.strip_prefix("Uid:"))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .unwrap_or("");
-    if uid == "0" {
-        Ok(())
-    } else {
-        Err("needs root (mounts, cgroups, systemd-nspawn)".into())
-    }
+    tidewatch_testkit::skip::require_root("mounts, cgroups, systemd-nspawn")
 }
 
 /// A program on PATH (or an absolute path that exists), or why not.
