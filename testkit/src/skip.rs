@@ -36,7 +36,12 @@ fn record(ci: bool, log: Option<&std::path::Path>, test: &str, why: &str) -> Res
         .append(true)
         .open(path)
         .and_then(|mut f| f.write_all(line.as_bytes()))
-        .map_err(|e| format!("{test} is skipped but cannot be recorded in {}: {e}", path.display()))
+        .map_err(|e| {
+            format!(
+                "{test} is skipped but cannot be recorded in {}: {e}",
+                path.display()
+            )
+        })
 }
 
 /// `Ok` when this process runs as root, else why the test needs it.
@@ -73,7 +78,10 @@ mod tests {
         let text = std::fs::read_to_string(&log).expect("log written");
         assert_eq!(text, "a::test\tno thing here\nb::test\twhy\n");
         let err = record(true, Some(&log), "c::test", "why").expect_err("CI fails");
-        assert!(err.contains("CI is set and c::test cannot run here: why"), "{err}");
+        assert!(
+            err.contains("CI is set and c::test cannot run here: why"),
+            "{err}"
+        );
         assert_eq!(std::fs::read_to_string(&log).expect("log"), text);
     }
 }

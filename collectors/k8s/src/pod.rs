@@ -586,10 +586,7 @@ pub(crate) mod tests {
     use super::*;
 
     pub(crate) fn fixture(name: &str) -> serde_json::Value {
-        let path = format!(
-            "{}/../../testdata/k8s/{name}",
-            env!("CARGO_MANIFEST_DIR")
-        );
+        let path = format!("{}/../../testdata/k8s/{name}", env!("CARGO_MANIFEST_DIR"));
         let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
         serde_json::from_str(&text).unwrap_or_else(|e| panic!("{path}: {e}"))
     }

@@ -29,10 +29,7 @@ use tidewatch_testkit::{NatsServer, eventually};
 const WAIT: Duration = Duration::from_secs(30);
 
 fn fixture(name: &str) -> Value {
-    let path = format!(
-        "{}/../../testdata/k8s/{name}",
-        env!("CARGO_MANIFEST_DIR")
-    );
+    let path = format!("{}/../../testdata/k8s/{name}", env!("CARGO_MANIFEST_DIR"));
     serde_json::from_str(&std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{path}: {e}")))
         .unwrap_or_else(|e| panic!("{path}: {e}"))
 }
@@ -1042,10 +1039,7 @@ fn watch_lines_from_real_api_servers_read_as_kube_reads_them() {
     use k8s_openapi::api::core::v1::Pod;
     use kube::core::WatchEvent;
     let read = |name: &str| -> Vec<WatchEvent<Pod>> {
-        let path = format!(
-            "{}/../../testdata/k8s/{name}",
-            env!("CARGO_MANIFEST_DIR")
-        );
+        let path = format!("{}/../../testdata/k8s/{name}", env!("CARGO_MANIFEST_DIR"));
         std::fs::read_to_string(&path)
             .unwrap_or_else(|e| panic!("{path}: {e}"))
             .lines()

@@ -9,12 +9,11 @@
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
 use async_nats::jetstream;
-use nix::sys::signal::{Signal, kill};
-use nix::unistd::Pid;
 use tidewatch_runtime::provision::{ProvisionOptions, provision};
 use tidewatch_runtime::topology::{self, FunctionSpec};
 use tokio::io::{AsyncBufReadExt, BufReader};
@@ -24,24 +23,21 @@ use serde_json::{Value, json};
 
 use crate::autoscale::{Autoscaler, ScalePolicy};
 
-use crate::local_nats::LocalNats;
+use crate::child_process::terminate;
+use crate::local_nats::{self, LocalNats};
 
-/// Print a line to stdout, ignoring a closed pipe (`up | head` must not panic `up`).
-macro_rules! out {
-    ($($arg:tt)*) => {{
-        use std::io::Write as _;
-        let _ = writeln!(std::io::stdout().lock(), $($arg)*);
-    }};
-}
+mod view;
+use view::{Row, View};
 
 #[derive(clap::Args)]
 pub struct UpArgs {
     /// Where Tidewatch keeps its local state (nats data, function logs).
     #[arg(long, env = "TIDEWATCH_STATE_DIR")]
     state_dir: Option<PathBuf>,
-    /// Client port for a nats-server that `up` starts.
-    #[arg(long, default_value_t = 4222)]
-    nats_port: u16,
+    /// Client port for a nats-server that `up` starts (default: the port of
+    /// NATS_URL, 4222). With NATS_URL set, the two must agree.
+    #[arg(long)]
+    nats_port: Option<u16>,
     /// Monitoring port for a nats-server that `up` starts (KEDA's arithmetic reads it).
     #[arg(long, default_value_t = 8222)]
     monitoring_port: u16,
@@ -89,37 +85,38 @@ fn state_dir(args: &UpArgs) -> PathBuf {
     home.join(".local/state/tidewatch")
 }
 
-pub async fn run(nats_url: &str, args: UpArgs) -> anyhow::Result<()> {
+pub async fn run(nats_url: &str, url_set: bool, args: UpArgs) -> anyhow::Result<()> {
+    let view = Arc::new(View::new(args.json));
     let state = state_dir(&args);
     let logs = state.join("logs");
     std::fs::create_dir_all(&logs).with_context(|| format!("create {}", logs.display()))?;
 
     let mut started_nats = None;
+    let shown = local_nats::redact(nats_url);
     let url = match crate::try_connect(nats_url).await {
         Ok(_) => {
-            say(
-                &args,
+            view.say(
                 "nats",
-                json!({"url": nats_url, "started": false}),
-                &format!("using NATS at {nats_url}"),
+                json!({"url": shown, "started": false}),
+                &format!("using NATS at {shown}"),
             );
             nats_url.to_string()
         }
         Err(_) => {
+            // Where NATS_URL points, so `status`, `burst` and `tail` in
+            // another terminal, reading the same NATS_URL, find this server.
+            let port = local_nats::port_for(nats_url, url_set, args.nats_port)?;
             let data = state.join("nats");
-            say(
-                &args,
+            view.say(
                 "nats",
-                json!({"url": nats_url, "starting": true, "data": data}),
+                json!({"url": shown, "starting": true, "data": data}),
                 &format!(
-                    "nothing answers at {nats_url}; starting nats-server (data in {})",
+                    "nothing answers at {shown}; starting nats-server on port {port} (data in {})",
                     data.display()
                 ),
             );
-            let local =
-                LocalNats::start(&state.join("nats"), args.nats_port, args.monitoring_port).await?;
-            say(
-                &args,
+            let local = LocalNats::start(&data, port, args.monitoring_port).await?;
+            view.say(
                 "nats",
                 json!({"url": local.url, "monitoring": local.monitoring_url, "pid": local.pid(), "log": local.log, "started": true}),
                 &format!(
@@ -130,6 +127,16 @@ pub async fn run(nats_url: &str, args: UpArgs) -> anyhow::Result<()> {
                     local.log.display()
                 ),
             );
+            if !url_set && port != local_nats::DEFAULT_PORT {
+                view.say(
+                    "hint",
+                    json!({"export": format!("NATS_URL={}", local.url)}),
+                    &format!(
+                        "in other terminals: export NATS_URL={} (so tidewatch status, burst and tail find it)",
+                        local.url
+                    ),
+                );
+            }
             let url = local.url.clone();
             started_nats = Some(local);
             url
@@ -139,17 +146,13 @@ pub async fn run(nats_url: &str, args: UpArgs) -> anyhow::Result<()> {
         Some(local) => local.monitoring_url.clone(),
         None => args.monitoring_url.clone(),
     };
-    let result = supervise(&url, &monitoring, &args, &logs).await;
+    let result = supervise(&url, &monitoring, &args, &logs, &view).await;
+    view.finish();
     if let Some(local) = started_nats {
-        say(
-            &args,
-            "stopping",
-            json!({"nats": true}),
-            "stopping nats-server",
-        );
+        view.say("stopping", json!({"nats": true}), "stopping nats-server");
         local.stop().await;
     }
-    say(&args, "stopped", json!({}), "stopped");
+    view.say("stopped", json!({}), "stopped");
     result
 }
 
@@ -166,9 +169,17 @@ struct Scaled {
     consumer_stream: &'static str,
     /// The autoscaler's last decision.
     desired: u32,
+    /// When it last changed the replica count, and why.
+    decision: Option<String>,
 }
 
-async fn supervise(url: &str, monitoring: &str, args: &UpArgs, logs: &Path) -> anyhow::Result<()> {
+async fn supervise(
+    url: &str,
+    monitoring: &str,
+    args: &UpArgs,
+    logs: &Path,
+    view: &Arc<View>,
+) -> anyhow::Result<()> {
     let client = crate::connect(url).await?;
     let js = jetstream::new(client.clone());
     let report = provision(&js, &ProvisionOptions::default())
@@ -179,8 +190,7 @@ async fn supervise(url: &str, monitoring: &str, args: &UpArgs, logs: &Path) -> a
         .iter()
         .filter(|(_, c)| *c != tidewatch_runtime::provision::Change::Unchanged)
         .count();
-    say(
-        args,
+    view.say(
         "provisioned",
         json!({"objects": report.items.len(), "changed": changed}),
         &format!(
@@ -241,10 +251,11 @@ async fn supervise(url: &str, monitoring: &str, args: &UpArgs, logs: &Path) -> a
             rate: 0.0,
             consumer_stream,
             desired: 0,
+            decision: None,
         });
     }
 
-    let mut collectors = start_collectors(args, &bin_dir, url, logs).await;
+    let mut collectors = start_collectors(args, view, &bin_dir, url, logs).await;
 
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     let deadline = args
@@ -264,9 +275,10 @@ async fn supervise(url: &str, monitoring: &str, args: &UpArgs, logs: &Path) -> a
         collectors.retain_mut(|c| match c.try_wait() {
             Ok(None) => true,
             Ok(Some(status)) => {
-                eprintln!(
-                    "tidewatch: a collector exited ({status}); see {}",
-                    logs.display()
+                view.say(
+                    "exited",
+                    json!({"collector": true, "status": status.to_string(), "logs": logs}),
+                    &format!("a collector exited ({status}); see {}", logs.display()),
                 );
                 false
             }
@@ -277,11 +289,16 @@ async fn supervise(url: &str, monitoring: &str, args: &UpArgs, logs: &Path) -> a
             let before = f.replicas.len();
             f.replicas.retain_mut(|c| matches!(c.try_wait(), Ok(None)));
             if f.replicas.len() < before {
-                eprintln!(
-                    "tidewatch: {} replica(s) of {} exited; log: {}",
-                    before - f.replicas.len(),
-                    f.spec.name,
-                    logs.join(format!("{}.log", f.spec.name)).display()
+                let log = logs.join(format!("{}.log", f.spec.name));
+                view.say(
+                    "exited",
+                    json!({"function": f.spec.name, "replicas": before - f.replicas.len(), "log": log}),
+                    &format!(
+                        "{} replica(s) of {} exited; log: {}",
+                        before - f.replicas.len(),
+                        f.spec.name,
+                        log.display()
+                    ),
                 );
             }
             if now < f.next_poll {
@@ -291,8 +308,7 @@ async fn supervise(url: &str, monitoring: &str, args: &UpArgs, logs: &Path) -> a
             f.lag = match consumer_lag(monitoring, f.spec.consumer).await {
                 Ok(lag) => lag,
                 Err(e) => {
-                    say(
-                        args,
+                    view.say(
                         "error",
                         json!({"function": f.spec.name, "error": format!("{e:#}")}),
                         &format!("{}: cannot read lag from {monitoring}: {e:#}", f.spec.name),
@@ -303,8 +319,7 @@ async fn supervise(url: &str, monitoring: &str, args: &UpArgs, logs: &Path) -> a
             let current = f.replicas.len() as u32;
             let decision = f.scaler.step(now.duration_since(started), f.lag, current);
             if decision.desired != current {
-                say(
-                    args,
+                view.say(
                     "scale",
                     json!({"function": f.spec.name, "from": current, "to": decision.desired, "lag": f.lag, "reason": decision.reason}),
                     &format!(
@@ -312,10 +327,16 @@ async fn supervise(url: &str, monitoring: &str, args: &UpArgs, logs: &Path) -> a
                         f.spec.name, decision.desired, decision.reason
                     ),
                 );
+                f.decision = Some(format!(
+                    "{} {current} → {}: {}",
+                    chrono::Local::now().format("%H:%M:%S"),
+                    decision.desired,
+                    decision.reason
+                ));
             }
             f.desired = decision.desired;
             while (f.replicas.len() as u32) < decision.desired {
-                f.replicas.push(spawn(args, f.spec, &bin_dir, url, logs)?);
+                f.replicas.push(spawn(view, f.spec, &bin_dir, url, logs)?);
             }
             while (f.replicas.len() as u32) > decision.desired {
                 if let Some(mut child) = f.replicas.pop() {
@@ -341,37 +362,21 @@ async fn supervise(url: &str, monitoring: &str, args: &UpArgs, logs: &Path) -> a
                 f.last_seq = Some((now, info));
             }
         }
-        let line: Vec<String> = functions
+        let rows: Vec<Row> = functions
             .iter()
-            .map(|f| {
-                format!(
-                    "{} {}/{} (max {}) lag {} in {:.0}/s",
-                    f.spec.name,
-                    f.desired,
-                    f.replicas.len(),
-                    f.scaler.policy.max_replicas,
-                    f.lag,
-                    f.rate
-                )
+            .map(|f| Row {
+                function: f.spec.name.to_string(),
+                desired: f.desired,
+                running: f.replicas.len(),
+                max: f.scaler.policy.max_replicas,
+                lag: f.lag,
+                rate: f.rate,
+                decision: f.decision.clone(),
             })
             .collect();
-        let status: Vec<Value> = functions
-            .iter()
-            .map(|f| json!({"function": f.spec.name, "desired": f.desired, "replicas": f.replicas.len(), "max": f.scaler.policy.max_replicas, "lag": f.lag, "rate": f.rate.round()}))
-            .collect();
-        say(
-            args,
-            "status",
-            json!({"functions": status}),
-            &format!(
-                "{}  {}",
-                chrono::Local::now().format("%H:%M:%S"),
-                line.join(" | ")
-            ),
-        );
+        view.status(&rows);
     }
-    say(
-        args,
+    view.say(
         "stopping",
         json!({}),
         "stopping functions (SIGTERM; they finish in-flight work and ack)",
@@ -395,7 +400,13 @@ const COLLECTORS: &[(&str, &str)] = &[
 ];
 
 /// Start every collector this host can run; say plainly why not for the others.
-async fn start_collectors(args: &UpArgs, bin_dir: &Path, url: &str, logs: &Path) -> Vec<Child> {
+async fn start_collectors(
+    args: &UpArgs,
+    view: &View,
+    bin_dir: &Path,
+    url: &str,
+    logs: &Path,
+) -> Vec<Child> {
     let mut running = Vec::new();
     if args.no_collectors {
         return running;
@@ -403,8 +414,7 @@ async fn start_collectors(args: &UpArgs, bin_dir: &Path, url: &str, logs: &Path)
     for (name, binary_name) in COLLECTORS {
         let binary = bin_dir.join(binary_name);
         if !binary.is_file() {
-            say(
-                args,
+            view.say(
                 "collector",
                 json!({"collector": name, "running": false, "why": "not built"}),
                 &format!(
@@ -424,8 +434,7 @@ async fn start_collectors(args: &UpArgs, bin_dir: &Path, url: &str, logs: &Path)
             Err(e) => Some(e.to_string()),
         };
         if let Some(why) = why {
-            say(
-                args,
+            view.say(
                 "collector",
                 json!({"collector": name, "running": false, "why": why}),
                 &format!("{name} collector not started: {why}"),
@@ -454,8 +463,7 @@ async fn start_collectors(args: &UpArgs, bin_dir: &Path, url: &str, logs: &Path)
             .spawn()
         {
             Ok(child) => {
-                say(
-                    args,
+                view.say(
                     "collector",
                     json!({"collector": name, "running": true, "pid": child.id(), "log": log_path}),
                     &format!(
@@ -466,8 +474,7 @@ async fn start_collectors(args: &UpArgs, bin_dir: &Path, url: &str, logs: &Path)
                 );
                 running.push(child);
             }
-            Err(e) => say(
-                args,
+            Err(e) => view.say(
                 "collector",
                 json!({"collector": name, "running": false, "why": e.to_string()}),
                 &format!("{name} collector not started: {e}"),
@@ -475,18 +482,6 @@ async fn start_collectors(args: &UpArgs, bin_dir: &Path, url: &str, logs: &Path)
         }
     }
     running
-}
-
-/// Print a line for people, or a JSON object for scripts with `--json`.
-fn say(args: &UpArgs, event: &str, fields: Value, text: &str) {
-    if args.json {
-        let mut object = fields;
-        object["event"] = json!(event);
-        object["time"] = json!(chrono::Utc::now().to_rfc3339());
-        out!("{object}");
-    } else {
-        out!("tidewatch: {text}");
-    }
 }
 
 /// The ScaledObjects' settings: from `--keda-dir` (default `keda/` when it
@@ -582,7 +577,7 @@ async fn http_get(url: &str) -> anyhow::Result<String> {
 }
 
 fn spawn(
-    args: &UpArgs,
+    view: &Arc<View>,
     spec: &FunctionSpec,
     bin_dir: &Path,
     url: &str,
@@ -612,8 +607,7 @@ fn spawn(
         .kill_on_drop(true)
         .spawn()
         .with_context(|| format!("start {}", binary.display()))?;
-    say(
-        args,
+    view.say(
         "started",
         json!({"function": spec.name, "pid": child.id(), "log": log_path}),
         &format!(
@@ -625,24 +619,13 @@ fn spawn(
     );
     if let Some(stdout) = child.stdout.take() {
         // What a function writes to stdout is its output (export: insights); echo it.
+        let view = Arc::clone(view);
         tokio::spawn(async move {
             let mut lines = BufReader::new(stdout).lines();
             while let Ok(Some(line)) = lines.next_line().await {
-                out!("{line}");
+                view.output(&line);
             }
         });
     }
     Ok(child)
-}
-
-/// SIGTERM `child`, wait up to `grace`, then SIGKILL. Always reaps it.
-pub async fn terminate(child: &mut Child, grace: Duration) {
-    if let Some(pid) = child.id() {
-        let _ = kill(Pid::from_raw(pid as i32), Signal::SIGTERM);
-        if tokio::time::timeout(grace, child.wait()).await.is_ok() {
-            return;
-        }
-        eprintln!("tidewatch: pid {pid} did not stop within {grace:?}; killing it");
-    }
-    let _ = child.kill().await;
 }
