@@ -18,6 +18,7 @@ mod local_nats;
 mod render;
 mod replay;
 mod scaffold;
+mod secrets;
 mod status;
 mod tail;
 mod up;
@@ -75,8 +76,10 @@ enum Command {
     /// Add things: `tidewatch new function <name>` scaffolds a function with its own consumer.
     #[command(subcommand)]
     New(scaffold::NewCommand),
-    /// Render the Kubernetes manifests (keda/) from the topology; --check fails if they drifted.
+    /// Render the Kubernetes manifests (deploy/, keda/, knative/) from the topology; --check fails if they drifted.
     Render(render::RenderArgs),
+    /// Generate the NATS passwords and TLS certificates the manifests read (untracked; kept on re-runs).
+    Secrets(secrets::SecretsArgs),
 }
 
 #[tokio::main]
@@ -98,6 +101,7 @@ async fn main() -> anyhow::Result<()> {
         Command::Replay(args) => replay::run(&connect(&cli.nats_url).await?, args).await,
         Command::Bench(cmd) => bench::run(&cli.nats_url, cmd).await,
         Command::Render(args) => render::run(args),
+        Command::Secrets(args) => secrets::run(args),
         Command::New(command) => scaffold::run(command),
         Command::Types => {
             for t in tidewatch_runtime::topology::types::ALL {

@@ -10,11 +10,19 @@ pub struct ProvisionArgs {
     /// Replicas per stream and bucket: 1 for a single server, 3 for a cluster.
     #[arg(long, default_value_t = 1)]
     replicas: usize,
+    /// Only create or update consumers, on streams that already exist (the
+    /// functions' provisioning Job, whose NATS user may not touch streams).
+    #[arg(long)]
+    consumers_only: bool,
 }
 
 pub async fn provision(client: &async_nats::Client, args: ProvisionArgs) -> anyhow::Result<()> {
     let js = jetstream::new(client.clone());
-    let report = provision_all(&js, &ProvisionOptions::default().replicas(args.replicas)).await?;
+    let options = ProvisionOptions {
+        consumers_only: args.consumers_only,
+        ..ProvisionOptions::default().replicas(args.replicas)
+    };
+    let report = provision_all(&js, &options).await?;
     print!("{report}");
     if report.is_noop() {
         println!("everything was already provisioned");

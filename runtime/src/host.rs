@@ -235,12 +235,37 @@ impl Host {
     }
 }
 
+/// Credentials given as their own settings rather than in the URL: the
+/// Kubernetes manifests pass them this way, so a password with `@` or `/`
+/// needs no escaping and never appears in a URL that may be logged.
+pub const NATS_USER_ENV: &str = "NATS_USER";
+/// The password for [`NATS_USER_ENV`].
+pub const NATS_PASSWORD_ENV: &str = "NATS_PASSWORD";
+/// A PEM file of CA certificates to verify the server with; set, TLS is required.
+pub const NATS_CA_FILE_ENV: &str = "NATS_CA_FILE";
+
 /// Options for `url`, with credentials embedded in it (`nats://user:pass@host`,
-/// `nats://token@host`) taken out and applied: async-nats ignores them in a
-/// URL, and the Kubernetes manifests pass them that way. Returns the options
-/// and the server list without credentials.
+/// `nats://token@host`, percent-encoded) taken out and applied: async-nats
+/// ignores them in a URL. `NATS_USER`/`NATS_PASSWORD` in the environment
+/// give credentials as separate settings (the URL's win), and `NATS_CA_FILE`
+/// requires TLS verified against that CA. Returns the options and the server
+/// list without credentials.
 pub fn connect_options(url: &str) -> (async_nats::ConnectOptions, String) {
     let mut options = async_nats::ConnectOptions::new();
+    if let (Some(user), Some(password)) = (
+        std::env::var_os(NATS_USER_ENV),
+        std::env::var_os(NATS_PASSWORD_ENV),
+    ) {
+        options = options.user_and_password(
+            user.to_string_lossy().into_owned(),
+            password.to_string_lossy().into_owned(),
+        );
+    }
+    if let Some(ca) = std::env::var_os(NATS_CA_FILE_ENV) {
+        options = options
+            .add_root_certificates(std::path::PathBuf::from(ca))
+            .require_tls(true);
+    }
     let mut servers = Vec::new();
     for server in url.split(',').map(str::trim).filter(|s| !s.is_empty()) {
         let with_scheme = if server.contains("://") {

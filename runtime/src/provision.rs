@@ -30,6 +30,9 @@ pub struct ProvisionOptions {
     pub ack_wait: Option<Duration>,
     /// Override every consumer's max deliveries.
     pub max_deliver: Option<i64>,
+    /// Only consumers, on streams that exist: what the functions' own
+    /// provisioning Job does with a user that may not touch streams.
+    pub consumers_only: bool,
 }
 
 impl Default for ProvisionOptions {
@@ -38,6 +41,7 @@ impl Default for ProvisionOptions {
             replicas: 1,
             ack_wait: None,
             max_deliver: None,
+            consumers_only: false,
         }
     }
 }
@@ -142,7 +146,7 @@ pub async fn provision(
     options: &ProvisionOptions,
 ) -> Result<Report, ProvisionError> {
     let mut report = Report::default();
-    for spec in topology::STREAMS {
+    for spec in topology::STREAMS.iter().filter(|_| !options.consumers_only) {
         let change = ensure_stream(js, desired_stream(spec, options)).await?;
         report.items.push((format!("stream {}", spec.name), change));
     }
@@ -152,7 +156,7 @@ pub async fn provision(
             .items
             .push((format!("consumer {}", spec.durable), change));
     }
-    for spec in topology::BUCKETS {
+    for spec in topology::BUCKETS.iter().filter(|_| !options.consumers_only) {
         let change = ensure_stream(js, desired_bucket(spec, options)).await?;
         report.items.push((format!("kv {}", spec.bucket), change));
     }
@@ -191,7 +195,7 @@ pub fn desired_bucket(spec: &BucketSpec, options: &ProvisionOptions) -> StreamCo
         discard: DiscardPolicy::New,
         max_messages_per_subject: spec.history,
         max_age: spec.max_age,
-        max_bytes: -1,
+        max_bytes: spec.max_bytes,
         max_messages: -1,
         max_message_size: -1,
         num_replicas: options.replicas,

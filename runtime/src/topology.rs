@@ -73,6 +73,8 @@ pub struct BucketSpec {
     pub history: i64,
     /// Entries older than this expire (0 = never).
     pub max_age: Duration,
+    /// Bytes the bucket may hold (its storage reservation on every replica).
+    pub max_bytes: i64,
 }
 
 /// A function: its consumer, and where its outputs go.
@@ -233,6 +235,7 @@ pub const POD_METADATA: BucketSpec = BucketSpec {
     description: "Pod metadata by pod uid, container id and pod IP",
     history: 1,
     max_age: Duration::ZERO,
+    max_bytes: 1024 * 1024 * 1024,
 };
 
 /// Correlation state per entity; expires when an entity goes quiet.
@@ -241,9 +244,18 @@ pub const CORRELATION_STATE: BucketSpec = BucketSpec {
     description: "Correlation rule state per entity",
     history: 1,
     max_age: Duration::from_secs(6 * 3600),
+    max_bytes: 1024 * 1024 * 1024,
 };
 
 pub const BUCKETS: &[BucketSpec] = &[POD_METADATA, CORRELATION_STATE];
+
+/// Bytes every JetStream node must be able to store: each stream's and
+/// bucket's `max_bytes` (every stream is replicated to every node of a
+/// 3-node cluster). The rendered `max_file_store` and volume follow it.
+pub fn reserved_bytes() -> i64 {
+    STREAMS.iter().map(|s| s.max_bytes).sum::<i64>()
+        + BUCKETS.iter().map(|b| b.max_bytes).sum::<i64>()
+}
 
 /// Look up a stream by key (`raw`) or name (`TIDEWATCH_RAW`), case-insensitively.
 pub fn stream(key_or_name: &str) -> Option<&'static StreamSpec> {

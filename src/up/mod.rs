@@ -492,7 +492,7 @@ fn scale_policies(args: &UpArgs) -> anyhow::Result<Vec<(String, ScalePolicy)>> {
         .clone()
         .unwrap_or_else(|| PathBuf::from("keda"));
     if dir.is_dir() {
-        return crate::render::read_scaled_objects(&dir);
+        return crate::autoscale::read_scaled_objects(&dir);
     }
     let rendered = tempfile_dir()?;
     for (path, contents) in crate::render::render()? {
@@ -500,7 +500,7 @@ fn scale_policies(args: &UpArgs) -> anyhow::Result<Vec<(String, ScalePolicy)>> {
             std::fs::write(rendered.join(name), contents)?;
         }
     }
-    let policies = crate::render::read_scaled_objects(&rendered);
+    let policies = crate::autoscale::read_scaled_objects(&rendered);
     let _ = std::fs::remove_dir_all(&rendered);
     policies
 }

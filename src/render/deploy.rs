@@ -1,0 +1,334 @@
+//! The base, `deploy/`: namespaces, the provisioning Job, the collector
+//! DaemonSets with their RBAC, and (optional overlay) PodMonitors. NATS
+//! itself is in [`super::nats`].
+
+use serde_json::{Value, json};
+use tidewatch_runtime::topology;
+
+use super::functions::{ca_volume, nats_client_env};
+use super::nats;
+use super::{
+    FUNCTIONS_NAMESPACE, Functions, SYSTEM_NAMESPACE, image, labels, resources, selector,
+    short_hash,
+};
+
+/// Collectors deployed as DaemonSets, one per node each.
+pub const COLLECTORS: &[&str] = &["ebpf", "k8s", "systemd"];
+
+/// Where a collector's outage spool lives on the node (a hostPath, so a
+/// restarted pod replays what the previous one spooled).
+pub fn spool_host_path(collector: &str) -> String {
+    format!("/var/lib/tidewatch/spool/{collector}")
+}
+
+/// What differs between the collector DaemonSets.
+struct CollectorPod {
+    name: &'static str,
+    /// Capabilities added after dropping ALL.
+    capabilities: &'static [&'static str],
+    host_pid: bool,
+    /// The k8s collector talks to the API server with its own ServiceAccount.
+    service_account: bool,
+    /// (volume name, host path, mount path, read-only).
+    host_mounts: &'static [(&'static str, &'static str, &'static str, bool)],
+    extra_env: Vec<Value>,
+    /// Spool on a hostPath (root collectors) or an emptyDir (the k8s
+    /// collector runs as non-root; an emptyDir survives container restarts).
+    spool_on_host: bool,
+    run_as_root: bool,
+    memory_limit: &'static str,
+}
+
+fn collector_daemonset(pod: CollectorPod) -> Value {
+    let name = pod.name;
+    let app = format!("tidewatch-collector-{name}");
+    let labels = labels(&app, "collector");
+    let spool_mount = format!("/var/lib/tidewatch/spool/{name}");
+    let mut env = vec![
+        json!({"name": "NODE_NAME", "valueFrom": {"fieldRef": {"fieldPath": "spec.nodeName"}}}),
+    ];
+    env.extend(nats_client_env(name));
+    env.extend([
+        json!({"name": "TIDEWATCH_METRICS_ADDR", "value": "0.0.0.0:9090"}),
+        json!({"name": "TIDEWATCH_SPOOL_DIR", "value": spool_mount}),
+        json!({"name": "TIDEWATCH_LOG_FORMAT", "value": "json"}),
+    ]);
+    env.extend(pod.extra_env);
+    let mut mounts: Vec<Value> = pod
+        .host_mounts
+        .iter()
+        .map(|(volume, _, mount, read_only)| json!({"name": volume, "mountPath": mount, "readOnly": read_only}))
+        .collect();
+    mounts.push(json!({"name": "spool", "mountPath": spool_mount}));
+    let (ca, ca_mount) = ca_volume();
+    mounts.push(ca_mount);
+    let mut volumes: Vec<Value> = pod
+        .host_mounts
+        .iter()
+        .map(|(volume, host, _, _)| json!({"name": volume, "hostPath": {"path": host}}))
+        .collect();
+    volumes.push(if pod.spool_on_host {
+        json!({"name": "spool", "hostPath": {"path": spool_host_path(name), "type": "DirectoryOrCreate"}})
+    } else {
+        json!({"name": "spool", "emptyDir": {"sizeLimit": "512Mi"}})
+    });
+    volumes.push(ca);
+    let mut security = json!({
+        "privileged": false,
+        "allowPrivilegeEscalation": false,
+        "readOnlyRootFilesystem": true,
+        "capabilities": {"drop": ["ALL"]},
+    });
+    if !pod.capabilities.is_empty() {
+        security["capabilities"]["add"] = json!(pod.capabilities);
+    }
+    let pod_security = if pod.run_as_root {
+        json!({"runAsUser": 0, "seccompProfile": {"type": "RuntimeDefault"}})
+    } else {
+        json!({"runAsNonRoot": true, "runAsUser": 65532, "fsGroup": 65532, "seccompProfile": {"type": "RuntimeDefault"}})
+    };
+    let mut spec = json!({
+        "automountServiceAccountToken": pod.service_account,
+        "terminationGracePeriodSeconds": 30,
+        "tolerations": [{"operator": "Exists"}],
+        "securityContext": pod_security,
+        "containers": [{
+            "name": "collector",
+            "image": image(),
+            "command": [format!("/usr/local/bin/{app}")],
+            "env": env,
+            "ports": [{"name": "metrics", "containerPort": 9090}],
+            "readinessProbe": {"httpGet": {"path": "/readyz", "port": "metrics"}, "periodSeconds": 10},
+            "livenessProbe": {"httpGet": {"path": "/healthz", "port": "metrics"}, "periodSeconds": 30},
+            "resources": resources("50m", "64Mi", pod.memory_limit),
+            "securityContext": security,
+            "volumeMounts": mounts,
+        }],
+        "volumes": volumes,
+    });
+    if pod.host_pid {
+        spec["hostPID"] = json!(true);
+    }
+    if pod.service_account {
+        spec["serviceAccountName"] = json!(app);
+    }
+    json!({
+        "apiVersion": "apps/v1", "kind": "DaemonSet",
+        "metadata": {"name": app, "namespace": SYSTEM_NAMESPACE, "labels": labels},
+        "spec": {
+            "selector": {"matchLabels": selector(&app)},
+            "updateStrategy": {"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": "10%"}},
+            "template": {
+                "metadata": {"labels": labels, "annotations": {"prometheus.io/scrape": "true", "prometheus.io/port": "9090"}},
+                "spec": spec,
+            },
+        },
+    })
+}
+
+/// The eBPF collector: the capabilities it needs, not privileged
+/// (collectors/ebpf/README.md explains each). Pids in events are host
+/// pids, and the start-up replay reads the host's /proc: `hostPID`.
+pub fn ebpf_daemonset() -> Value {
+    collector_daemonset(CollectorPod {
+        name: "ebpf",
+        capabilities: &["BPF", "PERFMON", "SYS_RESOURCE", "SYS_PTRACE"],
+        host_pid: true,
+        service_account: false,
+        host_mounts: &[
+            ("cgroup", "/sys/fs/cgroup", "/sys/fs/cgroup", true),
+            ("btf", "/sys/kernel/btf", "/sys/kernel/btf", true),
+            (
+                "tracefs",
+                "/sys/kernel/tracing",
+                "/sys/kernel/tracing",
+                false,
+            ),
+            ("bpffs", "/sys/fs/bpf", "/sys/fs/bpf", false),
+        ],
+        extra_env: Vec::new(),
+        spool_on_host: true,
+        run_as_root: true,
+        memory_limit: "512Mi",
+    })
+}
+
+/// The Kubernetes collector: no capabilities, non-root, its own
+/// ServiceAccount (read-only RBAC, plus the election Lease).
+pub fn k8s_daemonset() -> Value {
+    collector_daemonset(CollectorPod {
+        name: "k8s",
+        capabilities: &[],
+        host_pid: false,
+        service_account: true,
+        host_mounts: &[],
+        extra_env: vec![
+            json!({"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}}),
+            json!({"name": "POD_NAMESPACE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}}),
+        ],
+        spool_on_host: false,
+        run_as_root: false,
+        memory_limit: "512Mi",
+    })
+}
+
+/// The systemd collector: the host's journal and the system D-Bus socket,
+/// read-only; root (journal files are root:systemd-journal 0640) with
+/// every capability dropped.
+pub fn systemd_daemonset() -> Value {
+    collector_daemonset(CollectorPod {
+        name: "systemd",
+        capabilities: &[],
+        host_pid: false,
+        service_account: false,
+        host_mounts: &[
+            ("journal", "/var/log/journal", "/host/var/log/journal", true),
+            (
+                "runtime-journal",
+                "/run/log/journal",
+                "/host/run/log/journal",
+                true,
+            ),
+            (
+                "machine-id",
+                "/etc/machine-id",
+                "/host/etc/machine-id",
+                true,
+            ),
+            ("dbus", "/run/dbus", "/run/dbus", true),
+        ],
+        extra_env: vec![json!({"name": "TIDEWATCH_HOST_ROOT", "value": "/host"})],
+        spool_on_host: true,
+        run_as_root: true,
+        memory_limit: "256Mi",
+    })
+}
+
+/// Read-only access to exactly what the k8s collector watches, and the
+/// Lease its replicas elect a leader with (in its own namespace only).
+pub fn k8s_rbac() -> Vec<Value> {
+    let name = "tidewatch-collector-k8s";
+    let read = ["get", "list", "watch"];
+    let labels = labels(name, "collector");
+    vec![
+        json!({"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": name, "namespace": SYSTEM_NAMESPACE, "labels": labels}}),
+        json!({
+            "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRole",
+            "metadata": {"name": name, "labels": labels},
+            "rules": K8S_READS.iter().map(|(group, resources)| json!({"apiGroups": [group], "resources": resources, "verbs": read})).collect::<Vec<_>>(),
+        }),
+        json!({
+            "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRoleBinding",
+            "metadata": {"name": name, "labels": labels},
+            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": name},
+            "subjects": [{"kind": "ServiceAccount", "name": name, "namespace": SYSTEM_NAMESPACE}],
+        }),
+        json!({
+            "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role",
+            "metadata": {"name": format!("{name}-election"), "namespace": SYSTEM_NAMESPACE, "labels": labels},
+            "rules": [
+                // `create` cannot be limited by name (the object does not exist yet).
+                {"apiGroups": ["coordination.k8s.io"], "resources": ["leases"], "verbs": ["create"]},
+                {"apiGroups": ["coordination.k8s.io"], "resources": ["leases"], "resourceNames": [K8S_LEASE], "verbs": ["get", "update"]},
+            ],
+        }),
+        json!({
+            "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
+            "metadata": {"name": format!("{name}-election"), "namespace": SYSTEM_NAMESPACE, "labels": labels},
+            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": format!("{name}-election")},
+            "subjects": [{"kind": "ServiceAccount", "name": name, "namespace": SYSTEM_NAMESPACE}],
+        }),
+    ]
+}
+
+/// (API group, resources) the k8s collector lists and watches.
+pub const K8S_READS: &[(&str, &[&str])] = &[
+    ("", &["pods", "nodes", "events", "services"]),
+    ("apps", &["deployments", "replicasets"]),
+    ("discovery.k8s.io", &["endpointslices"]),
+];
+/// The Lease the k8s collector's replicas elect a leader with.
+pub const K8S_LEASE: &str = "tidewatch-collector-k8s";
+
+/// Namespaces, labelled for Pod Security: functions "restricted"; the
+/// system namespace "privileged" because the eBPF collector runs there.
+pub fn namespaces() -> Vec<Value> {
+    let ns = |name: &str, level: &str| {
+        let mut labels = labels(name, "namespace");
+        labels["pod-security.kubernetes.io/enforce"] = json!(level);
+        labels["pod-security.kubernetes.io/warn"] = json!(level);
+        json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name, "labels": labels}})
+    };
+    vec![
+        ns(SYSTEM_NAMESPACE, "privileged"),
+        ns(FUNCTIONS_NAMESPACE, "restricted"),
+    ]
+}
+
+/// The Job that provisions streams, buckets and consumers as `admin`
+/// (idempotent; converges older configs). Its name carries a hash of the
+/// topology, so an apply after the topology changed runs a new Job (a
+/// finished Job's pod template is immutable and would never run again).
+pub fn provision_job(fns: &Functions) -> Value {
+    let name = format!(
+        "tidewatch-provision-{}",
+        short_hash(&format!(
+            "{:?}{:?}{:?}",
+            topology::STREAMS,
+            topology::BUCKETS,
+            fns.consumers
+        ))
+    );
+    let (volume, mount) = ca_volume();
+    let mut env = nats_client_env("admin");
+    env.push(json!({"name": "TIDEWATCH_LOG_FORMAT", "value": "json"}));
+    let labels = labels("tidewatch-provision", "provisioning");
+    json!({
+        "apiVersion": "batch/v1", "kind": "Job",
+        "metadata": {"name": name, "namespace": SYSTEM_NAMESPACE, "labels": labels},
+        "spec": {
+            "backoffLimit": 10,
+            // Kept a day for `kubectl logs`; a later apply re-creates and re-runs it, harmlessly.
+            "ttlSecondsAfterFinished": 86400,
+            "template": {
+                "metadata": {"labels": labels},
+                "spec": {
+                    "restartPolicy": "OnFailure",
+                    "automountServiceAccountToken": false,
+                    "securityContext": {"runAsNonRoot": true, "runAsUser": 65532, "runAsGroup": 65532, "seccompProfile": {"type": "RuntimeDefault"}},
+                    "containers": [{
+                        "name": "provision",
+                        "image": image(),
+                        "command": ["/usr/local/bin/tidewatch", "provision", "--replicas", nats::REPLICAS.to_string()],
+                        "env": env,
+                        "resources": resources("50m", "32Mi", "128Mi"),
+                        "volumeMounts": [mount],
+                        "securityContext": {"allowPrivilegeEscalation": false, "readOnlyRootFilesystem": true, "capabilities": {"drop": ["ALL"]}},
+                    }],
+                    "volumes": [volume],
+                },
+            },
+        },
+    })
+}
+
+/// Prometheus Operator PodMonitors for every `/metrics` endpoint: the
+/// functions and the collectors (optional overlay `deploy/monitoring/`).
+pub fn pod_monitors() -> Vec<Value> {
+    [
+        ("tidewatch-functions", FUNCTIONS_NAMESPACE, "function"),
+        ("tidewatch-collectors", SYSTEM_NAMESPACE, "collector"),
+    ]
+    .into_iter()
+    .map(|(name, namespace, component)| {
+        json!({
+            "apiVersion": "monitoring.coreos.com/v1", "kind": "PodMonitor",
+            "metadata": {"name": name, "namespace": namespace, "labels": labels(name, "monitoring")},
+            "spec": {
+                "selector": {"matchLabels": {"app.kubernetes.io/part-of": "tidewatch", "app.kubernetes.io/component": component}},
+                "podMetricsEndpoints": [{"port": "metrics", "path": "/metrics", "interval": "30s"}],
+            },
+        })
+    })
+    .collect()
+}
