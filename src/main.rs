@@ -125,7 +125,7 @@ pub async fn try_connect(url: &str) -> anyhow::Result<async_nats::Client> {
     let client = options
         .name("tidewatch-cli")
         .connection_timeout(Duration::from_secs(2))
-        .connect(servers.as_str())
+        .connect(&servers)
         .await?;
     Ok(client)
 }

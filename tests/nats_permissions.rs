@@ -24,7 +24,8 @@ fn rendered_auth_conf() -> String {
         .expect("nats-config has auth.conf")
 }
 
-const USERS: [&str; 7] = [
+const USERS: [&str; 8] = [
+    "provisioner",
     "admin",
     "enrich",
     "correlate",
@@ -86,7 +87,7 @@ async fn each_function_runs_as_its_own_least_privilege_user() {
         Duration::from_secs(20),
         || async {
             let (options, servers) = tidewatch_runtime::host::connect_options(&admin_url);
-            options.connect(servers.as_str()).await.ok()
+            options.connect(&servers).await.ok()
         },
     )
     .await;
@@ -139,10 +140,7 @@ async fn each_function_runs_as_its_own_least_privilege_user() {
         "nats://enrich:{}@127.0.0.1:{port}",
         password("enrich")
     ));
-    let enrich = options
-        .connect(servers.as_str())
-        .await
-        .expect("enrich connects");
+    let enrich = options.connect(&servers).await.expect("enrich connects");
     let js = async_nats::jetstream::ContextBuilder::new()
         .timeout(Duration::from_secs(2))
         .build(enrich);
@@ -173,10 +171,7 @@ async fn each_function_runs_as_its_own_least_privilege_user() {
         "nats://k8s:{}@127.0.0.1:{port}",
         password("k8s")
     ));
-    let k8s = options
-        .connect(servers.as_str())
-        .await
-        .expect("k8s connects");
+    let k8s = options.connect(&servers).await.expect("k8s connects");
     let js = async_nats::jetstream::ContextBuilder::new()
         .timeout(Duration::from_secs(2))
         .build(k8s);

@@ -20,13 +20,14 @@ mod tests {
 
     #[test]
     fn credentials_leave_the_url() {
+        // A list stays a list: async-nats parses a comma-joined string as one URL.
         let (_, servers) =
             connect_options("nats://enrich:p%40ss@nats.ns.svc:4222, nats://other:4222");
-        assert_eq!(servers, "nats://nats.ns.svc:4222,nats://other:4222");
+        assert_eq!(servers, ["nats://nats.ns.svc:4222", "nats://other:4222"]);
         let (_, servers) = connect_options("127.0.0.1:4222");
-        assert_eq!(servers, "127.0.0.1:4222");
+        assert_eq!(servers, ["127.0.0.1:4222"]);
         let (_, servers) = connect_options("nats://s3cr3t@host:4222");
-        assert_eq!(servers, "nats://host:4222");
+        assert_eq!(servers, ["nats://host:4222"]);
     }
 }
 use std::time::Duration;
@@ -248,9 +249,10 @@ pub const NATS_CA_FILE_ENV: &str = "NATS_CA_FILE";
 /// `nats://token@host`, percent-encoded) taken out and applied: async-nats
 /// ignores them in a URL. `NATS_USER`/`NATS_PASSWORD` in the environment
 /// give credentials as separate settings (the URL's win), and `NATS_CA_FILE`
-/// requires TLS verified against that CA. Returns the options and the server
-/// list without credentials.
-pub fn connect_options(url: &str) -> (async_nats::ConnectOptions, String) {
+/// requires TLS verified against that CA. Returns the options and the
+/// servers without credentials, one entry per server (pass the list to
+/// `connect`, which would read a comma-joined string as one URL).
+pub fn connect_options(url: &str) -> (async_nats::ConnectOptions, Vec<String>) {
     let mut options = async_nats::ConnectOptions::new();
     if let (Some(user), Some(password)) = (
         std::env::var_os(NATS_USER_ENV),
@@ -292,7 +294,7 @@ pub fn connect_options(url: &str) -> (async_nats::ConnectOptions, String) {
             _ => servers.push(server.to_string()),
         }
     }
-    (options, servers.join(","))
+    (options, servers)
 }
 
 /// How long [`connect`] waits for the first connection before handing
@@ -318,15 +320,15 @@ pub async fn connect(url: &str, name: &str) -> Result<async_nats::Client, Runtim
                 }
             }
         })
-        .connect(servers.as_str())
+        .connect(&servers)
         .await
         .map_err(|e| RuntimeError::Connect {
-            url: servers.clone(),
+            url: servers.join(","),
             reason: e.to_string(),
         })?;
     let up = tokio::time::timeout(FIRST_CONNECT_GRACE, connected.wait_for(|up| *up)).await;
     if !matches!(up, Ok(Ok(_))) {
-        tracing::warn!(url = %servers, "NATS not reachable yet; still trying in the background");
+        tracing::warn!(url = %servers.join(","), "NATS not reachable yet; still trying in the background");
     }
     Ok(client)
 }
