@@ -782,11 +782,63 @@ async fn normal_churn_good_deploys_and_single_restarts_yield_no_insight() {
     assert_eq!(stream_messages(&js, topology::DEAD_LETTER.name).await, 0);
 }
 
+/// Sum of every sample of `name` (all label sets) in a Prometheus text page.
+fn metric(page: &str, name: &str) -> u64 {
+    page.lines()
+        .filter(|l| {
+            l.strip_prefix(name)
+                .is_some_and(|rest| rest.starts_with(['{', ' ']))
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum::<f64>() as u64
+}
+
+async fn metrics_page(port: u16) -> String {
+    let (status, body) = tidewatch_testkit::http_get(&format!("http://127.0.0.1:{port}/metrics"))
+        .await
+        .expect("replica serves /metrics");
+    assert_eq!(status, 200, "{body}");
+    body
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_correlate_replicas_lose_no_update() {
     const N: usize = 150;
+    const CHUNK: usize = 10;
     let server = NatsServer::start().await;
     let (js, publisher) = provisioned(&server).await;
+    // Replicas first, each with its own /metrics, all consuming before the
+    // first event: they compete for every chunk published below.
+    let ports = tidewatch_testkit::free_ports(3);
+    let replicas: Vec<_> = ports
+        .iter()
+        .map(|port| {
+            let addr = format!("127.0.0.1:{port}");
+            start_function(
+                &server,
+                "tidewatch-correlate",
+                &[
+                    "--metrics-addr",
+                    &addr,
+                    "--concurrency",
+                    "32",
+                    "--batch",
+                    "8",
+                ],
+            )
+        })
+        .collect();
+    for port in &ports {
+        tidewatch_testkit::eventually(
+            "every replica to be consuming",
+            Duration::from_secs(60),
+            || async {
+                let url = format!("http://127.0.0.1:{port}/readyz");
+                matches!(tidewatch_testkit::http_get(&url).await, Ok((200, _))).then_some(())
+            },
+        )
+        .await;
+    }
     // Correlate reads the enriched stream: publish there directly (no enrich needed).
     let base = Utc::now() - chrono::Duration::minutes(5);
     let events: Vec<cloudevents::Event> = (0..N)
@@ -804,23 +856,59 @@ async fn concurrent_correlate_replicas_lose_no_update() {
         })
         .collect();
     let subject = topology::subjects::enriched("k8s", "node-1");
-    for e in &events {
-        publisher
-            .publish(subject.as_str(), e)
-            .await
-            .expect("stored");
+    // events_in of each replica, sampled after each chunk (and once settled).
+    let mut samples: Vec<Vec<u64>> = Vec::new();
+    let sample = async || {
+        let mut row = Vec::new();
+        for port in &ports {
+            row.push(metric(
+                &metrics_page(*port).await,
+                "tidewatch_events_in_total",
+            ));
+        }
+        row
+    };
+    for chunk in events.chunks(CHUNK) {
+        for e in chunk {
+            publisher
+                .publish(subject.as_str(), e)
+                .await
+                .expect("stored");
+        }
+        samples.push(sample().await);
     }
-    let replicas: Vec<_> = (0..3)
-        .map(|_| {
-            start_function(
-                &server,
-                "tidewatch-correlate",
-                &["--concurrency", "32", "--batch", "8"],
-            )
-        })
-        .collect();
     settled(&js, &["correlate"]).await;
+    samples.push(sample().await);
+    // Updates that lost to another replica (creates racing for a new key don't count).
+    let mut conflicts = 0;
+    for port in &ports {
+        conflicts += metric(
+            &metrics_page(*port).await,
+            "tidewatch_kv_conflicts_total{component=\"correlate\",op=\"update\"}",
+        );
+    }
     drop(replicas);
+
+    // Samples are taken one after another, so a replica that had handled
+    // something by sample k and handled more between samples k+1 and k+2
+    // was at work across the gap between samples k and k+1. Two replicas
+    // at work across the same gap ran at the same time.
+    let overlapping = (0..samples.len().saturating_sub(2)).any(|k| {
+        (0..ports.len())
+            .filter(|&r| samples[k][r] > 0 && samples[k + 2][r] > samples[k + 1][r])
+            .count()
+            >= 2
+    });
+    assert!(
+        overlapping,
+        "no two replicas handled events at the same time; events_in per replica after each chunk: {samples:?}"
+    );
+    // Replicas wrote the same key in turn: compare-and-set must have
+    // refused stale writes (a blind put would never conflict, and lose updates).
+    assert!(
+        conflicts > 0,
+        "no compare-and-set conflict between replicas writing one key (events_in: {samples:?})"
+    );
 
     // The state has every restart, in time order: what one replica alone would have.
     let kv = js

@@ -1,25 +1,88 @@
 //! `tidewatch up` end to end: it starts its own nats-server, runs the
 //! functions, an event sequence published with `tidewatch emit` comes out
-//! of export as an insight, and Ctrl-C leaves no process behind.
+//! of export as an insight, and Ctrl-C leaves no process behind. What runs
+//! is read from /proc (up's child processes), not from what up prints.
 
 mod common;
 
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::Path;
 use std::process::Stdio;
 use std::time::Duration;
 
 use common::*;
 use nix::sys::signal::Signal;
-use tidewatch_testkit::{free_port, nats_server_binary};
+use tidewatch_testkit::{eventually, free_port, nats_server_binary};
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::Command;
 
-fn pid_after(line: &str, marker: &str) -> Option<u32> {
-    let rest = &line[line.find(marker)? + marker.len()..];
-    rest.split(|c: char| !c.is_ascii_digit())
-        .next()?
-        .parse()
-        .ok()
+/// Running (not zombie) children of `parent`: pid → executable name (from argv[0]).
+fn children(parent: u32) -> BTreeMap<u32, String> {
+    let mut out = BTreeMap::new();
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return out;
+    };
+    for entry in dir.flatten() {
+        let Some(pid) = entry.file_name().to_str().and_then(|s| s.parse().ok()) else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+            continue;
+        };
+        // After the command name (which may hold spaces and parentheses): state, ppid.
+        let mut fields = stat
+            .rsplit_once(')')
+            .map(|(_, r)| r)
+            .unwrap_or_default()
+            .split_whitespace();
+        let (Some(state), Some(ppid)) = (fields.next(), fields.next()) else {
+            continue;
+        };
+        if state == "Z" || ppid.parse::<u32>().ok() != Some(parent) {
+            continue;
+        }
+        let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
+            continue;
+        };
+        let argv0 = String::from_utf8_lossy(cmdline.split(|b| *b == 0).next().unwrap_or_default())
+            .into_owned();
+        let name = Path::new(&argv0)
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or(argv0);
+        out.insert(pid, name);
+    }
+    out
 }
+
+/// Pids of `parent`'s running children started from the binary `name`.
+fn children_named(parent: u32, name: &str) -> BTreeSet<u32> {
+    children(parent)
+        .into_iter()
+        .filter(|(_, n)| n == name)
+        .map(|(pid, _)| pid)
+        .collect()
+}
+
+/// `parent` and every process below it.
+fn descendants(parent: u32) -> BTreeSet<u32> {
+    let mut all = BTreeSet::from([parent]);
+    let mut todo = vec![parent];
+    while let Some(pid) = todo.pop() {
+        for child in children(pid).into_keys() {
+            if all.insert(child) {
+                todo.push(child);
+            }
+        }
+    }
+    all
+}
+
+const FUNCTIONS: [&str; 3] = [
+    "tidewatch-enrich",
+    "tidewatch-correlate",
+    "tidewatch-export",
+];
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn up_runs_the_pipeline_and_ctrl_c_leaves_nothing_behind() {
@@ -44,8 +107,8 @@ async fn up_runs_the_pipeline_and_ctrl_c_leaves_nothing_behind() {
         .kill_on_drop(true)
         .spawn()
         .expect("up starts");
+    let up_pid = up.id().expect("running");
     let mut lines = BufReader::new(up.stdout.take().expect("stdout")).lines();
-    let mut pids = Vec::new();
     // Bounded by line count too: up prints a status line every second.
     let mut budget = 600;
     let mut next_line = async || {
@@ -60,19 +123,21 @@ async fn up_runs_the_pipeline_and_ctrl_c_leaves_nothing_behind() {
     // Functions start at zero replicas: wait for the first status line.
     loop {
         let line = next_line().await;
-        if let Some(pid) = pid_after(&line, "pid ") {
-            pids.push(pid);
-        }
         if line.contains("enrich 0/0 (max 10) lag 0") {
             break;
         }
     }
-    // nats-server, and the eBPF collector where the host allows it; no function yet.
-    assert!(
-        !pids.is_empty() && pids.len() <= 2,
-        "nats-server was started, no function yet: {pids:?}"
+    // Up started a nats-server, and no function yet.
+    let running = children(up_pid);
+    assert_eq!(
+        running.values().filter(|n| *n == "nats-server").count(),
+        1,
+        "up runs one nats-server: {running:?}"
     );
-    let before_functions = pids.len();
+    assert!(
+        !running.values().any(|n| FUNCTIONS.contains(&n.as_str())),
+        "no function before there is lag: {running:?}"
+    );
 
     let emit = tokio::time::timeout(
         Duration::from_secs(60),
@@ -104,9 +169,6 @@ async fn up_runs_the_pipeline_and_ctrl_c_leaves_nothing_behind() {
 
     let insight = loop {
         let line = next_line().await;
-        if let Some(pid) = pid_after(&line, "pid ") {
-            pids.push(pid);
-        }
         if line.contains("dev.tidewatch.insight.crash-loop") {
             break serde_json::from_str::<serde_json::Value>(&line)
                 .expect("export writes JSON lines");
@@ -119,17 +181,36 @@ async fn up_runs_the_pipeline_and_ctrl_c_leaves_nothing_behind() {
         insight["data"]["evidenceEventIds"].as_array().map(Vec::len),
         Some(3)
     );
-    assert!(
-        pids.len() >= before_functions + 3,
-        "each function was scaled from zero on its lag: {pids:?}"
-    );
+    // Each function was scaled from zero on its lag: its process runs under up.
+    let running = children(up_pid);
+    for function in FUNCTIONS {
+        assert!(
+            running.values().any(|n| n == function),
+            "no {function} process under up: {running:?}"
+        );
+    }
 
+    let pids = descendants(up_pid);
     signal(&up, Signal::SIGINT);
     let status = wait_exit(&mut up, Duration::from_secs(60)).await;
     assert!(status.success(), "up exits cleanly on Ctrl-C: {status}");
     for pid in pids {
         assert!(is_gone(pid), "pid {pid} is still running after up stopped");
     }
+}
+
+/// Clients connected to `server` under the name `name` (async-nats sends the
+/// process's name, `tidewatch-<function>`).
+async fn nats_clients(server: &tidewatch_testkit::NatsServer, name: &str) -> usize {
+    let url = format!("{}/connz?limit=1024", server.monitoring_url());
+    let Ok((200, body)) = tidewatch_testkit::http_get(&url).await else {
+        return 0;
+    };
+    let connz: serde_json::Value = serde_json::from_str(&body).expect("/connz is JSON");
+    connz["connections"]
+        .as_array()
+        .map(|c| c.iter().filter(|c| c["name"] == name).count())
+        .unwrap_or(0)
 }
 
 #[tokio::test]
@@ -193,6 +274,7 @@ async fn a_burst_scales_functions_from_zero_to_many_and_back_without_loss() {
         .kill_on_drop(true)
         .spawn()
         .expect("up starts");
+    let up_pid = up.id().expect("running");
     let mut lines = BufReader::new(up.stdout.take().expect("stdout")).lines();
     let mut next = async || {
         let line = tokio::time::timeout(Duration::from_secs(120), lines.next_line())
@@ -218,26 +300,69 @@ async fn a_burst_scales_functions_from_zero_to_many_and_back_without_loss() {
     );
 
     // Bounded: up prints a status line every second, so this ends by time too.
-    let (peak, decisions) = tokio::time::timeout(Duration::from_secs(240), async {
-        let (mut peak, mut back_to_zero) = (0u64, false);
-        let mut decisions = Vec::new();
-        while !back_to_zero {
-            let line = next().await;
-            if line["event"] == "scale" && line["function"] == "enrich" {
-                let to = line["to"].as_u64().expect("to");
-                peak = peak.max(to);
-                decisions.push(line.clone());
-                assert!(
-                    line["reason"].as_str().is_some_and(|r| !r.is_empty()),
-                    "every decision says why: {line}"
-                );
-                back_to_zero = to == 0 && peak > 1;
+    let (peak, decisions, announced, running) =
+        tokio::time::timeout(Duration::from_secs(240), async {
+            let (mut peak, mut back_to_zero) = (0u64, false);
+            let mut decisions = Vec::new();
+            // Enrich pids up announced, and samples of the enrich processes
+            // running under up and connected to NATS, at each status line.
+            let mut announced = BTreeSet::new();
+            let mut running: Vec<(BTreeSet<u32>, usize)> = Vec::new();
+            while !back_to_zero {
+                let line = next().await;
+                if line["event"] == "started" && line["function"] == "enrich" {
+                    announced.insert(line["pid"].as_u64().expect("pid") as u32);
+                }
+                if line["event"] == "status" {
+                    running.push((
+                        children_named(up_pid, "tidewatch-enrich"),
+                        nats_clients(&server, "tidewatch-enrich").await,
+                    ));
+                }
+                if line["event"] == "scale" && line["function"] == "enrich" {
+                    let to = line["to"].as_u64().expect("to");
+                    peak = peak.max(to);
+                    decisions.push(line.clone());
+                    assert!(
+                        line["reason"].as_str().is_some_and(|r| !r.is_empty()),
+                        "every decision says why: {line}"
+                    );
+                    back_to_zero = to == 0 && peak > 1;
+                }
             }
-        }
-        (peak, decisions)
-    })
-    .await
-    .expect("enrich scaled up and back to zero within 4 minutes");
+            (peak, decisions, announced, running)
+        })
+        .await
+        .expect("enrich scaled up and back to zero within 4 minutes");
+    // The decisions were carried out: several enrich processes ran at once,
+    // each for more than one status line (a replica dying at startup would
+    // not), and each connected to NATS.
+    let lasting = running
+        .windows(2)
+        .map(|w| w[0].0.intersection(&w[1].0).count())
+        .max()
+        .unwrap_or(0);
+    let connected = running.iter().map(|(_, c)| *c).max().unwrap_or(0);
+    assert!(
+        lasting > 1 && connected > 1,
+        "decisions went up to {peak} replicas, but at most {lasting} enrich processes kept running and {connected} were connected: {running:?}"
+    );
+    let seen: BTreeSet<u32> = running.iter().flat_map(|(pids, _)| pids.clone()).collect();
+    assert!(
+        seen.is_subset(&announced),
+        "every enrich process under up was announced with its pid: {seen:?} vs {announced:?}"
+    );
+    // Scaled back to zero: every replica process has exited.
+    eventually(
+        "every enrich replica to exit after scaling to zero",
+        Duration::from_secs(60),
+        || async {
+            (announced.iter().all(|pid| is_gone(*pid))
+                && children_named(up_pid, "tidewatch-enrich").is_empty())
+            .then_some(())
+        },
+    )
+    .await;
     assert!(
         peak > 1,
         "a 20 000-event burst needs more than one enrich replica: {decisions:?}"

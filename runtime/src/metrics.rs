@@ -24,6 +24,12 @@ pub struct Reason {
     pub reason: &'static str,
 }
 
+/// Label naming a KV write: `update` (compare-and-set on a revision) or `create`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct KvOp {
+    pub op: &'static str,
+}
+
 /// All metrics of one process. Cheap to clone.
 #[derive(Clone)]
 pub struct Metrics {
@@ -62,6 +68,9 @@ pub struct Inner {
     pub spool_pending: Gauge,
     /// Bytes the spool takes on disk.
     pub spool_bytes: Gauge,
+    /// KV compare-and-set writes refused because another writer got there
+    /// first (correlate's state, written by several replicas), by `op`.
+    pub kv_conflicts: Family<KvOp, Counter>,
 }
 
 impl std::ops::Deref for Metrics {
@@ -96,6 +105,7 @@ impl Metrics {
             spool_corrupt_bytes: Counter::default(),
             spool_pending: Gauge::default(),
             spool_bytes: Gauge::default(),
+            kv_conflicts: Family::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -178,6 +188,11 @@ impl Metrics {
             "spool_bytes",
             "Bytes the outage spool takes on disk",
             inner.spool_bytes.clone(),
+        );
+        registry.register(
+            "kv_conflicts",
+            "KV compare-and-set writes refused because another writer got there first, by op (update: the revision moved on; create: the key exists)",
+            inner.kv_conflicts.clone(),
         );
         Metrics {
             inner: Arc::new(Inner { registry, ..inner }),

@@ -1,12 +1,12 @@
 //! The JetStream pull transport against a real server: outputs stored
-//! before the input is acked, retries, dead letters with their reasons
-//! (from the handler and from the server's max-deliveries advisory),
+//! before the input is acked, retries and their backoff, dead letters with
+//! their reasons (from the handler and from the server's max-deliveries advisory),
 //! poison messages, panics, a dead-letter stream outage, the publisher's
 //! size limit, draining on shutdown, and the metrics all of that leaves.
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use async_nats::HeaderMap;
 use async_nats::jetstream::{self, consumer::Info as ConsumerInfo, message::StreamMessage};
@@ -37,6 +37,9 @@ const TRACEPARENT: &str = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-
 const OK: &str = "test.ok";
 /// Retry on the first delivery, emit on the second.
 const RETRY_ONCE: &str = "test.retry-once";
+/// Retry after [`RETRY_DELAY`] on the first two deliveries, emit on the third.
+const RETRY_LATER: &str = "test.retry-later";
+const RETRY_DELAY: Duration = Duration::from_secs(2);
 const REJECT: &str = "test.reject";
 const ALWAYS_RETRY: &str = "test.always-retry";
 const PANIC: &str = "test.panic";
@@ -59,8 +62,8 @@ fn output_subject() -> String {
     subjects::enriched("test", "node-1")
 }
 
-/// Deliveries seen per input id, in order.
-type Seen = Arc<Mutex<HashMap<String, Vec<u32>>>>;
+/// Deliveries seen per input id, in order, with when the handler got each.
+type Seen = Arc<Mutex<HashMap<String, Vec<(u32, Instant)>>>>;
 
 struct TestFunction {
     seen: Seen,
@@ -92,13 +95,15 @@ impl Function for TestFunction {
             let mut seen = self.seen.lock().expect("seen lock");
             seen.entry(event.id().to_string())
                 .or_default()
-                .push(ctx.delivery);
+                .push((ctx.delivery, Instant::now()));
             seen.len()
         };
         match event.ty() {
             OK => Outcome::emit(derived(&event, ctx)),
             RETRY_ONCE if ctx.delivery == 1 => Outcome::retry(Duration::from_millis(50), "not yet"),
             RETRY_ONCE => Outcome::emit(derived(&event, ctx)),
+            RETRY_LATER if ctx.delivery < 3 => Outcome::retry(RETRY_DELAY, "not yet"),
+            RETRY_LATER => Outcome::emit(derived(&event, ctx)),
             REJECT => Outcome::reject(format!("no pod for {}: \"bad\" input", event.id())),
             ALWAYS_RETRY => Outcome::retry(Duration::ZERO, "dependency down"),
             PANIC => panic!("boom in handler for {}", event.id()),
@@ -264,8 +269,18 @@ impl Pipeline {
             .lock()
             .expect("seen lock")
             .get(id)
-            .cloned()
+            .map(|d| d.iter().map(|(n, _)| *n).collect())
             .unwrap_or_default()
+    }
+
+    /// Time between consecutive deliveries of `id` to the handler.
+    fn redelivery_gaps(&self, id: &str) -> Vec<Duration> {
+        let seen = self.seen.lock().expect("seen lock");
+        let times: Vec<Instant> = seen
+            .get(id)
+            .map(|d| d.iter().map(|(_, t)| *t).collect())
+            .unwrap_or_default();
+        times.windows(2).map(|w| w[1] - w[0]).collect()
     }
 
     /// Every message in `stream`, in order.
@@ -427,6 +442,57 @@ async fn a_retry_is_redelivered_then_acked() {
         "a retry that succeeds is not dead-lettered"
     );
     assert_eq!(pipeline.metrics.naks.get(), 1);
+    pipeline.shutdown().await;
+}
+
+/// A retry is a nak with a delay: the handler's own, else the runtime's
+/// doubling backoff. Only lower bounds are tight (the server never redelivers
+/// early; a busy machine only makes gaps longer): a plain nak redelivers
+/// within milliseconds, and a lost nak only after the 60 s ack wait.
+#[tokio::test]
+async fn retries_are_redelivered_after_their_backoff() {
+    const FIRST: Duration = Duration::from_millis(400);
+    const SLACK: Duration = Duration::from_secs(15);
+    let mut pipeline = Pipeline::start_with(Setup {
+        configure: |c| c.retry_backoff(FIRST, Duration::from_secs(10)),
+        provision: ProvisionOptions::default()
+            .ack_wait(Duration::from_secs(60))
+            .max_deliver(4),
+        ..Setup::default()
+    })
+    .await;
+    let (later, _) = pipeline.publish("later-1", RETRY_LATER).await;
+    let (_, seq) = pipeline.publish("backoff-1", ALWAYS_RETRY).await;
+    pipeline
+        .stored(
+            topology::ENRICHED.name,
+            "the output after two delayed retries",
+            &output_id(later.id(), FUNCTION, 0),
+        )
+        .await;
+    pipeline.dead_letter(seq).await;
+    pipeline.settled().await;
+
+    assert_eq!(pipeline.deliveries("later-1"), vec![1, 2, 3]);
+    let gaps = pipeline.redelivery_gaps("later-1");
+    assert_eq!(gaps.len(), 2);
+    for gap in &gaps {
+        assert!(
+            *gap >= RETRY_DELAY && *gap < RETRY_DELAY + SLACK,
+            "redelivered after the handler's {RETRY_DELAY:?}: {gaps:?}"
+        );
+    }
+    // Duration::ZERO: 400 ms, 800 ms, 1.6 s (doubling per delivery).
+    assert_eq!(pipeline.deliveries("backoff-1"), vec![1, 2, 3, 4]);
+    let gaps = pipeline.redelivery_gaps("backoff-1");
+    let expected = [FIRST, FIRST * 2, FIRST * 4];
+    assert_eq!(gaps.len(), expected.len());
+    for (gap, backoff) in gaps.iter().zip(expected) {
+        assert!(
+            *gap >= backoff && *gap < backoff + SLACK,
+            "redelivered after the runtime's backoff {expected:?}: {gaps:?}"
+        );
+    }
     pipeline.shutdown().await;
 }
 
@@ -746,7 +812,7 @@ async fn shutdown_finishes_in_flight_work_and_leaves_nothing_unacked() {
         "every delivered message was handled: {info:?}"
     );
     assert!(
-        handled.values().all(|d| d == &vec![1]),
+        handled.values().all(|d| d.iter().map(|(n, _)| *n).eq([1])),
         "nothing was redelivered: {handled:?}"
     );
     assert_eq!(

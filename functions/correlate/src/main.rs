@@ -7,7 +7,8 @@
 //! whatever the rules file adds). This binary feeds them and keeps their
 //! state per rule and entity in the correlation KV bucket (key
 //! `<rule>.<entity key>`), updated with compare-and-set on the entry's
-//! revision and retried on conflict, so any number of replicas can handle
+//! revision and retried on conflict (counted in
+//! `tidewatch_kv_conflicts_total{op}`), so any number of replicas can handle
 //! events for the same entity. The bucket's max age expires quiet entities.
 
 mod bad_rollout;
@@ -25,6 +26,7 @@ use clap::Parser;
 use cloudevents::{AttributesReader, Event};
 use tidewatch_runtime::event::new_event;
 use tidewatch_runtime::host::{FunctionArgs, Host};
+use tidewatch_runtime::metrics::{KvOp, Metrics};
 use tidewatch_runtime::topology::{self, subjects, types};
 use tidewatch_runtime::{Context, Emitted, Function, Outcome};
 
@@ -50,6 +52,8 @@ struct Args {
 
 struct Correlate {
     state: kv::Store,
+    /// Counts compare-and-set conflicts (`tidewatch_kv_conflicts_total`).
+    metrics: Metrics,
     rules: Vec<Rule>,
     /// Handlers of one process updating the same key take turns, so
     /// compare-and-set conflicts only happen between replicas.
@@ -84,9 +88,10 @@ struct Known {
 const KNOWN_KEYS: usize = 100_000;
 
 impl Correlate {
-    fn new(state: kv::Store, rules: Vec<Rule>) -> Correlate {
+    fn new(state: kv::Store, rules: Vec<Rule>, metrics: Metrics) -> Correlate {
         Correlate {
             state,
+            metrics,
             rules,
             stripes: (0..256).map(|_| tokio::sync::Mutex::new(())).collect(),
             known: Default::default(),
@@ -235,17 +240,21 @@ impl Correlate {
                 return Ok(findings);
             }
             let bytes = state.encode();
+            // On error: the write that lost to another writer (None when
+            // something else failed), and why.
             let written = match revision {
                 Some(rev) => self
                     .state
                     .update(kv_key, bytes.into(), rev)
                     .await
-                    .map_err(|e| e.to_string()),
-                None => self
-                    .state
-                    .create(kv_key, bytes.into())
-                    .await
-                    .map_err(|e| e.to_string()),
+                    .map_err(|e| {
+                        let lost = e.kind() == kv::UpdateErrorKind::WrongLastRevision;
+                        (lost.then_some("update"), e.to_string())
+                    }),
+                None => self.state.create(kv_key, bytes.into()).await.map_err(|e| {
+                    let lost = e.kind() == kv::CreateErrorKind::AlreadyExists;
+                    (lost.then_some("create"), e.to_string())
+                }),
             };
             match written {
                 Ok(rev) => {
@@ -259,7 +268,10 @@ impl Correlate {
                     );
                     return Ok(findings);
                 }
-                Err(reason) => {
+                Err((conflict, reason)) => {
+                    if let Some(op) = conflict {
+                        self.metrics.kv_conflicts.get_or_create(&KvOp { op }).inc();
+                    }
                     // Another replica wrote first (or KV failed): what we
                     // knew is stale; the next attempt reads KV.
                     tracing::debug!(key = %kv_key, %reason, attempt, "state changed under us; retrying");
@@ -382,6 +394,7 @@ async fn main() -> anyhow::Result<()> {
                 topology::CORRELATION_STATE.bucket
             )
         })?;
-    host.run(Correlate::new(state, rules)).await?;
+    let metrics = host.metrics().clone();
+    host.run(Correlate::new(state, rules, metrics)).await?;
     Ok(())
 }

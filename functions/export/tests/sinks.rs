@@ -27,7 +27,7 @@ use tidewatch_runtime::provision::{ProvisionOptions, provision};
 use tidewatch_runtime::publisher::{Publisher, PublisherConfig};
 use tidewatch_runtime::topology::{self, subjects, types};
 use tidewatch_testkit::{NatsServer, eventually};
-use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncWrite};
 use tokio::net::TcpListener;
 use tokio::process::{Child, Command};
 use tokio_rustls::TlsAcceptor;
@@ -40,6 +40,8 @@ struct Received {
     ids: Mutex<Vec<String>>,
     /// Raw bodies (HTTP) for format checks.
     bodies: Mutex<Vec<(String, Bytes)>>,
+    /// Requests that reached the receiver, failed ones included.
+    calls: AtomicU64,
     /// While now (ms since start) < this, answer slowly / fail.
     down_until_ms: AtomicU64,
     /// TLS handshakes that failed (the client did not trust us...).
@@ -116,6 +118,7 @@ where
                 .await
                 .map(|b| b.to_bytes())
                 .unwrap_or_default();
+            r.calls.fetch_add(1, Ordering::SeqCst);
             if now_ms() < r.down_until_ms.load(Ordering::SeqCst) {
                 tokio::time::sleep(slow).await;
                 return Ok::<_, Infallible>(
@@ -175,6 +178,7 @@ impl LogsService for Otlp {
         &self,
         request: tonic::Request<ExportLogsServiceRequest>,
     ) -> Result<tonic::Response<ExportLogsServiceResponse>, tonic::Status> {
+        self.received.calls.fetch_add(1, Ordering::SeqCst);
         if now_ms() < self.received.down_until_ms.load(Ordering::SeqCst) {
             tokio::time::sleep(self.slow).await;
             return Err(tonic::Status::unavailable("receiver down"));
@@ -258,16 +262,23 @@ where
         .await;
 }
 
+/// Insight `msg-<i>`: critical for even `i`, warning for odd.
 fn insight(i: u32) -> cloudevents::Event {
-    let insight = Insight {
-        id: format!("incident-{}", i / 2),
-        kind: "crash-loop".into(),
-        severity: if i.is_multiple_of(2) {
+    insight_with(
+        i,
+        if i.is_multiple_of(2) {
             "critical"
         } else {
             "warning"
-        }
-        .into(),
+        },
+    )
+}
+
+fn insight_with(i: u32, severity: &str) -> cloudevents::Event {
+    let insight = Insight {
+        id: format!("incident-{}", i / 2),
+        kind: "crash-loop".into(),
+        severity: severity.into(),
         summary: format!("container app of pod/shop/web-{i} restarted 3 times in 10m"),
         root_cause: "segmentation fault (SIGSEGV, exit 139): a crash in native code".into(),
         root_cause_event_id: format!("r-{i}-0"),
@@ -428,7 +439,19 @@ async fn a_slow_failing_sink_recovers_and_gets_every_insight_without_holding_up_
     };
     assert!(attr("tidewatch.insight.id").is_some());
     assert!(attr("tidewatch.insight.evidence_event_ids").is_some());
-    assert!(record.severity_number == 17 || record.severity_number == 13);
+    let i: u32 = event_id(&requests[0])
+        .trim_start_matches("msg-")
+        .parse()
+        .expect("msg-<i>");
+    let expected = if i.is_multiple_of(2) {
+        (17, "CRITICAL")
+    } else {
+        (13, "WARNING")
+    };
+    assert_eq!(
+        (record.severity_number, record.severity_text.as_str()),
+        expected
+    );
     // Webhook bodies are structured CloudEvents with the insight as JSON data.
     let bodies = web.bodies.lock().expect("lock");
     let (content_type, body) = &bodies[0];
@@ -555,6 +578,213 @@ async fn a_sink_down_for_good_dead_letters_the_insight_with_the_reason() {
         consumer_idle(&js).await.then_some(())
     })
     .await;
+}
+
+/// Every severity correlate produces (rules accept critical, warning, info),
+/// exactly as each sink carries it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_severity_maps_to_its_otlp_severity_and_webhook_field() {
+    // (severity, OTLP severity_number, OTLP severity_text)
+    const MAPPING: [(&str, i32, &str); 3] = [
+        ("critical", 17, "CRITICAL"),
+        ("warning", 13, "WARNING"),
+        ("info", 9, "INFO"),
+    ];
+    let server = NatsServer::start().await;
+    let (js, publisher) = setup(&server).await;
+    let (web_port, web) = http_receiver(Duration::ZERO).await;
+    let (otlp_port, otlp, requests) = otlp_receiver(Duration::ZERO).await;
+    let _export = start_export(
+        &server,
+        &[
+            "--stdout=false".into(),
+            "--webhook".into(),
+            format!("http://127.0.0.1:{web_port}/hook"),
+            "--otlp-endpoint".into(),
+            format!("http://127.0.0.1:{otlp_port}"),
+        ],
+    );
+    for (i, (severity, _, _)) in MAPPING.iter().enumerate() {
+        publisher
+            .publish(
+                subjects::insight("crash-loop").as_str(),
+                &insight_with(i as u32, severity),
+            )
+            .await
+            .expect("stored");
+    }
+    eventually(
+        "both sinks to get all three",
+        Duration::from_secs(20),
+        || async {
+            (web.distinct().len() == MAPPING.len() && otlp.distinct().len() == MAPPING.len())
+                .then_some(())
+        },
+    )
+    .await;
+    eventually("export to settle", Duration::from_secs(30), || async {
+        consumer_idle(&js).await.then_some(())
+    })
+    .await;
+
+    let otlp_severity: BTreeMap<String, (i32, String)> = requests
+        .lock()
+        .expect("lock")
+        .iter()
+        .map(|r| {
+            let record = &r.resource_logs[0].scope_logs[0].log_records[0];
+            (
+                event_id(r),
+                (record.severity_number, record.severity_text.clone()),
+            )
+        })
+        .collect();
+    let webhook_severity: BTreeMap<String, serde_json::Value> = web
+        .bodies
+        .lock()
+        .expect("lock")
+        .iter()
+        .map(|(_, body)| {
+            let json: serde_json::Value = serde_json::from_slice(body).expect("json");
+            (
+                json["id"].as_str().unwrap_or_default().to_string(),
+                json["data"]["severity"].clone(),
+            )
+        })
+        .collect();
+    for (i, (severity, number, text)) in MAPPING.iter().enumerate() {
+        let id = format!("msg-{i:03}");
+        assert_eq!(
+            otlp_severity.get(&id),
+            Some(&(*number, text.to_string())),
+            "OTLP severity of a {severity} insight"
+        );
+        assert_eq!(
+            webhook_severity.get(&id),
+            Some(&serde_json::json!(severity)),
+            "webhook data.severity of a {severity} insight"
+        );
+    }
+}
+
+/// Sum of every sample of `name` in a Prometheus text page.
+fn metric(page: &str, name: &str) -> u64 {
+    page.lines()
+        .filter(|l| {
+            l.strip_prefix(name)
+                .is_some_and(|rest| rest.starts_with(['{', ' ']))
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum::<f64>() as u64
+}
+
+/// After `--breaker-failures` failures in a row the sink is not called
+/// again until `--breaker-open-ms` has passed, though export keeps handling
+/// (and nakking) insights; then one trial call closes it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_open_breaker_fails_fast_without_calling_the_sink_until_its_trial() {
+    const N: u32 = 10;
+    const FAILURES: u64 = 3;
+    let server = NatsServer::start().await;
+    let (js, publisher) = setup(&server).await;
+    let (web_port, web) = http_receiver(Duration::ZERO).await;
+    web.down_until_ms.store(u64::MAX, Ordering::SeqCst);
+    let metrics_port = tidewatch_testkit::free_port();
+    let mut export = Command::new(env!("CARGO_BIN_EXE_tidewatch-export"))
+        .env("NATS_URL", server.client_url())
+        .env("TIDEWATCH_TRANSPORT", "jetstream")
+        .env("RUST_LOG", "warn")
+        .args([
+            "--metrics-addr".into(),
+            format!("127.0.0.1:{metrics_port}"),
+            "--stdout=false".into(),
+            "--webhook".into(),
+            format!("http://127.0.0.1:{web_port}/hook"),
+            // One insight at a time, so failures are counted before the next call.
+            "--concurrency".into(),
+            "1".into(),
+            "--batch".into(),
+            "1".into(),
+            "--breaker-failures".into(),
+            FAILURES.to_string(),
+            // Far longer than handling N insights takes, even on a busy machine.
+            "--breaker-open-ms".into(),
+            "15000".into(),
+        ])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("export starts");
+    let log = Arc::new(Mutex::new(Vec::<String>::new()));
+    let mut stderr = tokio::io::BufReader::new(export.stderr.take().expect("stderr")).lines();
+    let lines = log.clone();
+    tokio::spawn(async move {
+        while let Ok(Some(line)) = stderr.next_line().await {
+            eprintln!("{line}");
+            lines.lock().expect("lock").push(line);
+        }
+    });
+    let subject = subjects::insight("crash-loop");
+    for i in 0..N {
+        publisher
+            .publish(subject.as_str(), &insight(i))
+            .await
+            .expect("stored");
+    }
+    let naks = eventually(
+        "export to handle (and nak) every insight",
+        Duration::from_secs(30),
+        || async {
+            let url = format!("http://127.0.0.1:{metrics_port}/metrics");
+            let (_, page) = tidewatch_testkit::http_get(&url).await.ok()?;
+            let naks = metric(&page, "tidewatch_naks_total");
+            (naks >= u64::from(N)).then_some(naks)
+        },
+    )
+    .await;
+    // At least N handlings, each a nak, and only the first FAILURES reached the sink.
+    assert_eq!(
+        web.calls.load(Ordering::SeqCst),
+        FAILURES,
+        "the open breaker kept calling the sink ({naks} naks)"
+    );
+    let opened = |log: &[String]| {
+        log.iter()
+            .filter(|l| l.contains("sink failing: circuit opened"))
+            .count()
+    };
+    eventually(
+        "export to log the breaker opening",
+        Duration::from_secs(10),
+        || {
+            let n = opened(&log.lock().expect("lock"));
+            async move { (n > 0).then_some(()) }
+        },
+    )
+    .await;
+
+    // The sink is back: after the open period a trial call closes the breaker.
+    web.down_until_ms.store(0, Ordering::SeqCst);
+    let expected: BTreeSet<String> = (0..N).map(|i| format!("msg-{i:03}")).collect();
+    eventually(
+        "every insight once the breaker closes",
+        Duration::from_secs(90),
+        || async { (web.distinct() == expected).then_some(()) },
+    )
+    .await;
+    eventually("export to settle", Duration::from_secs(30), || async {
+        consumer_idle(&js).await.then_some(())
+    })
+    .await;
+    assert_eq!(
+        web.calls.load(Ordering::SeqCst),
+        FAILURES + u64::from(N),
+        "after the failures, one call per insight"
+    );
+    assert_eq!(opened(&log.lock().expect("lock")), 1, "opened once");
+    assert_eq!(stream_len(&js, topology::DEAD_LETTER.name).await, 0);
 }
 
 /// A test CA and a server certificate it signed for 127.0.0.1 / localhost.
