@@ -83,8 +83,8 @@ fn checked_in_manifests_match_the_topology() {
     }
 }
 
-/// Every file under `dir` (relative path → contents), leaving out the
-/// generated, git-ignored `secrets/` folders.
+/// Every YAML file under `dir` (relative path → contents), leaving out the
+/// generated, git-ignored `secrets/` folders (and READMEs, written by hand).
 fn files_under(dir: &Path) -> std::collections::BTreeMap<String, String> {
     let mut out = std::collections::BTreeMap::new();
     let mut stack = vec![dir.to_path_buf()];
@@ -95,7 +95,7 @@ fn files_under(dir: &Path) -> std::collections::BTreeMap<String, String> {
                 if entry.file_name() != "secrets" {
                     stack.push(path);
                 }
-            } else {
+            } else if path.extension().is_some_and(|e| e == "yaml") {
                 let relative = path.strip_prefix(dir).expect("under dir");
                 out.insert(
                     relative.to_string_lossy().into_owned(),
