@@ -168,6 +168,78 @@ impl Autoscaler {
     }
 }
 
+/// Read the scaling settings of every ScaledObject in `dir` (keda/).
+pub fn read_scaled_objects(dir: &Path) -> anyhow::Result<Vec<(String, ScalePolicy)>> {
+    let mut found = Vec::new();
+    let mut entries: Vec<_> = std::fs::read_dir(dir)
+        .with_context(|| format!("read {}", dir.display()))?
+        .flatten()
+        .collect();
+    entries.sort_by_key(|e| e.path());
+    for entry in entries {
+        let path = entry.path();
+        if path.extension().and_then(|e| e.to_str()) != Some("yaml") {
+            continue;
+        }
+        let text = std::fs::read_to_string(&path)?;
+        for document in serde_yaml::Deserializer::from_str(&text) {
+            let value = Value::deserialize(document)
+                .with_context(|| format!("parse {}", path.display()))?;
+            if value["kind"] != "ScaledObject" {
+                continue;
+            }
+            let spec = &value["spec"];
+            let trigger = spec["triggers"]
+                .as_array()
+                .and_then(|t| t.iter().find(|t| t["type"] == "nats-jetstream"))
+                .with_context(|| {
+                    format!(
+                        "{}: ScaledObject without a nats-jetstream trigger",
+                        path.display()
+                    )
+                })?;
+            let number = |v: &Value, default: u64| -> anyhow::Result<u64> {
+                match v {
+                    Value::Null => Ok(default),
+                    Value::Number(n) => n.as_u64().context("not a whole number"),
+                    Value::String(s) => s
+                        .parse()
+                        .with_context(|| format!("{s:?} is not a whole number")),
+                    other => anyhow::bail!("{other} is not a number"),
+                }
+            };
+            let defaults = ScalePolicy::default();
+            let metadata = &trigger["metadata"];
+            let policy = ScalePolicy {
+                min_replicas: number(&spec["minReplicaCount"], u64::from(defaults.min_replicas))?
+                    as u32,
+                max_replicas: number(&spec["maxReplicaCount"], u64::from(defaults.max_replicas))?
+                    as u32,
+                lag_threshold: number(&metadata["lagThreshold"], defaults.lag_threshold)?,
+                activation_lag_threshold: number(
+                    &metadata["activationLagThreshold"],
+                    defaults.activation_lag_threshold,
+                )?,
+                polling_interval: std::time::Duration::from_secs(number(
+                    &spec["pollingInterval"],
+                    30,
+                )?),
+                cooldown_period: std::time::Duration::from_secs(number(
+                    &spec["cooldownPeriod"],
+                    300,
+                )?),
+                scale_down_window: defaults.scale_down_window,
+            };
+            let consumer = metadata["consumer"]
+                .as_str()
+                .with_context(|| format!("{}: trigger without a consumer", path.display()))?
+                .to_string();
+            found.push((consumer, policy));
+        }
+    }
+    Ok(found)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -254,76 +326,4 @@ mod tests {
             "min 1 brings a stopped function back"
         );
     }
-}
-
-/// Read the scaling settings of every ScaledObject in `dir` (keda/).
-pub fn read_scaled_objects(dir: &Path) -> anyhow::Result<Vec<(String, ScalePolicy)>> {
-    let mut found = Vec::new();
-    let mut entries: Vec<_> = std::fs::read_dir(dir)
-        .with_context(|| format!("read {}", dir.display()))?
-        .flatten()
-        .collect();
-    entries.sort_by_key(|e| e.path());
-    for entry in entries {
-        let path = entry.path();
-        if path.extension().and_then(|e| e.to_str()) != Some("yaml") {
-            continue;
-        }
-        let text = std::fs::read_to_string(&path)?;
-        for document in serde_yaml::Deserializer::from_str(&text) {
-            let value = Value::deserialize(document)
-                .with_context(|| format!("parse {}", path.display()))?;
-            if value["kind"] != "ScaledObject" {
-                continue;
-            }
-            let spec = &value["spec"];
-            let trigger = spec["triggers"]
-                .as_array()
-                .and_then(|t| t.iter().find(|t| t["type"] == "nats-jetstream"))
-                .with_context(|| {
-                    format!(
-                        "{}: ScaledObject without a nats-jetstream trigger",
-                        path.display()
-                    )
-                })?;
-            let number = |v: &Value, default: u64| -> anyhow::Result<u64> {
-                match v {
-                    Value::Null => Ok(default),
-                    Value::Number(n) => n.as_u64().context("not a whole number"),
-                    Value::String(s) => s
-                        .parse()
-                        .with_context(|| format!("{s:?} is not a whole number")),
-                    other => anyhow::bail!("{other} is not a number"),
-                }
-            };
-            let defaults = ScalePolicy::default();
-            let metadata = &trigger["metadata"];
-            let policy = ScalePolicy {
-                min_replicas: number(&spec["minReplicaCount"], u64::from(defaults.min_replicas))?
-                    as u32,
-                max_replicas: number(&spec["maxReplicaCount"], u64::from(defaults.max_replicas))?
-                    as u32,
-                lag_threshold: number(&metadata["lagThreshold"], defaults.lag_threshold)?,
-                activation_lag_threshold: number(
-                    &metadata["activationLagThreshold"],
-                    defaults.activation_lag_threshold,
-                )?,
-                polling_interval: std::time::Duration::from_secs(number(
-                    &spec["pollingInterval"],
-                    30,
-                )?),
-                cooldown_period: std::time::Duration::from_secs(number(
-                    &spec["cooldownPeriod"],
-                    300,
-                )?),
-                scale_down_window: defaults.scale_down_window,
-            };
-            let consumer = metadata["consumer"]
-                .as_str()
-                .with_context(|| format!("{}: trigger without a consumer", path.display()))?
-                .to_string();
-            found.push((consumer, policy));
-        }
-    }
-    Ok(found)
 }

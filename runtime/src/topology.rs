@@ -229,6 +229,30 @@ pub const FUNCTIONS: &[FunctionSpec] = &[
     // `tidewatch new function` adds functions above this line.
 ];
 
+/// A collector: a DaemonSet on a cluster, a process under `tidewatch up`,
+/// a NATS user publishing under `tidewatch.raw.<name>.>`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CollectorSpec {
+    pub name: &'static str,
+    /// Binary name (`tidewatch-collector-<name>`).
+    pub binary: &'static str,
+}
+
+pub const COLLECTORS: &[CollectorSpec] = &[
+    CollectorSpec {
+        name: "ebpf",
+        binary: "tidewatch-collector-ebpf",
+    },
+    CollectorSpec {
+        name: "k8s",
+        binary: "tidewatch-collector-k8s",
+    },
+    CollectorSpec {
+        name: "systemd",
+        binary: "tidewatch-collector-systemd",
+    },
+];
+
 /// Pod metadata for enrichment, written by the k8s collector.
 pub const POD_METADATA: BucketSpec = BucketSpec {
     bucket: "tidewatch-pods",

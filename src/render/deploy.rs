@@ -12,9 +12,6 @@ use super::{
     short_hash,
 };
 
-/// Collectors deployed as DaemonSets, one per node each.
-pub const COLLECTORS: &[&str] = &["ebpf", "k8s", "systemd"];
-
 /// Where a collector's outage spool lives on the node (a hostPath, so a
 /// restarted pod replays what the previous one spooled).
 pub fn spool_host_path(collector: &str) -> String {

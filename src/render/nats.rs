@@ -8,7 +8,6 @@
 use serde_json::{Value, json};
 use tidewatch_runtime::topology;
 
-use super::deploy::COLLECTORS;
 use super::functions::PROVISIONER;
 use super::{
     FUNCTIONS_NAMESPACE, Functions, SECRETS_DIR, SYSTEM_NAMESPACE, USERS_SECRET, labels, resources,
@@ -144,9 +143,9 @@ pub fn users(fns: &Functions) -> Vec<NatsUser> {
     }
     // Collectors publish their own raw subjects; the k8s collector also
     // keeps the pod metadata bucket (read, write, delete).
-    for collector in COLLECTORS {
+    for collector in topology::COLLECTORS.iter().map(|c| c.name) {
         let mut publish = vec![format!("{}.{collector}.>", topology::RAW.prefix)];
-        if *collector == "k8s" {
+        if collector == "k8s" {
             let b = topology::POD_METADATA.bucket;
             publish.extend([
                 "$JS.API.INFO".to_string(),
