@@ -116,10 +116,16 @@ fn yaml(objects: &[Value]) -> anyhow::Result<String> {
                 "  # {COOLDOWN_PERIOD_SECS} s of no lag before scaling to zero, not KEDA's 300 s: functions start in well\n  # under a second and drain on SIGTERM, so a minute of quiet is enough without flapping between bursts.\n  cooldownPeriod: {COOLDOWN_PERIOD_SECS}\n"
             ),
         )
-        .replace(
-            &format!("terminationGracePeriodSeconds: {TERMINATION_GRACE_SECS}\n"),
-            &format!("terminationGracePeriodSeconds: {TERMINATION_GRACE_SECS} # drain: one fetch (1 s) + in-flight handlers + acks\n"),
-        ))
+        )
+}
+
+/// A function's manifest says why its grace period is what it is (only
+/// functions drain this way; NATS' grace covers its lame-duck mode).
+fn with_drain_comment(text: String) -> String {
+    text.replace(
+        &format!("terminationGracePeriodSeconds: {TERMINATION_GRACE_SECS}\n"),
+        &format!("terminationGracePeriodSeconds: {TERMINATION_GRACE_SECS} # drain: one fetch (1 s) + in-flight handlers + acks\n"),
+    )
 }
 
 /// A kustomization: `resources`, the image named once, and generators for
@@ -181,10 +187,10 @@ pub fn render_with(fns: &Functions) -> anyhow::Result<Vec<(String, String)>> {
         let file = format!("{}.yaml", function.name);
         files.push((
             format!("keda/{file}"),
-            yaml(&[
+            with_drain_comment(yaml(&[
                 functions::keda_deployment(function),
                 functions::scaled_object(function, fns)?,
-            ])?,
+            ])?),
         ));
         resources.push(file);
     }

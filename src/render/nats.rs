@@ -348,6 +348,7 @@ pub fn objects(fns: &Functions) -> Vec<Value> {
                         "annotations": {"checksum/config": short_hash(&format!("{conf}{auth}"))},
                     },
                     "spec": {
+                        // Longer than lame duck (10 s grace + 30 s), as the chart.
                         "terminationGracePeriodSeconds": 60,
                         "automountServiceAccountToken": false,
                         "securityContext": {"runAsNonRoot": true, "runAsUser": 1000, "runAsGroup": 1000, "fsGroup": 1000, "seccompProfile": {"type": "RuntimeDefault"}},
