@@ -25,6 +25,7 @@ pub mod dead_letter;
 pub mod event;
 pub mod function;
 pub mod host;
+pub mod message;
 pub mod metrics;
 pub mod outbox;
 pub mod provision;

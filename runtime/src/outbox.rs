@@ -39,9 +39,10 @@ use tokio::sync::{Notify, mpsc, oneshot};
 
 use crate::binding::nats::{to_nats, wire_size};
 use crate::event::{derive_id, new_event};
+use crate::message::Record;
 use crate::metrics::Metrics;
 use crate::publisher::{Confirmation, PublishError, PublishErrorKind, Publisher, Unsent};
-use crate::spool::{Cursor, Record, Spool, SpoolConfig, SpoolError, SpoolStats};
+use crate::spool::{Cursor, Spool, SpoolConfig, SpoolError, SpoolStats};
 use crate::topology;
 
 /// Outbox settings, builder style.
@@ -139,6 +140,14 @@ pub enum OutboxError {
     /// Retryable: the outbox is shutting down; the event was not kept.
     #[error("outbox closed: event {id} was not kept")]
     Closed { id: String },
+    /// Terminal for this process: the spool directory cannot be created or
+    /// opened (permissions, another owner holding its lock).
+    #[error("cannot open the outage spool in {dir}: {source}")]
+    Open {
+        dir: std::path::PathBuf,
+        #[source]
+        source: SpoolError,
+    },
 }
 
 /// Kind of an [`OutboxError`].
@@ -149,6 +158,7 @@ pub enum OutboxErrorKind {
     Spool,
     Unavailable,
     Closed,
+    Open,
 }
 
 impl OutboxError {
@@ -159,6 +169,7 @@ impl OutboxError {
             OutboxError::Spool { .. } => OutboxErrorKind::Spool,
             OutboxError::Unavailable(_) => OutboxErrorKind::Unavailable,
             OutboxError::Closed { .. } => OutboxErrorKind::Closed,
+            OutboxError::Open { .. } => OutboxErrorKind::Open,
         }
     }
     /// Whether sending the same event later can succeed.
@@ -306,19 +317,17 @@ impl Outbox {
     /// start the tasks that confirm publishes and replay the spool. They
     /// end when every clone of the outbox is dropped.
     pub fn open(publisher: Publisher, config: OutboxConfig) -> Result<Outbox, OutboxError> {
-        std::fs::create_dir_all(&config.spool_dir).map_err(|source| OutboxError::Spool {
-            id: String::new(),
-            source: SpoolError::Io {
+        let open_error = |source| OutboxError::Open {
+            dir: config.spool_dir.clone(),
+            source,
+        };
+        std::fs::create_dir_all(&config.spool_dir).map_err(|source| {
+            open_error(SpoolError::Io {
                 path: config.spool_dir.clone(),
                 source,
-            },
+            })
         })?;
-        let spool = Spool::open(&config.spool_dir, config.spool.clone()).map_err(|source| {
-            OutboxError::Spool {
-                id: String::new(),
-                source,
-            }
-        })?;
+        let spool = Spool::open(&config.spool_dir, config.spool.clone()).map_err(open_error)?;
         let mode = if spool.is_empty() {
             Mode::Direct
         } else {
@@ -662,9 +671,20 @@ enum Round {
     Drained,
 }
 
+/// Why a replay round stopped early; the next round tries again.
+#[derive(Debug, thiserror::Error)]
+enum ReplayPause {
+    #[error("spool: {0}")]
+    Spool(#[from] SpoolError),
+    #[error("spool task: {0}")]
+    Task(#[from] tokio::task::JoinError),
+    #[error("replayed event not acknowledged: {0}")]
+    Publish(PublishError),
+}
+
 /// Send the next window of spooled records, wait for their acks, commit
 /// the acknowledged prefix.
-async fn replay_round(shared: &Arc<Shared>) -> Result<Round, String> {
+async fn replay_round(shared: &Arc<Shared>) -> Result<Round, ReplayPause> {
     let window = shared.config.replay_window;
     let reader = shared.clone();
     let batch = tokio::task::spawn_blocking(move || {
@@ -675,7 +695,7 @@ async fn replay_round(shared: &Arc<Shared>) -> Result<Round, String> {
             match store.spool.next() {
                 Ok(Some(item)) => batch.push(item),
                 Ok(None) => break,
-                Err(e) => return Err(e.to_string()),
+                Err(e) => return Err(ReplayPause::Spool(e)),
             }
         }
         if batch.is_empty() && store.spool.is_empty() {
@@ -687,8 +707,7 @@ async fn replay_round(shared: &Arc<Shared>) -> Result<Round, String> {
         }
         Ok(batch)
     })
-    .await
-    .map_err(|e| e.to_string())??;
+    .await??;
     if batch.is_empty() {
         tracing::info!("spool replayed; publishing directly again");
         return Ok(Round::Drained);
@@ -721,7 +740,7 @@ async fn replay_round(shared: &Arc<Shared>) -> Result<Round, String> {
                 }
             }
             Err(e) => {
-                failure.get_or_insert(e.to_string());
+                failure.get_or_insert(ReplayPause::Publish(e));
             }
         }
     }
@@ -735,9 +754,7 @@ async fn replay_round(shared: &Arc<Shared>) -> Result<Round, String> {
             committer.update_metrics(&mut store);
             result.map(|()| before.saturating_sub(after))
         })
-        .await
-        .map_err(|e| e.to_string())?
-        .map_err(|e| e.to_string())?;
+        .await??;
         shared.metrics.spool_replayed.inc_by(committed);
     }
     match failure {

@@ -18,8 +18,8 @@ use cloudevents::{AttributesReader, Event};
 
 use crate::binding::nats::{to_nats, wire_size};
 use crate::event::MAX_EVENT_BYTES;
+use crate::message::Record;
 use crate::metrics::{Metrics, Reason};
-use crate::spool::Record;
 
 /// Publisher settings, builder style.
 #[derive(Debug, Clone)]

@@ -13,7 +13,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
 use bytes::Bytes;
-use tidewatch_runtime::spool::{FsyncPolicy, Record, Spool, SpoolConfig};
+use tidewatch_runtime::message::Record;
+use tidewatch_runtime::spool::{FsyncPolicy, Spool, SpoolConfig};
 
 const CHILD_ENV: &str = "SPOOL_SIGKILL_CHILD";
 
@@ -96,8 +97,10 @@ fn sigkill_loses_nothing_acknowledged() {
     let last_acked = *acked.last().unwrap();
     assert!(last_acked >= 299);
 
-    // A kill mid-write: half of a frame after the last whole record.
-    let torn = record(u64::MAX).frame();
+    // A kill mid-write: a frame header announcing a 1000-byte body, and
+    // only part of the body, after the last whole record.
+    let mut torn = 1000u32.to_le_bytes().to_vec();
+    torn.extend_from_slice(&[0xAB; 4 + 1000]);
     OpenOptions::new()
         .append(true)
         .open(newest_segment(dir.path()))

@@ -18,7 +18,7 @@ use async_nats::jetstream::kv;
 use bytes::Bytes;
 use futures::StreamExt;
 
-use crate::resolve::Pod;
+use crate::resolve::{Pod, PodError};
 
 #[derive(Clone)]
 struct Cached {
@@ -31,7 +31,7 @@ struct Cached {
 }
 
 /// The pod at a key, or why there is none (absent, or not decodable).
-pub type Decoded = Result<Arc<Pod>, String>;
+pub type Decoded = Result<Arc<Pod>, PodError>;
 
 /// Counters, for tests and logs.
 #[derive(Debug, Default)]
@@ -69,22 +69,21 @@ impl PodCache {
         self.entries.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// The value at `key`, from the cache or KV. Err: KV is unreachable.
-    pub async fn get(&self, key: &str) -> Result<Option<Bytes>, String> {
+    /// The value at `key`, from the cache or KV.
+    pub async fn get(&self, key: &str) -> Result<Option<Bytes>, PodError> {
         Ok(self.entry(key).await?.value)
     }
 
-    /// The pod metadata at `key`, decoded once per cached value. Err: KV
-    /// is unreachable; Ok(Err): no pod there, or its metadata is corrupt.
-    pub async fn pod(&self, key: &str) -> Result<Decoded, String> {
+    /// The pod metadata at `key`, decoded once per cached value.
+    pub async fn pod(&self, key: &str) -> Decoded {
         let entry = self.entry(key).await?;
-        Ok(entry
+        entry
             .pod
             .get_or_init(|| Pod::decode(key, entry.value.as_ref()))
-            .clone())
+            .clone()
     }
 
-    async fn entry(&self, key: &str) -> Result<Cached, String> {
+    async fn entry(&self, key: &str) -> Result<Cached, PodError> {
         if let Some(c) = self.lock().get(key)
             && c.expires.is_none_or(|e| e > Instant::now())
         {
@@ -97,7 +96,7 @@ impl PodCache {
             .store
             .get(key)
             .await
-            .map_err(|e| format!("pod metadata bucket unavailable: {e}"))?;
+            .map_err(|e| PodError::Unreachable(e.to_string()))?;
         let cached = Cached {
             expires: value.is_none().then(|| Instant::now() + self.negative_ttl),
             value,

@@ -47,10 +47,10 @@ struct Enrich {
 }
 
 impl resolve::Lookup for Arc<PodCache> {
-    async fn get(&self, key: &str) -> Result<Option<Bytes>, String> {
+    async fn get(&self, key: &str) -> Result<Option<Bytes>, resolve::PodError> {
         PodCache::get(self, key).await
     }
-    async fn pod(&self, key: &str) -> Result<Result<Arc<resolve::Pod>, String>, String> {
+    async fn pod(&self, key: &str) -> Result<Arc<resolve::Pod>, resolve::PodError> {
         PodCache::pod(self, key).await
     }
 }
@@ -62,7 +62,7 @@ impl Function for Enrich {
         let subject = subjects::enriched(collector, node);
         let enrichment = match resolve::resolve(&self.pods, &event).await {
             Ok(e) => e,
-            Err(reason) => return Outcome::retry(Duration::from_secs(1), reason),
+            Err(e) => return Outcome::retry(Duration::from_secs(1), e.to_string()),
         };
         let mut out = event;
         enrichment.apply(&mut out);

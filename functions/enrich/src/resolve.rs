@@ -42,19 +42,38 @@ pub mod ext {
     pub const LABELS: &str = "labels";
 }
 
+/// Why a key gives no pod.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PodError {
+    /// Retryable: the pod metadata bucket could not be read; the event is
+    /// redelivered after a backoff.
+    #[error("pod metadata bucket unavailable: {0}")]
+    Unreachable(String),
+    /// Terminal for this key: nothing is stored there (yet); the event is
+    /// marked unresolved with this reason.
+    #[error("no pod metadata at {key}")]
+    Missing { key: String },
+    /// Terminal for this key: what is stored does not decode.
+    #[error("pod metadata at {key} is corrupt: {reason}")]
+    Corrupt { key: String, reason: String },
+}
+
+impl PodError {
+    /// Whether asking again later can give another answer.
+    pub fn is_retryable(&self) -> bool {
+        matches!(self, PodError::Unreachable(_))
+    }
+}
+
 /// Where pod metadata comes from.
 pub trait Lookup: Sync {
-    /// Err: the store is unreachable (retry later).
-    fn get(&self, key: &str) -> impl Future<Output = Result<Option<Bytes>, String>> + Send;
+    /// The value at `key`; the only error is [`PodError::Unreachable`].
+    fn get(&self, key: &str) -> impl Future<Output = Result<Option<Bytes>, PodError>> + Send;
 
-    /// The pod metadata at `key`. Err: the store is unreachable; Ok(Err):
-    /// no pod there, or its metadata is corrupt. A cache overrides this to
-    /// decode each value once.
-    fn pod(
-        &self,
-        key: &str,
-    ) -> impl Future<Output = Result<Result<Arc<Pod>, String>, String>> + Send {
-        async move { Ok(Pod::decode(key, self.get(key).await?.as_ref())) }
+    /// The pod metadata at `key`. A cache overrides this to decode each
+    /// value once.
+    fn pod(&self, key: &str) -> impl Future<Output = Result<Arc<Pod>, PodError>> + Send {
+        async move { Pod::decode(key, self.get(key).await?.as_ref()) }
     }
 }
 
@@ -95,12 +114,17 @@ impl Pod {
 
     /// The pod stored at `key` (`value` as read from the bucket), or why
     /// there is none.
-    pub fn decode(key: &str, value: Option<&Bytes>) -> Result<Arc<Pod>, String> {
+    pub fn decode(key: &str, value: Option<&Bytes>) -> Result<Arc<Pod>, PodError> {
         match value {
             Some(bytes) => PodMetadata::decode(bytes.as_ref())
                 .map(|meta| Arc::new(Pod::new(meta)))
-                .map_err(|e| format!("pod metadata at {key} is corrupt: {e}")),
-            None => Err(format!("no pod metadata at {key}")),
+                .map_err(|e| PodError::Corrupt {
+                    key: key.to_string(),
+                    reason: e.to_string(),
+                }),
+            None => Err(PodError::Missing {
+                key: key.to_string(),
+            }),
         }
     }
 }
@@ -135,8 +159,14 @@ impl Enrichment {
     }
 }
 
-async fn pod_at<L: Lookup>(lookup: &L, key: &str) -> Result<Result<Arc<Pod>, String>, String> {
-    lookup.pod(key).await
+/// The pod at `key`: `Ok(Ok(pod))`, `Ok(Err(why not))` for a key that
+/// names none (the event stays unresolved), `Err` when the store is down.
+async fn pod_at<L: Lookup>(lookup: &L, key: &str) -> Result<Result<Arc<Pod>, String>, PodError> {
+    match lookup.pod(key).await {
+        Ok(pod) => Ok(Ok(pod)),
+        Err(e) if e.is_retryable() => Err(e),
+        Err(e) => Ok(Err(e.to_string())),
+    }
 }
 
 /// The process an event is about, if it carries one.
@@ -153,7 +183,7 @@ fn process_of(event: &Event) -> Option<ProcessInfo> {
 }
 
 /// Join `event` with what `lookup` knows. Err only when the store is down.
-pub async fn resolve<L: Lookup>(lookup: &L, event: &Event) -> Result<Enrichment, String> {
+pub async fn resolve<L: Lookup>(lookup: &L, event: &Event) -> Result<Enrichment, PodError> {
     let mut out = Enrichment::default();
     let schema = event
         .dataschema()
@@ -293,14 +323,14 @@ mod tests {
 
     struct Map(HashMap<String, Bytes>);
     impl Lookup for Map {
-        async fn get(&self, key: &str) -> Result<Option<Bytes>, String> {
+        async fn get(&self, key: &str) -> Result<Option<Bytes>, PodError> {
             Ok(self.0.get(key).cloned())
         }
     }
     struct Down;
     impl Lookup for Down {
-        async fn get(&self, _: &str) -> Result<Option<Bytes>, String> {
-            Err("down".into())
+        async fn get(&self, _: &str) -> Result<Option<Bytes>, PodError> {
+            Err(PodError::Unreachable("down".into()))
         }
     }
 

@@ -1,18 +1,17 @@
+#![allow(clippy::unwrap_used)] // test code: a failed step is the test failing
 //! Model-checks the outage spool against an in-memory queue: random
 //! sequences of append / replay (with and without commit) / crash (drop
 //! without flush, torn or truncated tail) / reopen.
-#![allow(clippy::unwrap_used)]
 
 use std::fs::{self, OpenOptions};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use super::{Action, Cursor, FsyncPolicy, SegmentMeta, Spool, SpoolConfig, plan_append};
+use crate::message::Record;
 use bytes::Bytes;
 use proptest::prelude::*;
-use tidewatch_runtime::spool::{
-    Action, Cursor, FsyncPolicy, Record, SegmentMeta, Spool, SpoolConfig, plan_append,
-};
 
 #[derive(Debug, Clone)]
 enum Op {
@@ -200,7 +199,7 @@ fn run(ops: Vec<Op>, policy: FsyncPolicy, max_frames: u64, seg_frames: u64) {
                 match tail {
                     Tail::Intact => {}
                     Tail::TornFrame { frac } => {
-                        let frame = record(u64::MAX, 50).frame();
+                        let frame = record(u64::MAX, 50).framed();
                         let cut = (frame.len() - 1) * frac as usize / 255;
                         let mut f = OpenOptions::new().append(true).open(&path).unwrap();
                         f.write_all(&frame[..cut.max(1)]).unwrap();

@@ -12,7 +12,7 @@
 //! [len: u32 LE][crc32(body): u32 LE][body: len bytes]
 //! ```
 //!
-//! The body is a [`Record`]: subject, `Nats-Msg-Id`, NATS headers and
+//! The body is a [`Record`](crate::message::Record): subject, `Nats-Msg-Id`, NATS headers and
 //! payload, exactly what [`Publisher::send_raw`](crate::publisher::Publisher::send_raw)
 //! needs, so a replay keeps the event's msg id and the stream deduplicates
 //! anything that was published twice.
@@ -63,24 +63,23 @@
 //!
 //! The pure decisions (how to frame and decode bytes, what an append must
 //! do first: roll, drop oldest, write) are separate functions over plain
-//! data ([`plan_append`], [`decode_frame`]); [`Spool`] only carries them out.
+//! data (`plan_append`, `decode_frame`); [`Spool`] only carries them out.
+//! Their model check (random appends, replays, crashes and torn tails
+//! against an in-memory queue) is `model_tests.rs`.
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use async_nats::HeaderMap;
-use bytes::Bytes;
-use cloudevents::{AttributesReader, Event};
+use crate::message::Record;
 
 /// Bytes of a frame's header: length and CRC32.
-pub const FRAME_HEADER: usize = 8;
+const FRAME_HEADER: usize = 8;
 const SEGMENT_SUFFIX: &str = ".seg";
 const ACK_FILE: &str = "ack";
 const ACK_TMP: &str = "ack.tmp";
 const LOCK_FILE: &str = "lock";
-const RECORD_VERSION: u8 = 1;
 
 /// When the spool calls `fsync` (see the module docs for what a crash can lose).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -159,185 +158,28 @@ fn io_err(path: &Path) -> impl FnOnce(io::Error) -> SpoolError + '_ {
     }
 }
 
-/// One spooled message: what [`Publisher::send_raw`](crate::publisher::Publisher::send_raw) takes.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Record {
-    pub subject: String,
-    /// The event id, sent as `Nats-Msg-Id` so a replay deduplicates.
-    pub msg_id: String,
-    /// NATS headers in order, a name once per value.
-    pub headers: Vec<(String, String)>,
-    pub payload: Bytes,
+/// CRC-32 (IEEE 802.3, as zlib and gzip compute it).
+fn crc32(bytes: &[u8]) -> u32 {
+    crc32fast::hash(bytes)
 }
 
-impl Record {
-    /// The record for publishing `event` to `subject` (binary mode, as
-    /// [`Publisher::send`](crate::publisher::Publisher::send) encodes it).
-    pub fn from_event(subject: impl Into<String>, event: &Event) -> Record {
-        let (headers, payload) = crate::binding::nats::to_nats(event);
-        Record::from_nats(subject, event.id(), &headers, payload)
-    }
-
-    /// A record from an already-encoded message.
-    pub fn from_nats(
-        subject: impl Into<String>,
-        msg_id: impl Into<String>,
-        headers: &HeaderMap,
-        payload: Bytes,
-    ) -> Record {
-        let mut flat = Vec::new();
-        for (name, values) in headers.iter() {
-            for value in values {
-                flat.push((
-                    AsRef::<str>::as_ref(name).to_string(),
-                    value.as_str().to_string(),
-                ));
-            }
-        }
-        Record {
-            subject: subject.into(),
-            msg_id: msg_id.into(),
-            headers: flat,
-            payload,
-        }
-    }
-
-    /// The headers as a NATS header map (for `send_raw`).
-    pub fn header_map(&self) -> HeaderMap {
-        let mut map = HeaderMap::new();
-        for (name, value) in &self.headers {
-            map.append(name.as_str(), value.as_str());
-        }
-        map
-    }
-
-    /// The record's body bytes (without the frame header).
-    pub fn encode(&self) -> Vec<u8> {
-        let mut out = Vec::with_capacity(self.body_len());
-        self.encode_into(&mut out);
-        out
-    }
-
-    fn body_len(&self) -> usize {
-        1 + 16
-            + self.subject.len()
-            + self.msg_id.len()
-            + self.payload.len()
-            + self
-                .headers
-                .iter()
-                .map(|(n, v)| 8 + n.len() + v.len())
-                .sum::<usize>()
-    }
-
-    fn encode_into(&self, out: &mut Vec<u8>) {
-        out.push(RECORD_VERSION);
-        put_bytes(out, self.subject.as_bytes());
-        put_bytes(out, self.msg_id.as_bytes());
-        put_u32(out, self.headers.len());
-        for (name, value) in &self.headers {
-            put_bytes(out, name.as_bytes());
-            put_bytes(out, value.as_bytes());
-        }
-        put_bytes(out, &self.payload);
-    }
-
-    /// Decode a body; `None` if it is not one this version wrote.
-    pub fn decode(body: &[u8]) -> Option<Record> {
-        let (&version, mut rest) = body.split_first()?;
-        if version != RECORD_VERSION {
-            return None;
-        }
-        let subject = take_string(&mut rest)?;
-        let msg_id = take_string(&mut rest)?;
-        let count = take_u32(&mut rest)? as usize;
-        // Each header needs at least 8 bytes: refuse absurd counts early.
-        if count > rest.len() / 8 {
-            return None;
-        }
-        let mut headers = Vec::with_capacity(count);
-        for _ in 0..count {
-            headers.push((take_string(&mut rest)?, take_string(&mut rest)?));
-        }
-        let payload = Bytes::copy_from_slice(take_bytes(&mut rest)?);
-        rest.is_empty().then_some(Record {
-            subject,
-            msg_id,
-            headers,
-            payload,
-        })
-    }
-
-    /// The whole frame: header plus body, built in one buffer.
-    pub fn frame(&self) -> Vec<u8> {
-        let mut out = Vec::with_capacity(FRAME_HEADER + self.body_len());
-        out.extend_from_slice(&[0; FRAME_HEADER]);
-        self.encode_into(&mut out);
-        let len = (out.len() - FRAME_HEADER) as u32;
-        let crc = crc32(&out[FRAME_HEADER..]);
-        out[..4].copy_from_slice(&len.to_le_bytes());
-        out[4..FRAME_HEADER].copy_from_slice(&crc.to_le_bytes());
-        out
-    }
-}
-
-fn put_u32(out: &mut Vec<u8>, n: usize) {
-    out.extend_from_slice(&(n as u32).to_le_bytes());
-}
-fn put_bytes(out: &mut Vec<u8>, bytes: &[u8]) {
-    put_u32(out, bytes.len());
-    out.extend_from_slice(bytes);
-}
-fn take_u32(rest: &mut &[u8]) -> Option<u32> {
-    let (head, tail) = rest.split_first_chunk::<4>()?;
-    *rest = tail;
-    Some(u32::from_le_bytes(*head))
-}
-fn take_bytes<'a>(rest: &mut &'a [u8]) -> Option<&'a [u8]> {
-    let len = take_u32(rest)? as usize;
-    if rest.len() < len {
-        return None;
-    }
-    let (bytes, tail) = rest.split_at(len);
-    *rest = tail;
-    Some(bytes)
-}
-fn take_string(rest: &mut &[u8]) -> Option<String> {
-    String::from_utf8(take_bytes(rest)?.to_vec()).ok()
-}
-
-/// CRC-32 (IEEE 802.3, reflected, as zlib/gzip compute it).
-pub fn crc32(bytes: &[u8]) -> u32 {
-    const TABLE: [u32; 256] = {
-        let mut table = [0u32; 256];
-        let mut i = 0;
-        while i < 256 {
-            let mut c = i as u32;
-            let mut k = 0;
-            while k < 8 {
-                c = if c & 1 != 0 {
-                    0xEDB8_8320 ^ (c >> 1)
-                } else {
-                    c >> 1
-                };
-                k += 1;
-            }
-            table[i] = c;
-            i += 1;
-        }
-        table
-    };
-    let mut crc = !0u32;
-    for &b in bytes {
-        crc = TABLE[((crc ^ b as u32) & 0xFF) as usize] ^ (crc >> 8);
-    }
-    !crc
+/// A record's whole frame (header plus body), built in one buffer.
+pub(crate) fn frame_record(record: &Record) -> Vec<u8> {
+    let mut out = Vec::with_capacity(FRAME_HEADER + record.body_len());
+    out.extend_from_slice(&[0; FRAME_HEADER]);
+    record.encode_into(&mut out);
+    let len = (out.len() - FRAME_HEADER) as u32;
+    let crc = crc32(&out[FRAME_HEADER..]);
+    out[..4].copy_from_slice(&len.to_le_bytes());
+    out[4..FRAME_HEADER].copy_from_slice(&crc.to_le_bytes());
+    out
 }
 
 /// Frame a body: length, CRC32, body.
-pub fn frame(body: &[u8]) -> Vec<u8> {
+#[cfg(test)]
+fn frame(body: &[u8]) -> Vec<u8> {
     let mut out = Vec::with_capacity(FRAME_HEADER + body.len());
-    put_u32(&mut out, body.len());
+    out.extend_from_slice(&(body.len() as u32).to_le_bytes());
     out.extend_from_slice(&crc32(body).to_le_bytes());
     out.extend_from_slice(body);
     out
@@ -345,7 +187,7 @@ pub fn frame(body: &[u8]) -> Vec<u8> {
 
 /// What the bytes at a position hold.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Frame {
+pub(crate) enum Frame {
     /// A whole, checksummed record, `len` bytes long including the header.
     Record { record: Record, len: usize },
     /// Fewer bytes than the frame claims (or than a header): a torn write.
@@ -356,7 +198,7 @@ pub enum Frame {
 
 /// Decode the frame at the start of `bytes` (`bytes` is everything up to
 /// the end of the segment). `None` at the exact end.
-pub fn decode_frame(bytes: &[u8]) -> Option<Frame> {
+pub(crate) fn decode_frame(bytes: &[u8]) -> Option<Frame> {
     if bytes.is_empty() {
         return None;
     }
@@ -392,7 +234,7 @@ pub struct Cursor {
 
 /// What the spool knows about one segment file.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct SegmentMeta {
+pub(crate) struct SegmentMeta {
     pub id: u64,
     /// Bytes of whole records (the file is never longer once opened).
     pub bytes: u64,
@@ -402,7 +244,7 @@ pub struct SegmentMeta {
 
 /// One step an append must take, in order, before/as writing.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Action {
+pub(crate) enum Action {
     /// Close the active segment (fsync per policy) and start segment `id`.
     Roll { id: u64 },
     /// Delete the oldest segment, counting its unacknowledged records.
@@ -414,7 +256,11 @@ pub enum Action {
 /// Decide what appending a frame of `frame_len` bytes takes, given the
 /// current segments (oldest first, the last is active) and the bounds.
 /// Pure: [`Spool::append`] carries the actions out.
-pub fn plan_append(segments: &[SegmentMeta], frame_len: u64, config: &SpoolConfig) -> Vec<Action> {
+pub(crate) fn plan_append(
+    segments: &[SegmentMeta],
+    frame_len: u64,
+    config: &SpoolConfig,
+) -> Vec<Action> {
     let mut actions = Vec::new();
     let mut sizes: Vec<u64> = segments.iter().map(|s| s.bytes).collect();
     let last_id = segments.last().map_or(0, |s| s.id);
@@ -616,7 +462,7 @@ impl Spool {
     /// Append a record. Once this returns `Ok`, the record survives a crash
     /// of the process (and of the machine, under `FsyncPolicy::EveryRecord`).
     pub fn append(&mut self, record: &Record) -> Result<Cursor, SpoolError> {
-        let frame = record.frame();
+        let frame = frame_record(record);
         let len = frame.len() as u64;
         if len > self.config.segment_bytes {
             return Err(SpoolError::TooLarge {
@@ -970,6 +816,8 @@ fn read_ack(dir: &Path) -> Option<Cursor> {
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+    use async_nats::HeaderMap;
+    use bytes::Bytes;
 
     #[test]
     fn one_spool_directory_has_one_owner() {
@@ -1025,7 +873,7 @@ mod tests {
     fn record_round_trips_and_frames_detect_damage() {
         let r = record(7, 40);
         assert_eq!(Record::decode(&r.encode()), Some(r.clone()));
-        let f = r.frame();
+        let f = r.framed();
         assert_eq!(f, frame(&r.encode()));
         assert_eq!(
             decode_frame(&f),
@@ -1121,7 +969,7 @@ mod tests {
     #[test]
     fn overflow_drops_oldest_segment_and_counts_it() {
         let dir = tempfile::tempdir().unwrap();
-        let frame = record(0, 30).frame().len() as u64;
+        let frame = record(0, 30).framed().len() as u64;
         let c = config(frame * 8, frame * 2, FsyncPolicy::Never);
         let mut spool = Spool::open(dir.path(), c).unwrap();
         for i in 0..20 {
@@ -1147,7 +995,7 @@ mod tests {
         drop(spool);
         let path = segment_path(dir.path(), 1);
         let mut file = OpenOptions::new().append(true).open(&path).unwrap();
-        let torn = record(5, 30).frame();
+        let torn = record(5, 30).framed();
         file.write_all(&torn[..torn.len() / 2]).unwrap();
         drop(file);
         let mut spool = Spool::open(dir.path(), c).unwrap();
@@ -1173,5 +1021,16 @@ mod tests {
         let err = spool.append(&record(0, 200)).unwrap_err();
         assert!(matches!(err, SpoolError::TooLarge { .. }));
         assert!(!err.is_retryable());
+    }
+}
+
+#[cfg(test)]
+mod model_tests;
+
+#[cfg(test)]
+impl Record {
+    /// The frame the spool writes for this record (tests tear it).
+    pub(crate) fn framed(&self) -> Vec<u8> {
+        frame_record(self)
     }
 }
