@@ -14,7 +14,8 @@ use tidewatch_runtime::event::derive_id;
 use tidewatch_runtime::topology::types;
 
 use crate::observation::{Observation, entity};
-use crate::rules::{Duration, Finding};
+use crate::rule::Rule;
+use crate::vocabulary::{Finding, Window, exit_meaning};
 
 /// `[bad_rollout]` in the rules file.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -25,7 +26,7 @@ pub struct Config {
     /// Restarts of the new ReplicaSet's pods needed.
     pub min_restarts: usize,
     /// How long after the rollout restarts count (and how far before it the old ones are counted).
-    pub window: Duration,
+    pub window: Window,
 }
 
 fn yes() -> bool {
@@ -53,7 +54,7 @@ impl Config {
 #[derive(Debug, Clone, PartialEq)]
 pub struct BadRollout {
     pub min_restarts: usize,
-    pub window: Duration,
+    pub window: Window,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -265,7 +266,7 @@ impl BadRollout {
         }
         let last = new[new.len() - 1];
         let pods = affected.iter().filter(|e| e.kind == "pod").count();
-        let meaning = crate::crash_loop::exit_meaning(last.exit_code, &last.reason);
+        let meaning = exit_meaning(last.exit_code, &last.reason);
         let insight = Insight {
             id: incident.clone(),
             kind: "bad-rollout".into(),
@@ -300,6 +301,22 @@ impl BadRollout {
     }
 }
 
+impl Rule for BadRollout {
+    type State = State;
+    fn name(&self) -> &str {
+        "bad-rollout"
+    }
+    fn wants(&self, ty: &str) -> bool {
+        BadRollout::wants(self, ty)
+    }
+    fn keys(&self, obs: &Observation) -> Vec<String> {
+        self.key(obs).into_iter().collect()
+    }
+    fn step(&self, state: State, key: &str, obs: &Observation) -> (State, Option<Finding>) {
+        BadRollout::step(self, state, key, obs)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -309,7 +326,7 @@ mod tests {
     fn rule() -> BadRollout {
         BadRollout {
             min_restarts: 3,
-            window: Duration::parse("15m").expect("duration"),
+            window: Window::parse("15m").expect("duration"),
         }
     }
 

@@ -13,7 +13,8 @@ use tidewatch_runtime::event::derive_id;
 use tidewatch_runtime::topology::types;
 
 use crate::observation::Observation;
-pub use crate::rules::Finding;
+use crate::rule::Rule;
+use crate::vocabulary::{Finding, Window, exit_meaning};
 
 /// `[crash_loop]` in the rules file.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -23,7 +24,7 @@ pub struct Config {
     pub enabled: bool,
     /// Restarts within the window that make a crash loop.
     pub threshold: usize,
-    pub window: crate::rules::Duration,
+    pub window: Window,
 }
 
 fn yes() -> bool {
@@ -83,26 +84,6 @@ pub struct State {
     pub restarts: Vec<Restart>,
     /// Id of the open incident, once the threshold was crossed.
     pub incident: Option<String>,
-}
-
-/// What a restart's exit code means (128 + n = killed by signal n).
-pub fn exit_meaning(exit_code: i32, reason: &str) -> String {
-    if reason.contains("ImagePull") || reason == "InvalidImageName" {
-        return format!("startup failure: the image could not be pulled ({reason})");
-    }
-    if reason == "OOMKilled" {
-        return "killed by the OOM killer: the container exceeded its memory limit".into();
-    }
-    match exit_code {
-        137 => "killed by SIGKILL (exit 137): OOM kill or a failed liveness probe".into(),
-        139 => "segmentation fault (SIGSEGV, exit 139): a crash in native code".into(),
-        143 => "terminated by SIGTERM (exit 143)".into(),
-        134 => "aborted (SIGABRT, exit 134)".into(),
-        1 => "application error (exit 1)".into(),
-        0 => "exited successfully but keeps being restarted (exit 0)".into(),
-        c if c > 128 => format!("killed by signal {} (exit {c})", c - 128),
-        c => format!("application exited with code {c}"),
-    }
 }
 
 /// `pod/<ns>/<name>` as an entity.
@@ -239,6 +220,22 @@ impl CrashLoop {
             subject: pod.to_string(),
             insight,
         }
+    }
+}
+
+impl Rule for CrashLoop {
+    type State = State;
+    fn name(&self) -> &str {
+        "crash-loop"
+    }
+    fn wants(&self, ty: &str) -> bool {
+        CrashLoop::wants(self, ty)
+    }
+    fn keys(&self, obs: &Observation) -> Vec<String> {
+        self.key(obs).into_iter().collect()
+    }
+    fn step(&self, state: State, key: &str, obs: &Observation) -> (State, Option<Finding>) {
+        self.step_observation(state, key, obs)
     }
 }
 

@@ -14,9 +14,11 @@
 mod bad_rollout;
 mod crash_loop;
 mod observation;
+mod rule;
 mod rules;
 mod sequence;
 mod template;
+mod vocabulary;
 
 use std::time::Duration;
 
@@ -31,7 +33,9 @@ use tidewatch_runtime::topology::{self, subjects, types};
 use tidewatch_runtime::{Context, Emitted, Function, Outcome};
 
 use observation::Observation;
-use rules::{Finding, Rule, RulesFile, State};
+use rule::{DynRule, State};
+use rules::RulesFile;
+use vocabulary::Finding;
 
 /// Tidewatch correlate function: enriched events → insights.
 #[derive(Parser)]
@@ -54,7 +58,7 @@ struct Correlate {
     state: kv::Store,
     /// Counts compare-and-set conflicts (`tidewatch_kv_conflicts_total`).
     metrics: Metrics,
-    rules: Vec<Rule>,
+    rules: Vec<Box<dyn DynRule>>,
     /// Handlers of one process updating the same key take turns, so
     /// compare-and-set conflicts only happen between replicas.
     stripes: Vec<tokio::sync::Mutex<()>>,
@@ -88,7 +92,7 @@ struct Known {
 const KNOWN_KEYS: usize = 100_000;
 
 impl Correlate {
-    fn new(state: kv::Store, rules: Vec<Rule>, metrics: Metrics) -> Correlate {
+    fn new(state: kv::Store, rules: Vec<Box<dyn DynRule>>, metrics: Metrics) -> Correlate {
         Correlate {
             state,
             metrics,
@@ -120,7 +124,7 @@ impl Correlate {
         &self.stripes[(h.finish() % self.stripes.len() as u64) as usize]
     }
     /// The current entry of `kv_key` from KV, decoded.
-    async fn read(&self, rule: &Rule, kv_key: &str) -> Result<Known, String> {
+    async fn read(&self, rule: &dyn DynRule, kv_key: &str) -> Result<Known, String> {
         let entry = self
             .state
             .entry(kv_key)
@@ -150,7 +154,7 @@ impl Correlate {
     /// with whatever else is waiting for the same state key.
     async fn apply(
         &self,
-        rule: &Rule,
+        rule: &dyn DynRule,
         key: &str,
         obs: &std::sync::Arc<Observation>,
     ) -> Result<Option<Finding>, Outcome> {
@@ -207,7 +211,7 @@ impl Correlate {
     /// each observation's finding, as if they had been applied one by one.
     async fn commit(
         &self,
-        rule: &Rule,
+        rule: &dyn DynRule,
         kv_key: &str,
         batch: &[Waiter],
     ) -> Result<Vec<Option<Finding>>, String> {
@@ -303,16 +307,19 @@ impl Function for Correlate {
         let obs = std::sync::Arc::new(Observation::from_event(&event, now));
         // Every (rule, key) state is independent: update them concurrently
         // rather than one KV round trip after another.
-        let updates: Vec<(&Rule, String)> = self
+        let updates: Vec<(&dyn DynRule, String)> = self
             .rules
             .iter()
             .filter(|r| r.wants(ty))
-            .flat_map(|rule| rule.keys(&obs).into_iter().map(move |key| (rule, key)))
+            .flat_map(|rule| {
+                let rule: &dyn DynRule = rule.as_ref();
+                rule.keys(&obs).into_iter().map(move |key| (rule, key))
+            })
             .collect();
         let results = futures::future::join_all(
             updates
                 .iter()
-                .map(|(rule, key)| self.apply(rule, key, &obs)),
+                .map(|(rule, key)| self.apply(*rule, key, &obs)),
         )
         .await;
         let mut findings = Vec::new();
@@ -378,12 +385,12 @@ async fn main() -> anyhow::Result<()> {
     }
     let rules = load_rules(args.rules.as_deref())?.into_rules();
     if args.check_rules {
-        let names: Vec<&str> = rules.iter().map(Rule::name).collect();
+        let names: Vec<&str> = rules.iter().map(|r| r.name()).collect();
         println!("ok: {} rules: {}", names.len(), names.join(", "));
         return Ok(());
     }
     let host = Host::start(&topology::CORRELATE, args.function).await?;
-    tracing::info!(rules = ?rules.iter().map(Rule::name).collect::<Vec<_>>(), "rules loaded");
+    tracing::info!(rules = ?rules.iter().map(|r| r.name()).collect::<Vec<_>>(), "rules loaded");
     let js = async_nats::jetstream::new(host.client()?.clone());
     let state = js
         .get_key_value(topology::CORRELATION_STATE.bucket)

@@ -18,7 +18,8 @@ use tidewatch_runtime::event::derive_id;
 use tidewatch_runtime::topology::types;
 
 use crate::observation::{Observation, check_reference, entity, subject_entity};
-use crate::rules::{Duration, Finding};
+use crate::rule::Rule;
+use crate::vocabulary::{Finding, Window};
 
 /// Evidence kept per key at most; the oldest extra evidence goes first.
 pub const MAX_EVIDENCE: usize = 64;
@@ -73,7 +74,7 @@ pub struct SequenceRule {
     pub key: Vec<String>,
     /// All evidence of one incident lies within this window (and an open
     /// incident closes after this long without new evidence).
-    pub window: Duration,
+    pub window: Window,
     #[serde(default)]
     pub order: Order,
     /// One-line summary, a template (see the rules file header).
@@ -151,6 +152,10 @@ struct Assignment {
 }
 
 impl SequenceRule {
+    fn step_names(&self) -> Vec<&str> {
+        self.steps.iter().map(|s| s.name.as_str()).collect()
+    }
+
     /// Refuse rules that can never work, naming the problem.
     pub fn validate(&self) -> Result<(), String> {
         let at = |what: String| format!("sequence rule {:?}: {what}", self.name);
@@ -202,7 +207,7 @@ impl SequenceRule {
             }
         }
         for template in [&self.summary, &self.root_cause] {
-            crate::template::check(template, &self.steps).map_err(at)?;
+            crate::template::check(template, &self.step_names()).map_err(at)?;
         }
         Ok(())
     }
@@ -414,7 +419,7 @@ impl SequenceRule {
         let ctx = crate::template::Ctx {
             key,
             window: self.window,
-            steps: &self.steps,
+            steps: self.step_names(),
             per_step: a
                 .per_step
                 .iter()
@@ -463,6 +468,22 @@ impl SequenceRule {
             subject: format!("{}/{key}", self.entity),
             insight,
         }
+    }
+}
+
+impl Rule for SequenceRule {
+    type State = State;
+    fn name(&self) -> &str {
+        &self.name
+    }
+    fn wants(&self, ty: &str) -> bool {
+        SequenceRule::wants(self, ty)
+    }
+    fn keys(&self, obs: &Observation) -> Vec<String> {
+        SequenceRule::keys(self, obs)
+    }
+    fn step(&self, state: State, key: &str, obs: &Observation) -> (State, Option<Finding>) {
+        SequenceRule::step(self, state, key, obs)
     }
 }
 

@@ -9,13 +9,13 @@
 //! (`268435456` → `256 MiB`). Unresolved placeholders render as `?`.
 
 use crate::observation::{Observation, check_reference};
-use crate::rules::Duration;
-use crate::sequence::Step;
+use crate::vocabulary::Window;
 
 pub struct Ctx<'a> {
     pub key: &'a str,
-    pub window: Duration,
-    pub steps: &'a [Step],
+    pub window: Window,
+    /// The rule's step names, in order (`per_step` follows them).
+    pub steps: Vec<&'a str>,
     pub per_step: Vec<Vec<&'a Observation>>,
     pub root: &'a Observation,
     pub last: &'a Observation,
@@ -45,7 +45,7 @@ fn placeholders(template: &str) -> Result<Vec<(usize, usize, &str)>, String> {
 }
 
 /// Check every placeholder names something that exists.
-pub fn check(template: &str, steps: &[Step]) -> Result<(), String> {
+pub fn check(template: &str, steps: &[&str]) -> Result<(), String> {
     for (_, _, body) in placeholders(template)? {
         let body = body.strip_suffix(":bytes").unwrap_or(body);
         for alt in body.split('|') {
@@ -73,8 +73,8 @@ pub fn check(template: &str, steps: &[Step]) -> Result<(), String> {
     Ok(())
 }
 
-fn known_step(name: &str, steps: &[Step]) -> Result<(), String> {
-    if steps.iter().any(|s| s.name == name) {
+fn known_step(name: &str, steps: &[&str]) -> Result<(), String> {
+    if steps.contains(&name) {
         Ok(())
     } else {
         Err(format!("no step named {name:?}"))
@@ -88,7 +88,7 @@ fn resolve(alt: &str, ctx: &Ctx<'_>) -> Option<String> {
         "count" => Some(ctx.per_step.iter().map(Vec::len).sum::<usize>().to_string()),
         a => {
             if let Some(step) = a.strip_prefix("count.") {
-                let i = ctx.steps.iter().position(|s| s.name == step)?;
+                let i = ctx.steps.iter().position(|s| *s == step)?;
                 Some(ctx.per_step[i].len().to_string())
             } else if let Some(r) = a.strip_prefix("root.") {
                 ctx.root.value(r)
@@ -96,7 +96,7 @@ fn resolve(alt: &str, ctx: &Ctx<'_>) -> Option<String> {
                 ctx.last.value(r)
             } else if let Some(rest) = a.strip_prefix("step.") {
                 let (step, r) = rest.split_once('.')?;
-                let i = ctx.steps.iter().position(|s| s.name == step)?;
+                let i = ctx.steps.iter().position(|s| *s == step)?;
                 ctx.per_step[i].iter().find_map(|o| o.value(r))
             } else {
                 None
