@@ -275,6 +275,7 @@ async fn the_rendered_config_runs_a_tls_cluster_where_each_component_is_its_own_
         let (urls, ca, password) = (urls.clone(), ca.clone(), passwords["admin"].clone());
         async move {
             async_nats::ConnectOptions::new()
+                .custom_inbox_prefix(tidewatch_runtime::host::inbox_prefix("admin"))
                 .user_and_password("admin".into(), password)
                 .add_root_certificates(ca)
                 .require_tls(true)
@@ -342,6 +343,7 @@ async fn the_rendered_config_runs_a_tls_cluster_where_each_component_is_its_own_
 
     // The provisioner may create consumers but not touch streams.
     let provisioner = async_nats::ConnectOptions::new()
+        .custom_inbox_prefix(tidewatch_runtime::host::inbox_prefix("provisioner"))
         .user_and_password("provisioner".into(), passwords["provisioner"].clone())
         .add_root_certificates(ca.clone())
         .require_tls(true)

@@ -212,6 +212,56 @@ async fn each_function_runs_as_its_own_least_privilege_user() {
         "k8s must not publish as the eBPF collector"
     );
 
+    // Replies are private: a component cannot subscribe to another's inbox
+    // (pull deliveries and KV answers travel there), nor to the shared one.
+    for foreign in ["_INBOX_enrich.>", "_INBOX.>"] {
+        let (errors_tx, mut errors) = tokio::sync::mpsc::unbounded_channel();
+        let (options, servers) = tidewatch_runtime::host::connect_options(&format!(
+            "nats://k8s:{}@127.0.0.1:{port}",
+            password("k8s")
+        ));
+        let snoop = options
+            .event_callback(move |event| {
+                let errors_tx = errors_tx.clone();
+                async move {
+                    if let async_nats::Event::ServerError(e) = event {
+                        let _ = errors_tx.send(e.to_string());
+                    }
+                }
+            })
+            .connect(&servers)
+            .await
+            .expect("k8s connects");
+        let _sub = snoop.subscribe(foreign).await.expect("subscribe is sent");
+        snoop.flush().await.expect("flush");
+        let error = tokio::time::timeout(Duration::from_secs(10), errors.recv())
+            .await
+            .expect("the server answers the subscription")
+            .expect("an error");
+        assert!(
+            error.to_lowercase().contains("permissions violation"),
+            "k8s subscribing to {foreign}: {error}"
+        );
+    }
+
+    // enrich reads the pods bucket; only the k8s collector writes it.
+    let (options, servers) = tidewatch_runtime::host::connect_options(&format!(
+        "nats://enrich:{}@127.0.0.1:{port}",
+        password("enrich")
+    ));
+    let enrich = async_nats::jetstream::ContextBuilder::new()
+        .timeout(Duration::from_secs(2))
+        .build(options.connect(&servers).await.expect("enrich connects"));
+    let pods = enrich
+        .get_key_value(tidewatch_runtime::topology::POD_METADATA.bucket)
+        .await
+        .expect("enrich opens the pod metadata bucket");
+    assert!(pods.get("anything").await.is_ok(), "enrich reads pods");
+    assert!(
+        pods.put("forged", "x".into()).await.is_err(),
+        "enrich must not write the pods bucket"
+    );
+
     for f in &mut functions {
         signal(f, nix::sys::signal::Signal::SIGTERM);
         assert!(wait_exit(f, Duration::from_secs(30)).await.success());

@@ -245,6 +245,14 @@ pub const NATS_PASSWORD_ENV: &str = "NATS_PASSWORD";
 /// A PEM file of CA certificates to verify the server with; set, TLS is required.
 pub const NATS_CA_FILE_ENV: &str = "NATS_CA_FILE";
 
+/// The inbox prefix of `user`'s connections: replies to its requests (the
+/// JetStream API, KV reads, pull deliveries) arrive under it, and the
+/// rendered permissions let only that user subscribe there, so no component
+/// can read another's deliveries through a shared `_INBOX.>`.
+pub fn inbox_prefix(user: &str) -> String {
+    format!("_INBOX_{user}")
+}
+
 /// Options for `url`, with credentials embedded in it (`nats://user:pass@host`,
 /// `nats://token@host`, percent-encoded) taken out and applied: async-nats
 /// ignores them in a URL. `NATS_USER`/`NATS_PASSWORD` in the environment
@@ -258,10 +266,10 @@ pub fn connect_options(url: &str) -> (async_nats::ConnectOptions, Vec<String>) {
         std::env::var_os(NATS_USER_ENV),
         std::env::var_os(NATS_PASSWORD_ENV),
     ) {
-        options = options.user_and_password(
-            user.to_string_lossy().into_owned(),
-            password.to_string_lossy().into_owned(),
-        );
+        let user = user.to_string_lossy().into_owned();
+        options = options
+            .custom_inbox_prefix(inbox_prefix(&user))
+            .user_and_password(user, password.to_string_lossy().into_owned());
     }
     if let Some(ca) = std::env::var_os(NATS_CA_FILE_ENV) {
         options = options
@@ -284,7 +292,9 @@ pub fn connect_options(url: &str) -> (async_nats::ConnectOptions, Vec<String>) {
                 };
                 let user = decode(parsed.username());
                 options = match parsed.password() {
-                    Some(password) => options.user_and_password(user, decode(password)),
+                    Some(password) => options
+                        .custom_inbox_prefix(inbox_prefix(&user))
+                        .user_and_password(user, decode(password)),
                     None => options.token(user),
                 };
                 let _ = parsed.set_username("");

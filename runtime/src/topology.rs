@@ -510,16 +510,29 @@ pub mod types {
     }
 
     /// Match a type against a pattern where `*` matches any run of characters
-    /// (`dev.tidewatch.kernel.*`, `*.oomkill`).
+    /// (`dev.tidewatch.kernel.*`, `*.oomkill`). Linear in the text: the
+    /// literal pieces between stars are found left to right, the first
+    /// anchored at the start and the last at the end; a greedy earliest
+    /// match for each middle piece is always safe, so nothing backtracks
+    /// (a rule's pattern over a long field cannot stall correlate).
     pub fn matches(pattern: &str, name: &str) -> bool {
-        fn go(p: &[u8], n: &[u8]) -> bool {
-            match p.split_first() {
-                None => n.is_empty(),
-                Some((b'*', rest)) => (0..=n.len()).any(|i| go(rest, &n[i..])),
-                Some((c, rest)) => n.first() == Some(c) && go(rest, &n[1..]),
+        let mut pieces = pattern.split('*');
+        let first = pieces.next().unwrap_or_default();
+        let Some(mut rest) = name.strip_prefix(first) else {
+            return false;
+        };
+        let mut middle: Vec<&str> = pieces.collect();
+        let Some(last) = middle.pop() else {
+            // No star: the whole name must be the pattern.
+            return rest.is_empty();
+        };
+        for piece in middle {
+            match rest.find(piece) {
+                Some(at) => rest = &rest[at + piece.len()..],
+                None => return false,
             }
         }
-        go(pattern.as_bytes(), name.as_bytes())
+        rest.len() >= last.len() && rest.ends_with(last)
     }
 }
 
@@ -672,5 +685,34 @@ mod tests {
         assert!(types::matches("*", types::OOM_KILL));
         assert!(!types::matches("dev.tidewatch.k8s.*", types::OOM_KILL));
         assert!(types::matches(types::OOM_KILL, types::OOM_KILL));
+        assert!(!types::matches("a*a", "a"));
+        assert!(types::matches("a**b", "ab"));
+        assert!(!types::matches("", "x"));
+    }
+
+    /// The reference: the obvious backtracking matcher (exponential on
+    /// hostile patterns, so only ever run on short inputs here).
+    fn backtracking(p: &[u8], n: &[u8]) -> bool {
+        match p.split_first() {
+            None => n.is_empty(),
+            Some((b'*', rest)) => (0..=n.len()).any(|i| backtracking(rest, &n[i..])),
+            Some((c, rest)) => n.first() == Some(c) && backtracking(rest, &n[1..]),
+        }
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn the_linear_matcher_agrees_with_backtracking(p in "[ab*.]{0,8}", n in "[ab.]{0,12}") {
+            proptest::prop_assert_eq!(types::matches(&p, &n), backtracking(p.as_bytes(), n.as_bytes()));
+        }
+    }
+
+    #[test]
+    fn a_hostile_pattern_over_a_long_field_returns() {
+        // Backtracking takes exponential time here; a rule's `where` pattern
+        // over a 60 KB journal message must not freeze correlate.
+        let field = "a".repeat(60 * 1024);
+        assert!(!types::matches("*a*a*a*a*a*a*a*a*a*a*a*a*b", &field));
+        assert!(types::matches("*a*a*a*a*a*a*a*a*a*a*a*a*", &field));
     }
 }

@@ -115,12 +115,14 @@ pub fn users(fns: &Functions) -> Vec<NatsUser> {
         if let Some(output) = function.output_stream.and_then(topology::stream) {
             publish.push(format!("{}.>", output.prefix));
         }
-        let buckets: &[&topology::BucketSpec] = match function.name {
-            "enrich" => &[&topology::POD_METADATA],
-            "correlate" => &[&topology::CORRELATION_STATE],
+        // (bucket, writes): enrich only reads the pods bucket the k8s
+        // collector keeps; correlate reads and writes its state.
+        let buckets: &[(&topology::BucketSpec, bool)] = match function.name {
+            "enrich" => &[(&topology::POD_METADATA, false)],
+            "correlate" => &[(&topology::CORRELATION_STATE, true)],
             _ => &[],
         };
-        for bucket in buckets {
+        for (bucket, writes) in buckets {
             let b = bucket.bucket;
             publish.extend([
                 format!("$JS.API.STREAM.INFO.KV_{b}"),
@@ -129,14 +131,16 @@ pub fn users(fns: &Functions) -> Vec<NatsUser> {
                 // Watches (enrich's cache invalidation) create ordered consumers.
                 format!("$JS.API.CONSUMER.CREATE.KV_{b}"),
                 format!("$JS.API.CONSUMER.CREATE.KV_{b}.>"),
-                format!("$KV.{b}.>"),
             ]);
+            if *writes {
+                publish.push(format!("$KV.{b}.>"));
+            }
         }
         users.push(NatsUser {
             name: function.name.to_string(),
             publish,
             subscribe: vec![
-                "_INBOX.>".to_string(),
+                inbox(function.name),
                 format!("$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.{s}.{c}"),
             ],
         });
@@ -158,7 +162,7 @@ pub fn users(fns: &Functions) -> Vec<NatsUser> {
         users.push(NatsUser {
             name: collector.to_string(),
             publish,
-            subscribe: vec!["_INBOX.>".to_string()],
+            subscribe: vec![inbox(collector)],
         });
     }
     // The consumer-provisioning Job in the functions' namespace: creates and
@@ -173,9 +177,15 @@ pub fn users(fns: &Functions) -> Vec<NatsUser> {
             "$JS.API.CONSUMER.CREATE.*.*.>".to_string(),
             "$JS.API.CONSUMER.DURABLE.CREATE.*.*".to_string(),
         ],
-        subscribe: vec!["_INBOX.>".to_string()],
+        subscribe: vec![inbox(PROVISIONER)],
     });
     users
+}
+
+/// The replies `user` may receive: only its own inbox prefix (the runtime
+/// connects with it), never the shared `_INBOX.>`.
+fn inbox(user: &str) -> String {
+    format!("{}.>", tidewatch_runtime::host::inbox_prefix(user))
 }
 
 /// The users whose passwords a namespace's pods use: NATS itself needs
