@@ -35,6 +35,9 @@ pub struct PullConfig {
     pub consumer: String,
     /// Most messages asked for in one pull request.
     pub batch: usize,
+    /// Most bytes asked for in one pull request: bounds what a replica holds
+    /// before handlers look at it, whatever the batch size.
+    pub batch_bytes: usize,
     /// Handlers running at once.
     pub concurrency: usize,
     /// How long one pull request waits for messages; bounds shutdown latency when idle.
@@ -51,6 +54,7 @@ impl PullConfig {
             stream: stream.into(),
             consumer: consumer.into(),
             batch: 128,
+            batch_bytes: 16 * 1024 * 1024,
             concurrency: 64,
             fetch_expires: Duration::from_secs(1),
             retry_backoff: Duration::from_millis(500),
@@ -172,7 +176,12 @@ pub async fn run<F: Function>(
         let batch = tokio::select! {
             biased;
             _ = &mut shutdown => break 'fetching,
-            batch = consumer.batch().max_messages(room).expires(config.fetch_expires).messages() => batch,
+            batch = consumer
+                .batch()
+                .max_messages(room)
+                .max_bytes(config.batch_bytes)
+                .expires(config.fetch_expires)
+                .messages() => batch,
         };
         let batch = match batch {
             Ok(b) => b,

@@ -177,7 +177,7 @@ pub fn desired_stream(spec: &StreamSpec, options: &ProvisionOptions) -> StreamCo
         duplicate_window: spec.duplicate_window,
         max_messages: -1,
         max_messages_per_subject: -1,
-        max_message_size: -1,
+        max_message_size: spec.max_message_bytes,
         num_replicas: options.replicas,
         allow_direct: true,
         ..Default::default()
@@ -267,6 +267,7 @@ async fn ensure_stream(
         description,
         max_age,
         max_bytes,
+        max_message_size,
         discard,
         duplicate_window,
         num_replicas,

@@ -37,7 +37,17 @@ pub struct StreamSpec {
     pub max_bytes: i64,
     /// Window in which a repeated `Nats-Msg-Id` is dropped as a duplicate.
     pub duplicate_window: Duration,
+    /// Largest message the stream stores (headers and payload): the server
+    /// refuses anything bigger at publish, so an oversized message never
+    /// reaches a consumer's memory.
+    pub max_message_bytes: i32,
 }
+
+/// The event contract (64 KiB of headers and payload) plus the framing
+/// nats-server counts on top (`NATS/1.0` and line ends).
+pub const EVENT_STREAM_MESSAGE_BYTES: i32 = 64 * 1024 + 1024;
+/// A dead letter is an event plus the `Tidewatch-Dlq-*` headers.
+pub const DEAD_LETTER_MESSAGE_BYTES: i32 = EVENT_STREAM_MESSAGE_BYTES + 16 * 1024;
 
 impl StreamSpec {
     /// Subjects the stream stores: its own prefix and its replay subjects.
@@ -128,6 +138,7 @@ pub const RAW: StreamSpec = StreamSpec {
     max_age: Duration::from_secs(24 * 3600),
     max_bytes: 10 * 1024 * 1024 * 1024,
     duplicate_window: Duration::from_secs(120),
+    max_message_bytes: EVENT_STREAM_MESSAGE_BYTES,
 };
 
 pub const ENRICHED: StreamSpec = StreamSpec {
@@ -138,6 +149,7 @@ pub const ENRICHED: StreamSpec = StreamSpec {
     max_age: Duration::from_secs(24 * 3600),
     max_bytes: 10 * 1024 * 1024 * 1024,
     duplicate_window: Duration::from_secs(120),
+    max_message_bytes: EVENT_STREAM_MESSAGE_BYTES,
 };
 
 pub const INSIGHTS: StreamSpec = StreamSpec {
@@ -148,6 +160,7 @@ pub const INSIGHTS: StreamSpec = StreamSpec {
     max_age: Duration::from_secs(30 * 24 * 3600),
     max_bytes: 1024 * 1024 * 1024,
     duplicate_window: Duration::from_secs(120),
+    max_message_bytes: EVENT_STREAM_MESSAGE_BYTES,
 };
 
 pub const DEAD_LETTER: StreamSpec = StreamSpec {
@@ -158,6 +171,7 @@ pub const DEAD_LETTER: StreamSpec = StreamSpec {
     max_age: Duration::from_secs(14 * 24 * 3600),
     max_bytes: 1024 * 1024 * 1024,
     duplicate_window: Duration::from_secs(120),
+    max_message_bytes: DEAD_LETTER_MESSAGE_BYTES,
 };
 
 pub const STREAMS: &[StreamSpec] = &[RAW, ENRICHED, INSIGHTS, DEAD_LETTER];

@@ -633,7 +633,16 @@ async fn malformed_and_oversized_messages_are_dead_lettered() {
         .publish_with_headers(raw_subject(), no_type, Bytes::new())
         .await
         .expect("publish no type");
-    // A valid event over the size limit, published around the Publisher's check.
+    // A valid event over the size limit, published around the Publisher's
+    // check into a stream without the server-side limit (one provisioned by
+    // an older Tidewatch): the consumer's own check still dead-letters it.
+    let mut unlimited = raw.cached_info().config.clone();
+    unlimited.max_message_size = -1;
+    pipeline
+        .js
+        .update_stream(unlimited)
+        .await
+        .expect("widen the raw stream");
     let big = EventBuilderV10::new()
         .id("big-1")
         .source("/s")

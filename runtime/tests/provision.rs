@@ -401,3 +401,44 @@ async fn provisioned_buckets_work_through_the_kv_api() {
             .is_noop()
     );
 }
+
+/// An oversized message never reaches a consumer: the streams refuse it at
+/// publish (the 64 KiB contract, plus framing), and dead letters have room
+/// for their reason headers.
+#[tokio::test]
+async fn streams_refuse_messages_over_the_event_contract() {
+    let server = NatsServer::start().await;
+    let js = server.jetstream().await;
+    provision(&js, &ProvisionOptions::default())
+        .await
+        .expect("provision");
+    let subject = subjects::raw("ebpf", "n1");
+    let ok = js
+        .publish(subject.clone(), Bytes::from(vec![b'x'; 60 * 1024]))
+        .await
+        .expect("sent")
+        .await;
+    assert!(ok.is_ok(), "60 KiB fits: {ok:?}");
+    let big = js
+        .publish(subject, Bytes::from(vec![b'x'; 100 * 1024]))
+        .await
+        .expect("sent")
+        .await;
+    let err = big.expect_err("100 KiB is refused by the stream");
+    assert!(
+        err.to_string().to_lowercase().contains("maximum"),
+        "the server says why: {err}"
+    );
+    for spec in topology::STREAMS {
+        let info = js
+            .get_stream(spec.name)
+            .await
+            .expect("stream")
+            .info()
+            .await
+            .expect("info")
+            .clone();
+        assert_eq!(info.config.max_message_size, spec.max_message_bytes);
+    }
+    assert!(topology::DEAD_LETTER.max_message_bytes > topology::RAW.max_message_bytes);
+}
