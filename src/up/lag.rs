@@ -20,21 +20,17 @@ pub fn scale_policies(args: &UpArgs) -> anyhow::Result<Vec<(String, ScalePolicy)
     if dir.is_dir() {
         return crate::autoscale::read_scaled_objects(&dir);
     }
-    let rendered = tempfile_dir()?;
+    // A private directory (mode 0700, unpredictable name), removed on drop.
+    let rendered = tempfile::Builder::new()
+        .prefix("tidewatch-keda-")
+        .tempdir()?;
+    let rendered_dir = rendered.path();
     for (path, contents) in crate::render::render()? {
         if let Some(name) = path.strip_prefix("keda/") {
-            std::fs::write(rendered.join(name), contents)?;
+            std::fs::write(rendered_dir.join(name), contents)?;
         }
     }
-    let policies = crate::autoscale::read_scaled_objects(&rendered);
-    let _ = std::fs::remove_dir_all(&rendered);
-    policies
-}
-
-fn tempfile_dir() -> anyhow::Result<PathBuf> {
-    let dir = std::env::temp_dir().join(format!("tidewatch-keda-{}", std::process::id()));
-    std::fs::create_dir_all(&dir)?;
-    Ok(dir)
+    crate::autoscale::read_scaled_objects(rendered_dir)
 }
 
 /// KEDA's lag for `consumer`: `num_pending + num_ack_pending` from

@@ -45,7 +45,7 @@ pub enum OtlpProtocol {
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     /// The URL does not parse, or its scheme is neither `http` nor `https`.
-    #[error("{sink} URL {url:?}: {reason}")]
+    #[error("{sink} URL {url}: {reason}")]
     Url {
         sink: &'static str,
         url: String,
@@ -113,11 +113,32 @@ pub enum Sink {
     },
 }
 
+/// A URL as logs, errors and dead-letter headers may show it: scheme and
+/// host only. A webhook's path is often its secret (Slack's is), and a URL
+/// can carry credentials; dead letters are kept for days.
+pub fn redacted(url: &str) -> String {
+    match url.parse::<http::Uri>() {
+        Ok(uri) => {
+            let host = uri.host().unwrap_or_default();
+            let port = uri.port().map(|p| format!(":{p}")).unwrap_or_default();
+            match uri.scheme_str() {
+                Some(scheme) => format!("{scheme}://{host}{port}/..."),
+                None if !host.is_empty() => format!("{host}{port}/..."),
+                None => "a URL without a host".into(),
+            }
+        }
+        Err(_) => format!(
+            "a URL that does not parse ({} characters)",
+            url.chars().count()
+        ),
+    }
+}
+
 /// An `http://` or `https://` URL.
 fn parse_url(sink: &'static str, url: &str) -> Result<(http::Uri, bool), ConfigError> {
     let bad = |reason: String| ConfigError::Url {
         sink,
-        url: url.to_string(),
+        url: redacted(url),
         reason,
     };
     let parsed: http::Uri = url
@@ -153,7 +174,7 @@ fn http_client(
     }
     .map_err(|error| ConfigError::Trust {
         sink,
-        url: url.to_string(),
+        url: redacted(&url.to_string()),
         error,
     })?;
     let mut connector = HttpConnector::new();
@@ -197,7 +218,7 @@ impl Sink {
                 if https {
                     let verifier = trust.verifier().map_err(|error| ConfigError::Trust {
                         sink: "OTLP endpoint",
-                        url: url.to_string(),
+                        url: redacted(&url.to_string()),
                         error,
                     })?;
                     channel = channel
@@ -230,9 +251,11 @@ impl Sink {
     pub fn name(&self) -> String {
         match self {
             Sink::Stdout => "stdout".into(),
-            Sink::Webhook { url, .. } => format!("webhook {url}"),
-            Sink::OtlpGrpc { endpoint, .. } => format!("otlp-grpc {endpoint}"),
-            Sink::OtlpHttp { url, .. } => format!("otlp-http {url}"),
+            Sink::Webhook { url, .. } => format!("webhook {}", redacted(&url.to_string())),
+            Sink::OtlpGrpc { endpoint, .. } => {
+                format!("otlp-grpc {}", redacted(&endpoint.to_string()))
+            }
+            Sink::OtlpHttp { url, .. } => format!("otlp-http {}", redacted(&url.to_string())),
         }
     }
 
@@ -279,7 +302,7 @@ impl Sink {
 }
 
 fn grpc_error(endpoint: &str, status: &tonic::Status) -> SendError {
-    let target = format!("OTLP gRPC {endpoint}");
+    let target = format!("OTLP gRPC {}", redacted(endpoint));
     if let Some(tls) = tls::tls_failure(status) {
         return SendError::Tls {
             target,
@@ -305,7 +328,7 @@ async fn post(
     content_type: &str,
     body: Bytes,
 ) -> Result<(), SendError> {
-    let target = format!("POST {url}");
+    let target = format!("POST {}", redacted(&url.to_string()));
     let request = http::Request::post(url.clone())
         .header(http::header::CONTENT_TYPE, content_type)
         .header(http::header::USER_AGENT, "tidewatch-export")
@@ -519,6 +542,29 @@ mod tests {
         r.err().map(|e| e.to_string()).unwrap_or_default()
     }
 
+    #[test]
+    fn secrets_in_webhook_urls_never_reach_messages() {
+        let slack = "https://hooks.slack.example/services/T000/B000/XXXXsecretXXXX";
+        assert_eq!(redacted(slack), "https://hooks.slack.example/...");
+        let with_user = "https://user:pw@receiver.example:8443/in?token=abc";
+        assert_eq!(redacted(with_user), "https://receiver.example:8443/...");
+        // Without trust roots an https URL is a configuration error: it
+        // names the host, not the secret path.
+        let trust = Trust::empty();
+        let e = config_error(Sink::webhook(slack, WebhookFormat::Slack, &trust));
+        assert!(
+            e.contains("hooks.slack.example") && !e.contains("secret"),
+            "{e}"
+        );
+        let sink = Sink::webhook(
+            "http://hooks.example/services/XXXXsecretXXXX",
+            WebhookFormat::Slack,
+            &trust,
+        )
+        .expect("valid");
+        assert!(!sink.name().contains("secret"), "{}", sink.name());
+    }
+
     #[tokio::test]
     async fn malformed_urls_are_config_errors_naming_the_url() {
         let trust = Trust::empty();
@@ -528,13 +574,16 @@ mod tests {
             &trust,
         ));
         assert!(
-            e.contains("\"ftp://hooks.example/x\"") && e.contains("unsupported scheme"),
+            e.contains("ftp://hooks.example/...") && e.contains("unsupported scheme"),
             "{e}"
         );
         let e = config_error(Sink::webhook("hooks example", WebhookFormat::Slack, &trust));
-        assert!(e.starts_with("webhook URL \"hooks example\": "), "{e}");
+        assert!(
+            e.starts_with("webhook URL a URL that does not parse (13 characters): "),
+            "{e}"
+        );
         let e = config_error(Sink::otlp("collector:4317", OtlpProtocol::Grpc, &trust));
-        assert!(e.starts_with("OTLP endpoint URL \"collector:4317\""), "{e}");
+        assert!(e.starts_with("OTLP endpoint URL "), "{e}");
         let e = config_error(Sink::otlp("/v1/logs", OtlpProtocol::Http, &trust));
         assert!(e.contains("no scheme"), "{e}");
     }
@@ -566,7 +615,7 @@ mod tests {
         assert!(matches!(e, SendError::Transport { .. }), "{e:?}");
         let e = e.to_string();
         assert!(
-            e.starts_with(&format!("POST http://127.0.0.1:{port}/hook: ")) && !e.contains("TLS"),
+            e.starts_with(&format!("POST http://127.0.0.1:{port}/...: ")) && !e.contains("TLS"),
             "{e}"
         );
         let grpc = Sink::otlp(
@@ -580,7 +629,7 @@ mod tests {
         let e = e.to_string();
         assert!(
             e.starts_with(&format!(
-                "OTLP gRPC http://127.0.0.1:{port}/: gRPC Unavailable"
+                "OTLP gRPC http://127.0.0.1:{port}/...: gRPC Unavailable"
             )),
             "{e}"
         );
