@@ -7,7 +7,9 @@
 //! key; `keda/` and `knative/` the functions' and the provisioner's
 //! passwords and the CA certificate. Existing values are kept, so
 //! re-running it (or re-applying `deploy/`) never replaces a password;
-//! `--rotate` replaces them all.
+//! `--rotate` replaces them all. The CA's key is written only for the
+//! optional cert-manager overlay (`cert-manager/secrets/`), whose
+//! Issuer renews NATS' certificate with it.
 
 use std::collections::BTreeMap;
 use std::io::Read as _;
@@ -76,12 +78,22 @@ pub fn generate(repo: &Path, fns: &Functions, rotate: bool) -> anyhow::Result<()
     }
 
     let deploy = repo.join("deploy").join(SECRETS_DIR);
-    let tls_files = ["tls.crt", "tls.key", "ca.crt"].map(|f| deploy.join(f));
+    // The CA's key is only for the cert-manager overlay's Issuer.
+    let cert_manager = repo.join("cert-manager").join(SECRETS_DIR);
+    std::fs::create_dir_all(&cert_manager)
+        .with_context(|| format!("create {}", cert_manager.display()))?;
+    let tls_files = [
+        deploy.join("tls.crt"),
+        deploy.join("tls.key"),
+        deploy.join("ca.crt"),
+        cert_manager.join("ca.key"),
+    ];
     if rotate || !tls_files.iter().all(|f| f.is_file()) {
         let pki = certificates()?;
         write_private(&tls_files[0], pki.cert.as_bytes())?;
         write_private(&tls_files[1], pki.key.as_bytes())?;
         write_private(&tls_files[2], pki.ca.as_bytes())?;
+        write_private(&tls_files[3], pki.ca_key.as_bytes())?;
         println!(
             "TLS: generated a CA and NATS' certificate for {}",
             render::nats::certificate_names().join(", ")
@@ -90,7 +102,7 @@ pub fn generate(repo: &Path, fns: &Functions, rotate: bool) -> anyhow::Result<()
         println!("TLS: kept deploy/{SECRETS_DIR}/tls.crt, tls.key, ca.crt");
     }
     let ca = std::fs::read(&tls_files[2])?;
-    for (folder, _) in &KUSTOMIZATIONS[1..] {
+    for folder in ["keda", "knative", "cert-manager"] {
         write_private(&repo.join(folder).join(SECRETS_DIR).join("ca.crt"), &ca)?;
     }
     Ok(())
@@ -146,11 +158,12 @@ pub struct Pki {
     pub cert: String,
     pub key: String,
     pub ca: String,
+    /// Kept only for the cert-manager overlay, whose Issuer signs with it.
+    pub ca_key: String,
 }
 
-/// A CA (its key is not kept: rotating means new certificates), and NATS'
-/// certificate for every name clients and routes use, for both server and
-/// client authentication (routes present it to each other).
+/// A CA, and NATS' certificate for every name clients and routes use, for
+/// both server and client authentication (routes present it to each other).
 pub fn certificates() -> anyhow::Result<Pki> {
     let ca_key = rcgen::KeyPair::generate()?;
     let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new())?;
@@ -165,6 +178,7 @@ pub fn certificates() -> anyhow::Result<Pki> {
     ];
     ca_params.not_after = rcgen::date_time_ymd(2036, 1, 1);
     let ca = ca_params.self_signed(&ca_key)?.pem();
+    let ca_key_pem = ca_key.serialize_pem();
     let issuer = rcgen::Issuer::new(ca_params, ca_key);
 
     let key = rcgen::KeyPair::generate()?;
@@ -187,6 +201,7 @@ pub fn certificates() -> anyhow::Result<Pki> {
         cert,
         key: key.serialize_pem(),
         ca,
+        ca_key: ca_key_pem,
     })
 }
 

@@ -69,7 +69,7 @@ fn checked_in_manifests_match_the_topology() {
     );
     // Both ways: every rendered file is checked in unchanged, and nothing
     // checked in is left over from an older rendering.
-    for overlay in ["deploy", "keda", "knative"] {
+    for overlay in ["deploy", "keda", "knative", "cert-manager"] {
         let rendered = files_under(&dir.path().join(overlay));
         let checked_in = files_under(&repo().join(overlay));
         assert_eq!(
@@ -147,7 +147,7 @@ fn manifests_validate_against_the_crd_and_kubernetes_schemas() {
 /// generates them (`tidewatch secrets`), as `kubectl apply -k` would see it.
 fn with_secrets() -> tempfile::TempDir {
     let dir = tempfile::tempdir().expect("temp dir");
-    for overlay in ["deploy", "keda", "knative"] {
+    for overlay in ["deploy", "keda", "knative", "cert-manager"] {
         copy_dir(&repo().join(overlay), &dir.path().join(overlay));
         if repo().join(".git").exists() {
             assert!(
@@ -229,11 +229,17 @@ fn containers(objects: &[Value]) -> impl Iterator<Item = &Value> {
 
 #[test]
 fn every_object_carries_the_standard_labels_and_every_container_requests_and_limits() {
-    let all: Vec<(PathBuf, Value)> = ["deploy", "deploy/monitoring", "keda", "knative"]
-        .into_iter()
-        .flat_map(manifests)
-        .filter(|(p, _)| !p.ends_with("kustomization.yaml"))
-        .collect();
+    let all: Vec<(PathBuf, Value)> = [
+        "deploy",
+        "deploy/monitoring",
+        "keda",
+        "knative",
+        "cert-manager",
+    ]
+    .into_iter()
+    .flat_map(manifests)
+    .filter(|(p, _)| !p.ends_with("kustomization.yaml"))
+    .collect();
     assert!(all.len() > 20, "{} objects", all.len());
     for (path, object) in &all {
         let labels = &object["metadata"]["labels"];
@@ -486,6 +492,46 @@ fn kustomize_builds_every_folder_with_generated_secrets_and_one_image_override()
             }
         }
     }
+    // With cert-manager, NATS serves the certificate its Issuer renews (signed
+    // by the same CA the clients trust), and the generated one is gone.
+    let objects = kustomize(&dir.path().join("cert-manager"));
+    let secrets: Vec<&str> = objects
+        .iter()
+        .filter(|o| o["kind"] == "Secret")
+        .filter_map(|o| o["metadata"]["name"].as_str())
+        .collect();
+    assert!(
+        !secrets.iter().any(|n| n.starts_with("tidewatch-nats-tls")),
+        "{secrets:?}"
+    );
+    assert!(
+        secrets.contains(&"tidewatch-nats-ca-keypair"),
+        "{secrets:?}"
+    );
+    let sts = objects
+        .iter()
+        .find(|o| o["kind"] == "StatefulSet")
+        .expect("NATS");
+    let tls_volume = sts["spec"]["template"]["spec"]["volumes"]
+        .as_array()
+        .expect("volumes")
+        .iter()
+        .find(|v| v["name"] == "tls")
+        .expect("tls volume");
+    let certificate = objects
+        .iter()
+        .find(|o| o["kind"] == "Certificate")
+        .expect("Certificate");
+    assert_eq!(
+        tls_volume["secret"]["secretName"],
+        certificate["spec"]["secretName"]
+    );
+    let usages = certificate["spec"]["usages"].to_string();
+    assert!(
+        usages.contains("server auth") && usages.contains("client auth"),
+        "{usages}"
+    );
+
     // An operator overrides the registry and tag once, and every workload follows.
     let overlay = dir.path().join("release");
     std::fs::create_dir_all(&overlay).expect("create");

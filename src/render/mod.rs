@@ -251,6 +251,15 @@ pub fn render_with(fns: &Functions) -> anyhow::Result<Vec<(String, String)>> {
         .replace("---\n", ""),
     ));
 
+    files.push((
+        "cert-manager/certificates.yaml".to_string(),
+        yaml(&nats::cert_manager_objects())?,
+    ));
+    files.push((
+        "cert-manager/kustomization.yaml".to_string(),
+        yaml(&[nats::cert_manager_kustomization()])?.replace("---\n", ""),
+    ));
+
     let mut resources = vec!["broker.yaml".to_string()];
     files.push((
         "knative/broker.yaml".to_string(),

@@ -284,6 +284,68 @@ include ./auth.conf
     )
 }
 
+/// The Secret cert-manager keeps NATS' certificate in (`cert-manager/`).
+pub const CERT_MANAGER_TLS_SECRET: &str = "tidewatch-nats-tls-cert-manager";
+/// The CA key pair the cert-manager Issuer signs with: the CA `tidewatch
+/// secrets` made, so every client keeps verifying against the same `ca.crt`.
+pub const CERT_MANAGER_CA_SECRET: &str = "tidewatch-nats-ca-keypair";
+
+/// The optional overlay where cert-manager issues and renews NATS'
+/// certificate: a CA Issuer over the generated CA, a Certificate for every
+/// name clients and routes use, and the StatefulSet pointed at its Secret.
+pub fn cert_manager_objects() -> Vec<Value> {
+    let labels = labels("nats", "nats");
+    vec![
+        json!({
+            "apiVersion": "cert-manager.io/v1", "kind": "Issuer",
+            "metadata": {"name": "tidewatch-nats-ca", "namespace": SYSTEM_NAMESPACE, "labels": labels},
+            "spec": {"ca": {"secretName": CERT_MANAGER_CA_SECRET}},
+        }),
+        json!({
+            "apiVersion": "cert-manager.io/v1", "kind": "Certificate",
+            "metadata": {"name": "nats", "namespace": SYSTEM_NAMESPACE, "labels": labels},
+            "spec": {
+                "secretName": CERT_MANAGER_TLS_SECRET,
+                "issuerRef": {"name": "tidewatch-nats-ca", "kind": "Issuer"},
+                "commonName": format!("{SERVICE}.{SYSTEM_NAMESPACE}"),
+                "dnsNames": certificate_names(),
+                "ipAddresses": ["127.0.0.1"],
+                // Routes present the same certificate to each other.
+                "usages": ["server auth", "client auth", "digital signature", "key encipherment"],
+                "duration": "2160h",
+                "renewBefore": "720h",
+                "privateKey": {"algorithm": "ECDSA", "size": 256, "rotationPolicy": "Always"},
+            },
+        }),
+    ]
+}
+
+/// The overlay's kustomization: the base, the objects above, the CA key
+/// pair from `secrets/`, and the base's generated certificate swapped for
+/// cert-manager's.
+pub fn cert_manager_kustomization() -> Value {
+    json!({
+        "apiVersion": "kustomize.config.k8s.io/v1beta1",
+        "kind": "Kustomization",
+        "resources": ["../deploy", "certificates.yaml"],
+        "secretGenerator": [{
+            "name": CERT_MANAGER_CA_SECRET, "namespace": SYSTEM_NAMESPACE, "type": "kubernetes.io/tls",
+            "files": [format!("tls.crt={SECRETS_DIR}/ca.crt"), format!("tls.key={SECRETS_DIR}/ca.key")],
+            // The Issuer names it; kustomize does not rewrite cert-manager's references.
+            "options": {"disableNameSuffixHash": true},
+        }],
+        "patches": [
+            {
+                "target": {"kind": "StatefulSet", "name": "nats"},
+                "patch": format!("- op: replace\n  path: /spec/template/spec/volumes/1/secret/secretName\n  value: {CERT_MANAGER_TLS_SECRET}\n"),
+            },
+            {
+                "patch": format!("$patch: delete\napiVersion: v1\nkind: Secret\nmetadata:\n  name: {TLS_SECRET}\n  namespace: {SYSTEM_NAMESPACE}\n"),
+            },
+        ],
+    })
+}
+
 /// The generated Secret with NATS' certificate, key and CA.
 pub fn tls_generator() -> Value {
     json!({
