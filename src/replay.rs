@@ -67,12 +67,18 @@ pub fn parse_since(
 pub async fn run(client: &async_nats::Client, args: ReplayArgs) -> anyhow::Result<()> {
     let source = topology::stream(&args.stream)
         .with_context(|| format!("unknown stream {:?}", args.stream))?;
+    // From the DLQ, a consumer gets back only its own dead letters: another
+    // function's would be events of a stream it does not read.
+    let mut filter_subject = String::new();
     let target = match (&args.consumer, &args.to_subject) {
         (Some(name), _) => {
             let consumer = topology::consumer(name).with_context(|| {
                 let known: Vec<&str> = topology::CONSUMERS.iter().map(|c| c.durable).collect();
                 format!("unknown consumer {name:?}; known: {}", known.join(", "))
             })?;
+            if source.key == topology::DEAD_LETTER.key {
+                filter_subject = subjects::dead_letter(consumer.durable);
+            }
             subjects::replay(consumer.stream, consumer.durable)
         }
         (None, Some(subject)) => subject.clone(),
@@ -84,17 +90,35 @@ pub async fn run(client: &async_nats::Client, args: ReplayArgs) -> anyhow::Resul
         .get_stream(source.name)
         .await
         .with_context(|| format!("stream {}", source.name))?;
-    let last = stream.info().await?.state.last_sequence;
+    // Where to stop: the newest message now (of the filtered subject, when
+    // there is one), so events arriving during the replay are not chased.
+    let last = if filter_subject.is_empty() {
+        stream.info().await?.state.last_sequence
+    } else {
+        match stream
+            .get_last_raw_message_by_subject(&filter_subject)
+            .await
+        {
+            Ok(message) => message.sequence,
+            Err(_) => {
+                println!(
+                    "nothing to replay: {} holds nothing on {filter_subject}",
+                    source.name
+                );
+                return Ok(());
+            }
+        }
+    };
     let consumer = stream
         .create_consumer(OrderedConfig {
             deliver_policy: DeliverPolicy::ByStartTime {
                 start_time: time_to_offset(since)?,
             },
+            filter_subject: filter_subject.clone(),
             ..Default::default()
         })
         .await?;
-    let info = consumer.cached_info();
-    let mut remaining = info.num_pending;
+    let mut remaining = consumer.cached_info().num_pending;
     let publisher = crate::publisher(client, PublisherConfig::default());
     let run = crate::invocation_id();
     let mut messages = consumer.messages().await?;
@@ -125,7 +149,18 @@ pub async fn run(client: &async_nats::Client, args: ReplayArgs) -> anyhow::Resul
         // duplicate within the window. The CloudEvent id is unchanged, so
         // outputs keep their derived ids.
         let msg_id = derive_id(&[b"replay", run.as_bytes(), &seq.to_be_bytes()]);
-        let headers = message.headers.clone().unwrap_or_default();
+        // The event as it was: a dead letter's `Tidewatch-Dlq-*` headers
+        // describe its last failure, not the event.
+        let mut headers = async_nats::HeaderMap::new();
+        for (name, values) in message.headers.iter().flat_map(|h| h.iter()) {
+            let name: &str = name.as_ref();
+            if name.starts_with("Tidewatch-Dlq-") {
+                continue;
+            }
+            for value in values {
+                headers.append(name, value.as_str());
+            }
+        }
         publisher
             .send_raw(target.clone(), &msg_id, headers, message.payload.clone())
             .await

@@ -165,3 +165,81 @@ async fn provision_emit_tail_replay_and_status() {
         "{out}"
     );
 }
+
+/// `replay --stream dlq --consumer X` re-drives X's own dead letters only,
+/// as the events they were (without the `Tidewatch-Dlq-*` headers).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replaying_dead_letters_goes_to_their_own_consumer_only() {
+    let server = NatsServer::start().await;
+    let client = server.connect().await;
+    let js = jetstream::new(client.clone());
+    let (ok, _, err) = tidewatch(&server, &["provision"]).await;
+    assert!(ok, "{err}");
+    for (consumer, id) in [
+        ("enrich", "raw-1"),
+        ("correlate", "enriched-1"),
+        ("correlate", "enriched-2"),
+    ] {
+        let (mut headers, payload) =
+            tidewatch_runtime::binding::nats::to_nats(&restart_event(id.len() as u64, "web-1"));
+        // Its own id, and so its own Nats-Msg-Id (the DLQ deduplicates too).
+        headers.insert("ce-id", id);
+        headers.insert("Nats-Msg-Id", id);
+        headers.insert(tidewatch_runtime::dead_letter::CONSUMER_HEADER, consumer);
+        headers.insert(
+            tidewatch_runtime::dead_letter::REASON_HEADER,
+            "handler failed",
+        );
+        js.publish_with_headers(topology::subjects::dead_letter(consumer), headers, payload)
+            .await
+            .expect("sent")
+            .await
+            .expect("stored");
+    }
+    let (ok, out, err) = tidewatch(
+        &server,
+        &[
+            "replay",
+            "--stream",
+            "dlq",
+            "--since",
+            "1h",
+            "--consumer",
+            "correlate",
+        ],
+    )
+    .await;
+    assert!(ok, "{err}");
+    assert!(out.starts_with("replayed 2 events"), "{out}{err}");
+    let replayed = stream_events(&js, topology::ENRICHED.name).await;
+    let ids: Vec<String> = replayed
+        .iter()
+        .map(|e| cloudevents::AttributesReader::id(e).to_string())
+        .collect();
+    assert_eq!(
+        ids,
+        ["enriched-1", "enriched-2"],
+        "correlate's dead letters only"
+    );
+    assert_eq!(
+        stream_messages(&js, topology::RAW.name).await,
+        0,
+        "none to enrich"
+    );
+    let stream = js
+        .get_stream(topology::ENRICHED.name)
+        .await
+        .expect("enriched");
+    let first = stream
+        .get_raw_message(1)
+        .await
+        .expect("the replayed message");
+    assert!(
+        !first
+            .headers
+            .iter()
+            .any(|(name, _)| AsRef::<str>::as_ref(name).starts_with("Tidewatch-Dlq-")),
+        "dead-letter headers stay behind: {:?}",
+        first.headers
+    );
+}

@@ -513,9 +513,12 @@ pub mod types {
     /// "newReplicaSet", "oldReplicaSet", "revision"}`.
     pub const ROLLOUT_STARTED: &str = "dev.tidewatch.k8s.rollout.started";
 
+    /// What every insight type starts with.
+    pub const INSIGHT_PREFIX: &str = "dev.tidewatch.insight.";
+
     /// The insight type for an insight kind.
     pub fn insight(kind: &str) -> String {
-        format!("dev.tidewatch.insight.{kind}")
+        format!("{INSIGHT_PREFIX}{kind}")
     }
 
     /// Look up a known type.

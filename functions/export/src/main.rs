@@ -182,6 +182,12 @@ impl Export {
 }
 
 impl Function for Export {
+    /// Only insights leave: anything else re-driven to export's consumer (a
+    /// replay of the wrong stream) is acked without reaching a sink.
+    fn accepts(&self, event_type: &str) -> bool {
+        event_type.starts_with(tidewatch_runtime::topology::types::INSIGHT_PREFIX)
+    }
+
     async fn handle(&self, event: Event, ctx: &Context) -> Outcome {
         let results =
             futures::future::join_all(self.slots.iter().map(|slot| self.deliver(slot, &event)))
