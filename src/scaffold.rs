@@ -1,8 +1,9 @@
 //! `tidewatch new function`: a new function per consumer, wired everywhere
-//! in one step — a crate under functions/ whose handler compiles and has a
-//! test, its durable consumer and spec in the topology, the workspace
-//! member, re-rendered deploy/, keda/ and knative/ manifests, and a README
-//! section. `tidewatch up` runs it after the next build.
+//! in one step — a crate under functions/ whose handler delivers each
+//! matching event (a JSON line on stdout, to be replaced) with a test that
+//! fails if it does not, its durable consumer and spec in the topology, the
+//! workspace member, re-rendered deploy/, keda/ and knative/ manifests, and
+//! a README section. `tidewatch up` runs it after the next build.
 
 use std::path::{Path, PathBuf};
 
@@ -130,6 +131,11 @@ pub fn run(command: NewCommand) -> anyhow::Result<()> {
         crate_dir.join("src/main.rs"),
         crate_main(name, &constant, &type_name, stream.key, &args.types),
     )?;
+    // Best effort: the template's line widths depend on the names in it.
+    let _ = std::process::Command::new("rustfmt")
+        .args(["--edition", "2024"])
+        .arg(crate_dir.join("src/main.rs"))
+        .status();
     append_readme(repo, name, stream, &args.types)?;
     println!(
         "created functions/{name} (durable consumer {name:?} on {}), added it to the topology and the workspace",
@@ -190,22 +196,48 @@ cloudevents-sdk.workspace = true
 tokio.workspace = true
 tracing.workspace = true
 
+[dev-dependencies]
+serde_json.workspace = true
+
 [lints]
 workspace = true
 "#
     )
 }
 
+/// An event type `types` matches, and one it does not (none for a pattern
+/// that matches everything), for the generated test.
+fn example_types(types: &str) -> (String, Option<&'static str>) {
+    let matching = types.replace('*', "example");
+    let other = ["com.example.other", "dev.tidewatch.scaffold.other"]
+        .into_iter()
+        .find(|t| !topology::types::matches(types, t));
+    (matching, other)
+}
+
 fn crate_main(name: &str, constant: &str, type_name: &str, stream: &str, types: &str) -> String {
+    let (matching, other) = example_types(types);
+    let other_check = match other {
+        Some(other) => format!(
+            "\n        assert!(matches!(function.handle(event(\"e-2\", {other:?}), &ctx).await, Outcome::Done));\n        assert!(!function.accepts({other:?}), \"other types are acked unread\");"
+        ),
+        None => String::new(),
+    };
     format!(
-        r#"//! {name}: handles `{types}` events from the {stream} stream through its own
-//! durable consumer `{name}`. Scaffolded by `tidewatch new function`: replace
-//! the body of `handle` with what this function does. Return
-//! `Outcome::RetryAfter` while a dependency is down and `Outcome::Reject`
-//! for input that can never succeed (it goes to the dead-letter stream).
+        r#"//! {name}: delivers `{types}` events from the {stream} stream, read through
+//! its own durable consumer `{name}`, as one JSON line each on stdout.
+//! Scaffolded by `tidewatch new function`: replace `deliver` with what this
+//! function does. Return `Outcome::RetryAfter` while a dependency is down
+//! and `Outcome::Reject` for input that can never succeed (it goes to the
+//! dead-letter stream); the input is acked once `handle` returns `Done`.
+
+use std::io::Write;
+use std::sync::Mutex;
+use std::time::Duration;
 
 use clap::Parser;
 use cloudevents::{{AttributesReader, Event}};
+use tidewatch_runtime::binding::http::to_structured_json;
 use tidewatch_runtime::host::{{FunctionArgs, Host}};
 use tidewatch_runtime::topology::{{self, types}};
 use tidewatch_runtime::{{Context, Function, Outcome}};
@@ -221,15 +253,34 @@ struct Args {{
     function: FunctionArgs,
 }}
 
-struct {type_name};
+/// Writes each event it handles to `out` (stdout in the binary).
+struct {type_name}<W> {{
+    out: Mutex<W>,
+}}
 
-impl Function for {type_name} {{
+impl<W: Write> {type_name}<W> {{
+    /// The event as a structured-mode JSON CloudEvent, one line.
+    fn deliver(&self, event: &Event) -> Result<(), String> {{
+        let mut line = to_structured_json(event).map_err(|e| e.to_string())?;
+        line.push(b'\n');
+        let mut out = self.out.lock().map_err(|_| "output lock poisoned".to_string())?;
+        out.write_all(&line).and_then(|()| out.flush()).map_err(|e| e.to_string())
+    }}
+}}
+
+impl<W: Write + Send + 'static> Function for {type_name}<W> {{
+    fn accepts(&self, event_type: &str) -> bool {{
+        types::matches(TYPES, event_type)
+    }}
+
     async fn handle(&self, event: Event, _ctx: &Context) -> Outcome {{
-        if !types::matches(TYPES, event.ty()) {{
+        if !self.accepts(event.ty()) {{
             return Outcome::Done;
         }}
-        tracing::info!(id = %event.id(), ty = %event.ty(), subject = ?event.subject(), "handled");
-        Outcome::Done
+        match self.deliver(&event) {{
+            Ok(()) => Outcome::Done,
+            Err(e) => Outcome::retry(Duration::from_secs(1), format!("deliver {{}}: {{e}}", event.id())),
+        }}
     }}
 }}
 
@@ -237,7 +288,7 @@ impl Function for {type_name} {{
 async fn main() -> anyhow::Result<()> {{
     let args = Args::parse();
     let host = Host::start(&topology::{constant}, args.function).await?;
-    host.run({type_name}).await?;
+    host.run({type_name} {{ out: Mutex::new(std::io::stdout()) }}).await?;
     Ok(())
 }}
 
@@ -246,15 +297,20 @@ mod tests {{
     use super::*;
     use cloudevents::{{EventBuilder, EventBuilderV10}};
 
-    fn event(ty: &str) -> Event {{
-        EventBuilderV10::new().id("e-1").ty(ty).source("/tidewatch/test/node").build().expect("event")
+    fn event(id: &str, ty: &str) -> Event {{
+        EventBuilderV10::new().id(id).ty(ty).source("/tidewatch/test/node").build().expect("event")
     }}
 
     #[tokio::test]
-    async fn handles_its_events_and_acks_the_others() {{
+    async fn delivers_each_matching_event_once_and_skips_the_others() {{
+        let function = {type_name} {{ out: Mutex::new(Vec::new()) }};
         let ctx = Context {{ function: {name:?}, delivery: 1, max_deliver: 5, stream_sequence: Some(1) }};
-        assert!(matches!({type_name}.handle(event("dev.tidewatch.insight.crash-loop"), &ctx).await, Outcome::Done));
-        assert!(matches!({type_name}.handle(event("com.example.other"), &ctx).await, Outcome::Done));
+        assert!(matches!(function.handle(event("e-1", {matching:?}), &ctx).await, Outcome::Done));{other_check}
+        let out = String::from_utf8(function.out.into_inner().expect("lock")).expect("utf-8");
+        let lines: Vec<&str> = out.lines().collect();
+        assert_eq!(lines.len(), 1, "one line per matching event: {{out}}");
+        let delivered: serde_json::Value = serde_json::from_str(lines[0]).expect("a JSON CloudEvent");
+        assert_eq!((delivered["id"].as_str(), delivered["type"].as_str()), (Some("e-1"), Some({matching:?})));
     }}
 
     #[test]

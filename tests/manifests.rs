@@ -143,6 +143,93 @@ fn manifests_validate_against_the_crd_and_kubernetes_schemas() {
     assert!(stdout.contains("0 problems"), "{stdout}");
 }
 
+/// Run the validator on `objects`, one file each; its output and success.
+fn validate(objects: &[Value]) -> (String, bool) {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let mut files = Vec::new();
+    for (i, object) in objects.iter().enumerate() {
+        let path = dir.path().join(format!("{i}.yaml"));
+        std::fs::write(&path, serde_yaml::to_string(object).expect("yaml")).expect("write");
+        files.push(path);
+    }
+    let output = Command::new("python3")
+        .arg(repo().join("tests/validate_manifests.py"))
+        .arg(repo().join("testdata/schemas"))
+        .arg("1.32.0")
+        .args(&files)
+        .output()
+        .expect("python3 runs");
+    (
+        String::from_utf8_lossy(&output.stdout).into_owned()
+            + &String::from_utf8_lossy(&output.stderr),
+        output.status.success(),
+    )
+}
+
+/// Knative's Trigger CRD preserves unknown fields in `spec`, so the API
+/// server would take a misspelled field and drop it: the validator checks
+/// the fields Knative documents instead. Each misspelling is refused,
+/// naming where it is, while the rendered Trigger it was made from passes.
+#[test]
+fn misspelled_knative_fields_are_refused() {
+    let trigger = manifests("knative")
+        .into_iter()
+        .map(|(_, doc)| doc)
+        .find(|doc| doc["kind"] == "Trigger" && doc["metadata"]["name"] == "tidewatch-correlate")
+        .expect("correlate's Trigger in knative/");
+    let broker = manifests("knative")
+        .into_iter()
+        .map(|(_, doc)| doc)
+        .find(|doc| doc["kind"] == "Broker")
+        .expect("the Broker in knative/");
+    let (output, ok) = validate(&[trigger.clone(), broker.clone()]);
+    assert!(ok, "the rendered objects must pass first:\n{output}");
+
+    // Rename the field at `parent` (a JSON pointer) `from` -> `to`.
+    let misspell = |object: &Value, parent: &str, from: &str, to: &str| {
+        let mut object = object.clone();
+        let map = object
+            .pointer_mut(parent)
+            .and_then(Value::as_object_mut)
+            .unwrap_or_else(|| panic!("{parent} is an object"));
+        let value = map
+            .remove(from)
+            .unwrap_or_else(|| panic!("{parent}/{from}"));
+        map.insert(to.to_string(), value);
+        object
+    };
+    let cases = [
+        (
+            misspell(&trigger, "/spec", "subscriber", "subscribr"),
+            "subscribr",
+        ),
+        (
+            misspell(&trigger, "/spec/delivery", "backoffDelay", "backofDelay"),
+            "backofDelay",
+        ),
+        (
+            misspell(&trigger, "/spec/subscriber/ref", "apiVersion", "apiversion"),
+            "apiversion",
+        ),
+        (
+            misspell(&trigger, "/spec/filters/0/all/0", "prefix", "prefx"),
+            "prefx",
+        ),
+        (
+            misspell(&broker, "/spec/delivery", "retry", "retries"),
+            "retries",
+        ),
+    ];
+    for (object, field) in cases {
+        let (output, ok) = validate(std::slice::from_ref(&object));
+        assert!(!ok, "{field}: accepted\n{output}");
+        assert!(
+            output.contains(field),
+            "{field}: the problem names it:\n{output}"
+        );
+    }
+}
+
 /// A copy of the manifests with secrets generated the way an operator
 /// generates them (`tidewatch secrets`), as `kubectl apply -k` would see it.
 fn with_secrets() -> tempfile::TempDir {

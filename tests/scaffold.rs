@@ -1,13 +1,25 @@
 //! `tidewatch new function` in a copy of this repository: the scaffolded
 //! crate compiles and passes its own test, it is in the topology (so `up`
-//! runs it), and its manifests and README section are there.
+//! runs it), its manifests and README section are there, and the built
+//! binary handles a matching event from its durable consumer on a real
+//! nats-server (delivered once, input acked) and acks the others unread.
 
 mod common;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
-use common::binary;
+use async_nats::jetstream;
+use chrono::Utc;
+use common::{binary, json_event, signal, wait_exit};
+use tidewatch_runtime::metrics::Metrics;
+use tidewatch_runtime::provision::{ProvisionOptions, desired_consumer, provision};
+use tidewatch_runtime::publisher::{Publisher, PublisherConfig};
+use tidewatch_runtime::topology::{self, subjects};
+use tidewatch_testkit::{NatsServer, eventually};
+use tokio::io::AsyncBufReadExt;
 
 /// Copy the repository's files (tracked, and new ones not ignored) into `to`.
 fn copy_repo(from: &Path, to: &Path) {
@@ -72,8 +84,24 @@ fn seeded_target_dir(ours: &Path, into: &Path) {
     }
 }
 
-#[test]
-fn a_scaffolded_function_builds_passes_its_test_and_is_wired_in() {
+/// `cargo <args>` in the copy, building into `target_dir`; panics with its output on failure.
+fn cargo(copy: &Path, target_dir: &Path, args: &[&str]) {
+    let output = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+        .args(args)
+        .current_dir(copy)
+        .env("CARGO_TARGET_DIR", target_dir)
+        .output()
+        .expect("cargo runs");
+    assert!(
+        output.status.success(),
+        "cargo {args:?} in the scaffolded copy failed:\n{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_scaffolded_function_builds_passes_its_test_is_wired_in_and_runs() {
     let repo = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
     let temp = tempfile::tempdir().expect("temp dir");
     let copy = temp.path().join("main");
@@ -152,16 +180,123 @@ fn a_scaffolded_function_builds_passes_its_test_and_is_wired_in() {
         .to_path_buf();
     let target_dir = temp.path().join("target");
     seeded_target_dir(&profile_dir, &target_dir.join("debug"));
-    let test = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
-        .args(["test", "--quiet", "-p", "tidewatch-siem"])
-        .current_dir(&copy)
-        .env("CARGO_TARGET_DIR", &target_dir)
-        .output()
-        .expect("cargo runs");
+    cargo(
+        &copy,
+        &target_dir,
+        &["test", "--quiet", "-p", "tidewatch-siem"],
+    );
+    cargo(
+        &copy,
+        &target_dir,
+        &["build", "--quiet", "-p", "tidewatch-siem"],
+    );
+
+    // End to end: its durable consumer as provisioning makes it (this
+    // build's topology lacks it; the spec is the one the scaffold wrote),
+    // a matching and a non-matching event, and the binary reading them.
+    let server = NatsServer::start().await;
+    let client = server.connect().await;
+    let js = jetstream::new(client.clone());
+    let options = ProvisionOptions::default().ack_wait(Duration::from_secs(2));
+    provision(&js, &options).await.expect("provisioned");
+    let consumer = topology::ConsumerSpec {
+        durable: "siem",
+        stream: topology::INSIGHTS.key,
+        description: "siem: insights events matching dev.tidewatch.insight.*",
+        ..topology::CONSUMERS[0].clone()
+    };
+    let insights = js
+        .get_stream(topology::INSIGHTS.name)
+        .await
+        .expect("insights stream");
+    insights
+        .create_consumer(desired_consumer(&consumer, &options))
+        .await
+        .expect("siem's durable consumer");
+    let publisher = Publisher::new(client, PublisherConfig::default(), Metrics::new("test"));
+    let matching = json_event(
+        "insight-1",
+        "dev.tidewatch.insight.crash-loop",
+        "correlate",
+        "node-1",
+        Some("pod/shop/web-1"),
+        Utc::now(),
+        serde_json::json!({"summary": "web-1 is crash-looping"}),
+    );
+    let other = json_event(
+        "other-1",
+        "com.example.other",
+        "correlate",
+        "node-1",
+        None,
+        Utc::now(),
+        serde_json::json!({}),
+    );
+    for (subject, event) in [
+        (subjects::insight("crash-loop"), &matching),
+        (subjects::insight("other"), &other),
+    ] {
+        publisher
+            .publish(subject.as_str(), event)
+            .await
+            .expect("stored");
+    }
+
+    let mut child = tokio::process::Command::new(target_dir.join("debug/tidewatch-siem"))
+        .env("NATS_URL", server.client_url())
+        .env("TIDEWATCH_METRICS_ADDR", "127.0.0.1:0")
+        .env("TIDEWATCH_TRANSPORT", "jetstream")
+        .env("RUST_LOG", "warn")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::inherit())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("the scaffolded function starts");
+    let lines = Arc::new(Mutex::new(Vec::<String>::new()));
+    let reader = {
+        let lines = lines.clone();
+        let mut stdout = tokio::io::BufReader::new(child.stdout.take().expect("stdout")).lines();
+        tokio::spawn(async move {
+            while let Ok(Some(line)) = stdout.next_line().await {
+                lines.lock().expect("lock").push(line);
+            }
+        })
+    };
+    // Both inputs acked: nothing pending, nothing awaiting an ack.
+    eventually(
+        "siem to ack both events",
+        Duration::from_secs(30),
+        || async {
+            let info = insights.consumer_info("siem").await.ok()?;
+            (info.num_pending == 0
+                && info.num_ack_pending == 0
+                && info.ack_floor.stream_sequence == 2)
+                .then_some(())
+        },
+    )
+    .await;
+    signal(&child, nix::sys::signal::Signal::SIGTERM);
     assert!(
-        test.status.success(),
-        "the scaffolded function's test failed:\n{}{}",
-        String::from_utf8_lossy(&test.stdout),
-        String::from_utf8_lossy(&test.stderr)
+        wait_exit(&mut child, Duration::from_secs(30))
+            .await
+            .success(),
+        "siem exits cleanly on SIGTERM"
+    );
+    tokio::time::timeout(Duration::from_secs(10), reader)
+        .await
+        .expect("stdout closes")
+        .expect("reader");
+    let lines = lines.lock().expect("lock").clone();
+    assert_eq!(
+        lines.len(),
+        1,
+        "one line for the one matching event: {lines:?}"
+    );
+    let delivered: serde_json::Value = serde_json::from_str(&lines[0]).expect("a JSON CloudEvent");
+    assert_eq!(
+        (delivered["id"].as_str(), delivered["type"].as_str()),
+        (Some("insight-1"), Some("dev.tidewatch.insight.crash-loop")),
+        "{delivered}"
     );
 }

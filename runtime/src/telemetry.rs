@@ -135,11 +135,17 @@ pub fn adopt_parent(span: &tracing::Span, event: &Event) {
 }
 
 /// Give `output` the trace context of the span that produced it; without an
-/// exporter (no real span), carry the input's context unchanged.
+/// exporter (no real span), carry the input's context unchanged. A
+/// `traceparent` the output shares with its input was copied along with the
+/// input's extensions (enrich emits the input, enriched), so it is replaced
+/// too; one the handler set to something else is kept.
 pub fn stamp(span: &tracing::Span, input: &Event, output: &mut Event) {
     let context = span.context();
     let span_context = context.span().span_context().clone();
-    if span_context.is_valid() && output.extension(TRACEPARENT).is_none() {
+    let own_parent = output
+        .extension(TRACEPARENT)
+        .is_some_and(|tp| input.extension(TRACEPARENT) != Some(tp));
+    if span_context.is_valid() && !own_parent {
         output.set_extension(TRACEPARENT, format_traceparent(&span_context));
     } else {
         carry_trace(input, output);
