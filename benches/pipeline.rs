@@ -3,6 +3,14 @@
 //! raw consume-and-ack rate of the same stream measured in the same run; and
 //! end-to-end latency at a steady rate.
 //!
+//! Throughput runs twice, each on its own nats-server: on the realistic mix
+//! (90 % kernel events no rule reads, which correlate acks without
+//! decoding) and on a rule-heavy mix where every event is one a rule
+//! consumes, so correlate's second ratio is the cost of its rules and KV
+//! state. Each run fails unless every event was stored and handled: enrich
+//! stored one output per input, correlate's handler saw every event a rule
+//! wants (from its /metrics) and nothing was dead-lettered.
+//!
 //! ```sh
 //! cargo build --release --workspace
 //! cargo bench --bench pipeline
@@ -10,7 +18,8 @@
 //! Environment: `TIDEWATCH_BENCH_EVENTS` (default 20000),
 //! `TIDEWATCH_BENCH_RATE` / `TIDEWATCH_BENCH_SECS` (latency: 10000 events/s
 //! for 10 s), `TIDEWATCH_BENCH_ONLY=throughput|latency` (one half, for
-//! profiling). Rates move with the neighbours on a shared machine; the CPU
+//! profiling), `TIDEWATCH_BENCH_MIX=realistic|rules` (one throughput mix).
+//! Rates move with the neighbours on a shared machine; the CPU
 //! microseconds per event printed beside them (function process and
 //! nats-server, from /proc) say where the time went.
 
@@ -24,20 +33,24 @@ use chrono::Utc;
 use common::*;
 use futures::StreamExt;
 use tidewatch_proto::v1::{
-    ContainerMetadata, ContainerRestart, PodMetadata, ProcessExec, ProcessInfo,
+    ContainerMetadata, ContainerRestart, OomKill, PodMetadata, ProcessExec, ProcessInfo,
+    UnitStateChange,
 };
 use tidewatch_runtime::topology::{self, types};
 use tidewatch_testkit::NatsServer;
 
 /// Pods in the metadata bucket; the traffic spreads over them.
 const PODS: usize = 200;
+/// Nodes the pods run on, and services in front of them (rule-heavy mix).
+const NODES: usize = 10;
+const SERVICES: usize = 20;
 
 fn pod(i: usize) -> PodMetadata {
     PodMetadata {
         uid: format!("uid-{i}"),
         namespace: "bench".into(),
         name: format!("app-{i}"),
-        node: "node-1".into(),
+        node: format!("node-{}", i % NODES),
         labels: [("app".to_string(), "bench".to_string())].into(),
         workload_kind: "ReplicaSet".into(),
         workload_name: "app-5d4b".into(),
@@ -103,6 +116,155 @@ fn bench_event(
         );
         (topology::subjects::raw("ebpf", "node-1"), event)
     }
+}
+
+/// The two throughput mixes.
+#[derive(Clone, Copy, PartialEq)]
+enum Mix {
+    /// 90 % kernel exec events (no rule reads them), 10 % container restarts.
+    Realistic,
+    /// Only events a rule consumes, spread over pods, services and nodes:
+    /// container restarts (crash loop, bad rollout, OOM cascade, node
+    /// runtime failure), kernel OOM kills (OOM cascade), endpoints dropping
+    /// to zero (service disruption, OOM cascade) and kubelet unit failures
+    /// (node runtime failure).
+    RuleHeavy,
+}
+
+impl Mix {
+    /// Event time between consecutive events. The rule-heavy mix is spaced
+    /// so each pod restarts about once a minute (200 pods, 4 types), as
+    /// under CrashLoopBackOff; denser, every rule window would hold
+    /// hundreds of events per pod, which no cluster produces.
+    fn spacing(self) -> chrono::Duration {
+        match self {
+            Mix::Realistic => chrono::Duration::milliseconds(10),
+            Mix::RuleHeavy => chrono::Duration::milliseconds(75),
+        }
+    }
+    fn name(self) -> &'static str {
+        match self {
+            Mix::Realistic => "realistic mix (90 % kernel exec, 10 % restarts)",
+            Mix::RuleHeavy => {
+                "rule-heavy mix (restarts, OOM kills, endpoints empty, unit failures)"
+            }
+        }
+    }
+    /// Event `i` of the mix: its raw subject, the event, and whether a
+    /// correlate rule consumes its type.
+    fn event(self, i: usize, at: chrono::DateTime<Utc>) -> (String, cloudevents::Event, bool) {
+        let id = format!("b-{i}");
+        match self {
+            Mix::Realistic => {
+                let restart = i.is_multiple_of(10);
+                let pick = if restart { i / 10 } else { i };
+                let (subject, event) = bench_event(&id, pick, restart, at);
+                (subject, event, restart)
+            }
+            Mix::RuleHeavy => {
+                let (subject, event) = rule_event(&id, i, at);
+                (subject, event, true)
+            }
+        }
+    }
+}
+
+/// Event `i` of the rule-heavy mix (see [`Mix::RuleHeavy`]).
+fn rule_event(id: &str, i: usize, at: chrono::DateTime<Utc>) -> (String, cloudevents::Event) {
+    let p = (i / 4) % PODS;
+    match i % 4 {
+        0 => bench_event(id, p, true, at),
+        1 => {
+            let payload = OomKill {
+                victim: Some(ProcessInfo {
+                    pid: 1000 + i as u32,
+                    comm: "app".into(),
+                    container_id: format!("c{p:06}"),
+                    ..Default::default()
+                }),
+                rss_pages: 65_536,
+                total_pages: 65_536,
+                memory_limit_bytes: 1 << 28,
+                ..Default::default()
+            };
+            let event = proto_event(id, types::OOM_KILL, "ebpf", "node-1", None, at, &payload);
+            (topology::subjects::raw("ebpf", "node-1"), event)
+        }
+        2 => {
+            let s = (i / 4) % SERVICES;
+            let event = json_event(
+                id,
+                types::ENDPOINTS_EMPTY,
+                "k8s",
+                "node-1",
+                Some(&format!("service/bench/svc-{s}")),
+                at,
+                serde_json::json!({
+                    "namespace": "bench",
+                    "service": format!("svc-{s}"),
+                    "ready": 0,
+                    "notReadyPods": [format!("bench/app-{p}")],
+                }),
+            );
+            (topology::subjects::raw("k8s", "node-1"), event)
+        }
+        _ => {
+            let node = format!("node-{}", (i / 4) % NODES);
+            let payload = UnitStateChange {
+                unit: "kubelet.service".into(),
+                node: node.clone(),
+                active_state: "failed".into(),
+                sub_state: "failed".into(),
+                result: "exit-code".into(),
+                ..Default::default()
+            };
+            let event = proto_event(id, types::UNIT_FAILED, "systemd", &node, None, at, &payload);
+            (topology::subjects::raw("systemd", &node), event)
+        }
+    }
+}
+
+/// Counters of a function's `/metrics`, summed over label sets.
+struct Counters {
+    /// Handler calls: events decoded and handed to the function.
+    handled: u64,
+    acks: u64,
+    naks: u64,
+    dead_lettered: u64,
+}
+
+async fn function_counters(addr: std::net::SocketAddr) -> Counters {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut conn = tokio::net::TcpStream::connect(addr)
+        .await
+        .expect("metrics endpoint");
+    conn.write_all(b"GET /metrics HTTP/1.0\r\nHost: bench\r\n\r\n")
+        .await
+        .expect("request");
+    let mut body = String::new();
+    conn.read_to_string(&mut body).await.expect("metrics");
+    let sum = |name: &str| -> u64 {
+        body.lines()
+            .filter(|l| {
+                l.strip_prefix(name)
+                    .is_some_and(|rest| rest.starts_with('{') || rest.starts_with(' '))
+            })
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum::<f64>() as u64
+    };
+    Counters {
+        handled: sum("tidewatch_handler_seconds_count"),
+        acks: sum("tidewatch_acks_total"),
+        naks: sum("tidewatch_naks_total"),
+        dead_lettered: sum("tidewatch_dead_lettered_total"),
+    }
+}
+
+/// A local address nothing listens on now, for a function's /metrics.
+fn free_addr() -> std::net::SocketAddr {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
 }
 
 /// CPU seconds (user + system) a process has used so far; 0 if unknown.
@@ -291,7 +453,7 @@ async fn function_rate(
     }
 }
 
-async fn enrich_and_correlate_against_the_raw_rate() {
+async fn enrich_and_correlate_against_the_raw_rate(mix: Mix) {
     let n: u64 = std::env::var("TIDEWATCH_BENCH_EVENTS")
         .ok()
         .and_then(|v| v.parse().ok())
@@ -301,13 +463,13 @@ async fn enrich_and_correlate_against_the_raw_rate() {
     for i in 0..PODS {
         put_pod(&js, &pod(i)).await;
     }
-    // A mix: 90 % kernel exec events, 10 % container restarts.
     let base = Utc::now() - chrono::Duration::hours(1);
     let mut confirmations = Vec::new();
+    let mut ruled = 0u64;
     for i in 0..n as usize {
-        let at = base + chrono::Duration::milliseconds(i as i64 * 10);
-        let pick = if i % 10 == 0 { i / 10 } else { i };
-        let (subject, event) = bench_event(&format!("b-{i}"), pick, i % 10 == 0, at);
+        let at = base + mix.spacing() * i as i32;
+        let (subject, event, wanted) = mix.event(i, at);
+        ruled += u64::from(wanted);
         confirmations.push(
             publisher
                 .send(subject.as_str(), &event)
@@ -318,22 +480,49 @@ async fn enrich_and_correlate_against_the_raw_rate() {
     for c in confirmations {
         c.await.expect("stored");
     }
+    let stored = stream_messages(&js, topology::RAW.name).await;
+    assert_eq!(
+        stored, n,
+        "the raw stream holds {stored} of {n} published events"
+    );
 
     let nats = server_pid(&server);
     let me = std::process::id();
     let cpu = Cpu::start(&[me, nats]);
     let raw = raw_rate(&js, topology::RAW.name, n).await;
     let raw_cpu = cpu.per_event(n);
-    let cpu = Cpu::start(&[me, nats]);
-    let republish = raw_republish_rate(&js, topology::RAW.name, n).await;
-    let republish_cpu = cpu.per_event(n);
+    // The republish ceiling is a property of the server, not of the mix.
+    let republish = if mix == Mix::Realistic {
+        let cpu = Cpu::start(&[me, nats]);
+        let rate = raw_republish_rate(&js, topology::RAW.name, n).await;
+        Some((rate, cpu.per_event(n)))
+    } else {
+        None
+    };
     let enrich_process = start_function(&server, "tidewatch-enrich", &[]);
     let (enrich, enrich_cpu) =
         function_rate(&js, "enrich", n, &[enrich_process.id().unwrap_or(0), nats]).await;
+    // enrich emits one event per input (unresolved ones are marked, not
+    // dropped): anything else means it did not do the work measured.
+    let enriched = stream_messages(&js, topology::ENRICHED.name).await;
+    assert_eq!(
+        enriched, n,
+        "enrich stored {enriched} events for {n} inputs"
+    );
     let cpu = Cpu::start(&[me, nats]);
     let raw_enriched = raw_rate(&js, topology::ENRICHED.name, n).await;
     let raw_enriched_cpu = cpu.per_event(n);
-    let correlate_process = start_function(&server, "tidewatch-correlate", &[]);
+    let metrics = free_addr();
+    let correlate_process = tokio::process::Command::new(binary("tidewatch-correlate"))
+        .env("NATS_URL", server.client_url())
+        .env("TIDEWATCH_METRICS_ADDR", metrics.to_string())
+        .env("TIDEWATCH_TRANSPORT", "jetstream")
+        .env("RUST_LOG", "warn")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("correlate starts");
     let (correlate, correlate_cpu) = function_rate(
         &js,
         "correlate",
@@ -341,6 +530,28 @@ async fn enrich_and_correlate_against_the_raw_rate() {
         &[correlate_process.id().unwrap_or(0), nats],
     )
     .await;
+    // Acked is not handled: correlate acks types no rule wants without
+    // decoding them. Its handler must have seen every event a rule consumes
+    // (more only if some were redelivered), and none may be dead-lettered.
+    let c = function_counters(metrics).await;
+    let dlq = stream_messages(&js, topology::DEAD_LETTER.name).await;
+    assert!(
+        c.acks == n && c.handled >= ruled && c.dead_lettered == 0 && dlq == 0,
+        "correlate: {} acked, {} handled of {ruled} a rule consumes, {} dead-lettered \
+         ({dlq} in the DLQ stream) for {n} events: its rate is not the rules' rate",
+        c.acks,
+        c.handled,
+        c.dead_lettered
+    );
+    let kv_writes = js
+        .get_stream(format!("KV_{}", topology::CORRELATION_STATE.bucket))
+        .await
+        .expect("state stream")
+        .info()
+        .await
+        .expect("info")
+        .state
+        .last_sequence;
     // CPU per event says where the time went on a shared machine, where
     // wall-clock rates move with the neighbours.
     let cpu = |c: &[f64]| {
@@ -349,20 +560,24 @@ async fn enrich_and_correlate_against_the_raw_rate() {
             c[0], c[1]
         )
     };
-    println!("events: {n}");
+    println!("== {}: {n} events", mix.name());
     println!(
         "raw consume+ack (raw stream):      {raw:>10.0} events/s  {}",
         cpu(&raw_cpu)
     );
+    if let Some((republish, republish_cpu)) = &republish {
+        println!(
+            "raw consume+republish+ack:         {republish:>10.0} events/s  ratio {:.2} (the ceiling for enrich)  {}",
+            republish / raw,
+            cpu(republish_cpu)
+        );
+    }
+    let ceiling = republish
+        .map(|(r, _)| format!(", {:.2} of the ceiling", enrich / r))
+        .unwrap_or_default();
     println!(
-        "raw consume+republish+ack:         {republish:>10.0} events/s  ratio {:.2} (the ceiling for enrich)  {}",
-        republish / raw,
-        cpu(&republish_cpu)
-    );
-    println!(
-        "enrich, one instance:              {enrich:>10.0} events/s  ratio {:.2} (target >= 0.5), {:.2} of the ceiling  {}",
+        "enrich, one instance:              {enrich:>10.0} events/s  ratio {:.2} (target >= 0.5){ceiling}  {}",
         enrich / raw,
-        enrich / republish,
         cpu(&enrich_cpu)
     );
     println!(
@@ -375,7 +590,9 @@ async fn enrich_and_correlate_against_the_raw_rate() {
         cpu(&correlate_cpu)
     );
     println!(
-        "insights: {}",
+        "correlate handled {} of {n} events (the rest acked undecoded), {} naks; KV writes: {kv_writes}; insights: {}",
+        c.handled,
+        c.naks,
         stream_messages(&js, topology::INSIGHTS.name).await
     );
 }
@@ -504,7 +721,13 @@ async fn main() {
     // `TIDEWATCH_BENCH_ONLY=throughput|latency` runs one half (for profiling).
     let only = std::env::var("TIDEWATCH_BENCH_ONLY").unwrap_or_default();
     if only != "latency" {
-        enrich_and_correlate_against_the_raw_rate().await;
+        let mix = std::env::var("TIDEWATCH_BENCH_MIX").unwrap_or_default();
+        if mix != "rules" {
+            enrich_and_correlate_against_the_raw_rate(Mix::Realistic).await;
+        }
+        if mix != "realistic" {
+            enrich_and_correlate_against_the_raw_rate(Mix::RuleHeavy).await;
+        }
     }
     if only != "throughput" {
         end_to_end_latency_at_a_steady_rate().await;

@@ -7,6 +7,11 @@
 //! everything a collector's publish does (binary-mode encoding, size check,
 //! confirmation with retry). Rounds alternate, the stream is purged between
 //! them, and the best of each side is compared.
+//!
+//! Every round and side publishes ids never used before: purging a stream
+//! does not clear its duplicate window, so a repeated id would be acked as
+//! a duplicate and stored nowhere. After each round the stream must hold
+//! exactly the events just published, or the bench fails.
 
 use std::future::IntoFuture as _;
 use std::time::{Duration, Instant};
@@ -70,25 +75,34 @@ async fn publish_bench(url: &str, args: &PublishBench) -> anyhow::Result<()> {
     let js = jetstream::new(client.clone());
     provision(&js, &ProvisionOptions::default()).await?;
     let subject = subjects::raw("bench", "local");
-    println!("preparing {} events per round...", args.events);
-    let events: Vec<_> = (0..args.events)
-        .map(|i| crate::emit::synthetic_event("bench", "local", i))
-        .collect::<anyhow::Result<_>>()?;
-    let encode_started = Instant::now();
-    let encoded: Vec<_> = events.iter().map(to_nats).collect();
-    let encode_rate = events.len() as f64 / encode_started.elapsed().as_secs_f64();
-    let avg_payload = encoded.iter().map(|(_, p)| p.len()).sum::<usize>() / encoded.len().max(1);
+    let sample = crate::emit::synthetic_event("bench", "local", 0)?;
+    let avg_payload = to_nats(&sample).1.len();
     println!(
         "server {url}; {} events/round, payload ~{avg_payload} B + CloudEvents headers, in-flight {}, {} rounds",
         args.events, args.in_flight, args.rounds
     );
-    println!("CloudEvents binary-mode encoding alone: {encode_rate:.0} events/s on this core");
     let (mut raw_best, mut ours_best) = (0f64, 0f64);
     for round in 1..=args.rounds {
+        // Fresh ids for each side and round (see the module comment); the
+        // events are built before the clock starts.
+        let raw_events = round_events(&format!("bench-raw-{round}"), args.events)?;
+        let encode_started = Instant::now();
+        let encoded: Vec<_> = raw_events.iter().map(to_nats).collect();
+        let encode_rate = encoded.len() as f64 / encode_started.elapsed().as_secs_f64();
+        drop(raw_events);
+        if round == 1 {
+            println!(
+                "CloudEvents binary-mode encoding alone: {encode_rate:.0} events/s on this core"
+            );
+        }
         purge(&js).await?;
-        let raw = raw_round(&client, &subject, &encoded, args.in_flight, round).await?;
+        let raw = raw_round(&client, &subject, &encoded, args.in_flight).await?;
+        expect_stored(&js, args.events, "raw async-nats", round).await?;
+        drop(encoded);
+        let events = round_events(&format!("bench-tidewatch-{round}"), args.events)?;
         purge(&js).await?;
         let ours = ours_round(&client, &subject, &events, args.in_flight).await?;
+        expect_stored(&js, args.events, "tidewatch publisher", round).await?;
         println!(
             "round {round}: raw async-nats {raw:>9.0} events/s   tidewatch publisher {ours:>9.0} events/s   ratio {:.2}",
             ours / raw
@@ -100,6 +114,38 @@ async fn publish_bench(url: &str, args: &PublishBench) -> anyhow::Result<()> {
     println!(
         "best: raw {raw_best:.0} events/s, tidewatch {ours_best:.0} events/s, ratio {:.2} (target >= 0.80)",
         ours_best / raw_best
+    );
+    Ok(())
+}
+
+/// `n` synthetic events whose ids are unique to `run`.
+fn round_events(run: &str, n: u64) -> anyhow::Result<Vec<cloudevents::Event>> {
+    (0..n)
+        .map(|i| crate::emit::synthetic_event(run, "local", i))
+        .collect()
+}
+
+/// Fail unless the (just purged) raw stream holds exactly `n` messages: a
+/// round whose publishes were acked as duplicates stored nothing and its
+/// rate means nothing.
+async fn expect_stored(
+    js: &jetstream::Context,
+    n: u64,
+    side: &str,
+    round: u32,
+) -> anyhow::Result<()> {
+    let stored = js
+        .get_stream(topology::RAW.name)
+        .await?
+        .info()
+        .await
+        .context("reading the raw stream's state after a round")?
+        .state
+        .messages;
+    anyhow::ensure!(
+        stored == n,
+        "round {round}, {side}: the stream holds {stored} new messages after {n} acknowledged publishes \
+         (duplicates of earlier ids are acked but not stored); this round's rate is void"
     );
     Ok(())
 }
@@ -118,7 +164,6 @@ async fn raw_round(
     subject: &str,
     encoded: &[(async_nats::HeaderMap, bytes::Bytes)],
     in_flight: usize,
-    round: u32,
 ) -> anyhow::Result<f64> {
     let js = jetstream::ContextBuilder::new()
         .max_ack_inflight(in_flight)
@@ -145,12 +190,9 @@ async fn raw_round(
         }
     });
     let started = Instant::now();
-    for (i, (headers, payload)) in encoded.iter().enumerate() {
-        let mut headers = headers.clone();
-        // Raw rounds use their own ids so they are not deduplicated against ours.
-        headers.insert("Nats-Msg-Id", format!("raw-{round}-{i}").as_str());
+    for (headers, payload) in encoded {
         let publish = PublishMessage::build()
-            .headers(headers)
+            .headers(headers.clone())
             .payload(payload.clone());
         let ack = js.send_publish(subject.to_string(), publish).await?;
         tx.send(ack)
