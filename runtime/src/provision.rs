@@ -33,6 +33,11 @@ pub struct ProvisionOptions {
     /// Only consumers, on streams that exist: what the functions' own
     /// provisioning Job does with a user that may not touch streams.
     pub consumers_only: bool,
+    /// Cap on every stream's and bucket's `max_bytes`. The topology's sizes
+    /// (24 GiB in all) are for a cluster's volumes; JetStream refuses to
+    /// create streams whose reservations exceed its store, which on a
+    /// laptop is 75 % of the free disk. `tidewatch up` caps them.
+    pub max_bytes_cap: Option<i64>,
 }
 
 impl Default for ProvisionOptions {
@@ -42,11 +47,24 @@ impl Default for ProvisionOptions {
             ack_wait: None,
             max_deliver: None,
             consumers_only: false,
+            max_bytes_cap: None,
         }
     }
 }
 
 impl ProvisionOptions {
+    /// Cap every stream and bucket at `bytes` (see [`Self::max_bytes_cap`]).
+    pub fn cap_bytes(mut self, bytes: i64) -> Self {
+        self.max_bytes_cap = Some(bytes);
+        self
+    }
+    fn max_bytes(&self, spec: i64) -> i64 {
+        match self.max_bytes_cap {
+            Some(cap) if spec < 0 || spec > cap => cap,
+            _ => spec,
+        }
+    }
+
     pub fn replicas(mut self, replicas: usize) -> Self {
         self.replicas = replicas.max(1);
         self
@@ -173,7 +191,7 @@ pub fn desired_stream(spec: &StreamSpec, options: &ProvisionOptions) -> StreamCo
         storage: StorageType::File,
         discard: DiscardPolicy::Old,
         max_age: spec.max_age,
-        max_bytes: spec.max_bytes,
+        max_bytes: options.max_bytes(spec.max_bytes),
         duplicate_window: spec.duplicate_window,
         max_messages: -1,
         max_messages_per_subject: -1,
@@ -195,7 +213,7 @@ pub fn desired_bucket(spec: &BucketSpec, options: &ProvisionOptions) -> StreamCo
         discard: DiscardPolicy::New,
         max_messages_per_subject: spec.history,
         max_age: spec.max_age,
-        max_bytes: spec.max_bytes,
+        max_bytes: options.max_bytes(spec.max_bytes),
         max_messages: -1,
         max_message_size: -1,
         num_replicas: options.replicas,

@@ -161,11 +161,20 @@ pub async fn run(nats_url: &str, url_set: bool, args: UpArgs) -> anyhow::Result<
     result
 }
 
-/// Streams, consumers and buckets, as the cluster's Job provisions them (R1 here).
+/// Streams and buckets are capped at this size locally: the topology's
+/// sizes are for a cluster's volumes, and JetStream refuses reservations
+/// past 75 % of a laptop's free disk.
+pub const LOCAL_STREAM_BYTES: i64 = 1024 * 1024 * 1024;
+
+/// Streams, consumers and buckets, as the cluster's Job provisions them (R1,
+/// and capped at [`LOCAL_STREAM_BYTES`], here).
 async fn provision_topology(js: &jetstream::Context, view: &View) -> anyhow::Result<()> {
-    let report = provision(js, &ProvisionOptions::default())
-        .await
-        .context("provisioning")?;
+    let report = provision(
+        js,
+        &ProvisionOptions::default().cap_bytes(LOCAL_STREAM_BYTES),
+    )
+    .await
+    .context("provisioning")?;
     let changed = report
         .items
         .iter()

@@ -420,7 +420,7 @@ impl Node {
             "server_name: \"{name}\"\n\
              listen: \"127.0.0.1:{client}\"\n\
              http: \"127.0.0.1:{http}\"\n\
-             jetstream {{\n    store_dir: {store_dir}\n}}\n\
+             jetstream {{\n    store_dir: {store_dir}\n    max_file_store: 1TB\n}}\n\
              cluster {{\n    name: \"{CLUSTER_NAME}\"\n    listen: \"127.0.0.1:{cluster}\"\n    routes: [\n{routes}\n    ]\n}}\n",
             name = self.name,
             client = self.client_port,

@@ -48,10 +48,14 @@ impl NatsServer {
         let store_dir = dir.path().join("store");
         let ports_dir = dir.path().join("ports");
         std::fs::create_dir_all(&ports_dir).expect("create ports_file_dir");
+        let config = dir.path().join("nats-server.conf");
+        std::fs::write(&config, JETSTREAM_LIMITS).expect("write nats-server config");
 
         // `-p -1` / `-m -1` let the server pick free ports; it reports them in
         // `<ports_dir>/<exe name>_<pid>.ports`.
         let args = [
+            OsStr::new("-c"),
+            config.as_os_str(),
             OsStr::new("-js"),
             OsStr::new("-a"),
             OsStr::new("127.0.0.1"),
@@ -99,7 +103,10 @@ impl NatsServer {
             self.client_port.to_string(),
             self.monitoring_port.to_string(),
         );
+        let config = self.dir.path().join("nats-server.conf");
         let args = [
+            OsStr::new("-c"),
+            config.as_os_str(),
             OsStr::new("-js"),
             OsStr::new("-a"),
             OsStr::new("127.0.0.1"),
@@ -253,3 +260,9 @@ async fn accepts_clients(port: u16) -> bool {
         .flatten()
         .is_some()
 }
+
+/// A test server's JetStream store limit. The topology's streams reserve
+/// their production sizes (24 GiB); by default JetStream allows only 75 % of
+/// the free disk, so a machine with less than 32 GB free would refuse to
+/// provision. The limit is bookkeeping, not an allocation: tests store little.
+pub(crate) const JETSTREAM_LIMITS: &str = "jetstream {\n  max_file_store: 1TB\n}\n";
