@@ -24,6 +24,7 @@ use std::time::{Duration, Instant};
 use tidewatch_collector_ebpf::collector::Stats;
 use tidewatch_collector_ebpf::wire::Kind;
 use tidewatch_collector_ebpf::{Collector, Config};
+use tidewatch_runtime::collector::CommonConfig;
 use tidewatch_testkit::NatsServer;
 
 const TCP_LOOP: &str = r#"
@@ -119,9 +120,10 @@ async fn main() {
             .expect("load");
 
         let filtered = Config {
-            nats_url: server.client_url(),
-            node: "bench".into(),
-            metrics_addr: None,
+            common: CommonConfig::default()
+                .nats_url(server.client_url())
+                .node("bench")
+                .metrics_addr(None),
             replay_processes: false,
             include_cgroups: vec![empty.display().to_string()],
             ..Config::default()
@@ -133,9 +135,10 @@ async fn main() {
         drop(collector);
 
         let config = Config {
-            nats_url: server.client_url(),
-            node: "bench".into(),
-            metrics_addr: None,
+            common: CommonConfig::default()
+                .nats_url(server.client_url())
+                .node("bench")
+                .metrics_addr(None),
             replay_processes: false,
             ..Config::default()
         };
