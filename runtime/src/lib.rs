@@ -14,14 +14,18 @@
 //! - [`consume`] (JetStream pull, KEDA) and [`serve_http`] (HTTP, Knative):
 //!   the two transports one function value runs on.
 //! - [`dead_letter`]: where poison messages go, with the reason.
+//! - [`drops`]: reports of lost events (collector.drops), for the outbox's
+//!   spool overflow and a collector's own stages.
 //! - [`metrics`], [`telemetry`]: `/metrics`, health, logs, OTLP traces.
 //! - [`host`]: the `main` of a function binary; [`shutdown`]: signals.
-//! - [`collector`]: what collectors' configurations share (node name, seconds).
+//! - [`collector`]: the collector host: the `Collector` trait,
+//!   `collector_main`, shared flags and config, exit codes, the spool policy.
 
 pub mod binding;
 pub mod collector;
 pub mod consume;
 pub mod dead_letter;
+pub mod drops;
 pub mod event;
 pub mod function;
 pub mod host;

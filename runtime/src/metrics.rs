@@ -3,8 +3,8 @@
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
 use http_body_util::Full;
@@ -38,7 +38,9 @@ pub struct Metrics {
 
 /// The counters themselves; reached through `Metrics`' `Deref`.
 pub struct Inner {
-    registry: Registry,
+    // Behind a lock so a collector can add its own metrics after start
+    // ([`Metrics::register_collector`]); locked only to register and scrape.
+    registry: Mutex<Registry>,
     /// Events handed to the function.
     pub events_in: Counter,
     /// Events the function emitted and the stream acknowledged.
@@ -106,7 +108,7 @@ impl Metrics {
             spool_pending: Gauge::default(),
             spool_bytes: Gauge::default(),
             kv_conflicts: Family::default(),
-            registry: Registry::default(),
+            registry: Mutex::new(Registry::default()),
         };
         registry.register(
             "events_in",
@@ -195,7 +197,10 @@ impl Metrics {
             inner.kv_conflicts.clone(),
         );
         Metrics {
-            inner: Arc::new(Inner { registry, ..inner }),
+            inner: Arc::new(Inner {
+                registry: Mutex::new(registry),
+                ..inner
+            }),
         }
     }
 
@@ -203,8 +208,23 @@ impl Metrics {
     pub fn encode(&self) -> String {
         let mut out = String::new();
         // Writing into a String cannot fail.
-        let _ = prometheus_client::encoding::text::encode(&mut out, &self.inner.registry);
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry());
         out
+    }
+
+    /// Add metrics read at every scrape (a collector's kernel counters,
+    /// say). They get the `tidewatch_` prefix and the `component` label
+    /// like the rest.
+    pub fn register_collector(&self, collector: impl prometheus_client::collector::Collector) {
+        self.registry().register_collector(Box::new(collector));
+    }
+
+    fn registry(&self) -> std::sync::MutexGuard<'_, Registry> {
+        // A panic while encoding leaves the registry intact: keep serving it.
+        self.inner
+            .registry
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     pub fn refuse(&self, reason: &'static str) {

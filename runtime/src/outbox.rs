@@ -38,7 +38,7 @@ use futures::stream::FuturesUnordered;
 use tokio::sync::{Notify, mpsc, oneshot};
 
 use crate::binding::nats::{to_nats, wire_size};
-use crate::event::{derive_id, new_event};
+use crate::event::derive_id;
 use crate::message::Record;
 use crate::metrics::Metrics;
 use crate::publisher::{Confirmation, PublishError, PublishErrorKind, Publisher, Unsent};
@@ -633,6 +633,34 @@ async fn confirm_all(shared: Arc<Shared>, mut jobs: mpsc::UnboundedReceiver<Job>
     }
 }
 
+/// Await `(tag, receipt)` pairs in one task and hand each outcome to
+/// `on_done` with its tag (a collector's per-kind counters, say), so a
+/// sender never waits for acks. The task ends once the sender is dropped
+/// and every receipt has settled.
+pub fn confirm_each<T: Send + 'static>(
+    mut on_done: impl FnMut(T, Result<Delivered, OutboxError>) + Send + 'static,
+) -> (
+    mpsc::UnboundedSender<(T, Receipt)>,
+    tokio::task::JoinHandle<()>,
+) {
+    let (tx, mut rx) = mpsc::unbounded_channel::<(T, Receipt)>();
+    let task = tokio::spawn(async move {
+        let mut pending = FuturesUnordered::new();
+        let mut open = true;
+        loop {
+            tokio::select! {
+                job = rx.recv(), if open => match job {
+                    Some((tag, receipt)) => pending.push(async move { (tag, receipt.await) }),
+                    None => open = false,
+                },
+                Some((tag, result)) = pending.next(), if !pending.is_empty() => on_done(tag, result),
+                else => return,
+            }
+        }
+    });
+    (tx, task)
+}
+
 /// Replay the spool whenever it holds something and NATS is reachable.
 /// Holds only a weak reference between rounds, so it ends with the outbox.
 async fn replay(weak: std::sync::Weak<Shared>) {
@@ -794,14 +822,7 @@ async fn report_drops(shared: &Arc<Shared>) {
         &shared.started_ns.to_be_bytes(),
         &total.to_be_bytes(),
     ]);
-    let event = match new_event(
-        id,
-        topology::types::COLLECTOR_DROPS,
-        &topology::source(&config.component, &config.node),
-        Some(&format!("node/{}", config.node)),
-        chrono::Utc::now(),
-        &payload,
-    ) {
+    let event = match crate::drops::event(id, &config.component, &config.node, &payload) {
         Ok(event) => event,
         Err(e) => {
             tracing::error!(error = %e, "cannot build the spool overflow report");

@@ -33,9 +33,10 @@ use std::path::Path;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use tidewatch_collector_ebpf::collector::Stats;
+use tidewatch_collector_ebpf::stats::Stats;
 use tidewatch_collector_ebpf::wire::Kind;
 use tidewatch_collector_ebpf::{Collector, CollectorError, Config, Handle};
+use tidewatch_runtime::collector::CommonConfig;
 use tidewatch_testkit::NatsServer;
 
 /// The generator: wait for "go" on stdin (the parent moves it into the load
@@ -163,9 +164,10 @@ struct Running {
 
 async fn start(server: &NatsServer, cgroup: &Path, ring_bytes: u32, queue: usize) -> Running {
     let config = Config {
-        nats_url: server.client_url(),
-        node: "bench".into(),
-        metrics_addr: None,
+        common: CommonConfig::default()
+            .nats_url(server.client_url())
+            .node("bench")
+            .metrics_addr(None),
         replay_processes: false,
         include_cgroups: vec![cgroup.display().to_string()],
         ring_bytes,

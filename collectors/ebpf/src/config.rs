@@ -1,13 +1,15 @@
 //! Collector configuration: a TOML file (every key optional, unknown keys
-//! refused) plus the flags/environment for NATS, node name and metrics.
+//! refused) with the runtime's [`CommonConfig`] keys (NATS, node, metrics,
+//! spool) flattened in, plus the runtime's common flags over it.
 //! [`Config::validate`] refuses bad filters at start, before anything loads.
 
 use std::collections::BTreeMap;
-use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::Deserialize;
+use tidewatch_runtime::collector::{CollectorConfig, CommonConfig};
+use tidewatch_runtime::spool::SpoolConfig;
 
 use crate::attribution;
 use crate::wire::Kind;
@@ -16,12 +18,14 @@ use crate::wire::Kind;
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
-    /// NATS server(s), comma separated.
-    pub nats_url: String,
-    /// Node name: the subject token and the CloudEvent source.
-    pub node: String,
-    /// `/metrics`, `/healthz`, `/readyz` (port 0 picks one; none to disable).
-    pub metrics_addr: Option<SocketAddr>,
+    /// NATS, node (the subject token and the CloudEvent source), metrics
+    /// address, and the outage spool: while NATS is unreachable events are
+    /// written there and replayed in order, with their ids, once it is back
+    /// (one directory per collector instance, a hostPath in the DaemonSet).
+    /// No spool: events beyond `queue_capacity` are counted as lost during
+    /// an outage.
+    #[serde(flatten)]
+    pub common: CommonConfig,
     /// Event kinds to collect (`process.exec`, `exec`, or the full CloudEvent
     /// type); empty = all.
     pub events: Vec<String>,
@@ -49,12 +53,6 @@ pub struct Config {
     pub retransmit_interval: Duration,
     /// Emit `process.exists` for every running process at start.
     pub replay_processes: bool,
-    /// Outage spool: while NATS is unreachable events are written here and
-    /// replayed in order, with their ids, once it is back. One directory
-    /// per collector instance (a hostPath in the DaemonSet, so it survives
-    /// a restart). Unset: no spool; events beyond `queue_capacity` are
-    /// counted as lost during an outage.
-    pub spool_dir: Option<PathBuf>,
     /// Upper bound of the spool on disk; when full, the oldest events are
     /// deleted, counted and reported.
     pub spool_max_bytes: u64,
@@ -63,9 +61,7 @@ pub struct Config {
 impl Default for Config {
     fn default() -> Self {
         Config {
-            nats_url: "nats://127.0.0.1:4222".into(),
-            node: default_node(),
-            metrics_addr: Some(SocketAddr::from(([0, 0, 0, 0], 9090))),
+            common: CommonConfig::default(),
             events: Vec::new(),
             sampling: BTreeMap::new(),
             include_cgroups: Vec::new(),
@@ -77,7 +73,6 @@ impl Default for Config {
             drops_interval: Duration::from_secs(10),
             retransmit_interval: Duration::from_secs(5),
             replay_processes: true,
-            spool_dir: None,
             spool_max_bytes: 256 << 20,
         }
     }
@@ -190,6 +185,27 @@ impl Config {
             include,
             exclude,
         })
+    }
+}
+
+impl CollectorConfig for Config {
+    fn common(&self) -> &CommonConfig {
+        &self.common
+    }
+    fn common_mut(&mut self) -> &mut CommonConfig {
+        &mut self.common
+    }
+    fn check(&self) -> Result<(), String> {
+        self.clone().validate().map(drop).map_err(|e| e.to_string())
+    }
+    fn max_in_flight(&self) -> usize {
+        self.max_in_flight
+    }
+    fn spool(&self) -> SpoolConfig {
+        SpoolConfig {
+            max_bytes: self.spool_max_bytes,
+            ..SpoolConfig::default()
+        }
     }
 }
 

@@ -2,19 +2,37 @@
 //! connections from the kernel (CO-RE programs in `ebpf/`, loaded with aya)
 //! published as CloudEvents to `tidewatch.raw.ebpf.<node>`.
 //!
-//! - [`collector`]: load, attach, drain the ring, publish; [`run`].
+//! By job, in the order a record travels:
+//!
+//! - [`load`]: load the BPF object, set its filters, attach the tracepoints.
+//! - [`ring`]: drain the ring buffer and the retransmits map into the queue.
 //! - [`wire`]: the records the BPF programs write.
-//! - [`config`]: the configuration, validated before anything loads.
-//! - [`attribution`]: cgroup id → path → container id → pod uid.
-//! - [`procfs`]: running processes, replayed as `process.exists`.
-//! - [`preflight`]: whether this host can run the collector, and why not.
+//! - [`mapping`]: a record → its CloudEvent, and the deterministic ids;
+//!   [`attribution`]: cgroup id → path → container id → pod uid.
+//! - [`publish`]: the queue → the runtime's outbox, acks counted per kind.
+//! - [`snapshot`]: running processes ([`procfs`]) as `process.exists` at start.
+//! - [`drops`]: periodic `collector.drops` reports of what was lost.
+//! - [`stats`]: the collector's counters, on the runtime's `/metrics`.
+//! - [`collector`]: [`Ebpf`], the wiring the runtime's collector host runs;
+//!   [`Collector`] and [`run`] for in-process use.
+//! - [`config`]: the configuration, validated before anything loads;
+//!   [`error`]: what stops the collector; [`preflight`]: `--check-host`.
 
 pub mod attribution;
 pub mod collector;
 pub mod config;
+pub mod drops;
+pub mod error;
+pub mod load;
+pub mod mapping;
 pub mod preflight;
 pub mod procfs;
+pub mod publish;
+pub mod ring;
+pub mod snapshot;
+pub mod stats;
 pub mod wire;
 
-pub use collector::{COLLECTOR_DROPS, Collector, CollectorError, Handle, run};
+pub use collector::{COLLECTOR_DROPS, Collector, Ebpf, Handle, run};
 pub use config::Config;
+pub use error::CollectorError;

@@ -21,6 +21,7 @@ use tidewatch_collector_ebpf::{COLLECTOR_DROPS, Collector, CollectorError, Confi
 use tidewatch_proto::v1;
 use tidewatch_runtime::binding::nats::from_nats;
 use tidewatch_runtime::cloudevents::{AttributesReader, Event};
+use tidewatch_runtime::collector::CommonConfig;
 use tidewatch_runtime::event::payload;
 use tidewatch_runtime::topology::{self, subjects, types};
 use tidewatch_testkit::{NatsServer, eventually};
@@ -121,9 +122,10 @@ impl Harness {
             .expect("provision");
         let node = format!("test-{name}-{}", std::process::id());
         let mut config = Config {
-            nats_url: server.client_url(),
-            node: node.clone(),
-            metrics_addr: Some("127.0.0.1:0".parse().expect("addr")),
+            common: CommonConfig::default()
+                .nats_url(server.client_url())
+                .node(node.clone())
+                .metrics_addr(Some("127.0.0.1:0".parse().expect("addr"))),
             replay_processes: false,
             ring_bytes: 1 << 20,
             ..Config::default()
@@ -801,7 +803,7 @@ async fn with_nats_unreachable_the_ring_keeps_draining_and_losses_are_counted() 
     const QUEUE: usize = 16;
     const IN_FLIGHT: usize = 8;
     let Some(h) = Harness::start("unreachable", |c| {
-        c.nats_url = format!("nats://127.0.0.1:{dead}");
+        c.common.nats_url = format!("nats://127.0.0.1:{dead}");
         c.include_cgroups = vec![filter];
         c.queue_capacity = QUEUE;
         c.max_in_flight = IN_FLIGHT;
@@ -842,7 +844,7 @@ async fn with_nats_unreachable_the_ring_keeps_draining_and_losses_are_counted() 
         .expect("GET /metrics");
     assert!(
         body.contains(&format!(
-            "tidewatch_ebpf_events_lost_total{{component=\"ebpf\",reason=\"queue_full\"}} {lost}"
+            "tidewatch_ebpf_events_lost_total{{component=\"collector-ebpf\",reason=\"queue_full\"}} {lost}"
         )),
         "{body}"
     );
@@ -860,7 +862,7 @@ async fn during_an_outage_events_are_spooled_and_replayed_once_nats_is_back() {
     let spool_dir = spool.path().to_path_buf();
     let Some(mut h) = Harness::start("spool", |c| {
         c.include_cgroups = vec![filter];
-        c.spool_dir = Some(spool_dir);
+        c.common.spool_dir = Some(spool_dir);
     })
     .await
     else {
@@ -1037,7 +1039,7 @@ async fn bad_config_is_refused_at_start() {
     let pending = std::future::pending::<()>();
     let unknown = Config {
         events: vec!["process.exec".into(), "process.fork".into()],
-        metrics_addr: None,
+        common: CommonConfig::default().metrics_addr(None),
         ..Config::default()
     };
     let err = tidewatch_collector_ebpf::run(unknown, pending)
@@ -1052,7 +1054,7 @@ async fn bad_config_is_refused_at_start() {
     for filter in ["kubepods.slice", "id:zero", "/no/such/cgroup/tidewatch"] {
         let malformed = Config {
             include_cgroups: vec![filter.into()],
-            metrics_addr: None,
+            common: CommonConfig::default().metrics_addr(None),
             ..Config::default()
         };
         let err = tidewatch_collector_ebpf::run(malformed, std::future::pending::<()>())

@@ -1,4 +1,6 @@
-//! Wiring: kube watchers → [`Tracker`] → diff modules → [`Sink`] and KV.
+//! Wiring: kube watchers → [`Tracker`] → diff modules → [`Sink`] and KV,
+//! as [`K8s`], the [`host::Collector`] the runtime's collector host runs
+//! (it owns the admin endpoint, NATS, the outbox and the flush on stop).
 //!
 //! - Pods of this node (`spec.nodeName=<node>`): always, on every replica.
 //! - Nodes, Warning Events, Deployments + ReplicaSets, EndpointSlices and
@@ -23,14 +25,13 @@ use kube::runtime::WatchStreamExt;
 use kube::runtime::watcher::{self, watcher};
 use kube::{Api, Client, Resource};
 use serde::de::DeserializeOwned;
-use tidewatch_runtime::metrics::{Metrics, Readiness, bind, serve_admin};
-use tidewatch_runtime::outbox::{Outbox, OutboxConfig};
-use tidewatch_runtime::publisher::{Publisher, PublisherConfig};
+use tidewatch_runtime::collector::{self as host, CollectorHost, Context, until};
+use tidewatch_runtime::metrics::{Metrics, Readiness};
 use tokio::sync::watch;
 use tokio::time::Instant;
 
-use crate::change::Change;
-use crate::config::Config;
+use crate::change::{COLLECTOR, Change};
+use crate::config::{Args, Config};
 use crate::endpoints::{Services, SliceSnapshot};
 use crate::error::CollectorError;
 use crate::kv::Mirror;
@@ -42,9 +43,6 @@ use crate::service::ServiceSnapshot;
 use crate::sink::{Bucket, Sink};
 use crate::tracker::{Input, Tracker, Transition};
 use crate::warning::{self, EventSnapshot};
-
-/// Metrics component name.
-pub const COMPONENT: &str = "collector-k8s";
 
 /// How often deleted pods past their grace period are removed from KV and
 /// failed KV writes retried.
@@ -60,11 +58,54 @@ pub async fn credentials() -> Result<kube::Config, CollectorError> {
     })
 }
 
+/// The Kubernetes collector, as the runtime's collector host runs it.
+pub struct K8s {
+    config: Config,
+    client: Client,
+}
+
+impl K8s {
+    /// A collector on `client` (a test's scripted API server, say).
+    pub fn with_client(config: Config, client: Client) -> Result<K8s, CollectorError> {
+        config.validate().map_err(CollectorError::Config)?;
+        Ok(K8s { config, client })
+    }
+}
+
+impl host::Collector for K8s {
+    const NAME: &'static str = COLLECTOR;
+    const ABOUT: &'static str = "Tidewatch Kubernetes collector: semantic pod, node, rollout, endpoint \
+and Warning Event changes, published to tidewatch.raw.k8s.<node>; pod metadata kept in the \
+tidewatch-pods KV bucket. Uses a kubeconfig (KUBECONFIG, ~/.kube/config) or in-cluster credentials.";
+    const CONFIG_ENV: &'static str = "TIDEWATCH_K8S_CONFIG";
+    type Config = Config;
+    type Args = Args;
+    type Error = CollectorError;
+
+    fn apply(args: Args, config: &mut Config) {
+        args.apply(config);
+    }
+
+    /// Kubernetes credentials (kubeconfig or in-cluster) exist.
+    async fn check_host(_: &Config) -> Result<(), String> {
+        credentials().await.map(drop).map_err(|e| e.to_string())
+    }
+
+    async fn start(config: Config, _: &Metrics) -> Result<K8s, CollectorError> {
+        config.validate().map_err(CollectorError::Config)?;
+        let client = Client::try_from(credentials().await?)?;
+        K8s::with_client(config, client)
+    }
+
+    async fn run(self, cx: Context) -> Result<(), CollectorError> {
+        self.watch(cx).await;
+        Ok(())
+    }
+}
+
 /// Run with credentials from the environment until `shutdown` resolves.
 pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(), CollectorError> {
-    config.validate().map_err(CollectorError::Config)?;
-    let client = Client::try_from(credentials().await?)?;
-    run_with_client(config, client, shutdown).await
+    host::run::<K8s>(config, shutdown).await
 }
 
 /// Run against `client` until `shutdown` resolves.
@@ -73,112 +114,84 @@ pub async fn run_with_client(
     client: Client,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), CollectorError> {
-    config.validate().map_err(CollectorError::Config)?;
-    let metrics = Metrics::new(COMPONENT);
-    let readiness = Readiness::default();
-    let (stop_tx, stop_rx) = watch::channel(false);
-    let mut tasks = tokio::task::JoinSet::new();
-
-    if let Some(addr) = config.metrics_addr {
-        let (listener, local) = bind(addr)
-            .await
-            .map_err(|source| CollectorError::Bind { addr, source })?;
-        tracing::info!(%local, "serving /metrics, /healthz, /readyz");
-        let mut stop = stop_rx.clone();
-        tasks.spawn(serve_admin(
-            listener,
-            metrics.clone(),
-            readiness.clone(),
-            async move {
-                until(&mut stop, true).await;
-            },
-        ));
-    }
-
-    let nats = tidewatch_runtime::host::connect(&config.nats_url, COMPONENT)
-        .await
-        .map_err(|e| CollectorError::Nats(e.to_string()))?;
-    let js = async_nats::jetstream::new(nats.clone());
-    let publisher = Publisher::new(
-        nats,
-        PublisherConfig::default().max_in_flight(config.max_in_flight),
-        metrics.clone(),
-    );
-    let outbox = Outbox::open(
-        publisher,
-        OutboxConfig::default()
-            .spool_dir(&config.spool_dir)
-            .component(crate::change::COLLECTOR)
-            .node(&config.node),
-    )?;
-    let sink = Sink::new(outbox, &config.node, metrics.clone());
-
-    // Pods of this node.
-    let pods = Api::<Pod>::all(client.clone());
-    let pod_config = watcher::Config::default()
-        .fields(&format!("spec.nodeName={}", config.node))
-        .timeout(config.watch_timeout_secs);
-    tasks.spawn(
-        PodWatch {
-            sink: sink.clone(),
-            bucket: Bucket::new(js.clone()),
-            node: config.node.clone(),
-            grace: config.pod_grace,
-            readiness: readiness.clone(),
-            metrics: metrics.clone(),
-        }
-        .run(pods, pod_config, stop_rx.clone()),
-    );
-
-    // Leadership.
-    let (leader_tx, leader_rx) = watch::channel(false);
-    if config.leader_election {
-        let elector = Elector {
-            api: Api::<Lease>::namespaced(client.clone(), &config.lease_namespace),
-            name: config.lease_name.clone(),
-            identity: config.holder(),
-            timing: Timing {
-                lease_duration: config.lease_duration,
-                renew_deadline: config.renew_deadline,
-                retry_period: config.retry_period,
-            },
-        };
-        tasks.spawn(elector.run(leader_tx, stop_rx.clone()));
-    } else {
-        leader_tx.send_replace(true);
-        // Keep the sender alive for the life of the collector.
-        let mut stop = stop_rx.clone();
-        tasks.spawn(async move {
-            until(&mut stop, true).await;
-            drop(leader_tx);
-        });
-    }
-    tasks.spawn(lead_cluster_watches(
-        client,
-        config.clone(),
-        sink.clone(),
-        Bucket::new(js),
-        metrics.clone(),
-        leader_rx,
-        stop_rx,
-    ));
-
-    shutdown.await;
-    tracing::info!("shutting down");
-    readiness.set(false);
-    stop_tx.send_replace(true);
-    while let Some(result) = tasks.join_next().await {
-        if let Err(e) = result {
-            tracing::warn!(error = %e, "a collector task failed");
-        }
-    }
-    sink.flush().await;
-    Ok(())
+    let collector = K8s::with_client(config, client)?;
+    let metrics = Metrics::new(&host::component(COLLECTOR));
+    let host = CollectorHost::start(COLLECTOR, &collector.config, metrics).await?;
+    host.run(collector, shutdown).await
 }
 
-/// Wait until `rx` holds `value`; false when its sender is gone.
-pub async fn until(rx: &mut watch::Receiver<bool>, value: bool) -> bool {
-    rx.wait_for(|v| *v == value).await.is_ok()
+impl K8s {
+    /// Pods of this node on every replica; cluster-scoped kinds while leading.
+    async fn watch(self, cx: Context) {
+        let K8s { config, client } = self;
+        let Context {
+            outbox,
+            client: nats,
+            metrics,
+            readiness,
+            stop: stop_rx,
+        } = cx;
+        let node = &config.common.node;
+        let js = async_nats::jetstream::new(nats);
+        let sink = Sink::new(outbox, node, metrics.clone());
+        let mut tasks = tokio::task::JoinSet::new();
+
+        // Pods of this node.
+        let pods = Api::<Pod>::all(client.clone());
+        let pod_config = watcher::Config::default()
+            .fields(&format!("spec.nodeName={node}"))
+            .timeout(config.watch_timeout_secs);
+        tasks.spawn(
+            PodWatch {
+                sink: sink.clone(),
+                bucket: Bucket::new(js.clone()),
+                node: node.clone(),
+                grace: config.pod_grace,
+                readiness,
+                metrics: metrics.clone(),
+            }
+            .run(pods, pod_config, stop_rx.clone()),
+        );
+
+        // Leadership.
+        let (leader_tx, leader_rx) = watch::channel(false);
+        if config.leader_election {
+            let elector = Elector {
+                api: Api::<Lease>::namespaced(client.clone(), &config.lease_namespace),
+                name: config.lease_name.clone(),
+                identity: config.holder(),
+                timing: Timing {
+                    lease_duration: config.lease_duration,
+                    renew_deadline: config.renew_deadline,
+                    retry_period: config.retry_period,
+                },
+            };
+            tasks.spawn(elector.run(leader_tx, stop_rx.clone()));
+        } else {
+            leader_tx.send_replace(true);
+            // Keep the sender alive for the life of the collector.
+            let mut stop = stop_rx.clone();
+            tasks.spawn(async move {
+                until(&mut stop, true).await;
+                drop(leader_tx);
+            });
+        }
+        tasks.spawn(lead_cluster_watches(
+            client,
+            config.clone(),
+            sink,
+            Bucket::new(js),
+            metrics,
+            leader_rx,
+            stop_rx,
+        ));
+
+        while let Some(result) = tasks.join_next().await {
+            if let Err(e) = result {
+                tracing::warn!(error = %e, "a collector task failed");
+            }
+        }
+    }
 }
 
 /// A watcher event with its object reduced to a snapshot.

@@ -1,23 +1,27 @@
 //! Collector configuration: a TOML file (every key optional, unknown keys
-//! refused) plus flags/environment for NATS, node name and metrics.
+//! refused) with the runtime's [`CommonConfig`] keys (NATS, node, metrics,
+//! spool) flattened in, plus flags/environment ([`Args`] and the runtime's
+//! common flags) over it.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::Deserialize;
+use tidewatch_runtime::collector::{CollectorConfig, CommonConfig};
+
+/// Where the outage spool is when `spool_dir` is not set.
+pub const DEFAULT_SPOOL_DIR: &str = "/var/lib/tidewatch/spool/k8s";
 
 /// Everything the collector needs to run.
 #[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
-    /// NATS server(s), comma separated.
-    pub nats_url: String,
-    /// This node (`spec.nodeName` of the pods watched; subject token and
-    /// CloudEvent source).
-    pub node: String,
-    /// `/metrics`, `/healthz`, `/readyz` (port 0 picks one; none to disable).
-    pub metrics_addr: Option<SocketAddr>,
+    /// NATS, node (`spec.nodeName` of the pods watched; subject token and
+    /// CloudEvent source), metrics address, spool directory (default
+    /// [`DEFAULT_SPOOL_DIR`]).
+    #[serde(flatten)]
+    pub common: CommonConfig,
     /// Watch cluster-scoped objects only while holding the Lease. Off: this
     /// instance always watches them (a single-replica Deployment).
     pub leader_election: bool,
@@ -43,8 +47,6 @@ pub struct Config {
     /// Server-side timeout of one watch request, seconds (the watcher
     /// re-watches from its last resourceVersion after it).
     pub watch_timeout_secs: u32,
-    /// Directory of the outage spool.
-    pub spool_dir: PathBuf,
     /// Unacknowledged publishes at once.
     pub max_in_flight: usize,
 }
@@ -52,9 +54,7 @@ pub struct Config {
 impl Default for Config {
     fn default() -> Self {
         Config {
-            nats_url: "nats://127.0.0.1:4222".into(),
-            node: default_node(),
-            metrics_addr: Some(SocketAddr::from(([0, 0, 0, 0], 9090))),
+            common: CommonConfig::default(),
             leader_election: true,
             lease_namespace: std::env::var("POD_NAMESPACE")
                 .ok()
@@ -67,7 +67,6 @@ impl Default for Config {
             retry_period: Duration::from_secs(2),
             pod_grace: Duration::from_secs(300),
             watch_timeout_secs: 290,
-            spool_dir: PathBuf::from("/var/lib/tidewatch/spool/k8s"),
             max_in_flight: 1024,
         }
     }
@@ -77,15 +76,15 @@ pub use tidewatch_runtime::collector::default_node;
 
 impl Config {
     pub fn nats_url(mut self, url: impl Into<String>) -> Self {
-        self.nats_url = url.into();
+        self.common.nats_url = url.into();
         self
     }
     pub fn node(mut self, node: impl Into<String>) -> Self {
-        self.node = node.into();
+        self.common.node = node.into();
         self
     }
     pub fn metrics_addr(mut self, addr: Option<SocketAddr>) -> Self {
-        self.metrics_addr = addr;
+        self.common.metrics_addr = addr;
         self
     }
     pub fn leader_election(mut self, on: bool) -> Self {
@@ -118,19 +117,19 @@ impl Config {
         self
     }
     pub fn spool_dir(mut self, dir: impl Into<PathBuf>) -> Self {
-        self.spool_dir = dir.into();
+        self.common.spool_dir = Some(dir.into());
         self
     }
 
     /// Read a TOML file.
     pub fn from_file(path: &Path) -> Result<Config, String> {
-        let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
-        toml::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))
+        <Config as CollectorConfig>::from_file(path)
     }
 
     /// Refuse settings that cannot work.
     pub fn validate(&self) -> Result<(), String> {
-        if self.node.trim().is_empty() || self.node == "unknown" {
+        let node = &self.common.node;
+        if node.trim().is_empty() || node == "unknown" {
             return Err(
                 "node name unknown: set NODE_NAME (the downward API's spec.nodeName)".into(),
             );
@@ -155,7 +154,62 @@ impl Config {
 
     /// Holder identity in the Lease.
     pub fn holder(&self) -> String {
-        self.identity.clone().unwrap_or_else(|| self.node.clone())
+        self.identity
+            .clone()
+            .unwrap_or_else(|| self.common.node.clone())
+    }
+}
+
+impl CollectorConfig for Config {
+    fn common(&self) -> &CommonConfig {
+        &self.common
+    }
+    fn common_mut(&mut self) -> &mut CommonConfig {
+        &mut self.common
+    }
+    fn check(&self) -> Result<(), String> {
+        self.validate()
+    }
+    fn max_in_flight(&self) -> usize {
+        self.max_in_flight
+    }
+    /// Always a spool: [`DEFAULT_SPOOL_DIR`] unless set.
+    fn spool_dir(&self) -> Option<PathBuf> {
+        Some(
+            self.common
+                .spool_dir
+                .clone()
+                .unwrap_or_else(|| PathBuf::from(DEFAULT_SPOOL_DIR)),
+        )
+    }
+}
+
+/// The collector's own flags, beside the runtime's common ones.
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct Args {
+    /// Namespace of the leader-election Lease [default: $POD_NAMESPACE or tidewatch].
+    #[arg(long, env = "TIDEWATCH_LEASE_NAMESPACE")]
+    pub lease_namespace: Option<String>,
+    /// Holder identity in the Lease [default: the node name].
+    #[arg(long, env = "POD_NAME")]
+    pub identity: Option<String>,
+    /// Watch cluster-scoped objects without leader election (one replica only).
+    #[arg(long)]
+    pub no_leader_election: bool,
+}
+
+impl Args {
+    /// Let the flags override `config`.
+    pub fn apply(self, config: &mut Config) {
+        if let Some(ns) = self.lease_namespace {
+            config.lease_namespace = ns;
+        }
+        if let Some(identity) = self.identity {
+            config.identity = Some(identity);
+        }
+        if self.no_leader_election {
+            config.leader_election = false;
+        }
     }
 }
 

@@ -1,59 +1,44 @@
 //! What can stop the collector.
 
-use tidewatch_runtime::outbox::OutboxError;
+use tidewatch_runtime::collector::{ErrorKind, Failure, SetupError};
 
-/// Errors of the collector. Each says whether retrying can help.
+/// Errors of the collector. Each says whether retrying can help; its
+/// [`ErrorKind`] is the process exit code (the runtime's table).
 #[derive(Debug, thiserror::Error)]
 pub enum CollectorError {
-    /// Terminal: the configuration is invalid.
+    /// Terminal: the configuration is invalid (exit 2).
     #[error("invalid configuration: {0}")]
     Config(String),
-    /// Terminal: neither a kubeconfig nor in-cluster credentials exist.
+    /// Terminal: neither a kubeconfig nor in-cluster credentials exist (exit 3).
     #[error("no Kubernetes credentials: {0}")]
     Credentials(String),
     /// Retryable: the API server could not be reached or refused a request.
     #[error("Kubernetes API: {0}")]
     Kube(#[from] kube::Error),
-    /// Retryable: NATS or its KV bucket could not be reached.
-    #[error("NATS: {0}")]
-    Nats(String),
-    /// Terminal unless the disk recovers: the outbox (spool) could not open.
-    #[error("outbox: {0}")]
-    Outbox(#[from] OutboxError),
-    /// Terminal: the admin endpoint could not bind.
-    #[error("admin endpoint {addr}: {source}")]
-    Bind {
-        addr: std::net::SocketAddr,
-        #[source]
-        source: std::io::Error,
-    },
-}
-
-/// Kind of a [`CollectorError`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ErrorKind {
-    Config,
-    Credentials,
-    Kube,
-    Nats,
-    Outbox,
-    Bind,
+    /// Retryable: the host could not bind the admin endpoint, build the
+    /// NATS client or open the spool (see the runtime's spool policy).
+    #[error(transparent)]
+    Setup(#[from] SetupError),
 }
 
 impl CollectorError {
     pub fn kind(&self) -> ErrorKind {
         match self {
             CollectorError::Config(_) => ErrorKind::Config,
-            CollectorError::Credentials(_) => ErrorKind::Credentials,
-            CollectorError::Kube(_) => ErrorKind::Kube,
-            CollectorError::Nats(_) => ErrorKind::Nats,
-            CollectorError::Outbox(_) => ErrorKind::Outbox,
-            CollectorError::Bind { .. } => ErrorKind::Bind,
+            CollectorError::Credentials(_) => ErrorKind::Unsupported,
+            CollectorError::Kube(_) => ErrorKind::Retryable,
+            CollectorError::Setup(e) => e.kind(),
         }
     }
 
     /// Whether starting again later can succeed.
     pub fn is_retryable(&self) -> bool {
-        matches!(self.kind(), ErrorKind::Kube | ErrorKind::Nats)
+        self.kind().is_retryable()
+    }
+}
+
+impl Failure for CollectorError {
+    fn kind(&self) -> ErrorKind {
+        CollectorError::kind(self)
     }
 }

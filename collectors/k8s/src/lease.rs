@@ -309,7 +309,7 @@ impl Elector {
             };
             tokio::select! {
                 _ = tokio::time::sleep(pause) => {}
-                _ = crate::collector::until(&mut stop, true) => break,
+                _ = tidewatch_runtime::collector::until(&mut stop, true) => break,
             }
         }
         let was_leading = *leader.borrow();

@@ -4,9 +4,10 @@
 //!
 //! A tour, from the edges in:
 //!
-//! - [`collector`]: the wiring and [`run`]: kube watchers (pods of this
-//!   node on every replica; cluster-scoped kinds on the leader only) into
-//!   trackers, diffs, the sink and KV.
+//! - [`collector`]: [`K8s`], the collector the runtime's collector host
+//!   runs, and [`run`]: kube watchers (pods of this node on every replica;
+//!   cluster-scoped kinds on the leader only) into trackers, diffs, the
+//!   sink and KV.
 //! - [`lease`]: leader election on a Lease: pure [`lease::step`] plus the
 //!   API calls.
 //! - [`tracker`]: the list/watch state machine that turns watcher events
@@ -20,7 +21,8 @@
 //! - [`kv`]: the desired contents of the KV bucket and pending writes.
 //! - [`sink`]: the one place that publishes (through the runtime's outbox)
 //!   and writes KV.
-//! - [`config`], [`error`], [`quantity`] (resource quantities).
+//! - [`config`] (the TOML config and the collector's own flags), [`error`],
+//!   [`quantity`] (resource quantities).
 
 pub mod change;
 pub mod collector;
@@ -38,6 +40,6 @@ pub mod sink;
 pub mod tracker;
 pub mod warning;
 
-pub use collector::{credentials, run, run_with_client};
+pub use collector::{K8s, credentials, run, run_with_client};
 pub use config::Config;
-pub use error::{CollectorError, ErrorKind};
+pub use error::CollectorError;

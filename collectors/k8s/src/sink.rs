@@ -57,13 +57,6 @@ impl Sink {
             }
         }
     }
-
-    /// Wait for outstanding publishes and sync the spool.
-    pub async fn flush(&self) {
-        if let Err(e) = self.outbox.flush().await {
-            tracing::warn!(error = %e, "flushing the outbox failed");
-        }
-    }
 }
 
 /// The pod metadata bucket, opened (or created) on first use.

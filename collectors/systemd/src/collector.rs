@@ -1,77 +1,141 @@
-//! Wiring: connect to NATS, serve `/metrics` and health, run the unit
-//! follower (D-Bus) and the journal follower side by side, and drain on
-//! shutdown (stop reading, wait for acks, save the cursor).
+//! Wiring: the unit follower (D-Bus) and the journal follower side by side,
+//! as [`Systemd`], the [`host::Collector`] the runtime's collector host runs
+//! (it owns the admin endpoint, NATS, the outbox and the flush on stop). On
+//! stop: stop reading, wait for acks, save the cursor.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
 use tidewatch_proto::v1;
 use tidewatch_runtime::cloudevents::Event;
+use tidewatch_runtime::collector::{self as host, Context, Started, until};
 use tidewatch_runtime::event::{EventError, derive_id, new_event};
-use tidewatch_runtime::metrics::{self, Metrics, Readiness};
-use tidewatch_runtime::outbox::{Outbox, OutboxConfig, OutboxError};
-use tidewatch_runtime::publisher::{Publisher, PublisherConfig};
-use tidewatch_runtime::spool::{FsyncPolicy, SpoolConfig};
+use tidewatch_runtime::metrics::{Metrics, Readiness};
 use tidewatch_runtime::topology::{self, subjects};
 use tokio::sync::watch;
 
-use crate::config::{self, Config, Resolved};
+use crate::COLLECTOR;
+use crate::config::{Args, Config, Resolved};
 use crate::dbus::Watch;
 use crate::emit::Emitter;
-use crate::follow::{self, stopped};
+use crate::error::CollectorError;
+use crate::follow;
 use crate::units::{Snapshot, Transition, UnitState};
 
-/// Collector name in subjects, sources and metrics.
-pub const COLLECTOR: &str = "systemd";
-
-/// Why the collector could not start or stopped.
-#[derive(Debug, thiserror::Error)]
-pub enum CollectorError {
-    /// Terminal: the configuration is invalid.
-    #[error(transparent)]
-    Config(#[from] config::ConfigError),
-    /// Retryable: NATS could not be reached.
-    #[error(transparent)]
-    Runtime(#[from] tidewatch_runtime::RuntimeError),
-    /// Retryable: the admin endpoint could not be bound (port in use).
-    #[error("admin endpoint {addr}: {source}")]
-    Admin {
-        addr: SocketAddr,
-        source: std::io::Error,
-    },
-    /// Retryable: `journalctl` could not be run or its output read.
-    #[error("journal: {0}")]
-    Journal(String),
-    /// Retryable: a journal entry was neither acknowledged by the stream
-    /// nor taken by the spool; the saved cursor is before it, so a restart
-    /// resends it.
-    #[error("publishing a journal entry: {0}")]
-    Publish(#[source] OutboxError),
-    /// Retryable: the cursor file could not be read or written.
-    #[error("cursor file {path}: {source}")]
-    Cursor {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+/// The systemd collector, as the runtime's collector host runs it.
+pub struct Systemd {
+    resolved: Arc<Resolved>,
 }
 
-/// Whether retrying (restarting the process) can help.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ErrorKind {
-    Retryable,
-    Terminal,
-}
+impl host::Collector for Systemd {
+    const NAME: &'static str = COLLECTOR;
+    const ABOUT: &'static str = "Tidewatch systemd collector: unit state over D-Bus and selected \
+journal entries, published to tidewatch.raw.systemd.<node>. See README.md.";
+    const CONFIG_ENV: &'static str = "TIDEWATCH_SYSTEMD_CONFIG";
+    type Config = Config;
+    type Args = Args;
+    type Error = CollectorError;
 
-impl CollectorError {
-    pub fn kind(&self) -> ErrorKind {
-        match self {
-            CollectorError::Config(_) => ErrorKind::Terminal,
-            CollectorError::Runtime(e) if !e.is_retryable() => ErrorKind::Terminal,
-            _ => ErrorKind::Retryable,
+    fn apply(args: Args, config: &mut Config) {
+        args.apply(config);
+    }
+
+    /// The system D-Bus answers and a journal is there to read.
+    async fn check_host(config: &Config) -> Result<(), String> {
+        crate::preflight::check(config).await
+    }
+
+    async fn start(config: Config, _: &Metrics) -> Result<Systemd, CollectorError> {
+        let resolved = Arc::new(config.validate()?);
+        tracing::info!(dbus = %resolved.dbus_address, cursor = %resolved.cursor_file.display(), "systemd collector configured");
+        Ok(Systemd { resolved })
+    }
+
+    /// Follow units and the journal until `cx.stop` or until the journal
+    /// follower fails; then stop both and return.
+    async fn run(self, cx: Context) -> Result<(), CollectorError> {
+        let Systemd { resolved } = self;
+        let Context {
+            outbox,
+            metrics,
+            readiness,
+            stop: mut host_stop,
+            ..
+        } = cx;
+        let config = &resolved.config;
+        let emitter = Emitter::new(outbox, subjects::raw(COLLECTOR, &config.common.node));
+        // Its own stop signal: a failed journal follower stops the unit
+        // follower too, before the host hears of it.
+        let (stop_tx, stop) = watch::channel(false);
+
+        let (units_ready, mut units_ready_rx) = watch::channel(!config.unit_states);
+        let (journal_ready, mut journal_ready_rx) = watch::channel(!config.journal);
+        let units = config.unit_states.then(|| {
+            tokio::spawn(follow_units(
+                resolved.clone(),
+                emitter.clone(),
+                metrics.clone(),
+                units_ready,
+                stop.clone(),
+            ))
+        });
+        let mut journal = config.journal.then(|| {
+            tokio::spawn(follow::follow(
+                resolved.clone(),
+                emitter.clone(),
+                metrics.clone(),
+                journal_ready,
+                stop.clone(),
+            ))
+        });
+        let ready = tokio::spawn(async move {
+            let _ = units_ready_rx.wait_for(|r| *r).await;
+            let _ = journal_ready_rx.wait_for(|r| *r).await;
+            readiness.set(true);
+            tracing::info!("ready: following units and the journal");
+        });
+
+        let mut result = Ok(());
+        let journal_done = async {
+            match journal.as_mut() {
+                Some(task) => Some(task.await),
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            _ = until(&mut host_stop, true) => {}
+            done = journal_done => {
+                journal = None;
+                result = flatten(done);
+                if let Err(e) = &result {
+                    tracing::error!(error = %e, "journal follower stopped");
+                }
+            }
         }
+        ready.abort();
+        let _ = stop_tx.send(true);
+        if let Some(task) = journal {
+            let done = flatten(Some(task.await));
+            if result.is_ok() {
+                result = done;
+            }
+        }
+        if let Some(task) = units {
+            let _ = task.await;
+        }
+        result
+    }
+}
+
+fn flatten(
+    done: Option<Result<Result<(), CollectorError>, tokio::task::JoinError>>,
+) -> Result<(), CollectorError> {
+    match done {
+        Some(Ok(r)) => r,
+        Some(Err(e)) => Err(CollectorError::Journal(format!("journal task: {e}"))),
+        None => Ok(()),
     }
 }
 
@@ -96,168 +160,32 @@ impl Handle {
     }
 }
 
-/// A connected collector, not yet following anything.
-pub struct Collector {
-    resolved: Arc<Resolved>,
-    emitter: Emitter,
-    admin: Option<tokio::net::TcpListener>,
-    handle: Handle,
-}
+/// A collector started with its host (connected, `/metrics` bound), not
+/// yet following anything.
+pub struct Collector(Started<Systemd>);
 
 impl Collector {
     /// Validate the config, connect to NATS, bind `/metrics`.
     pub async fn start(config: Config) -> Result<Collector, CollectorError> {
-        let resolved = Arc::new(config.validate()?);
-        let config = &resolved.config;
-        let client =
-            tidewatch_runtime::host::connect(&config.nats_url, "collector-systemd").await?;
-        let metrics = Metrics::new(COLLECTOR);
-        let publisher = Publisher::new(
-            client,
-            PublisherConfig::default().max_in_flight(config.max_in_flight),
-            metrics.clone(),
-        );
-        let subject = subjects::raw(COLLECTOR, &config.node);
-        let spool = config.spool_dir.as_ref().map(|dir| {
-            OutboxConfig::default()
-                .spool_dir(dir)
-                // fsync every record: the journal cursor moves on once an
-                // entry is spooled, so a spooled entry must survive a
-                // machine crash too (the journal rate makes this cheap).
-                .spool(SpoolConfig {
-                    max_bytes: config.spool_max_bytes,
-                    fsync: FsyncPolicy::EveryRecord,
-                    ..SpoolConfig::default()
-                })
-                .component(COLLECTOR)
-                .node(config.node.as_str())
-        });
-        let emitter = Emitter::new(Outbox::open_or_without_spool(publisher, spool), subject);
-        let (admin, metrics_addr) = match config.metrics_addr {
-            Some(addr) => {
-                let (listener, local) = metrics::bind(addr)
-                    .await
-                    .map_err(|source| CollectorError::Admin { addr, source })?;
-                (Some(listener), Some(local))
-            }
-            None => (None, None),
-        };
-        tracing::info!(node = %config.node, dbus = %resolved.dbus_address, cursor = %resolved.cursor_file.display(), spool = ?config.spool_dir, metrics = ?metrics_addr, "systemd collector connected");
-        Ok(Collector {
-            handle: Handle {
-                metrics,
-                readiness: Readiness::default(),
-                metrics_addr,
-            },
-            resolved,
-            emitter,
-            admin,
-        })
+        Started::start(config).await.map(Collector)
     }
 
     pub fn handle(&self) -> Handle {
-        self.handle.clone()
+        let host = &self.0.host;
+        Handle {
+            metrics: host.metrics().clone(),
+            readiness: host.readiness().clone(),
+            metrics_addr: host.metrics_addr(),
+        }
     }
 
-    /// Follow units and the journal until `shutdown` resolves or the journal
-    /// follower fails; then drain and return.
+    /// Follow units and the journal until `shutdown` resolves or the
+    /// journal follower fails; then drain and return.
     pub async fn run(
         self,
         shutdown: impl std::future::Future<Output = ()>,
     ) -> Result<(), CollectorError> {
-        let Collector {
-            resolved,
-            emitter,
-            admin,
-            handle,
-        } = self;
-        let config = &resolved.config;
-        let (stop_tx, stop) = watch::channel(false);
-        let admin = admin.map(|listener| {
-            let mut stop = stop.clone();
-            tokio::spawn(metrics::serve_admin(
-                listener,
-                handle.metrics.clone(),
-                handle.readiness.clone(),
-                async move {
-                    let _ = stop.wait_for(|s| *s).await;
-                },
-            ))
-        });
-
-        let (units_ready, mut units_ready_rx) = watch::channel(!config.unit_states);
-        let (journal_ready, mut journal_ready_rx) = watch::channel(!config.journal);
-        let units = config.unit_states.then(|| {
-            tokio::spawn(follow_units(
-                resolved.clone(),
-                emitter.clone(),
-                handle.metrics.clone(),
-                units_ready,
-                stop.clone(),
-            ))
-        });
-        let mut journal = config.journal.then(|| {
-            tokio::spawn(follow::follow(
-                resolved.clone(),
-                emitter.clone(),
-                handle.metrics.clone(),
-                journal_ready,
-                stop.clone(),
-            ))
-        });
-        let readiness = handle.readiness.clone();
-        let ready = tokio::spawn(async move {
-            let _ = units_ready_rx.wait_for(|r| *r).await;
-            let _ = journal_ready_rx.wait_for(|r| *r).await;
-            readiness.set(true);
-            tracing::info!("ready: following units and the journal");
-        });
-
-        tokio::pin!(shutdown);
-        let mut result = Ok(());
-        let journal_done = async {
-            match journal.as_mut() {
-                Some(task) => Some(task.await),
-                None => std::future::pending().await,
-            }
-        };
-        tokio::select! {
-            _ = &mut shutdown => tracing::info!("shutting down: stop reading, wait for acks, save the cursor"),
-            done = journal_done => {
-                journal = None;
-                result = flatten(done);
-                if let Err(e) = &result {
-                    tracing::error!(error = %e, "journal follower stopped");
-                }
-            }
-        }
-        handle.readiness.set(false);
-        ready.abort();
-        let _ = stop_tx.send(true);
-        if let Some(task) = journal {
-            let done = flatten(Some(task.await));
-            if result.is_ok() {
-                result = done;
-            }
-        }
-        if let Some(task) = units {
-            let _ = task.await;
-        }
-        emitter.flush().await;
-        if let Some(admin) = admin {
-            let _ = admin.await;
-        }
-        result
-    }
-}
-
-fn flatten(
-    done: Option<Result<Result<(), CollectorError>, tokio::task::JoinError>>,
-) -> Result<(), CollectorError> {
-    match done {
-        Some(Ok(r)) => r,
-        Some(Err(e)) => Err(CollectorError::Journal(format!("journal task: {e}"))),
-        None => Ok(()),
+        self.0.run(shutdown).await
     }
 }
 
@@ -266,7 +194,7 @@ pub async fn run(
     config: Config,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> Result<(), CollectorError> {
-    Collector::start(config).await?.run(shutdown).await
+    host::run::<Systemd>(config, shutdown).await
 }
 
 /// This boot's id (`/proc/sys/kernel/random/boot_id`): part of unit event ids.
@@ -337,7 +265,7 @@ async fn follow_units(
     mut stop: watch::Receiver<bool>,
 ) {
     let config = &resolved.config;
-    let source = topology::source(COLLECTOR, &config.node);
+    let source = topology::source(COLLECTOR, &config.common.node);
     let boot = boot_id();
     let clock = tokio::time::Instant::now();
     let mut states: HashMap<String, UnitState> = HashMap::new();
@@ -345,7 +273,7 @@ async fn follow_units(
     let mut backoff = Duration::from_millis(500);
     loop {
         let opened = tokio::select! {
-            _ = stopped(&mut stop) => return,
+            _ = until(&mut stop, true) => return,
             opened = Watch::open(&resolved.dbus_address, &resolved.selection) => opened,
         };
         let (mut watch, snapshot) = match opened {
@@ -353,7 +281,7 @@ async fn follow_units(
             Err(e) => {
                 tracing::warn!(error = %e, address = %resolved.dbus_address, ?backoff, "cannot follow systemd over D-Bus; retrying");
                 tokio::select! {
-                    _ = stopped(&mut stop) => return,
+                    _ = until(&mut stop, true) => return,
                     _ = tokio::time::sleep(backoff) => {}
                 }
                 backoff = (backoff * 2).min(Duration::from_secs(30));
@@ -386,7 +314,7 @@ async fn follow_units(
         ready.send_replace(true);
         loop {
             let observation = tokio::select! {
-                _ = stopped(&mut stop) => return,
+                _ = until(&mut stop, true) => return,
                 o = watch.next() => o,
             };
             let Some(observation) = observation else {
@@ -431,7 +359,7 @@ async fn publish(
         let event = match unit_event(
             unit,
             transition,
-            &config.node,
+            &config.common.node,
             source,
             boot,
             chrono::Utc::now(),

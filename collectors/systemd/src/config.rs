@@ -1,12 +1,15 @@
 //! Collector configuration: a TOML file (every key optional, unknown keys
-//! refused) plus flags/environment for NATS, node name and metrics.
-//! [`Config::validate`] refuses a bad configuration at start.
+//! refused) with the runtime's [`CommonConfig`] keys (NATS, node, metrics,
+//! spool) flattened in, plus flags/environment ([`Args`] and the runtime's
+//! common flags) over it. [`Config::validate`] refuses a bad configuration
+//! at start.
 
-use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::Deserialize;
+use tidewatch_runtime::collector::{CollectorConfig, CommonConfig};
+use tidewatch_runtime::spool::{FsyncPolicy, SpoolConfig};
 
 use crate::journal::Rules;
 use crate::units::{CrashLoopRule, Selection};
@@ -57,12 +60,13 @@ pub enum JournalStart {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
-    /// NATS server(s), comma separated.
-    pub nats_url: String,
-    /// Node name: the subject token, the CloudEvent source and the payloads' `node`.
-    pub node: String,
-    /// `/metrics`, `/healthz`, `/readyz` (port 0 picks one; none to disable).
-    pub metrics_addr: Option<SocketAddr>,
+    /// NATS, node (the subject token, the CloudEvent source and the
+    /// payloads' `node`), metrics address, and the outage spool: while NATS
+    /// is unreachable events are written there and replayed in order once
+    /// it is back (also after a restart). No spool: the journal then stops
+    /// advancing its cursor until NATS is back.
+    #[serde(flatten)]
+    pub common: CommonConfig,
     /// The host's root as mounted in the container (`/host`); `/` when run on the host.
     pub host_root: PathBuf,
     /// D-Bus address of the system bus. Default: `DBUS_SYSTEM_BUS_ADDRESS`,
@@ -89,10 +93,6 @@ pub struct Config {
     /// Default: `<spool_dir>/journal.cursor`, else
     /// `/var/lib/tidewatch/systemd/journal.cursor`.
     pub cursor_file: Option<PathBuf>,
-    /// Outage spool: while NATS is unreachable events are written here and
-    /// replayed in order once it is back (also after a restart). Unset: no
-    /// spool; the journal then stops advancing its cursor until NATS is back.
-    pub spool_dir: Option<PathBuf>,
     /// Upper bound of the spool on disk; when full the oldest events are
     /// dropped and counted.
     pub spool_max_bytes: u64,
@@ -110,9 +110,7 @@ pub struct Config {
 impl Default for Config {
     fn default() -> Self {
         Config {
-            nats_url: "nats://127.0.0.1:4222".into(),
-            node: default_node(),
-            metrics_addr: Some(SocketAddr::from(([0, 0, 0, 0], 9090))),
+            common: CommonConfig::default(),
             host_root: PathBuf::from("/"),
             dbus_address: None,
             unit_states: true,
@@ -123,7 +121,6 @@ impl Default for Config {
             journal_directory: None,
             journalctl: PathBuf::from("journalctl"),
             cursor_file: None,
-            spool_dir: None,
             spool_max_bytes: 256 << 20,
             journal_start: JournalStart::Now,
             journal_max_priority: 4,
@@ -211,13 +208,14 @@ impl Config {
 
     /// Where the journal cursor is kept.
     pub fn cursor_file(&self) -> PathBuf {
-        match (&self.cursor_file, &self.spool_dir) {
+        match (&self.cursor_file, &self.common.spool_dir) {
             (Some(file), _) => file.clone(),
             (None, Some(spool)) => spool.join("journal.cursor"),
             (None, None) => PathBuf::from("/var/lib/tidewatch/systemd/journal.cursor"),
         }
     }
 
+    /// Refuse a configuration that cannot work; derive its rules.
     pub fn validate(self) -> Result<Resolved, ConfigError> {
         if self.crash_loop_restarts == 0 {
             return Err(ConfigError::Zero("crash_loop_restarts"));
@@ -234,7 +232,7 @@ impl Config {
         if !self.unit_states && !self.journal {
             return Err(ConfigError::NothingToDo);
         }
-        if self.node.trim().is_empty() {
+        if self.common.node.trim().is_empty() {
             return Err(ConfigError::NoNode);
         }
         Ok(Resolved {
@@ -248,6 +246,74 @@ impl Config {
             cursor_file: self.cursor_file(),
             config: self,
         })
+    }
+}
+
+impl CollectorConfig for Config {
+    fn common(&self) -> &CommonConfig {
+        &self.common
+    }
+    fn common_mut(&mut self) -> &mut CommonConfig {
+        &mut self.common
+    }
+    fn check(&self) -> Result<(), String> {
+        self.clone().validate().map(drop).map_err(|e| e.to_string())
+    }
+    fn max_in_flight(&self) -> usize {
+        self.max_in_flight
+    }
+    /// fsync every record: the journal cursor moves on once an entry is
+    /// spooled, so a spooled entry must survive a machine crash too (the
+    /// journal rate makes this cheap).
+    fn spool(&self) -> SpoolConfig {
+        SpoolConfig {
+            max_bytes: self.spool_max_bytes,
+            fsync: FsyncPolicy::EveryRecord,
+            ..SpoolConfig::default()
+        }
+    }
+}
+
+/// The collector's own flags, beside the runtime's common ones.
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct Args {
+    /// The host's root filesystem as mounted here [default: /].
+    #[arg(long, env = "TIDEWATCH_HOST_ROOT")]
+    pub host_root: Option<PathBuf>,
+    /// System bus address [default: DBUS_SYSTEM_BUS_ADDRESS, else
+    /// unix:path=<host root>/run/dbus/system_bus_socket].
+    #[arg(long)]
+    pub dbus_address: Option<String>,
+    /// Read journal files from this directory instead of the host's journal.
+    #[arg(long, env = "TIDEWATCH_JOURNAL_DIRECTORY")]
+    pub journal_directory: Option<PathBuf>,
+    /// Where the journal cursor is saved [default: <spool dir>/journal.cursor,
+    /// else /var/lib/tidewatch/systemd/journal.cursor].
+    #[arg(long, env = "TIDEWATCH_CURSOR_FILE")]
+    pub cursor_file: Option<PathBuf>,
+    /// Units to watch, comma separated (`*` = all) [default: the node-critical units].
+    #[arg(long, env = "TIDEWATCH_SYSTEMD_UNITS", value_delimiter = ',')]
+    pub units: Option<Vec<String>>,
+}
+
+impl Args {
+    /// Let the flags override `config`.
+    pub fn apply(self, config: &mut Config) {
+        if let Some(root) = self.host_root {
+            config.host_root = root;
+        }
+        if let Some(address) = self.dbus_address {
+            config.dbus_address = Some(address);
+        }
+        if let Some(dir) = self.journal_directory {
+            config.journal_directory = Some(dir);
+        }
+        if let Some(file) = self.cursor_file {
+            config.cursor_file = Some(file);
+        }
+        if let Some(units) = self.units {
+            config.units = units;
+        }
     }
 }
 
@@ -309,7 +375,7 @@ mod tests {
             c.cursor_file(),
             PathBuf::from("/var/lib/tidewatch/systemd/journal.cursor")
         );
-        c.spool_dir = Some("/var/lib/tidewatch/spool/systemd".into());
+        c.common.spool_dir = Some("/var/lib/tidewatch/spool/systemd".into());
         assert_eq!(
             c.cursor_file(),
             PathBuf::from("/var/lib/tidewatch/spool/systemd/journal.cursor")

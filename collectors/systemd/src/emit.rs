@@ -32,13 +32,6 @@ impl Emitter {
             .await
             .map(Sent)
     }
-
-    /// Wait for every sent event to be stored or spooled (before exiting).
-    pub async fn flush(&self) {
-        if let Err(e) = self.outbox.flush().await {
-            tracing::warn!(error = %e, "flushing the outbox");
-        }
-    }
 }
 
 impl Sent {

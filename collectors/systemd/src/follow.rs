@@ -24,16 +24,18 @@ use std::time::Duration;
 
 use tidewatch_proto::v1;
 use tidewatch_runtime::cloudevents::Event;
+use tidewatch_runtime::collector::until;
 use tidewatch_runtime::event::{EventError, new_event};
 use tidewatch_runtime::metrics::Metrics;
 use tidewatch_runtime::topology;
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::sync::{mpsc, watch};
 
+use crate::COLLECTOR;
 use crate::checkpoint::{Checkpoint, CursorFile};
-use crate::collector::{COLLECTOR, CollectorError};
 use crate::config::{Config, JournalStart, Resolved};
 use crate::emit::{Emitter, Sent};
+use crate::error::CollectorError;
 use crate::journal::{self, Entry, Selected};
 
 /// An entry read, in journal order, waiting for the committer.
@@ -116,11 +118,6 @@ pub fn entry_event(
     )
 }
 
-/// Resolves once `stop` is true (or its sender is gone).
-pub(crate) async fn stopped(stop: &mut watch::Receiver<bool>) {
-    let _ = stop.wait_for(|s| *s).await;
-}
-
 /// Follow the journal until `stop` turns true; then stop reading, wait for
 /// every sent entry's ack, save the cursor and return.
 pub async fn follow(
@@ -162,7 +159,7 @@ async fn read(
     mut stop: watch::Receiver<bool>,
 ) -> Result<(), CollectorError> {
     let config = &resolved.config;
-    let source = topology::source(COLLECTOR, &config.node);
+    let source = topology::source(COLLECTOR, &config.common.node);
     let mut last_read = saved;
     let mut backoff = Duration::from_millis(500);
     loop {
@@ -195,7 +192,7 @@ async fn read(
         loop {
             let line = tokio::select! {
                 biased;
-                _ = stopped(&mut stop) => {
+                _ = until(&mut stop, true) => {
                     let _ = child.kill().await;
                     return Ok(());
                 }
@@ -221,7 +218,8 @@ async fn read(
             let cursor = entry.cursor.clone();
             let slot = match resolved.rules.select(&entry) {
                 None => Slot::Filtered(cursor.clone()),
-                Some(selected) => match entry_event(&entry, selected, &config.node, &source) {
+                Some(selected) => match entry_event(&entry, selected, &config.common.node, &source)
+                {
                     Err(e) => {
                         metrics.refuse("journal_event_invalid");
                         tracing::warn!(error = %e, cursor = %cursor, "cannot build an event for a journal entry");
@@ -231,7 +229,7 @@ async fn read(
                     // shutdown then leaves the entry unsent (and unsaved).
                     Ok(event) => match tokio::select! {
                         biased;
-                        _ = stopped(&mut stop) => {
+                        _ = until(&mut stop, true) => {
                             let _ = child.kill().await;
                             return Ok(());
                         }
@@ -250,7 +248,7 @@ async fn read(
             };
             let queued = tokio::select! {
                 biased;
-                _ = stopped(&mut stop) => {
+                _ = until(&mut stop, true) => {
                     // The committer still settles this entry: its event
                     // may already be on its way.
                     let _ = slots.send(slot).await;
@@ -276,7 +274,7 @@ async fn read(
             "journalctl ended; restarting it after the last entry read"
         );
         tokio::select! {
-            _ = stopped(&mut stop) => return Ok(()),
+            _ = until(&mut stop, true) => return Ok(()),
             _ = tokio::time::sleep(backoff) => {}
         }
         backoff = (backoff * 2).min(Duration::from_secs(30));

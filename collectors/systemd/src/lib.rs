@@ -10,19 +10,27 @@
 //!   the cursor, pure.
 //! - [`checkpoint`]: the journal cursor, saved only after the stream's ack.
 //! - [`follow`]: the journal edge: `journalctl -f`, the ordered committer.
-//! - [`emit`]: the one place events are handed to the publisher.
-//! - [`collector`]: wiring, `/metrics` and health, shutdown; [`run`].
-//! - [`config`]: the configuration; [`preflight`]: `--check-host`.
+//! - [`emit`]: the one place events are handed to the outbox.
+//! - [`collector`]: [`Systemd`], the collector the runtime's collector host
+//!   runs (which owns `/metrics`, health, NATS, the outbox, shutdown);
+//!   [`Collector`] and [`run`] for in-process use.
+//! - [`config`]: the configuration and the collector's own flags;
+//!   [`error`]: what stops it; [`preflight`]: `--check-host`.
 
 pub mod checkpoint;
 pub mod collector;
 pub mod config;
 pub mod dbus;
 pub mod emit;
+pub mod error;
 pub mod follow;
 pub mod journal;
 pub mod preflight;
 pub mod units;
 
-pub use collector::{COLLECTOR, Collector, CollectorError, ErrorKind, Handle, run};
+/// Collector name in subjects, sources and metrics (`collector-systemd`).
+pub const COLLECTOR: &str = "systemd";
+
+pub use collector::{Collector, Handle, Systemd, run};
 pub use config::Config;
+pub use error::CollectorError;

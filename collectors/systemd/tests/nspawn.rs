@@ -20,6 +20,7 @@ use support::{Raw, cannot_run, require_program, require_root, typed};
 use tidewatch_collector_systemd::{Collector, Config, dbus};
 use tidewatch_proto::v1;
 use tidewatch_runtime::cloudevents::{AttributesReader, Event};
+use tidewatch_runtime::collector::CommonConfig;
 use tidewatch_runtime::topology::types;
 use tidewatch_testkit::{NatsServer, eventually};
 
@@ -288,9 +289,10 @@ async fn a_crash_looping_unit_in_a_booted_systemd_is_reported() {
     let work = tempfile::tempdir().expect("tempdir");
     let raw = Raw::new(&js, &node).await;
     let config = Config {
-        nats_url: server.client_url(),
-        node: node.clone(),
-        metrics_addr: Some("127.0.0.1:0".parse().expect("addr")),
+        common: CommonConfig::default()
+            .nats_url(server.client_url())
+            .node(node.clone())
+            .metrics_addr(Some("127.0.0.1:0".parse().expect("addr"))),
         dbus_address: Some(container.bus_address()),
         units: vec!["crashy".into(), "waity".into(), "dbus".into()],
         crash_loop_restarts: 3,
