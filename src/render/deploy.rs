@@ -276,13 +276,31 @@ pub fn provision_job(fns: &Functions) -> Value {
             fns.consumers
         ))
     );
+    provisioning_job("tidewatch-provision", name, SYSTEM_NAMESPACE, "admin", &[])
+}
+
+/// A provisioning Job: `tidewatch provision` (plus `args`) as NATS `user`,
+/// named `name` so a changed topology runs a new Job.
+pub fn provisioning_job(
+    app: &str,
+    name: String,
+    namespace: &str,
+    user: &str,
+    args: &[&str],
+) -> Value {
     let (volume, mount) = ca_volume();
-    let mut env = nats_client_env("admin");
+    let mut env = nats_client_env(user);
     env.push(json!({"name": "TIDEWATCH_LOG_FORMAT", "value": "json"}));
-    let labels = labels("tidewatch-provision", "provisioning");
+    let labels = labels(app, "provisioning");
+    let mut command = vec![
+        "/usr/local/bin/tidewatch".to_string(),
+        "provision".to_string(),
+    ];
+    command.extend(args.iter().map(|a| a.to_string()));
+    command.extend(["--replicas".to_string(), nats::REPLICAS.to_string()]);
     json!({
         "apiVersion": "batch/v1", "kind": "Job",
-        "metadata": {"name": name, "namespace": SYSTEM_NAMESPACE, "labels": labels},
+        "metadata": {"name": name, "namespace": namespace, "labels": labels},
         "spec": {
             "backoffLimit": 10,
             // Kept a day for `kubectl logs`; a later apply re-creates and re-runs it, harmlessly.
@@ -296,7 +314,7 @@ pub fn provision_job(fns: &Functions) -> Value {
                     "containers": [{
                         "name": "provision",
                         "image": image(),
-                        "command": ["/usr/local/bin/tidewatch", "provision", "--replicas", nats::REPLICAS.to_string()],
+                        "command": command,
                         "env": env,
                         "resources": resources("50m", "32Mi", "128Mi"),
                         "volumeMounts": [mount],

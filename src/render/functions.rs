@@ -264,35 +264,11 @@ pub fn provision_consumers_job(fns: &Functions) -> Value {
         "tidewatch-provision-consumers-{}",
         short_hash(&format!("{:?}", fns.consumers))
     );
-    let (volume, mount) = ca_volume();
-    let mut env = nats_client_env(PROVISIONER);
-    env.push(json!({"name": "TIDEWATCH_LOG_FORMAT", "value": "json"}));
-    let labels = super::labels("tidewatch-provision-consumers", "provisioning");
-    json!({
-        "apiVersion": "batch/v1", "kind": "Job",
-        "metadata": {"name": name, "namespace": FUNCTIONS_NAMESPACE, "labels": labels},
-        "spec": {
-            "backoffLimit": 10,
-            // Kept a day for `kubectl logs`; a later apply re-creates and re-runs it, harmlessly.
-            "ttlSecondsAfterFinished": 86400,
-            "template": {
-                "metadata": {"labels": labels},
-                "spec": {
-                    "restartPolicy": "OnFailure",
-                    "automountServiceAccountToken": false,
-                    "securityContext": {"runAsNonRoot": true, "runAsUser": 65532, "runAsGroup": 65532, "seccompProfile": {"type": "RuntimeDefault"}},
-                    "containers": [{
-                        "name": "provision",
-                        "image": image(),
-                        "command": ["/usr/local/bin/tidewatch", "provision", "--consumers-only", "--replicas", nats::REPLICAS.to_string()],
-                        "env": env,
-                        "resources": resources("50m", "32Mi", "128Mi"),
-                        "volumeMounts": [mount],
-                        "securityContext": {"allowPrivilegeEscalation": false, "readOnlyRootFilesystem": true, "capabilities": {"drop": ["ALL"]}},
-                    }],
-                    "volumes": [volume],
-                },
-            },
-        },
-    })
+    super::deploy::provisioning_job(
+        "tidewatch-provision-consumers",
+        name,
+        FUNCTIONS_NAMESPACE,
+        PROVISIONER,
+        &["--consumers-only"],
+    )
 }
