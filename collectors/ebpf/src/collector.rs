@@ -25,8 +25,9 @@ use tokio::io::unix::AsyncFd;
 use tokio::sync::{mpsc, watch};
 
 use crate::config::{self, Config};
-use crate::drops::{self, KernelDrops, read_drops};
+use crate::drops;
 use crate::error::CollectorError;
+use crate::kernel_drops::{KernelDrops, read_drops};
 use crate::load;
 use crate::mapping::Ids;
 use crate::publish::{self, Publishing};
@@ -34,13 +35,9 @@ use crate::ring;
 use crate::wire::{self, Kind, Record};
 
 pub use crate::stats::Stats;
+pub use crate::{COLLECTOR, COLLECTOR_DROPS};
 /// Payload of [`COLLECTOR_DROPS`]: what was lost since the collector started.
 pub use tidewatch_proto::v1::{CollectorDrops, DropCount};
-/// CloudEvent type of the periodic drop report.
-pub use tidewatch_runtime::topology::types::COLLECTOR_DROPS;
-
-/// Collector name in subjects, sources and metrics (`collector-ebpf`).
-pub const COLLECTOR: &str = "ebpf";
 
 /// A loaded, attached collector, not yet publishing.
 pub struct Ebpf {

@@ -11,30 +11,11 @@ use tidewatch_runtime::outbox::Outbox;
 use tidewatch_runtime::topology::subjects;
 use tokio::sync::watch;
 
-use crate::collector::{COLLECTOR, COLLECTOR_DROPS};
+use crate::kernel_drops::read_drops;
 use crate::mapping::Ids;
 use crate::stats::Stats;
 use crate::wire::Kind;
-
-/// Per-CPU, per-kind kernel drop counters (`[cpu][kind]`).
-pub type KernelDrops = Vec<[u64; Kind::COUNT]>;
-
-/// The kernel's drop counters now.
-pub fn read_drops(drops: &Mutex<PerCpuArray<MapData, u64>>) -> KernelDrops {
-    let drops = drops.lock().unwrap_or_else(|p| p.into_inner());
-    let mut out: KernelDrops = Vec::new();
-    for kind in Kind::ALL {
-        if let Ok(values) = drops.get(&(kind as u32), 0) {
-            for (cpu, v) in values.iter().enumerate() {
-                if out.len() <= cpu {
-                    out.resize(cpu + 1, [0; Kind::COUNT]);
-                }
-                out[cpu][kind as usize] = *v;
-            }
-        }
-    }
-    out
-}
+use crate::{COLLECTOR, COLLECTOR_DROPS};
 
 /// What the collector can lose events to, read at every report.
 #[derive(Clone)]

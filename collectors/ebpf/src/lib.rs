@@ -12,6 +12,7 @@
 //! - [`publish`]: the queue → the runtime's outbox, acks counted per kind.
 //! - [`snapshot`]: running processes ([`procfs`]) as `process.exists` at start.
 //! - [`drops`]: periodic `collector.drops` reports of what was lost.
+//! - [`kernel_drops`]: the kernel's per-CPU, per-kind drop counters.
 //! - [`stats`]: the collector's counters, on the runtime's `/metrics`.
 //! - [`collector`]: [`Ebpf`], the wiring the runtime's collector host runs;
 //!   [`Collector`] and [`run`] for in-process use.
@@ -23,6 +24,7 @@ pub mod collector;
 pub mod config;
 pub mod drops;
 pub mod error;
+pub mod kernel_drops;
 pub mod load;
 pub mod mapping;
 pub mod preflight;
@@ -33,6 +35,11 @@ pub mod snapshot;
 pub mod stats;
 pub mod wire;
 
-pub use collector::{COLLECTOR_DROPS, Collector, Ebpf, Handle, run};
+pub use collector::{Collector, Ebpf, Handle, run};
+/// CloudEvent type of the periodic drop report.
+pub use tidewatch_runtime::topology::types::COLLECTOR_DROPS;
+
+/// Collector name in subjects, sources and metrics (`collector-ebpf`).
+pub const COLLECTOR: &str = "ebpf";
 pub use config::Config;
 pub use error::CollectorError;

@@ -5,8 +5,8 @@ use tidewatch_proto::v1;
 use tidewatch_runtime::cloudevents::Event;
 use tidewatch_runtime::event::{EventError, derive_id, new_event};
 
+use crate::COLLECTOR;
 use crate::attribution::{self, Resolver};
-use crate::collector::COLLECTOR;
 use crate::wire::{Body, Header, Record};
 
 /// Kernel page size (x86_64 and the common aarch64 configuration).

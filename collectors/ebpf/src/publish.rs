@@ -10,8 +10,8 @@ use tidewatch_runtime::outbox::{Delivered, Outbox, confirm_each};
 use tidewatch_runtime::topology::{self, subjects};
 use tokio::sync::mpsc;
 
+use crate::COLLECTOR;
 use crate::attribution::{self, Resolver};
-use crate::collector::COLLECTOR;
 use crate::mapping::{Ids, to_event, wall_offset_ns};
 use crate::snapshot;
 use crate::stats::Stats;

@@ -11,7 +11,7 @@ use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
 use prometheus_client::metrics::counter::ConstCounter;
 
-use crate::drops::read_drops;
+use crate::kernel_drops::read_drops;
 use crate::wire::Kind;
 
 /// Counters the collector keeps besides the runtime's.
