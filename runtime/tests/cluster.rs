@@ -22,7 +22,11 @@ const WAIT: Duration = Duration::from_secs(30);
 async fn publishes_survive_a_stream_leader_failover_without_duplicates() {
     let mut cluster = NatsCluster::start().await;
     let client = cluster.connect().await;
-    let js = jetstream::new(client.clone());
+    // Creating an R3 stream is a round of raft on three nodes: give a busy
+    // machine longer than the default 5 s per API call.
+    let js = jetstream::ContextBuilder::new()
+        .timeout(Duration::from_secs(30))
+        .build(client.clone());
     let report = provision(&js, &ProvisionOptions::default().replicas(3))
         .await
         .expect("provision R3");
