@@ -164,6 +164,38 @@ async fn a_scaffolded_function_builds_passes_its_test_is_wired_in_and_runs() {
             .expect("README")
             .contains("### siem")
     );
+    // On a cluster, `kubectl apply -k keda/` now runs a new provisioning Job
+    // (its name carries a hash of the consumers) that creates siem's
+    // consumer, and NATS' pods roll to learn the user.
+    let job_name = |path: &Path| {
+        let text = std::fs::read_to_string(path).expect("provision.yaml");
+        text.lines()
+            .find_map(|l| {
+                l.trim()
+                    .strip_prefix("name: tidewatch-provision-consumers-")
+            })
+            .map(str::to_string)
+            .expect("a consumer provisioning Job")
+    };
+    let before = job_name(&repo.join("keda/provision.yaml"));
+    let after = job_name(&copy.join("keda/provision.yaml"));
+    assert_ne!(before, after, "a new topology, a new Job");
+    let checksum = |path: &Path| {
+        std::fs::read_to_string(path)
+            .expect("nats.yaml")
+            .lines()
+            .find_map(|l| {
+                l.trim()
+                    .strip_prefix("checksum/config: ")
+                    .map(str::to_string)
+            })
+            .expect("a config checksum on the NATS pods")
+    };
+    assert_ne!(
+        checksum(&repo.join("deploy/nats.yaml")),
+        checksum(&copy.join("deploy/nats.yaml")),
+        "NATS' pods roll to load the new user"
+    );
 
     // A second scaffold with the same name is refused, naming the problem.
     let again = Command::new(binary("tidewatch"))
