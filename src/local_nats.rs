@@ -87,8 +87,8 @@ pub fn redact(nats_url: &str) -> String {
         .join(",")
 }
 
-/// `$TIDEWATCH_NATS_SERVER`, else `nats-server` on PATH, else the one
-/// `scripts/up` installed beside this build (`target/tools/venv/bin`).
+/// `$TIDEWATCH_NATS_SERVER`, else `nats-server` on PATH (`scripts/up` puts
+/// the one it installs there).
 pub fn find_binary() -> anyhow::Result<PathBuf> {
     if let Some(path) = std::env::var_os("TIDEWATCH_NATS_SERVER") {
         let path = PathBuf::from(path);
@@ -101,12 +101,7 @@ pub fn find_binary() -> anyhow::Result<PathBuf> {
         );
     }
     let path = std::env::var_os("PATH").unwrap_or_default();
-    let beside_build = std::env::current_exe().ok().and_then(|exe| {
-        // target/<profile>/tidewatch → target/tools/venv/bin
-        Some(exe.parent()?.parent()?.join("tools/venv/bin"))
-    });
     std::env::split_paths(&path)
-        .chain(beside_build)
         .map(|dir| dir.join("nats-server"))
         .find(|candidate| candidate.is_file())
         .ok_or_else(|| anyhow::anyhow!("{INSTALL_HINT}"))
