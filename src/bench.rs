@@ -73,7 +73,12 @@ pub async fn run(nats_url: &str, command: BenchCommand) -> anyhow::Result<()> {
 async fn publish_bench(url: &str, args: &PublishBench) -> anyhow::Result<()> {
     let client = crate::connect(url).await?;
     let js = jetstream::new(client.clone());
-    provision(&js, &ProvisionOptions::default()).await?;
+    provision(
+        &js,
+        &crate::functions::consumers()?,
+        &ProvisionOptions::default(),
+    )
+    .await?;
     let subject = subjects::raw("bench", "local");
     let sample = crate::emit::synthetic_event("bench", "local", 0)?;
     let avg_payload = to_nats(&sample).1.len();

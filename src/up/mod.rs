@@ -163,9 +163,13 @@ pub async fn run(nats_url: &str, url_set: bool, args: UpArgs) -> anyhow::Result<
 
 /// Streams, consumers and buckets, as the cluster's Job provisions them (R1 here).
 async fn provision_topology(js: &jetstream::Context, view: &View) -> anyhow::Result<()> {
-    let report = provision(js, &ProvisionOptions::default())
-        .await
-        .context("provisioning")?;
+    let report = provision(
+        js,
+        &crate::functions::consumers()?,
+        &ProvisionOptions::default(),
+    )
+    .await
+    .context("provisioning")?;
     let changed = report
         .items
         .iter()
