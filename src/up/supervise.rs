@@ -259,7 +259,12 @@ fn spawn(
         .create(true)
         .append(true)
         .open(&log_path)?;
-    let mut child = Command::new(&binary)
+    let mut command = Command::new(&binary);
+    // An export sink group (its own function.toml, export's binary) reads its own durable.
+    if spec.binary == "tidewatch-export" {
+        command.env("TIDEWATCH_EXPORT_CONSUMER", spec.consumer.durable);
+    }
+    let mut child = command
         .env("NATS_URL", url)
         .env("TIDEWATCH_TRANSPORT", "jetstream")
         .env("TIDEWATCH_METRICS_ADDR", "127.0.0.1:0")
