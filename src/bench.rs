@@ -75,6 +75,7 @@ async fn publish_bench(url: &str, args: &PublishBench) -> anyhow::Result<()> {
     let js = jetstream::new(client.clone());
     provision(
         &js,
+        &crate::functions::consumers()?,
         &ProvisionOptions::default().cap_bytes(crate::up::LOCAL_STREAM_BYTES),
     )
     .await?;

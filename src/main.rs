@@ -14,6 +14,7 @@ mod autoscale;
 mod bench;
 mod child_process;
 mod emit;
+mod functions;
 mod local_nats;
 mod render;
 mod replay;

@@ -72,10 +72,14 @@ pub async fn run(client: &async_nats::Client, args: ReplayArgs) -> anyhow::Resul
     let mut filter_subject = String::new();
     let target = match (&args.consumer, &args.to_subject) {
         (Some(name), _) => {
-            let consumer = topology::consumer(name).with_context(|| {
-                let known: Vec<&str> = topology::CONSUMERS.iter().map(|c| c.durable).collect();
-                format!("unknown consumer {name:?}; known: {}", known.join(", "))
-            })?;
+            let consumers = crate::functions::consumers()?;
+            let consumer = consumers
+                .iter()
+                .find(|c| c.durable == name)
+                .with_context(|| {
+                    let known: Vec<&str> = consumers.iter().map(|c| c.durable).collect();
+                    format!("unknown consumer {name:?}; known: {}", known.join(", "))
+                })?;
             if source.key == topology::DEAD_LETTER.key {
                 filter_subject = subjects::dead_letter(consumer.durable);
             }

@@ -1,18 +1,18 @@
 //! `tidewatch new function`: a new function per consumer, wired everywhere
-//! in one step — a crate under functions/ whose handler delivers each
+//! in one step — a crate under functions/ with its `function.toml` (its
+//! consumer, scaling and the event types it handles: the data the CLI
+//! provisions, renders and runs it from) and a handler that delivers each
 //! matching event (a JSON line on stdout, to be replaced) with a test that
-//! fails if it does not, its durable consumer and spec in the topology, the
-//! workspace member, re-rendered deploy/, keda/ and knative/ manifests, and
-//! a README section. `tidewatch up` runs it after the next build.
+//! fails if it does not, the workspace member, re-rendered deploy/, keda/
+//! and knative/ manifests, and a README section. Nothing else is edited:
+//! the runtime and the other functions do not rebuild. `tidewatch up` runs
+//! it once the CLI is rebuilt (it embeds every function.toml).
 
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context as _, bail};
-use tidewatch_runtime::topology::{self, FunctionSpec};
-
-const CONSUMER_MARKER: &str = "    // `tidewatch new function` adds consumers above this line.";
-const SPEC_MARKER: &str = "// `tidewatch new function` adds function specs above this line.";
-const FUNCTION_MARKER: &str = "    // `tidewatch new function` adds functions above this line.";
+use tidewatch_runtime::spec::{self, ConsumerFile, FunctionFile};
+use tidewatch_runtime::topology::{self, ScaleSpec};
 
 #[derive(clap::Args)]
 pub struct NewFunctionArgs {
@@ -21,7 +21,8 @@ pub struct NewFunctionArgs {
     /// Stream its durable consumer reads: raw, enriched, insights or dlq.
     #[arg(long, default_value = "insights")]
     from: String,
-    /// Event types it handles; `*` matches anything (others are acked and skipped).
+    /// Event types it handles, comma separated; `*` matches any run of
+    /// characters (others are acked and skipped).
     #[arg(long, default_value = "*")]
     types: String,
     /// Repository root.
@@ -38,29 +39,72 @@ pub enum NewCommand {
     Function(NewFunctionArgs),
 }
 
+/// The spec a new function starts with: a consumer like the shipped
+/// functions', and scaling for a modest, sink-bound load.
+fn new_spec(name: &str, stream: &topology::StreamSpec, types: Vec<String>) -> FunctionFile {
+    let description = format!(
+        "{name}: {} events matching {}",
+        stream.key,
+        types.join(", ")
+    );
+    FunctionFile {
+        name: name.to_string(),
+        binary: format!("tidewatch-{name}"),
+        reads: stream.key.to_string(),
+        writes: None,
+        types,
+        concurrency: 64,
+        scale: ScaleSpec {
+            min_replicas: 0,
+            max_replicas: 10,
+            lag_threshold: 100,
+            activation_lag_threshold: 0,
+            container_concurrency: 10,
+        },
+        consumer: ConsumerFile {
+            description,
+            max_deliver: 5,
+            ack_wait_secs: 30,
+            max_ack_pending: 10_000,
+        },
+    }
+}
+
 pub fn run(command: NewCommand) -> anyhow::Result<()> {
     let NewCommand::Function(args) = command;
     let name = args.name.as_str();
-    if !name.starts_with(|c: char| c.is_ascii_lowercase())
-        || !name
-            .chars()
-            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
-    {
-        bail!(
-            "function name {name:?}: use lowercase letters, digits and dashes, starting with a letter"
-        );
+    if let Some(problem) = spec::name_problem(name) {
+        bail!("function name {problem}");
     }
-    if topology::function(name).is_some() || topology::consumer(name).is_some() {
-        bail!("a function or consumer named {name:?} already exists in the topology");
+    // Validated before anything is written: the patterns end up in TOML,
+    // YAML and the generated test, where a quote or newline would inject.
+    let types: Vec<String> = args
+        .types
+        .split(',')
+        .map(|t| t.trim().to_string())
+        .collect();
+    if let Some(problem) = types.iter().find_map(|t| spec::type_pattern_problem(t)) {
+        bail!("--types: {problem}");
     }
     let stream = topology::stream(&args.from)
         .with_context(|| format!("--from {:?}: use raw, enriched, insights or dlq", args.from))?;
     let repo = &args.repo;
-    let crate_dir = repo.join("functions").join(name);
+    let functions_dir = repo.join("functions");
+    let existing = spec::read_dir(&functions_dir)
+        .with_context(|| format!("the functions in {}", functions_dir.display()))?;
+    if existing.iter().any(|f| f.name == name) {
+        bail!(
+            "a function named {name:?} already exists in {}",
+            functions_dir.display()
+        );
+    }
+    let crate_dir = functions_dir.join(name);
     if crate_dir.exists() {
         bail!("{} already exists", crate_dir.display());
     }
-    let constant = name.to_uppercase().replace('-', "_");
+    let spec_path = format!("functions/{name}/{}", spec::FILE_NAME);
+    let file = new_spec(name, stream, types);
+    file.check(&spec_path)?;
     let type_name: String = name
         .split('-')
         .map(|part| {
@@ -71,41 +115,6 @@ pub fn run(command: NewCommand) -> anyhow::Result<()> {
                 .unwrap_or_default()
         })
         .collect();
-
-    // Topology: consumer, spec, and the list `up` and the renderer read.
-    let topology_path = repo.join("runtime/src/topology.rs");
-    let mut source = std::fs::read_to_string(&topology_path)
-        .with_context(|| format!("read {}", topology_path.display()))?;
-    for marker in [CONSUMER_MARKER, SPEC_MARKER, FUNCTION_MARKER] {
-        if !source.contains(marker) {
-            bail!(
-                "{} lacks the line {marker:?}; add it back where it was",
-                topology_path.display()
-            );
-        }
-    }
-    let description = format!("{name}: {} events matching {}", stream.key, args.types);
-    source = source.replacen(
-        CONSUMER_MARKER,
-        &format!(
-            "    function_consumer({name:?}, {:?}, {description:?}),\n{CONSUMER_MARKER}",
-            stream.key
-        ),
-        1,
-    );
-    source = source.replacen(
-        SPEC_MARKER,
-        &format!(
-            "pub const {constant}: FunctionSpec = FunctionSpec {{\n    name: {name:?},\n    consumer: {name:?},\n    output_stream: None,\n    binary: \"tidewatch-{name}\",\n    scale: scale_to_zero(100, 10),\n    concurrency: 64,\n}};\n\n{SPEC_MARKER}"
-        ),
-        1,
-    );
-    source = source.replacen(
-        FUNCTION_MARKER,
-        &format!("    {constant},\n{FUNCTION_MARKER}"),
-        1,
-    );
-    std::fs::write(&topology_path, source)?;
 
     // Workspace member.
     let manifest_path = repo.join("Cargo.toml");
@@ -124,55 +133,46 @@ pub fn run(command: NewCommand) -> anyhow::Result<()> {
     );
     std::fs::write(&manifest_path, manifest)?;
 
-    // The crate.
+    // The crate, with its spec as data.
     std::fs::create_dir_all(crate_dir.join("src"))?;
+    std::fs::write(
+        repo.join(&spec_path),
+        format!(
+            "# {name}'s place in the pipeline, written by `tidewatch new function`. The binary\n\
+             # embeds this file; the CLI reads every functions/*/function.toml at build time\n\
+             # (fields: tidewatch_runtime::spec::FunctionFile).\n{}",
+            file.to_toml(&spec_path)?
+        ),
+    )?;
     std::fs::write(crate_dir.join("Cargo.toml"), crate_manifest(name))?;
     std::fs::write(
         crate_dir.join("src/main.rs"),
-        crate_main(name, &constant, &type_name, stream.key, &args.types),
+        crate_main(name, &type_name, stream.key, &file.types),
     )?;
     // Best effort: the template's line widths depend on the names in it.
     let _ = std::process::Command::new("rustfmt")
         .args(["--edition", "2024"])
         .arg(crate_dir.join("src/main.rs"))
         .status();
-    append_readme(repo, name, stream, &args.types)?;
+    append_readme(repo, name, stream, &file.types)?;
     println!(
-        "created functions/{name} (durable consumer {name:?} on {}), added it to the topology and the workspace",
+        "created functions/{name} (durable consumer {name:?} on {}, spec in {spec_path}) and added it to the workspace",
         stream.name
     );
 
     if !args.no_render {
-        let name: &'static str = Box::leak(name.to_string().into_boxed_str());
-        let consumer = topology::ConsumerSpec {
-            durable: name,
-            stream: stream.key,
-            description: Box::leak(description.into_boxed_str()),
-            ..topology::CONSUMERS[0].clone()
-        };
-        let spec = FunctionSpec {
-            name,
-            consumer: name,
-            output_stream: None,
-            binary: Box::leak(format!("tidewatch-{name}").into_boxed_str()),
-            scale: topology::scale_to_zero(100, 10),
-            concurrency: 64,
-        };
-        render(repo, spec, consumer)?;
+        // The repository's functions as they now are, the new one included.
+        let functions = spec::read_dir(&functions_dir)?;
+        crate::render::write(
+            repo,
+            false,
+            crate::render::render_with(&crate::render::Functions { functions })?,
+        )?;
     }
     println!(
         "next: cargo build --workspace && cargo test -p tidewatch-{name}; `tidewatch up` runs it (kubectl apply -k keda/ on a cluster)"
     );
     Ok(())
-}
-
-/// Re-render the manifests with the new function added to the compiled
-/// topology (this binary does not have it compiled in yet).
-fn render(repo: &Path, spec: FunctionSpec, consumer: topology::ConsumerSpec) -> anyhow::Result<()> {
-    let mut fns = crate::render::Functions::compiled();
-    fns.functions.push(spec);
-    fns.consumers.push(consumer);
-    crate::render::write(repo, false, crate::render::render_with(&fns)?)
 }
 
 fn crate_manifest(name: &str) -> String {
@@ -205,17 +205,22 @@ workspace = true
     )
 }
 
-/// An event type `types` matches, and one it does not (none for a pattern
-/// that matches everything), for the generated test.
-fn example_types(types: &str) -> (String, Option<&'static str>) {
-    let matching = types.replace('*', "example");
+/// An event type the first pattern matches, and one no pattern matches
+/// (none when they match everything), for the generated test. The patterns
+/// are validated, so their `Debug` forms are plain string literals.
+fn example_types(types: &[String]) -> (String, Option<&'static str>) {
+    let matching = types
+        .first()
+        .map(String::as_str)
+        .unwrap_or("*")
+        .replace('*', "example");
     let other = ["com.example.other", "dev.tidewatch.scaffold.other"]
         .into_iter()
-        .find(|t| !topology::types::matches(types, t));
+        .find(|t| !types.iter().any(|p| topology::types::matches(p, t)));
     (matching, other)
 }
 
-fn crate_main(name: &str, constant: &str, type_name: &str, stream: &str, types: &str) -> String {
+fn crate_main(name: &str, type_name: &str, stream: &str, types: &[String]) -> String {
     let (matching, other) = example_types(types);
     let other_check = match other {
         Some(other) => format!(
@@ -223,6 +228,7 @@ fn crate_main(name: &str, constant: &str, type_name: &str, stream: &str, types: 
         ),
         None => String::new(),
     };
+    let types = types.join("`, `");
     format!(
         r#"//! {name}: delivers `{types}` events from the {stream} stream, read through
 //! its own durable consumer `{name}`, as one JSON line each on stdout.
@@ -230,6 +236,8 @@ fn crate_main(name: &str, constant: &str, type_name: &str, stream: &str, types: 
 //! function does. Return `Outcome::RetryAfter` while a dependency is down
 //! and `Outcome::Reject` for input that can never succeed (it goes to the
 //! dead-letter stream); the input is acked once `handle` returns `Done`.
+//! What it reads, the types it handles and how it scales are in
+//! function.toml.
 
 use std::io::Write;
 use std::sync::Mutex;
@@ -239,11 +247,11 @@ use clap::Parser;
 use cloudevents::{{AttributesReader, Event}};
 use tidewatch_runtime::binding::http::to_structured_json;
 use tidewatch_runtime::host::{{FunctionArgs, Host}};
-use tidewatch_runtime::topology::{{self, types}};
+use tidewatch_runtime::topology::FunctionSpec;
 use tidewatch_runtime::{{Context, Function, Outcome}};
 
-/// Event types this function handles (`*` matches any run of characters).
-const TYPES: &str = {types:?};
+/// This function's place in the pipeline; the CLI reads the same file.
+const SPEC: &str = include_str!("../function.toml");
 
 /// Tidewatch function {name}.
 #[derive(Parser)]
@@ -255,6 +263,8 @@ struct Args {{
 
 /// Writes each event it handles to `out` (stdout in the binary).
 struct {type_name}<W> {{
+    /// Its spec: the event types it handles.
+    spec: FunctionSpec,
     out: Mutex<W>,
 }}
 
@@ -270,7 +280,7 @@ impl<W: Write> {type_name}<W> {{
 
 impl<W: Write + Send + 'static> Function for {type_name}<W> {{
     fn accepts(&self, event_type: &str) -> bool {{
-        types::matches(TYPES, event_type)
+        self.spec.handles(event_type)
     }}
 
     async fn handle(&self, event: Event, _ctx: &Context) -> Outcome {{
@@ -287,8 +297,9 @@ impl<W: Write + Send + 'static> Function for {type_name}<W> {{
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {{
     let args = Args::parse();
-    let host = Host::start(&topology::{constant}, args.function).await?;
-    host.run({type_name} {{ out: Mutex::new(std::io::stdout()) }}).await?;
+    let spec = FunctionSpec::from_toml(SPEC)?;
+    let host = Host::start(spec.clone(), args.function).await?;
+    host.run({type_name} {{ spec, out: Mutex::new(std::io::stdout()) }}).await?;
     Ok(())
 }}
 
@@ -303,7 +314,8 @@ mod tests {{
 
     #[tokio::test]
     async fn delivers_each_matching_event_once_and_skips_the_others() {{
-        let function = {type_name} {{ out: Mutex::new(Vec::new()) }};
+        let spec = FunctionSpec::from_toml(SPEC).expect("function.toml");
+        let function = {type_name} {{ spec, out: Mutex::new(Vec::new()) }};
         let ctx = Context {{ function: {name:?}, delivery: 1, max_deliver: 5, stream_sequence: Some(1) }};
         assert!(matches!(function.handle(event("e-1", {matching:?}), &ctx).await, Outcome::Done));{other_check}
         let out = String::from_utf8(function.out.into_inner().expect("lock")).expect("utf-8");
@@ -314,10 +326,9 @@ mod tests {{
     }}
 
     #[test]
-    fn the_topology_knows_it() {{
-        let spec = topology::function({name:?}).expect("in topology::FUNCTIONS");
-        let consumer = topology::consumer(spec.consumer).expect("its durable consumer");
-        assert_eq!(consumer.stream, {stream:?});
+    fn its_function_toml_is_valid() {{
+        let spec = FunctionSpec::from_toml(SPEC).expect("function.toml");
+        assert_eq!((spec.name, spec.consumer.durable, spec.consumer.stream), ({name:?}, {name:?}, {stream:?}));
     }}
 }}
 "#
@@ -328,8 +339,9 @@ fn append_readme(
     repo: &Path,
     name: &str,
     stream: &topology::StreamSpec,
-    types: &str,
+    types: &[String],
 ) -> anyhow::Result<()> {
+    let types = types.join("`, `");
     let path = repo.join("README.md");
     let mut readme = std::fs::read_to_string(&path).unwrap_or_default();
     const HEADING: &str = "## Functions added with `tidewatch new function`";
@@ -338,7 +350,7 @@ fn append_readme(
     }
     readme.push_str(&format!(
         "\n### {name}\n\n`functions/{name}/`: handles `{types}` events from `{}` through its own durable consumer `{name}` \
-         (it can replay the stream from the start). Runs under `tidewatch up`; on a cluster `keda/{name}.yaml` or \
+         (it can replay the stream from the start); its spec is `functions/{name}/function.toml`. Runs under `tidewatch up`; on a cluster `keda/{name}.yaml` or \
          `knative/{name}.yaml`.\n",
         stream.name
     ));

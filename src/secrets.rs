@@ -38,7 +38,7 @@ const KUSTOMIZATIONS: &[(&str, &str)] = &[
 ];
 
 pub fn run(args: SecretsArgs) -> anyhow::Result<()> {
-    generate(&args.out, &Functions::compiled(), args.rotate)
+    generate(&args.out, &Functions::embedded()?, args.rotate)
 }
 
 /// Generate what is missing under `repo` for the users of `fns`.
@@ -212,7 +212,7 @@ mod tests {
     #[test]
     fn each_namespace_gets_only_its_passwords_and_reruns_keep_them() {
         let dir = tempfile::tempdir().expect("temp dir");
-        let fns = Functions::compiled();
+        let fns = Functions::embedded().expect("embedded functions");
         generate(dir.path(), &fns, false).expect("generate");
         let system = read_env(&dir.path().join("deploy/secrets/nats-users.env")).expect("env");
         let functions = read_env(&dir.path().join("keda/secrets/nats-users.env")).expect("env");

@@ -22,7 +22,7 @@ pub async fn provision(client: &async_nats::Client, args: ProvisionArgs) -> anyh
         consumers_only: args.consumers_only,
         ..ProvisionOptions::default().replicas(args.replicas)
     };
-    let report = provision_all(&js, &options).await?;
+    let report = provision_all(&js, &crate::functions::consumers()?, &options).await?;
     print!("{report}");
     if report.is_noop() {
         println!("everything was already provisioned");
@@ -58,7 +58,7 @@ pub async fn status(client: &async_nats::Client) -> anyhow::Result<()> {
         "{:<12} {:<20} {:>10} {:>12} {:>12} {:>8}",
         "CONSUMER", "STREAM", "PENDING", "ACK PENDING", "REDELIVERED", "WAITING"
     );
-    for consumer in topology::CONSUMERS {
+    for consumer in crate::functions::consumers()? {
         let stream = topology::stream(consumer.stream)
             .map(|s| s.name)
             .unwrap_or_default();

@@ -37,7 +37,9 @@ async fn setup(server: &NatsServer) -> (async_nats::Client, jetstream::Context, 
     let client = server.connect().await;
     let js = jetstream::new(client.clone());
     let options = ProvisionOptions::default().ack_wait(Duration::from_secs(2));
-    provision(&js, &options).await.expect("provisioned");
+    provision(&js, &common::consumers(), &options)
+        .await
+        .expect("provisioned");
     let publisher = Publisher::new(
         client.clone(),
         PublisherConfig::default(),

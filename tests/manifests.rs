@@ -544,7 +544,7 @@ fn kustomize_builds_every_folder_with_generated_secrets_and_one_image_override()
                 "{overlay}: the image follows the crate version: {ours:?}"
             );
         }
-        for function in topology::FUNCTIONS
+        for function in common::functions()
             .iter()
             .filter(|_| overlay != "deploy" && overlay != "deploy/monitoring")
         {
@@ -730,7 +730,7 @@ fn knative_triggers_route_each_stage_once_and_replies_never_loop() {
         .map(|(_, v)| v)
         .filter(|v| v["kind"] == "Trigger")
         .collect();
-    assert_eq!(triggers.len(), topology::FUNCTIONS.len());
+    assert_eq!(triggers.len(), common::functions().len());
     for trigger in &triggers {
         let name = trigger["metadata"]["name"].as_str().expect("name");
         let mut names = Vec::new();
@@ -861,7 +861,7 @@ fn scaled_objects_name_provisioned_streams_and_consumers_and_deployments_are_res
         .collect();
     assert_eq!(
         scaled.len(),
-        topology::FUNCTIONS.len(),
+        common::functions().len(),
         "one ScaledObject per function"
     );
     for so in &scaled {
@@ -895,7 +895,9 @@ fn scaled_objects_name_provisioned_streams_and_consumers_and_deployments_are_res
                 "{name}: trigger metadata {field} (strings, as KEDA reads them)"
             );
         }
-        let consumer = topology::consumer(meta["consumer"].as_str().expect("consumer"))
+        let consumer = common::consumers()
+            .into_iter()
+            .find(|c| c.durable == meta["consumer"])
             .expect("the consumer is provisioned");
         let stream = topology::stream(consumer.stream).expect("stream");
         assert_eq!(

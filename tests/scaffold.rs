@@ -1,8 +1,12 @@
-//! `tidewatch new function` in a copy of this repository: the scaffolded
-//! crate compiles and passes its own test, it is in the topology (so `up`
-//! runs it), its manifests and README section are there, and the built
-//! binary handles a matching event from its durable consumer on a real
-//! nats-server (delivered once, input acked) and acks the others unread.
+//! `tidewatch new function` in a copy of this repository: it writes the new
+//! crate's function.toml (data the CLI embeds, so `up` runs it) and touches
+//! no other crate's sources, so building after it recompiles the new crate
+//! and the CLI only — not the runtime, not the other functions; the
+//! scaffolded crate compiles and passes its own test, its manifests and
+//! README section are there, and the built binary handles a matching event
+//! from its durable consumer on a real nats-server (delivered once, input
+//! acked) and acks the others unread. Inputs that would inject into the
+//! generated files are refused.
 
 mod common;
 
@@ -15,7 +19,6 @@ use async_nats::jetstream;
 use chrono::Utc;
 use common::{binary, json_event, signal, wait_exit};
 use tidewatch_runtime::metrics::Metrics;
-use tidewatch_runtime::provision::{ProvisionOptions, desired_consumer, provision};
 use tidewatch_runtime::publisher::{Publisher, PublisherConfig};
 use tidewatch_runtime::topology::{self, subjects};
 use tidewatch_testkit::{NatsServer, eventually};
@@ -84,8 +87,9 @@ fn seeded_target_dir(ours: &Path, into: &Path) {
     }
 }
 
-/// `cargo <args>` in the copy, building into `target_dir`; panics with its output on failure.
-fn cargo(copy: &Path, target_dir: &Path, args: &[&str]) {
+/// `cargo <args>` in the copy, building into `target_dir`; panics with its
+/// output on failure, else returns its stdout.
+fn cargo(copy: &Path, target_dir: &Path, args: &[&str]) -> String {
     let output = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
         .args(args)
         .current_dir(copy)
@@ -98,6 +102,40 @@ fn cargo(copy: &Path, target_dir: &Path, args: &[&str]) {
         String::from_utf8_lossy(&output.stdout),
         String::from_utf8_lossy(&output.stderr)
     );
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+/// The packages whose targets `cargo build --message-format json` compiled
+/// (rather than found fresh).
+fn compiled_packages(messages: &str) -> Vec<String> {
+    let mut packages: Vec<String> = messages
+        .lines()
+        .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
+        .filter(|m| m["reason"] == "compiler-artifact" && m["fresh"] == false)
+        .filter_map(|m| {
+            // `path+file:///…/functions/siem#tidewatch-siem@0.1.0` or `…#0.1.0` (name = dir).
+            let id = m["package_id"].as_str()?;
+            let (path, rest) = id.split_once('#')?;
+            Some(match rest.split_once('@') {
+                Some((name, _)) => name.to_string(),
+                None => path.rsplit('/').next()?.to_string(),
+            })
+        })
+        .collect();
+    packages.sort();
+    packages.dedup();
+    packages
+}
+
+/// `tidewatch new function <args> --repo <copy>`.
+fn scaffold(copy: &Path, args: &[&str]) -> std::process::Output {
+    Command::new(binary("tidewatch"))
+        .args(["new", "function"])
+        .args(args)
+        .arg("--repo")
+        .arg(copy)
+        .output()
+        .expect("tidewatch new function runs")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -107,35 +145,94 @@ async fn a_scaffolded_function_builds_passes_its_test_is_wired_in_and_runs() {
     let copy = temp.path().join("main");
     copy_repo(&repo, &copy);
 
-    let output = Command::new(binary("tidewatch"))
-        .args([
-            "new",
-            "function",
+    // Inputs that would inject into function.toml, the manifests or the
+    // generated code are refused before anything is written.
+    for (args, complaint) in [
+        (&["bad\"name"][..], "function name"),
+        (&["ok", "--types", "a\"b"][..], "--types"),
+        (&["ok", "--types", "dev.x\n]\nname = \"x\""][..], "--types"),
+        (&["ok", "--types", "dev.x,"][..], "--types"),
+        (&["enrich"][..], "already exists"),
+    ] {
+        let refused = scaffold(&copy, args);
+        let stderr = String::from_utf8_lossy(&refused.stderr);
+        assert!(
+            !refused.status.success() && stderr.contains(complaint),
+            "{args:?}: {stderr}"
+        );
+    }
+    assert!(!copy.join("functions/ok").exists(), "nothing written");
+
+    // The copy built before the scaffold: the runtime, a function, the CLI.
+    let profile_dir = binary("tidewatch")
+        .parent()
+        .expect("profile dir")
+        .to_path_buf();
+    let target_dir = temp.path().join("target");
+    seeded_target_dir(&profile_dir, &target_dir.join("debug"));
+    let packages = [
+        "-p",
+        "tidewatch-runtime",
+        "-p",
+        "tidewatch-export",
+        "-p",
+        "tidewatch",
+    ];
+    cargo(
+        &copy,
+        &target_dir,
+        &[&["build", "--quiet"][..], &packages].concat(),
+    );
+
+    let output = scaffold(
+        &copy,
+        &[
             "siem",
             "--from",
             "insights",
             "--types",
             "dev.tidewatch.insight.*",
-            "--repo",
-        ])
-        .arg(&copy)
-        .output()
-        .expect("tidewatch new function runs");
+        ],
+    );
     assert!(
         output.status.success(),
         "{}",
         String::from_utf8_lossy(&output.stderr)
     );
 
-    let topology = std::fs::read_to_string(copy.join("runtime/src/topology.rs")).expect("topology");
-    assert!(
-        topology.contains("pub const SIEM: FunctionSpec"),
-        "spec added"
+    // Its spec is data in its own crate, and nothing else's sources changed.
+    let spec = tidewatch_runtime::topology::FunctionSpec::from_toml(
+        &std::fs::read_to_string(copy.join("functions/siem/function.toml")).expect("function.toml"),
+    )
+    .expect("a valid spec");
+    assert_eq!(
+        (spec.name, spec.consumer.stream, spec.types.as_slice()),
+        ("siem", "insights", &["dev.tidewatch.insight.*"][..])
     );
-    assert!(
-        topology.contains("    SIEM,\n"),
-        "listed in FUNCTIONS, which `up` runs"
+    for unchanged in ["runtime/src/topology.rs", "functions/export/src/main.rs"] {
+        assert_eq!(
+            std::fs::read(copy.join(unchanged)).expect("read"),
+            std::fs::read(repo.join(unchanged)).expect("read"),
+            "{unchanged}"
+        );
+    }
+    // Adding it recompiles the new crate and the CLI (which embeds every
+    // function.toml), not the runtime or the other functions.
+    let messages = cargo(
+        &copy,
+        &target_dir,
+        &[
+            &["build", "--message-format", "json", "-p", "tidewatch-siem"][..],
+            &packages,
+        ]
+        .concat(),
     );
+    assert_eq!(
+        compiled_packages(&messages),
+        ["tidewatch", "tidewatch-siem"],
+        "only the new function and the CLI are compiled"
+    );
+
     assert!(
         std::fs::read_to_string(copy.join("Cargo.toml"))
             .expect("manifest")
@@ -198,53 +295,38 @@ async fn a_scaffolded_function_builds_passes_its_test_is_wired_in_and_runs() {
     );
 
     // A second scaffold with the same name is refused, naming the problem.
-    let again = Command::new(binary("tidewatch"))
-        .args(["new", "function", "siem", "--repo"])
-        .arg(&copy)
-        .output()
-        .expect("runs");
+    let again = scaffold(&copy, &["siem"]);
     assert!(!again.status.success());
+    assert!(String::from_utf8_lossy(&again.stderr).contains("already exists"));
 
-    // The scaffolded crate compiles and its own tests pass.
-    let profile_dir = binary("tidewatch")
-        .parent()
-        .expect("profile dir")
-        .to_path_buf();
-    let target_dir = temp.path().join("target");
-    seeded_target_dir(&profile_dir, &target_dir.join("debug"));
+    // The scaffolded crate's own tests pass (its spec parses, it delivers).
     cargo(
         &copy,
         &target_dir,
         &["test", "--quiet", "-p", "tidewatch-siem"],
     );
-    cargo(
-        &copy,
-        &target_dir,
-        &["build", "--quiet", "-p", "tidewatch-siem"],
-    );
 
-    // End to end: its durable consumer as provisioning makes it (this
-    // build's topology lacks it; the spec is the one the scaffold wrote),
-    // a matching and a non-matching event, and the binary reading them.
+    // End to end: the copy's rebuilt CLI provisions siem's durable consumer
+    // from the function.toml it embedded, then a matching and a
+    // non-matching event, and the binary reading them.
     let server = NatsServer::start().await;
     let client = server.connect().await;
     let js = jetstream::new(client.clone());
-    let options = ProvisionOptions::default().ack_wait(Duration::from_secs(2));
-    provision(&js, &options).await.expect("provisioned");
-    let consumer = topology::ConsumerSpec {
-        durable: "siem",
-        stream: topology::INSIGHTS.key,
-        description: "siem: insights events matching dev.tidewatch.insight.*",
-        ..topology::CONSUMERS[0].clone()
-    };
+    let provisioned = Command::new(target_dir.join("debug/tidewatch"))
+        .arg("provision")
+        .env("NATS_URL", server.client_url())
+        .output()
+        .expect("the copy's CLI runs");
+    let report = String::from_utf8_lossy(&provisioned.stdout);
+    assert!(
+        provisioned.status.success() && report.contains("created   consumer siem"),
+        "{report}{}",
+        String::from_utf8_lossy(&provisioned.stderr)
+    );
     let insights = js
         .get_stream(topology::INSIGHTS.name)
         .await
         .expect("insights stream");
-    insights
-        .create_consumer(desired_consumer(&consumer, &options))
-        .await
-        .expect("siem's durable consumer");
     let publisher = Publisher::new(client, PublisherConfig::default(), Metrics::new("test"));
     let matching = json_event(
         "insight-1",

@@ -3,12 +3,15 @@
 //! chosen transport, and SIGTERM handling. A function's `main` is:
 //!
 //! ```no_run
-//! # use tidewatch_runtime::{host::{FunctionArgs, Host}, function::*, topology};
+//! # use tidewatch_runtime::{host::{FunctionArgs, Host}, function::*, topology::FunctionSpec};
 //! # struct Echo;
 //! # impl Function for Echo { async fn handle(&self, _: cloudevents::Event, _: &Context) -> Outcome { Outcome::Done } }
-//! # async fn main_(args: FunctionArgs) -> Result<(), tidewatch_runtime::RuntimeError> {
-//! let host = Host::start(&topology::EXPORT, args).await?;
-//! host.run(Echo).await
+//! # async fn main_(args: FunctionArgs, own_file: &str) -> Result<(), Box<dyn std::error::Error>> {
+//! // The crate's own spec (`include_str!("../function.toml")`), checked at start.
+//! let spec = FunctionSpec::from_toml(own_file)?;
+//! let host = Host::start(spec, args).await?;
+//! host.run(Echo).await?;
+//! # Ok(())
 //! # }
 //! ```
 
@@ -68,7 +71,7 @@ pub struct FunctionArgs {
     /// Address of /metrics, /healthz and /readyz in JetStream mode (port 0 picks one).
     #[arg(long, env = "TIDEWATCH_METRICS_ADDR", default_value = "0.0.0.0:9090")]
     pub metrics_addr: SocketAddr,
-    /// Handlers running at once (default: the function's, from the topology).
+    /// Handlers running at once (default: the function's, from its function.toml).
     #[arg(long, env = "TIDEWATCH_CONCURRENCY")]
     pub concurrency: Option<usize>,
     /// Most messages per pull request (default: the concurrency).
@@ -92,23 +95,18 @@ impl FunctionArgs {
 
 /// A started function process: connected, instrumented, not yet serving.
 pub struct Host {
-    spec: &'static FunctionSpec,
+    spec: FunctionSpec,
     args: FunctionArgs,
     client: Option<async_nats::Client>,
     metrics: Metrics,
     readiness: Readiness,
-    /// Stream of a durable that is not in the compiled topology.
-    input: Option<&'static str>,
     _telemetry: Telemetry,
 }
 
 impl Host {
     /// Set up logs and traces, connect to NATS (always in JetStream mode; in
     /// HTTP mode only when NATS_URL is set, for functions that use KV).
-    pub async fn start(
-        spec: &'static FunctionSpec,
-        args: FunctionArgs,
-    ) -> Result<Host, RuntimeError> {
+    pub async fn start(spec: FunctionSpec, args: FunctionArgs) -> Result<Host, RuntimeError> {
         let telemetry = telemetry::init(spec.name);
         let wants_nats =
             args.transport() == Transport::Jetstream || std::env::var_os("NATS_URL").is_some();
@@ -118,22 +116,13 @@ impl Host {
             None
         };
         Ok(Host {
+            metrics: Metrics::new(spec.name),
             spec,
             args,
             client,
-            metrics: Metrics::new(spec.name),
             readiness: Readiness::default(),
-            input: None,
             _telemetry: telemetry,
         })
-    }
-
-    /// Read a durable consumer on `stream_key` that the compiled topology
-    /// does not name (made by a newer topology, or by hand): it must exist
-    /// on the server.
-    pub fn reading(mut self, stream_key: &'static str) -> Host {
-        self.input = Some(stream_key);
-        self
     }
 
     /// The NATS connection, for functions that keep state in KV.
@@ -174,16 +163,7 @@ impl Host {
                     self.readiness.clone(),
                     when_stopped(),
                 ));
-                let stream_key = match (topology::consumer(self.spec.consumer), self.input) {
-                    (Some(consumer), _) => consumer.stream,
-                    (None, Some(stream)) => stream,
-                    (None, None) => {
-                        return Err(RuntimeError::Setup(format!(
-                            "no consumer {} in the topology",
-                            self.spec.consumer
-                        )));
-                    }
-                };
+                let stream_key = self.spec.consumer.stream;
                 let stream = topology::stream(stream_key).ok_or_else(|| {
                     RuntimeError::Setup(format!("no stream {stream_key} in the topology"))
                 })?;
@@ -192,7 +172,7 @@ impl Host {
                     PublisherConfig::default().max_in_flight(self.args.max_in_flight),
                     self.metrics.clone(),
                 );
-                let config = PullConfig::new(stream.name, self.spec.consumer)
+                let config = PullConfig::new(stream.name, self.spec.consumer.durable)
                     .batch(self.args.batch.unwrap_or(self.spec.concurrency))
                     .concurrency(self.args.concurrency.unwrap_or(self.spec.concurrency));
                 let result = consume::run(

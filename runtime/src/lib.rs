@@ -1,7 +1,8 @@
 //! The runtime every Tidewatch collector and function shares.
 //!
 //! - [`topology`]: the one source of names: streams, subjects, consumers,
-//!   KV buckets, event types. [`provision`] creates them idempotently.
+//!   KV buckets, event types. [`spec`]: functions as data (each crate's
+//!   `function.toml`). [`provision`] creates them idempotently.
 //! - [`event`]: building and reading events (deterministic ids, protobuf
 //!   payloads, the 64 KiB limit, trace context).
 //! - [`binding`]: CloudEvents over NATS (binary + structured) and HTTP.
@@ -36,6 +37,7 @@ pub mod provision;
 pub mod publisher;
 pub mod serve_http;
 pub mod shutdown;
+pub mod spec;
 pub mod spool;
 pub mod telemetry;
 pub mod topology;

@@ -1,5 +1,5 @@
 //! Idempotent provisioning of streams, consumers and KV buckets from the
-//! [topology](crate::topology).
+//! [topology](crate::topology) and the functions' consumers.
 //!
 //! Each object is created when missing, updated in place when a field this
 //! module manages differs (subjects, limits, filters, retries: all changes
@@ -158,9 +158,12 @@ fn api<E: std::error::Error + Send + Sync + 'static>(
     }
 }
 
-/// Provision everything in the topology.
+/// Provision the topology's streams and buckets and `consumers` (the
+/// functions' durables: the CLI passes every function's, a test the ones it
+/// needs; the runtime keeps no list of functions).
 pub async fn provision(
     js: &jetstream::Context,
+    consumers: &[ConsumerSpec],
     options: &ProvisionOptions,
 ) -> Result<Report, ProvisionError> {
     let mut report = Report::default();
@@ -168,7 +171,7 @@ pub async fn provision(
         let change = ensure_stream(js, desired_stream(spec, options)).await?;
         report.items.push((format!("stream {}", spec.name), change));
     }
-    for spec in topology::CONSUMERS {
+    for spec in consumers {
         let change = ensure_consumer(js, spec, options).await?;
         report
             .items

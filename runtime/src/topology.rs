@@ -1,6 +1,10 @@
-//! The one place that names things: streams, subjects, consumers, KV buckets
-//! and CloudEvent types. Publishers, functions, provisioning, the CLI and the
-//! rendered manifests all read from here, so they cannot disagree.
+//! The one place that names things: streams, subjects, KV buckets and
+//! CloudEvent types, and the types that describe functions and their
+//! consumers. Publishers, functions, provisioning, the CLI and the rendered
+//! manifests all read from here, so they cannot disagree. Which functions
+//! exist is not compiled in here: each carries its own
+//! `functions/<name>/function.toml` ([`crate::spec`]), and only the CLI
+//! (provisioning, rendering, `tidewatch up`) reads the whole list.
 //!
 //! Subjects:
 //!
@@ -87,16 +91,22 @@ pub struct BucketSpec {
     pub max_bytes: i64,
 }
 
-/// A function: its consumer, and where its outputs go.
+/// A function: its consumer, and where its outputs go. Each function
+/// crate carries its own in `functions/<name>/function.toml` ([`crate::spec`]
+/// parses it); the runtime holds no list of them, so adding a function
+/// rebuilds only that crate and the CLI.
 #[derive(Debug, Clone, PartialEq)]
 pub struct FunctionSpec {
     pub name: &'static str,
     /// Durable consumer it reads through (same name).
-    pub consumer: &'static str,
+    pub consumer: ConsumerSpec,
     /// Key of the stream its outputs go to, if it emits events.
     pub output_stream: Option<&'static str>,
     /// Binary name (`tidewatch-<name>`).
     pub binary: &'static str,
+    /// Event type patterns it handles (`*` matches any run of characters);
+    /// empty handles everything it reads.
+    pub types: Vec<&'static str>,
     /// How it scales (KEDA ScaledObject, Knative annotations, `tidewatch up`).
     pub scale: ScaleSpec,
     /// Handlers a replica runs at once in JetStream mode, and so the
@@ -105,11 +115,22 @@ pub struct FunctionSpec {
     pub concurrency: usize,
 }
 
-/// Scaling of one function; rendered into its ScaledObject and Knative
-/// Service, and read back from keda/ by the local autoscaler.
-#[derive(Debug, Clone, Copy, PartialEq)]
+impl FunctionSpec {
+    /// Whether `event_type` is one this function handles.
+    pub fn handles(&self, event_type: &str) -> bool {
+        self.types.is_empty() || self.types.iter().any(|p| types::matches(p, event_type))
+    }
+}
+
+/// Scaling of one function (`[scale]` in its function.toml); rendered into
+/// its ScaledObject and Knative Service, and read back from keda/ by the
+/// local autoscaler.
+#[derive(Debug, Clone, Copy, PartialEq, serde::Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields)]
 pub struct ScaleSpec {
+    /// Fewest replicas (0: scale to zero when there is no lag).
     pub min_replicas: u32,
+    /// Most replicas.
     pub max_replicas: u32,
     /// Target lag per replica (KEDA `lagThreshold`).
     pub lag_threshold: u64,
@@ -117,17 +138,6 @@ pub struct ScaleSpec {
     pub activation_lag_threshold: u64,
     /// Concurrent requests per replica in Knative mode (`containerConcurrency`).
     pub container_concurrency: u32,
-}
-
-/// Scale to zero, up to 10 replicas, one replica per `lag_threshold` pending.
-pub const fn scale_to_zero(lag_threshold: u64, container_concurrency: u32) -> ScaleSpec {
-    ScaleSpec {
-        min_replicas: 0,
-        max_replicas: 10,
-        lag_threshold,
-        activation_lag_threshold: 0,
-        container_concurrency,
-    }
 }
 
 pub const RAW: StreamSpec = StreamSpec {
@@ -175,73 +185,6 @@ pub const DEAD_LETTER: StreamSpec = StreamSpec {
 };
 
 pub const STREAMS: &[StreamSpec] = &[RAW, ENRICHED, INSIGHTS, DEAD_LETTER];
-
-const fn function_consumer(
-    durable: &'static str,
-    stream: &'static str,
-    description: &'static str,
-) -> ConsumerSpec {
-    ConsumerSpec {
-        durable,
-        stream,
-        description,
-        max_deliver: 5,
-        ack_wait: Duration::from_secs(30),
-        max_ack_pending: 10_000,
-    }
-}
-
-pub const CONSUMERS: &[ConsumerSpec] = &[
-    function_consumer(
-        "enrich",
-        RAW.key,
-        "enrich: joins raw events with pod metadata",
-    ),
-    function_consumer(
-        "correlate",
-        ENRICHED.key,
-        "correlate: finds root causes across events",
-    ),
-    function_consumer("export", INSIGHTS.key, "export: ships insights to sinks"),
-    // `tidewatch new function` adds consumers above this line.
-];
-
-pub const ENRICH: FunctionSpec = FunctionSpec {
-    name: "enrich",
-    consumer: "enrich",
-    output_stream: Some(ENRICHED.key),
-    binary: "tidewatch-enrich",
-    // Cheap per event (a cached KV join): a replica keeps up with a deep backlog.
-    scale: scale_to_zero(1000, 100),
-    // Each handler mostly waits for its output's stream ack: a deeper
-    // pipeline lets nats-server batch its work (benches/pipeline.rs).
-    concurrency: 256,
-};
-pub const CORRELATE: FunctionSpec = FunctionSpec {
-    name: "correlate",
-    consumer: "correlate",
-    output_stream: Some(INSIGHTS.key),
-    binary: "tidewatch-correlate",
-    // A KV compare-and-set per event: more replicas sooner.
-    scale: scale_to_zero(500, 50),
-    concurrency: 64,
-};
-pub const EXPORT: FunctionSpec = FunctionSpec {
-    name: "export",
-    consumer: "export",
-    output_stream: None,
-    binary: "tidewatch-export",
-    // Insights are few; each may wait on a slow sink.
-    scale: scale_to_zero(50, 10),
-    concurrency: 64,
-};
-
-// `tidewatch new function` adds function specs above this line.
-
-pub const FUNCTIONS: &[FunctionSpec] = &[
-    ENRICH, CORRELATE, EXPORT,
-    // `tidewatch new function` adds functions above this line.
-];
 
 /// A collector: a DaemonSet on a cluster, a process under `tidewatch up`,
 /// a NATS user publishing under `tidewatch.raw.<name>.>`.
@@ -300,16 +243,6 @@ pub fn stream(key_or_name: &str) -> Option<&'static StreamSpec> {
     STREAMS.iter().find(|s| {
         s.key.eq_ignore_ascii_case(key_or_name) || s.name.eq_ignore_ascii_case(key_or_name)
     })
-}
-
-/// Look up a consumer by durable name.
-pub fn consumer(durable: &str) -> Option<&'static ConsumerSpec> {
-    CONSUMERS.iter().find(|c| c.durable == durable)
-}
-
-/// Look up a function by name.
-pub fn function(name: &str) -> Option<&'static FunctionSpec> {
-    FUNCTIONS.iter().find(|f| f.name == name)
 }
 
 /// Filter subjects of a consumer: everything its stream carries from the
@@ -612,18 +545,35 @@ mod tests {
         );
     }
 
+    /// The repository's functions, as the CLI embeds them.
+    fn functions() -> Vec<FunctionSpec> {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../functions");
+        crate::spec::read_dir(&dir).expect("functions/*/function.toml are valid")
+    }
+
+    fn function(functions: &[FunctionSpec], name: &str) -> FunctionSpec {
+        functions
+            .iter()
+            .find(|f| f.name == name)
+            .unwrap_or_else(|| panic!("functions/{name}/function.toml"))
+            .clone()
+    }
+
     #[test]
     fn each_function_reads_what_the_previous_one_writes() {
-        for function in FUNCTIONS {
-            let consumer = consumer(function.consumer).expect("every function has a consumer");
+        let functions = functions();
+        for function in &functions {
             assert!(
-                stream(consumer.stream).is_some(),
+                stream(function.consumer.stream).is_some(),
                 "{} reads a provisioned stream",
                 function.name
             );
+            assert_eq!(function.consumer.durable, function.name);
         }
-        let enrich = consumer("enrich").expect("enrich");
-        let filters = consumer_filter_subjects(enrich);
+        let names: Vec<&str> = functions.iter().map(|f| f.name).collect();
+        assert_eq!(names, ["enrich", "correlate", "export"], "pipeline order");
+        let enrich = function(&functions, "enrich");
+        let filters = consumer_filter_subjects(&enrich.consumer);
         assert!(
             filters
                 .iter()
@@ -640,26 +590,86 @@ mod tests {
                 .iter()
                 .any(|f| subject_matches(f, &subjects::replay("raw", "siem")))
         );
-        let correlate = consumer("correlate").expect("correlate");
+        let correlate = function(&functions, "correlate");
         assert_eq!(
-            stream(correlate.stream),
-            stream(ENRICH.output_stream.expect("enrich emits"))
+            stream(correlate.consumer.stream),
+            stream(enrich.output_stream.expect("enrich emits"))
         );
-        let export = consumer("export").expect("export");
+        let export = function(&functions, "export");
         assert_eq!(
-            stream(export.stream),
-            stream(CORRELATE.output_stream.expect("correlate emits"))
+            stream(export.consumer.stream),
+            stream(correlate.output_stream.expect("correlate emits"))
         );
         assert!(
-            consumer_filter_subjects(correlate)
+            consumer_filter_subjects(&correlate.consumer)
                 .iter()
                 .any(|f| subject_matches(f, &subjects::enriched("k8s", "n")))
         );
         assert!(
-            consumer_filter_subjects(export)
+            consumer_filter_subjects(&export.consumer)
                 .iter()
                 .any(|f| subject_matches(f, &subjects::insight("oom-cascade")))
         );
+    }
+
+    /// What the functions shipped with when their specs were compiled into
+    /// this crate: moving them to function.toml must not change them.
+    #[test]
+    fn the_shipped_functions_keep_their_settings() {
+        let functions = functions();
+        let scale = |lag_threshold, container_concurrency| ScaleSpec {
+            min_replicas: 0,
+            max_replicas: 10,
+            lag_threshold,
+            activation_lag_threshold: 0,
+            container_concurrency,
+        };
+        let consumer = |durable, stream, description| ConsumerSpec {
+            durable,
+            stream,
+            description,
+            max_deliver: 5,
+            ack_wait: Duration::from_secs(30),
+            max_ack_pending: 10_000,
+        };
+        let expected = [
+            FunctionSpec {
+                name: "enrich",
+                consumer: consumer(
+                    "enrich",
+                    "raw",
+                    "enrich: joins raw events with pod metadata",
+                ),
+                output_stream: Some("enriched"),
+                binary: "tidewatch-enrich",
+                types: vec![],
+                scale: scale(1000, 100),
+                concurrency: 256,
+            },
+            FunctionSpec {
+                name: "correlate",
+                consumer: consumer(
+                    "correlate",
+                    "enriched",
+                    "correlate: finds root causes across events",
+                ),
+                output_stream: Some("insights"),
+                binary: "tidewatch-correlate",
+                types: vec![],
+                scale: scale(500, 50),
+                concurrency: 64,
+            },
+            FunctionSpec {
+                name: "export",
+                consumer: consumer("export", "insights", "export: ships insights to sinks"),
+                output_stream: None,
+                binary: "tidewatch-export",
+                types: vec![],
+                scale: scale(50, 10),
+                concurrency: 64,
+            },
+        ];
+        assert_eq!(functions, expected);
     }
 
     #[test]

@@ -27,11 +27,11 @@ async fn publishes_survive_a_stream_leader_failover_without_duplicates() {
     let js = jetstream::ContextBuilder::new()
         .timeout(Duration::from_secs(30))
         .build(client.clone());
-    let report = provision(&js, &ProvisionOptions::default().replicas(3))
+    let report = provision(&js, &[], &ProvisionOptions::default().replicas(3))
         .await
         .expect("provision R3");
     assert!(!report.is_noop());
-    let again = provision(&js, &ProvisionOptions::default().replicas(3))
+    let again = provision(&js, &[], &ProvisionOptions::default().replicas(3))
         .await
         .expect("provision again");
     assert!(

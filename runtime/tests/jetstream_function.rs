@@ -29,6 +29,16 @@ use tidewatch_testkit::{NatsServer, eventually};
 use tokio::sync::Notify;
 use tokio::task::JoinHandle;
 
+/// The repository's functions' consumers (functions/*/function.toml), as the CLI provisions them.
+fn consumers() -> Vec<topology::ConsumerSpec> {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../functions");
+    tidewatch_runtime::spec::read_dir(&dir)
+        .expect("functions/*/function.toml")
+        .into_iter()
+        .map(|f| f.consumer)
+        .collect()
+}
+
 const FUNCTION: &str = "enrich";
 const WAIT: Duration = Duration::from_secs(20);
 const TRACEPARENT: &str = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
@@ -180,7 +190,9 @@ impl Pipeline {
         let server = NatsServer::start().await;
         let client = server.connect().await;
         let js = jetstream::new(client.clone());
-        provision(&js, &setup.provision).await.expect("provision");
+        provision(&js, &consumers(), &setup.provision)
+            .await
+            .expect("provision");
         let metrics = Metrics::new(FUNCTION);
         let readiness = Readiness::default();
         let seen = Seen::default();
@@ -714,7 +726,7 @@ async fn the_publisher_refuses_oversized_events() {
     let server = NatsServer::start().await;
     let client = server.connect().await;
     let js = jetstream::new(client.clone());
-    provision(&js, &ProvisionOptions::default())
+    provision(&js, &consumers(), &ProvisionOptions::default())
         .await
         .expect("provision");
     let metrics = Metrics::new("producer");
@@ -950,6 +962,7 @@ async fn a_dead_letter_stream_outage_naks_instead_of_losing_the_message() {
     // Once the stream is back, the next delivery is dead-lettered.
     let report = provision(
         &pipeline.js,
+        &consumers(),
         &ProvisionOptions::default()
             .ack_wait(Duration::from_secs(2))
             .max_deliver(20),

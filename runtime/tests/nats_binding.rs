@@ -21,7 +21,7 @@ const WAIT: Duration = Duration::from_secs(10);
 async fn provisioned(server: &NatsServer) -> (async_nats::Client, jetstream::Context) {
     let client = server.connect().await;
     let js = jetstream::new(client.clone());
-    provision(&js, &ProvisionOptions::default())
+    provision(&js, &[], &ProvisionOptions::default())
         .await
         .expect("provision");
     (client, js)

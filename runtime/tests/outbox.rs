@@ -34,6 +34,7 @@ async fn start() -> (NatsServer, async_nats::Client) {
     let client = server.connect().await;
     provision(
         &jetstream::new(client.clone()),
+        &[],
         &ProvisionOptions::default(),
     )
     .await

@@ -16,6 +16,16 @@ use tidewatch_runtime::provision::{Change, ProvisionError, ProvisionOptions, Rep
 use tidewatch_runtime::topology::{self, subjects};
 use tidewatch_testkit::NatsServer;
 
+/// The repository's functions' consumers (functions/*/function.toml), as the CLI provisions them.
+fn consumers() -> Vec<topology::ConsumerSpec> {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../functions");
+    tidewatch_runtime::spec::read_dir(&dir)
+        .expect("functions/*/function.toml")
+        .into_iter()
+        .map(|f| f.consumer)
+        .collect()
+}
+
 fn set(v: &[String]) -> BTreeSet<String> {
     v.iter().cloned().collect()
 }
@@ -41,11 +51,10 @@ async fn provisioning_creates_the_topology_and_is_idempotent() {
     let server = NatsServer::start().await;
     let js = server.jetstream().await;
 
-    let first = provision(&js, &ProvisionOptions::default())
+    let first = provision(&js, &consumers(), &ProvisionOptions::default())
         .await
         .expect("first provision");
-    let expected_objects =
-        topology::STREAMS.len() + topology::CONSUMERS.len() + topology::BUCKETS.len();
+    let expected_objects = topology::STREAMS.len() + consumers().len() + topology::BUCKETS.len();
     assert_eq!(first.items.len(), expected_objects, "{first}");
     assert!(
         first.items.iter().all(|(_, c)| *c == Change::Created),
@@ -53,7 +62,7 @@ async fn provisioning_creates_the_topology_and_is_idempotent() {
     );
     assert!(!first.is_noop());
 
-    let second = provision(&js, &ProvisionOptions::default())
+    let second = provision(&js, &consumers(), &ProvisionOptions::default())
         .await
         .expect("second provision");
     assert!(
@@ -84,7 +93,7 @@ async fn provisioning_creates_the_topology_and_is_idempotent() {
         );
         assert_eq!(config.num_replicas, 1, "{}", spec.name);
     }
-    for spec in topology::CONSUMERS {
+    for spec in &consumers() {
         let stream_name = topology::stream(spec.stream)
             .expect("consumer stream in topology")
             .name;
@@ -146,7 +155,7 @@ async fn consumer_overrides_converge_back_and_forth() {
     let test_options = ProvisionOptions::default()
         .ack_wait(Duration::from_secs(2))
         .max_deliver(3);
-    provision(&js, &test_options)
+    provision(&js, &consumers(), &test_options)
         .await
         .expect("provision with overrides");
     let stream = js.get_stream(topology::RAW.name).await.expect("raw");
@@ -154,16 +163,16 @@ async fn consumer_overrides_converge_back_and_forth() {
     assert_eq!(info.config.ack_wait, Duration::from_secs(2));
     assert_eq!(info.config.max_deliver, 3);
     assert!(
-        provision(&js, &test_options)
+        provision(&js, &consumers(), &test_options)
             .await
             .expect("again")
             .is_noop()
     );
 
-    let report = provision(&js, &ProvisionOptions::default())
+    let report = provision(&js, &consumers(), &ProvisionOptions::default())
         .await
         .expect("provision defaults");
-    for spec in topology::CONSUMERS {
+    for spec in &consumers() {
         let fields = updated_fields(&report, &format!("consumer {}", spec.durable));
         assert_eq!(
             fields,
@@ -179,10 +188,7 @@ async fn consumer_overrides_converge_back_and_forth() {
         );
     }
     let info = stream.consumer_info("enrich").await.expect("enrich");
-    assert_eq!(
-        info.config.ack_wait,
-        topology::consumer("enrich").expect("enrich").ack_wait
-    );
+    assert_eq!(info.config.ack_wait, consumers()[0].ack_wait);
 }
 
 #[tokio::test]
@@ -235,7 +241,7 @@ async fn objects_from_an_older_version_converge_in_place() {
     }
     assert_eq!(acked, 2);
 
-    let report = provision(&js, &ProvisionOptions::default())
+    let report = provision(&js, &consumers(), &ProvisionOptions::default())
         .await
         .expect("provision converges");
     let raw_fields = updated_fields(&report, "stream TIDEWATCH_RAW");
@@ -267,7 +273,7 @@ async fn objects_from_an_older_version_converge_in_place() {
     let consumer = stream.consumer_info("enrich").await.expect("enrich");
     assert_eq!(
         set(&consumer.config.filter_subjects),
-        set(&topology::consumer_filter_subjects(&topology::CONSUMERS[0]))
+        set(&topology::consumer_filter_subjects(&consumers()[0]))
     );
     assert_eq!(
         consumer.ack_floor.stream_sequence, 2,
@@ -276,7 +282,7 @@ async fn objects_from_an_older_version_converge_in_place() {
     assert_eq!(consumer.num_pending, 3);
 
     assert!(
-        provision(&js, &ProvisionOptions::default())
+        provision(&js, &consumers(), &ProvisionOptions::default())
             .await
             .expect("again")
             .is_noop(),
@@ -305,7 +311,7 @@ async fn a_storage_conflict_is_reported_not_forced() {
     .await
     .expect("stored");
 
-    let err = provision(&js, &ProvisionOptions::default())
+    let err = provision(&js, &consumers(), &ProvisionOptions::default())
         .await
         .expect_err("memory storage conflicts");
     assert!(
@@ -344,7 +350,7 @@ async fn a_storage_conflict_is_reported_not_forced() {
 async fn provisioned_buckets_work_through_the_kv_api() {
     let server = NatsServer::start().await;
     let js = server.jetstream().await;
-    provision(&js, &ProvisionOptions::default())
+    provision(&js, &consumers(), &ProvisionOptions::default())
         .await
         .expect("provision");
 
@@ -395,7 +401,7 @@ async fn provisioned_buckets_work_through_the_kv_api() {
 
     // Using the buckets did not make provisioning see drift.
     assert!(
-        provision(&js, &ProvisionOptions::default())
+        provision(&js, &consumers(), &ProvisionOptions::default())
             .await
             .expect("again")
             .is_noop()
@@ -409,7 +415,7 @@ async fn provisioned_buckets_work_through_the_kv_api() {
 async fn streams_refuse_messages_over_the_event_contract() {
     let server = NatsServer::start().await;
     let js = server.jetstream().await;
-    provision(&js, &ProvisionOptions::default())
+    provision(&js, &consumers(), &ProvisionOptions::default())
         .await
         .expect("provision");
     let subject = subjects::raw("ebpf", "n1");
@@ -440,5 +446,5 @@ async fn streams_refuse_messages_over_the_event_contract() {
             .clone();
         assert_eq!(info.config.max_message_size, spec.max_message_bytes);
     }
-    assert!(topology::DEAD_LETTER.max_message_bytes > topology::RAW.max_message_bytes);
+    const { assert!(topology::DEAD_LETTER.max_message_bytes > topology::RAW.max_message_bytes) };
 }

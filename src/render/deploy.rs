@@ -273,7 +273,7 @@ pub fn provision_job(fns: &Functions) -> Value {
             "{:?}{:?}{:?}",
             topology::STREAMS,
             topology::BUCKETS,
-            fns.consumers
+            fns.consumers()
         ))
     );
     provisioning_job("tidewatch-provision", name, SYSTEM_NAMESPACE, "admin", &[])

@@ -16,6 +16,10 @@ use super::{
 /// and update consumers, nothing else.
 pub const PROVISIONER: &str = "provisioner";
 
+/// export's binary: every function running it (one per sink group) is told
+/// which durable to read, and the dead-letter Service runs it too.
+const EXPORT_BINARY: &str = "tidewatch-export";
+
 fn labels(function: &FunctionSpec) -> Value {
     super::labels(&format!("tidewatch-{}", function.name), "function")
 }
@@ -67,8 +71,10 @@ fn container(function: &FunctionSpec, transport: &str) -> Value {
         nats.append(env);
         *env = nats;
         // Every export deployment reads its own durable (one per sink group).
-        if function.binary == topology::EXPORT.binary {
-            env.push(json!({"name": "TIDEWATCH_EXPORT_CONSUMER", "value": function.consumer}));
+        if function.binary == EXPORT_BINARY {
+            env.push(
+                json!({"name": "TIDEWATCH_EXPORT_CONSUMER", "value": function.consumer.durable}),
+            );
         }
     }
     container
@@ -108,10 +114,8 @@ pub fn keda_deployment(function: &FunctionSpec) -> Value {
 }
 
 /// A function's ScaledObject: the `nats-jetstream` trigger on its durable consumer.
-pub fn scaled_object(function: &FunctionSpec, fns: &Functions) -> anyhow::Result<Value> {
-    let consumer = fns
-        .consumer(function.consumer)
-        .with_context(|| format!("no consumer {}", function.consumer))?;
+pub fn scaled_object(function: &FunctionSpec) -> anyhow::Result<Value> {
+    let consumer = &function.consumer;
     let stream = topology::stream(consumer.stream)
         .with_context(|| format!("no stream {}", consumer.stream))?;
     Ok(json!({
@@ -206,18 +210,14 @@ pub fn knative_trigger(function: &FunctionSpec) -> Value {
             "broker": BROKER,
             "filters": trigger_filters(function),
             "subscriber": {"ref": {"apiVersion": "serving.knative.dev/v1", "kind": "Service", "name": format!("tidewatch-{}", function.name)}},
-            "delivery": delivery(),
+            "delivery": delivery(function.consumer.max_deliver),
         },
     })
 }
 
 /// Retry with backoff, then the dead-letter sink (the same policy as
 /// `max_deliver` in JetStream mode).
-fn delivery() -> Value {
-    let max_deliver = topology::CONSUMERS
-        .first()
-        .map(|c| c.max_deliver)
-        .unwrap_or(5);
+fn delivery(max_deliver: i64) -> Value {
     json!({
         "retry": max_deliver - 1,
         "backoffPolicy": "exponential",
@@ -228,7 +228,13 @@ fn delivery() -> Value {
 
 /// The broker: channel-based, on NATS JetStream channels (eventing-natss's
 /// `config-natjsm-channel` in knative-eventing).
-pub fn knative_broker() -> Value {
+pub fn knative_broker(fns: &Functions) -> Value {
+    // The broker's default, for triggers that set none: the first function's.
+    let max_deliver = fns
+        .functions
+        .first()
+        .map(|f| f.consumer.max_deliver)
+        .unwrap_or(5);
     json!({
         "apiVersion": "eventing.knative.dev/v1",
         "kind": "Broker",
@@ -240,18 +246,25 @@ pub fn knative_broker() -> Value {
         },
         "spec": {
             "config": {"apiVersion": "v1", "kind": "ConfigMap", "name": "config-natjsm-channel", "namespace": "knative-eventing"},
-            "delivery": delivery(),
+            "delivery": delivery(max_deliver),
         },
     })
 }
 
 /// Where undeliverable events end: export's binary in HTTP mode, writing
 /// each as a JSON line to its log.
-pub fn knative_dead_letter_service() -> Value {
-    let mut service = knative_service(&topology::EXPORT);
+pub fn knative_dead_letter_service(fns: &Functions) -> anyhow::Result<Value> {
+    let export = fns
+        .functions
+        .iter()
+        .find(|f| f.binary == EXPORT_BINARY && f.name == "export")
+        .context(
+            "no export function (functions/export/function.toml): the dead-letter Service runs it",
+        )?;
+    let mut service = knative_service(export);
     service["metadata"]["name"] = json!(DEAD_LETTER_SERVICE);
     service["metadata"]["labels"]["app.kubernetes.io/name"] = json!(DEAD_LETTER_SERVICE);
-    service
+    Ok(service)
 }
 
 /// The Job that creates and updates the functions' durable consumers, in
@@ -262,7 +275,7 @@ pub fn knative_dead_letter_service() -> Value {
 pub fn provision_consumers_job(fns: &Functions) -> Value {
     let name = format!(
         "tidewatch-provision-consumers-{}",
-        short_hash(&format!("{:?}", fns.consumers))
+        short_hash(&format!("{:?}", fns.consumers()))
     );
     super::deploy::provisioning_job(
         "tidewatch-provision-consumers",

@@ -153,29 +153,29 @@ fn ca_generator(namespace: &str) -> Value {
     json!({"name": CA_SECRET, "namespace": namespace, "files": [format!("ca.crt={SECRETS_DIR}/ca.crt")]})
 }
 
-/// The functions and consumers to render: the compiled topology, plus a
-/// function `tidewatch new function` is adding (not compiled in yet).
+/// The functions to render: the ones this CLI was built with, or a
+/// repository's (`tidewatch new function` renders the functions/ it just
+/// added to, which this binary was not built with).
 pub struct Functions {
     pub functions: Vec<FunctionSpec>,
-    pub consumers: Vec<topology::ConsumerSpec>,
 }
 
 impl Functions {
-    pub fn compiled() -> Functions {
-        Functions {
-            functions: topology::FUNCTIONS.to_vec(),
-            consumers: topology::CONSUMERS.to_vec(),
-        }
+    pub fn embedded() -> anyhow::Result<Functions> {
+        Ok(Functions {
+            functions: crate::functions::all()?.to_vec(),
+        })
     }
 
-    pub fn consumer(&self, durable: &str) -> Option<&topology::ConsumerSpec> {
-        self.consumers.iter().find(|c| c.durable == durable)
+    /// Every function's durable consumer, in the functions' order.
+    pub fn consumers(&self) -> Vec<topology::ConsumerSpec> {
+        self.functions.iter().map(|f| f.consumer.clone()).collect()
     }
 }
 
-/// Every rendered file for the compiled topology.
+/// Every rendered file for the functions this CLI was built with.
 pub fn render() -> anyhow::Result<Vec<(String, String)>> {
-    render_with(&Functions::compiled())
+    render_with(&Functions::embedded()?)
 }
 
 /// Every rendered file for `fns`, as (path relative to the repository root, contents).
@@ -189,7 +189,7 @@ pub fn render_with(fns: &Functions) -> anyhow::Result<Vec<(String, String)>> {
             format!("keda/{file}"),
             with_drain_comment(yaml(&[
                 functions::keda_deployment(function),
-                functions::scaled_object(function, fns)?,
+                functions::scaled_object(function)?,
             ])?),
         ));
         resources.push(file);
@@ -264,8 +264,8 @@ pub fn render_with(fns: &Functions) -> anyhow::Result<Vec<(String, String)>> {
     files.push((
         "knative/broker.yaml".to_string(),
         yaml(&[
-            functions::knative_broker(),
-            functions::knative_dead_letter_service(),
+            functions::knative_broker(fns),
+            functions::knative_dead_letter_service(fns)?,
         ])?,
     ));
     for function in &fns.functions {

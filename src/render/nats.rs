@@ -96,9 +96,7 @@ pub fn password_env(user: &str) -> String {
 pub fn users(fns: &Functions) -> Vec<NatsUser> {
     let mut users = Vec::new();
     for function in &fns.functions {
-        let Some(consumer) = fns.consumer(function.consumer) else {
-            continue;
-        };
+        let consumer = &function.consumer;
         let Some(stream) = topology::stream(consumer.stream) else {
             continue;
         };

@@ -171,6 +171,7 @@ pub const LOCAL_STREAM_BYTES: i64 = 1024 * 1024 * 1024;
 async fn provision_topology(js: &jetstream::Context, view: &View) -> anyhow::Result<()> {
     let report = provision(
         js,
+        &crate::functions::consumers()?,
         &ProvisionOptions::default().cap_bytes(LOCAL_STREAM_BYTES),
     )
     .await

@@ -57,7 +57,7 @@ pub async fn run(
     let policies = lag::scale_policies(args)?;
     let started = Instant::now();
     let mut functions = Vec::new();
-    for spec in topology::FUNCTIONS {
+    for spec in crate::functions::all()? {
         let binary = bin_dir.join(spec.binary);
         if !binary.is_file() {
             bail!(
@@ -68,12 +68,12 @@ pub async fn run(
         }
         let mut policy = policies
             .iter()
-            .find(|(consumer, _)| consumer == spec.consumer)
+            .find(|(consumer, _)| consumer == spec.consumer.durable)
             .map(|(_, p)| p.clone())
             .with_context(|| {
                 format!(
                     "no ScaledObject for consumer {} in keda/ (run `tidewatch render`)",
-                    spec.consumer
+                    spec.consumer.durable
                 )
             })?;
         if let Some(s) = args.polling_interval_secs {
@@ -85,8 +85,7 @@ pub async fn run(
         if let Some(s) = args.scale_down_window_secs {
             policy.scale_down_window = Duration::from_secs(s);
         }
-        let consumer_stream = topology::consumer(spec.consumer)
-            .and_then(|c| topology::stream(c.stream))
+        let consumer_stream = topology::stream(spec.consumer.stream)
             .map(|s| s.name)
             .context("function without a stream")?;
         functions.push(Scaled {
@@ -153,7 +152,7 @@ pub async fn run(
                 continue;
             }
             f.next_poll = now + f.scaler.policy.polling_interval;
-            f.lag = match lag::consumer_lag(monitoring, f.spec.consumer).await {
+            f.lag = match lag::consumer_lag(monitoring, f.spec.consumer.durable).await {
                 Ok(lag) => lag,
                 Err(e) => {
                     view.say(
@@ -260,7 +259,12 @@ fn spawn(
         .create(true)
         .append(true)
         .open(&log_path)?;
-    let mut child = Command::new(&binary)
+    let mut command = Command::new(&binary);
+    // An export sink group (its own function.toml, export's binary) reads its own durable.
+    if spec.binary == "tidewatch-export" {
+        command.env("TIDEWATCH_EXPORT_CONSUMER", spec.consumer.durable);
+    }
+    let mut child = command
         .env("NATS_URL", url)
         .env("TIDEWATCH_TRANSPORT", "jetstream")
         .env("TIDEWATCH_METRICS_ADDR", "127.0.0.1:0")

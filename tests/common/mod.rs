@@ -27,6 +27,17 @@ pub fn binary(name: &str) -> PathBuf {
     path
 }
 
+/// The repository's functions (functions/*/function.toml), as the CLI embeds them.
+pub fn functions() -> Vec<topology::FunctionSpec> {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("functions");
+    tidewatch_runtime::spec::read_dir(&dir).expect("functions/*/function.toml")
+}
+
+/// Every function's durable consumer, as `tidewatch provision` makes them.
+pub fn consumers() -> Vec<topology::ConsumerSpec> {
+    functions().into_iter().map(|f| f.consumer).collect()
+}
+
 /// A container restart as the k8s collector would publish it.
 pub fn restart_event(i: u64, pod: &str) -> cloudevents::Event {
     let payload = v1::ContainerRestart {
@@ -51,7 +62,10 @@ pub fn restart_event(i: u64, pod: &str) -> cloudevents::Event {
 
 /// Consumer counters: (pending, ack pending, redelivered, ack floor stream seq).
 pub async fn consumer_state(js: &jetstream::Context, durable: &str) -> (u64, usize, usize, u64) {
-    let spec = topology::consumer(durable).expect("consumer in topology");
+    let spec = consumers()
+        .into_iter()
+        .find(|c| c.durable == durable)
+        .expect("a function's consumer");
     let stream = topology::stream(spec.stream).expect("stream in topology");
     let info = js
         .get_stream(stream.name)
@@ -136,7 +150,7 @@ pub async fn provisioned(
     let js = jetstream::new(client.clone());
     let options =
         tidewatch_runtime::provision::ProvisionOptions::default().ack_wait(Duration::from_secs(2));
-    tidewatch_runtime::provision::provision(&js, &options)
+    tidewatch_runtime::provision::provision(&js, &consumers(), &options)
         .await
         .expect("provisioned");
     let publisher = tidewatch_runtime::publisher::Publisher::new(

@@ -293,7 +293,7 @@ fn main() {
 async fn bench(secs: f64, rounds: usize) {
     let server = NatsServer::start().await;
     let js = server.jetstream().await;
-    tidewatch_runtime::provision::provision(&js, &Default::default())
+    tidewatch_runtime::provision::provision(&js, &[], &Default::default())
         .await
         .expect("provision");
     let nats = server.pid().to_string();

@@ -117,7 +117,7 @@ impl Harness {
     async fn start(name: &str, tweak: impl FnOnce(&mut Config)) -> Option<Harness> {
         let server = NatsServer::start().await;
         let js = server.jetstream().await;
-        tidewatch_runtime::provision::provision(&js, &Default::default())
+        tidewatch_runtime::provision::provision(&js, &[], &Default::default())
             .await
             .expect("provision");
         let node = format!("test-{name}-{}", std::process::id());

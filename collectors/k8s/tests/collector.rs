@@ -199,6 +199,7 @@ async fn nats_with_streams() -> NatsServer {
     let js = nats.jetstream().await;
     tidewatch_runtime::provision::provision(
         &js,
+        &[],
         &tidewatch_runtime::provision::ProvisionOptions::default(),
     )
     .await

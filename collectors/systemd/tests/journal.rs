@@ -280,7 +280,7 @@ async fn journal_entries_survive_a_killed_collector_without_gap_or_duplicate() {
     let phase = |name: &str| eprintln!("[{:>6.2}s] {name}", started.elapsed().as_secs_f64());
     let server = NatsServer::start().await;
     let js = server.jetstream().await;
-    tidewatch_runtime::provision::provision(&js, &Default::default())
+    tidewatch_runtime::provision::provision(&js, &[], &Default::default())
         .await
         .expect("provision");
     let journald = Journald::start();

@@ -282,7 +282,7 @@ async fn a_crash_looping_unit_in_a_booted_systemd_is_reported() {
 
     let server = NatsServer::start().await;
     let js = server.jetstream().await;
-    tidewatch_runtime::provision::provision(&js, &Default::default())
+    tidewatch_runtime::provision::provision(&js, &[], &Default::default())
         .await
         .expect("provision");
     let node = format!("nspawn-test-{}", std::process::id());

@@ -29,7 +29,7 @@ use cloudevents::{AttributesReader, Event};
 use tidewatch_runtime::event::new_event;
 use tidewatch_runtime::host::{FunctionArgs, Host};
 use tidewatch_runtime::metrics::{KvOp, Metrics};
-use tidewatch_runtime::topology::{self, subjects, types};
+use tidewatch_runtime::topology::{self, FunctionSpec, subjects, types};
 use tidewatch_runtime::{Context, Emitted, Function, Outcome};
 
 use observation::Observation;
@@ -369,6 +369,9 @@ fn load_rules(path: Option<&std::path::Path>) -> anyhow::Result<RulesFile> {
     }
 }
 
+/// This function's place in the pipeline; the CLI reads the same file.
+const SPEC: &str = include_str!("../function.toml");
+
 /// See Cargo.toml: the per-event allocation pattern is cheap with mimalloc.
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
@@ -389,7 +392,7 @@ async fn main() -> anyhow::Result<()> {
         println!("ok: {} rules: {}", names.len(), names.join(", "));
         return Ok(());
     }
-    let host = Host::start(&topology::CORRELATE, args.function).await?;
+    let host = Host::start(FunctionSpec::from_toml(SPEC)?, args.function).await?;
     tracing::info!(rules = ?rules.iter().map(|r| r.name()).collect::<Vec<_>>(), "rules loaded");
     let js = async_nats::jetstream::new(host.client()?.clone());
     let state = js
@@ -404,4 +407,18 @@ async fn main() -> anyhow::Result<()> {
     let metrics = host.metrics().clone();
     host.run(Correlate::new(state, rules, metrics)).await?;
     Ok(())
+}
+
+#[cfg(test)]
+mod spec_tests {
+    use tidewatch_runtime::topology::FunctionSpec;
+
+    #[test]
+    fn its_function_toml_is_valid() {
+        let spec = FunctionSpec::from_toml(super::SPEC).expect("function.toml");
+        assert_eq!(
+            (spec.name, spec.consumer.stream, spec.output_stream),
+            ("correlate", "enriched", Some("insights"))
+        );
+    }
 }

@@ -19,7 +19,7 @@ use bytes::Bytes;
 use clap::Parser;
 use cloudevents::{AttributesReader, Event};
 use tidewatch_runtime::host::{FunctionArgs, Host};
-use tidewatch_runtime::topology::{self, subjects};
+use tidewatch_runtime::topology::{self, FunctionSpec, subjects};
 use tidewatch_runtime::{Context, Emitted, Function, Outcome};
 
 use cache::PodCache;
@@ -73,6 +73,9 @@ impl Function for Enrich {
     }
 }
 
+/// This function's place in the pipeline; the CLI reads the same file.
+const SPEC: &str = include_str!("../function.toml");
+
 /// See Cargo.toml: the per-event allocation pattern is cheap with mimalloc.
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
@@ -83,7 +86,7 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    let host = Host::start(&topology::ENRICH, args.function).await?;
+    let host = Host::start(FunctionSpec::from_toml(SPEC)?, args.function).await?;
     let js = async_nats::jetstream::new(host.client()?.clone());
     let store = js
         .get_key_value(topology::POD_METADATA.bucket)
@@ -102,4 +105,18 @@ async fn main() -> anyhow::Result<()> {
     pods.watch().await.map_err(anyhow::Error::msg)?;
     host.run(Enrich { pods }).await?;
     Ok(())
+}
+
+#[cfg(test)]
+mod spec_tests {
+    use tidewatch_runtime::topology::FunctionSpec;
+
+    #[test]
+    fn its_function_toml_is_valid() {
+        let spec = FunctionSpec::from_toml(super::SPEC).expect("function.toml");
+        assert_eq!(
+            (spec.name, spec.consumer.stream, spec.output_stream),
+            ("enrich", "raw", Some("enriched"))
+        );
+    }
 }

@@ -76,10 +76,10 @@ struct Args {
     #[arg(long, env = "TIDEWATCH_EXPORT_CA_FILE")]
     ca_file: Option<PathBuf>,
     /// Durable consumer on TIDEWATCH_INSIGHTS this instance reads. Each
-    /// export deployment has its own (a `ConsumerSpec` + `FunctionSpec` in
-    /// the topology, which `tidewatch render` and `provision` turn into a
-    /// Deployment and a durable), so its pace and failures never touch
-    /// another's.
+    /// export deployment has its own (a `functions/<group>/function.toml`
+    /// with `binary = "tidewatch-export"`, which `tidewatch render` and
+    /// `provision` turn into a Deployment and a durable), so its pace and
+    /// failures never touch another's.
     #[arg(long, env = "TIDEWATCH_EXPORT_CONSUMER", default_value = "export")]
     consumer: String,
     /// Longest one sink may take for one insight (ms).
@@ -252,15 +252,17 @@ fn slots(args: &Args) -> anyhow::Result<Vec<Slot>> {
         .collect())
 }
 
-/// The function spec for an export reading `consumer`: the topology's
-/// entry when it has one, else `export`'s settings on that durable (a
-/// consumer made by hand, or by a newer topology than this binary's).
-fn spec_for(consumer: &str) -> anyhow::Result<&'static topology::FunctionSpec> {
-    if let Some(spec) = topology::FUNCTIONS
-        .iter()
-        .find(|f| f.consumer == consumer && f.binary == topology::EXPORT.binary)
-    {
-        return Ok(spec);
+/// export's own place in the pipeline; the CLI reads the same file.
+const SPEC: &str = include_str!("../function.toml");
+
+/// The function spec for an export reading `consumer`: export's own, on
+/// that durable (another sink group's, made by provisioning from its own
+/// function.toml, or by hand). Its name is the durable's, so metrics,
+/// traces and dead letters say which group they belong to.
+fn spec_for(consumer: &str) -> anyhow::Result<topology::FunctionSpec> {
+    let export = topology::FunctionSpec::from_toml(SPEC)?;
+    if consumer == export.consumer.durable {
+        return Ok(export);
     }
     if consumer.is_empty()
         || !consumer
@@ -269,21 +271,22 @@ fn spec_for(consumer: &str) -> anyhow::Result<&'static topology::FunctionSpec> {
     {
         anyhow::bail!("--consumer {consumer:?}: a durable name is letters, digits, '-' and '_'");
     }
-    // Leaked once at startup: the runtime keeps specs for the process' life.
+    // Leaked once at startup: the runtime keeps names for the process' life.
     let name: &'static str = Box::leak(consumer.to_string().into_boxed_str());
-    Ok(Box::leak(Box::new(topology::FunctionSpec {
+    Ok(topology::FunctionSpec {
         name,
-        consumer: name,
-        ..topology::EXPORT
-    })))
+        consumer: topology::ConsumerSpec {
+            durable: name,
+            ..export.consumer.clone()
+        },
+        ..export
+    })
 }
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    let host = Host::start(spec_for(&args.consumer)?, args.function.clone())
-        .await?
-        .reading(topology::INSIGHTS.key);
+    let host = Host::start(spec_for(&args.consumer)?, args.function.clone()).await?;
     let slots = slots(&args)?;
     tracing::info!(sinks = ?slots.iter().map(|s| s.name.as_str()).collect::<Vec<_>>(), "exporting");
     host.run(Export {
@@ -297,6 +300,22 @@ async fn main() -> anyhow::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn its_function_toml_is_valid_and_names_each_sink_groups_durable() {
+        let export = spec_for("export").expect("function.toml");
+        assert_eq!(
+            (export.name, export.consumer.stream, export.output_stream),
+            ("export", "insights", None)
+        );
+        let siem = spec_for("export-siem").expect("another durable");
+        assert_eq!(
+            (siem.name, siem.consumer.durable),
+            ("export-siem", "export-siem")
+        );
+        assert_eq!(siem.consumer.stream, "insights");
+        assert!(spec_for("a b").is_err());
+    }
 
     #[test]
     fn delivered_ids_are_bounded() {

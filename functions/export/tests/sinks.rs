@@ -33,6 +33,11 @@ use tokio::process::{Child, Command};
 use tokio_rustls::TlsAcceptor;
 use tokio_rustls::rustls;
 
+/// export's spec, from the crate's function.toml as the binary reads it.
+fn export() -> topology::FunctionSpec {
+    topology::FunctionSpec::from_toml(include_str!("../function.toml")).expect("function.toml")
+}
+
 /// What a receiver got: every delivery (duplicates included), by receiver.
 #[derive(Default)]
 struct Received {
@@ -309,6 +314,7 @@ async fn setup(server: &NatsServer) -> (async_nats::jetstream::Context, Publishe
     let js = async_nats::jetstream::new(client.clone());
     provision(
         &js,
+        &[export().consumer],
         &ProvisionOptions::default().ack_wait(Duration::from_secs(5)),
     )
     .await
@@ -525,6 +531,7 @@ async fn a_sink_down_for_good_dead_letters_the_insight_with_the_reason() {
     let js = async_nats::jetstream::new(client.clone());
     provision(
         &js,
+        &[export().consumer],
         &ProvisionOptions::default()
             .ack_wait(Duration::from_secs(5))
             .max_deliver(3),
@@ -966,6 +973,7 @@ async fn without_the_ca_tls_sinks_fail_clearly_and_the_insight_is_retried_then_d
     let js = async_nats::jetstream::new(client.clone());
     provision(
         &js,
+        &[export().consumer],
         &ProvisionOptions::default()
             .ack_wait(Duration::from_secs(5))
             .max_deliver(3),
@@ -1132,7 +1140,7 @@ async fn each_export_instance_reads_its_own_durable_and_a_down_sink_holds_up_onl
     let server = NatsServer::start().await;
     let (js, publisher) = setup(&server).await;
     // A second durable on the insights stream, as the topology defines export's.
-    let export = topology::consumer("export").expect("export consumer");
+    let export = export().consumer;
     let insights = js
         .get_stream(topology::INSIGHTS.name)
         .await
@@ -1140,7 +1148,7 @@ async fn each_export_instance_reads_its_own_durable_and_a_down_sink_holds_up_onl
     insights
         .create_consumer(async_nats::jetstream::consumer::pull::Config {
             durable_name: Some("export-siem".into()),
-            filter_subjects: topology::consumer_filter_subjects(export)
+            filter_subjects: topology::consumer_filter_subjects(&export)
                 .into_iter()
                 .map(|s| s.replace(".export", ".export-siem"))
                 .collect(),
