@@ -9,7 +9,7 @@
 //! un-acked for a rolling update or a scale-down.
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use async_nats::jetstream::{self, AckKind};
 use cloudevents::{AttributesReader, Event};
@@ -23,6 +23,7 @@ use crate::dead_letter::{DeadLetters, Kind, Origin};
 use crate::event::{MAX_EVENT_BYTES, TRACEPARENT};
 use crate::function::{Context, Emitted, Function, Outcome, invoke_owned};
 use crate::metrics::{Metrics, Readiness};
+use crate::poison::Sweeper;
 use crate::publisher::{PublishErrorKind, Publisher};
 use crate::telemetry;
 
@@ -46,6 +47,23 @@ pub struct PullConfig {
     pub retry_backoff: Duration,
     /// Cap on the retry delay.
     pub max_retry_backoff: Duration,
+    /// How long one input may be held and retried in-process while the
+    /// handler answers [`Outcome::RetryAfter`] (a dependency is down) or
+    /// its outputs cannot be stored. Held inputs are kept with progress
+    /// acks and do not count as deliveries; past the budget the input is
+    /// nak'ed, which does. So a dependency outage dead-letters nothing
+    /// until it has lasted `max_deliver` budgets.
+    pub dependency_budget: Duration,
+    /// Longest one handler call may take; past it the call is abandoned
+    /// and the delivery counts as failed. Kept under the consumer's
+    /// `ack_wait` (half of it when that is shorter), so a slow handler is
+    /// never redelivered to another replica while it still runs.
+    pub handler_deadline: Duration,
+    /// Counts the client's connections (see
+    /// [`host::connect_with_events`](crate::host::connect_with_events)):
+    /// after each reconnect the consumer's un-acked range is swept for
+    /// messages the client cannot parse ([`crate::poison`]).
+    pub connects: Option<tokio::sync::watch::Receiver<u64>>,
 }
 
 impl PullConfig {
@@ -59,7 +77,22 @@ impl PullConfig {
             fetch_expires: Duration::from_secs(1),
             retry_backoff: Duration::from_millis(500),
             max_retry_backoff: Duration::from_secs(60),
+            dependency_budget: Duration::from_secs(15 * 60),
+            handler_deadline: Duration::from_secs(60),
+            connects: None,
         }
+    }
+    pub fn dependency_budget(mut self, budget: Duration) -> Self {
+        self.dependency_budget = budget;
+        self
+    }
+    pub fn handler_deadline(mut self, deadline: Duration) -> Self {
+        self.handler_deadline = deadline;
+        self
+    }
+    pub fn connects(mut self, connects: tokio::sync::watch::Receiver<u64>) -> Self {
+        self.connects = Some(connects);
+        self
     }
     pub fn batch(mut self, batch: usize) -> Self {
         self.batch = batch.max(1);
@@ -94,6 +127,12 @@ struct Shared<F> {
     dead_letters: DeadLetters,
     metrics: Metrics,
     max_deliver: u32,
+    /// The consumer's ack_wait: held inputs get a progress ack well within it.
+    ack_wait: Duration,
+    /// The effective handler deadline (the config's, kept under ack_wait).
+    deadline: Duration,
+    /// Turns true at shutdown: held inputs are handed back at once.
+    stopping: tokio::sync::watch::Receiver<bool>,
     config: PullConfig,
 }
 
@@ -126,8 +165,18 @@ pub async fn run<F: Function>(
         .await
         .map_err(|e| RuntimeError::Setup(format!("consumer info: {e}")))?;
     let max_deliver = u32::try_from(info.config.max_deliver).unwrap_or(0);
+    let ack_wait = if info.config.ack_wait.is_zero() {
+        Duration::from_secs(30)
+    } else {
+        info.config.ack_wait
+    };
+    let deadline = config
+        .handler_deadline
+        .min(ack_wait / 2)
+        .max(Duration::from_millis(100));
     let metrics = publisher.metrics().clone();
     let dead_letters = DeadLetters::new(publisher.clone(), &config.stream, &config.consumer);
+    let (stop_handlers, stopping) = tokio::sync::watch::channel(false);
     let shared = Arc::new(Shared {
         function,
         name,
@@ -135,17 +184,35 @@ pub async fn run<F: Function>(
         dead_letters,
         metrics,
         max_deliver,
+        ack_wait,
+        deadline,
+        stopping,
         config: config.clone(),
     });
+    drop(stream);
 
-    let (stop_advisories, advisories_stopped) = tokio::sync::oneshot::channel::<()>();
+    let sweeper = Sweeper::new(
+        client.clone(),
+        &config.stream,
+        &config.consumer,
+        shared.dead_letters.clone(),
+    );
+    let (stop_advisories, advisories_stopped) = tokio::sync::watch::channel(false);
+    let when_advisories_stop = || {
+        let mut stopped = advisories_stopped.clone();
+        async move {
+            let _ = stopped.wait_for(|s| *s).await;
+        }
+    };
     let advisories = tokio::spawn(shared.dead_letters.clone().follow_max_deliveries(
         client.clone(),
-        stream,
-        async {
-            let _ = advisories_stopped.await;
-        },
+        sweeper.clone(),
+        when_advisories_stop(),
     ));
+    let sweeps = config
+        .connects
+        .clone()
+        .map(|connects| tokio::spawn(sweeper.follow(connects, when_advisories_stop())));
 
     let semaphore = Arc::new(Semaphore::new(config.concurrency));
     // Pull in chunks of at least half the batch: every pull request is an
@@ -202,6 +269,7 @@ pub async fn run<F: Function>(
         drain(&shared, &semaphore, batch, permits).await;
     }
     readiness.set(false);
+    let _ = stop_handlers.send(true);
     tracing::info!(
         function = name,
         in_flight = config.concurrency - semaphore.available_permits(),
@@ -214,8 +282,11 @@ pub async fn run<F: Function>(
     if let Err(e) = client.flush().await {
         tracing::warn!(error = %e, "flushing acks on shutdown failed; unflushed messages will be redelivered");
     }
-    let _ = stop_advisories.send(());
+    let _ = stop_advisories.send(true);
     let _ = advisories.await;
+    if let Some(sweeps) = sweeps {
+        let _ = sweeps.await;
+    }
     tracing::info!(function = name, "drained");
     Ok(())
 }
@@ -307,20 +378,119 @@ async fn handle_message<F: Function>(
     // The handler takes the event; outputs only need its trace context.
     let carrier = trace_carrier(&event);
     let carrier = carrier.as_ref().unwrap_or(&NO_TRACE);
-    let outcome = invoke_owned(&shared.function, event, &ctx, &shared.metrics, &span)
+    let held_since = Instant::now();
+    let mut event = Some(event);
+    let mut attempt: u32 = 0;
+    loop {
+        // Retries re-decode the message: keeping a copy of every event for
+        // the rare retry would cost the hot path a clone.
+        let input = match event.take() {
+            Some(e) => e,
+            None => match from_nats(message.headers.as_ref(), &message.payload) {
+                Ok(e) => e,
+                Err(_) => break,
+            },
+        };
+        let outcome = match tokio::time::timeout(
+            shared.deadline,
+            invoke_owned(&shared.function, input, &ctx, &shared.metrics, &span),
+        )
         .await
-        .unwrap_or_else(|panic| Outcome::RetryAfter {
-            delay: Duration::ZERO,
-            reason: format!("handler panicked: {panic}"),
-        });
-    settle(shared, &message, origin, &ctx, carrier, outcome, &span)
-        .instrument(span.clone())
-        .await;
+        {
+            Ok(Ok(outcome)) => outcome,
+            Ok(Err(panic)) => {
+                retry(
+                    shared,
+                    &message,
+                    origin,
+                    &ctx,
+                    Duration::ZERO,
+                    &format!("handler panicked: {panic}"),
+                )
+                .await;
+                break;
+            }
+            Err(_) => {
+                shared.metrics.refuse("handler_deadline");
+                let reason = format!("handler did not finish within {:?}", shared.deadline);
+                retry(shared, &message, origin, &ctx, Duration::ZERO, &reason).await;
+                break;
+            }
+        };
+        let (delay, reason) = match outcome {
+            Outcome::RetryAfter { delay, reason } => (delay, reason),
+            Outcome::Emit(outputs) => {
+                match publish_outputs(shared, carrier, outputs, &span).await {
+                    Ok(count) => {
+                        shared.metrics.events_out.inc_by(count);
+                        ack(shared, &message, AckKind::Ack).await;
+                        break;
+                    }
+                    Err((PublishErrorKind::Unavailable, reason)) => (Duration::ZERO, reason),
+                    Err((_, reason)) => {
+                        dead_letter(shared, &message, origin, Kind::OutputRefused, &reason).await;
+                        break;
+                    }
+                }
+            }
+            Outcome::Done => {
+                ack(shared, &message, AckKind::Ack).await;
+                break;
+            }
+            Outcome::Reject { reason } => {
+                dead_letter(shared, &message, origin, Kind::Rejected, &reason).await;
+                break;
+            }
+        };
+        // A dependency is down (or NATS cannot store the outputs): hold the
+        // input and try again here, within the budget, rather than burning
+        // one of its `max_deliver` deliveries per retry.
+        let pause = delay
+            .max(shared.config.backoff(attempt + 1))
+            .min(shared.config.max_retry_backoff);
+        if held_since.elapsed() + pause > shared.config.dependency_budget
+            || !hold(shared, &message, pause).instrument(span.clone()).await
+        {
+            retry(shared, &message, origin, &ctx, delay, &reason).await;
+            break;
+        }
+        attempt += 1;
+        shared.metrics.held_retries.inc();
+        tracing::debug!(seq = stream_sequence, attempt, %reason, "dependency unavailable; retrying in-process");
+    }
     // The slot is held until the message is settled: releasing it when the
     // handler returns (settling in the background) was tried, and let the
     // pipeline take in more than it could finish at a steady rate.
     drop(slot);
     shared.metrics.in_flight.dec();
+}
+
+/// Keep `message` ours for `pause` (progress acks well within ack_wait);
+/// `false` if the consumer is stopping, so the caller hands it back.
+async fn hold<F: Function>(
+    shared: &Shared<F>,
+    message: &jetstream::Message,
+    pause: Duration,
+) -> bool {
+    let mut stopping = shared.stopping.clone();
+    if *stopping.borrow() {
+        return false;
+    }
+    let until = tokio::time::Instant::now() + pause;
+    let tick = shared.ack_wait / 3;
+    loop {
+        if let Err(e) = message.ack_with(AckKind::Progress).await {
+            tracing::debug!(error = %e, "progress ack failed");
+        }
+        let now = tokio::time::Instant::now();
+        if now >= until {
+            return true;
+        }
+        tokio::select! {
+            _ = tokio::time::sleep_until(until.min(now + tick)) => {}
+            _ = stopping.wait_for(|s| *s) => return false,
+        }
+    }
 }
 
 /// An event without trace context, for inputs that carry none. Built once:
@@ -339,38 +509,6 @@ fn trace_carrier(event: &Event) -> Option<Event> {
         }
     }
     carrier
-}
-
-async fn settle<F: Function>(
-    shared: &Shared<F>,
-    message: &jetstream::Message,
-    origin: Origin<'_>,
-    ctx: &Context,
-    input: &Event,
-    outcome: Outcome,
-    span: &tracing::Span,
-) {
-    match outcome {
-        Outcome::Done => ack(shared, message, AckKind::Ack).await,
-        Outcome::Emit(outputs) => match publish_outputs(shared, input, outputs, span).await {
-            Ok(count) => {
-                shared.metrics.events_out.inc_by(count);
-                ack(shared, message, AckKind::Ack).await;
-            }
-            Err((PublishErrorKind::Unavailable, reason)) => {
-                retry(shared, message, origin, ctx, Duration::ZERO, &reason).await
-            }
-            Err((_, reason)) => {
-                dead_letter(shared, message, origin, Kind::OutputRefused, &reason).await
-            }
-        },
-        Outcome::RetryAfter { delay, reason } => {
-            retry(shared, message, origin, ctx, delay, &reason).await
-        }
-        Outcome::Reject { reason } => {
-            dead_letter(shared, message, origin, Kind::Rejected, &reason).await
-        }
-    }
 }
 
 /// Publish every output, then wait for all their acks. Outputs keep their
@@ -429,8 +567,10 @@ async fn retry<F: Function>(
     }
 }
 
-/// Dead-letter, then terminate the message. If the dead-letter stream
-/// cannot store it, nak instead: it comes back rather than being lost.
+/// Dead-letter, then terminate the message. While the dead-letter stream
+/// cannot store it, hold the message (progress acks) and keep trying: on
+/// its last delivery a nak would lose it, since the server will not
+/// deliver it again. Only a shutdown hands it back (nak) before it is stored.
 async fn dead_letter<F: Function>(
     shared: &Shared<F>,
     message: &jetstream::Message,
@@ -439,24 +579,35 @@ async fn dead_letter<F: Function>(
     reason: &str,
 ) {
     let delivery = u32::try_from(origin.deliveries).unwrap_or(u32::MAX);
-    match shared
-        .dead_letters
-        .send(
-            message.headers.as_ref(),
-            message.payload.clone(),
-            origin,
-            kind,
-            reason,
-        )
-        .await
-    {
-        Ok(()) => ack(shared, message, AckKind::Term).await,
-        Err(e) => {
-            tracing::error!(error = %e, "dead-letter stream unavailable; will retry the message");
-            shared.metrics.naks.inc();
-            let _ = message
-                .ack_with(AckKind::Nak(Some(shared.config.backoff(delivery))))
-                .await;
+    let mut attempt = 0;
+    loop {
+        match shared
+            .dead_letters
+            .send(
+                message.headers.as_ref(),
+                message.payload.clone(),
+                origin,
+                kind,
+                reason,
+            )
+            .await
+        {
+            Ok(()) => {
+                ack(shared, message, AckKind::Term).await;
+                return;
+            }
+            Err(e) => {
+                attempt += 1;
+                let pause = shared.config.backoff(attempt);
+                tracing::error!(error = %e, seq = origin.stream_sequence, ?pause, "dead-letter stream unavailable; holding the message");
+                if !hold(shared, message, pause).await {
+                    shared.metrics.naks.inc();
+                    let _ = message
+                        .ack_with(AckKind::Nak(Some(shared.config.backoff(delivery))))
+                        .await;
+                    return;
+                }
+            }
         }
     }
 }

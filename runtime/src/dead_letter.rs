@@ -12,6 +12,7 @@
 use async_nats::HeaderMap;
 use bytes::Bytes;
 use futures::StreamExt;
+use std::time::Duration;
 
 use crate::metrics::Reason;
 use crate::publisher::{PublishError, Publisher};
@@ -54,7 +55,7 @@ impl Kind {
 }
 
 /// Where a dead letter came from.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Copy)]
 pub struct Origin<'a> {
     pub subject: &'a str,
     pub stream_sequence: u64,
@@ -78,6 +79,10 @@ impl DeadLetters {
             consumer: consumer.to_string(),
             subject: topology::subjects::dead_letter(consumer),
         }
+    }
+
+    pub fn publisher(&self) -> &Publisher {
+        &self.publisher
     }
 
     /// Store the message in the dead-letter stream; returns once stored.
@@ -117,13 +122,16 @@ impl DeadLetters {
     }
 
     /// Dead-letter messages the server gave up on without the runtime
-    /// settling them (the process crashed or hung on the last delivery):
-    /// follow the consumer's MAX_DELIVERIES advisories until `shutdown`.
-    /// Replicas share a queue group, so one of them handles each advisory.
+    /// settling them (the process crashed or hung on the last delivery, or
+    /// the client could not even parse the message): follow the consumer's
+    /// MAX_DELIVERIES advisories until `shutdown`. Replicas share a queue
+    /// group, so one of them handles each advisory. The message is read
+    /// through the JSON message-get API, which does not parse headers, so
+    /// a poison message is dead-lettered too.
     pub async fn follow_max_deliveries(
         self,
         client: async_nats::Client,
-        stream: async_nats::jetstream::stream::Stream,
+        sweeper: crate::poison::Sweeper,
         shutdown: impl std::future::Future<Output = ()>,
     ) {
         let subject = format!(
@@ -153,34 +161,75 @@ impl DeadLetters {
                 continue;
             };
             let deliveries = body.get("deliveries").and_then(|v| v.as_i64()).unwrap_or(0);
-            let message = match stream.get_raw_message(seq).await {
-                Ok(m) => m,
-                Err(e) => {
-                    tracing::warn!(seq, error = %e, "max deliveries reached but the message is gone from the stream");
-                    continue;
+            // The server will not deliver this message again: keep trying
+            // (the dead-letter stream may be down too) until it is stored
+            // or this replica stops.
+            let mut pause = Duration::from_millis(200);
+            loop {
+                match self.exhausted(&client, &sweeper, seq, deliveries).await {
+                    Ok(()) => break,
+                    Err(e) => {
+                        tracing::error!(seq, error = %e, ?pause, "could not dead-letter an exhausted message; retrying");
+                        tokio::select! {
+                            _ = &mut shutdown => return,
+                            _ = tokio::time::sleep(pause) => {}
+                        }
+                        pause = (pause * 2).min(Duration::from_secs(10));
+                    }
                 }
-            };
-            let origin = Origin {
-                subject: message.subject.as_str(),
-                stream_sequence: seq,
-                deliveries,
-            };
-            let reason = format!(
-                "delivered {deliveries} times without being settled (handler crashed or exceeded ack_wait)"
-            );
-            if let Err(e) = self
-                .send(
-                    Some(&message.headers),
-                    message.payload.clone(),
-                    origin,
-                    Kind::Exhausted,
-                    &reason,
-                )
-                .await
-            {
-                tracing::error!(seq, error = %e, "could not dead-letter an exhausted message");
             }
         }
+    }
+
+    async fn exhausted(
+        &self,
+        client: &async_nats::Client,
+        sweeper: &crate::poison::Sweeper,
+        seq: u64,
+        deliveries: i64,
+    ) -> Result<(), String> {
+        let message = match crate::poison::get_message(client, &self.stream, seq).await {
+            Ok(Some(m)) => m,
+            Ok(None) => {
+                // Settled meanwhile (a late ack, or a sweep removed it).
+                tracing::debug!(
+                    seq,
+                    "max deliveries reached but the message is no longer stored"
+                );
+                return Ok(());
+            }
+            Err(e) => return Err(e.to_string()),
+        };
+        if sweeper
+            .remove_if_poison(&message, deliveries)
+            .await
+            .map_err(|e| e.to_string())?
+        {
+            return Ok(());
+        }
+        let headers = match &message.header_block {
+            Some(block) => {
+                Some(crate::poison::parse_header_block(block).map_err(|e| e.to_string())?)
+            }
+            None => None,
+        };
+        let origin = Origin {
+            subject: message.subject.as_str(),
+            stream_sequence: seq,
+            deliveries,
+        };
+        let reason = format!(
+            "delivered {deliveries} times without being settled (handler crashed or exceeded ack_wait)"
+        );
+        self.send(
+            headers.as_ref(),
+            message.payload.clone(),
+            origin,
+            Kind::Exhausted,
+            &reason,
+        )
+        .await
+        .map_err(|e| e.to_string())
     }
 }
 

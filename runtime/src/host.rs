@@ -98,6 +98,8 @@ pub struct Host {
     spec: FunctionSpec,
     args: FunctionArgs,
     client: Option<async_nats::Client>,
+    /// Counts the client's connections; see [`connect_with_events`].
+    connects: Option<tokio::sync::watch::Receiver<u64>>,
     metrics: Metrics,
     readiness: Readiness,
     _telemetry: Telemetry,
@@ -110,16 +112,18 @@ impl Host {
         let telemetry = telemetry::init(spec.name);
         let wants_nats =
             args.transport() == Transport::Jetstream || std::env::var_os("NATS_URL").is_some();
-        let client = if wants_nats {
-            Some(connect(&args.nats_url, spec.name).await?)
+        let (client, connects) = if wants_nats {
+            let (client, connects) = connect_with_events(&args.nats_url, spec.name).await?;
+            (Some(client), Some(connects))
         } else {
-            None
+            (None, None)
         };
         Ok(Host {
             metrics: Metrics::new(spec.name),
             spec,
             args,
             client,
+            connects,
             readiness: Readiness::default(),
             _telemetry: telemetry,
         })
@@ -172,9 +176,12 @@ impl Host {
                     PublisherConfig::default().max_in_flight(self.args.max_in_flight),
                     self.metrics.clone(),
                 );
-                let config = PullConfig::new(stream.name, self.spec.consumer.durable)
+                let mut config = PullConfig::new(stream.name, self.spec.consumer.durable)
                     .batch(self.args.batch.unwrap_or(self.spec.concurrency))
                     .concurrency(self.args.concurrency.unwrap_or(self.spec.concurrency));
+                if let Some(connects) = self.connects.clone() {
+                    config = config.connects(connects);
+                }
                 let result = consume::run(
                     function,
                     self.spec.name,
@@ -296,17 +303,33 @@ pub const FIRST_CONNECT_GRACE: Duration = Duration::from_secs(5);
 /// [`FIRST_CONNECT_GRACE`] (so a collector starting during an outage spools
 /// instead of waiting, and one starting normally publishes directly).
 pub async fn connect(url: &str, name: &str) -> Result<async_nats::Client, RuntimeError> {
+    connect_with_events(url, name)
+        .await
+        .map(|(client, _)| client)
+}
+
+/// [`connect`], also returning a count of the connections made so far,
+/// which changes on every reconnect (the consumer sweeps for poison
+/// messages then: see [`crate::poison`]).
+pub async fn connect_with_events(
+    url: &str,
+    name: &str,
+) -> Result<(async_nats::Client, tokio::sync::watch::Receiver<u64>), RuntimeError> {
     let (options, servers) = connect_options(url);
-    let (connected_tx, mut connected) = tokio::sync::watch::channel(false);
+    let (connects_tx, connects) = tokio::sync::watch::channel(0u64);
     let client = options
         .name(format!("tidewatch-{name}"))
         .retry_on_initial_connect()
         .connection_timeout(Duration::from_secs(5))
         .event_callback(move |event| {
-            let connected_tx = connected_tx.clone();
+            let connects_tx = connects_tx.clone();
             async move {
-                if matches!(event, async_nats::Event::Connected) {
-                    connected_tx.send_replace(true);
+                match event {
+                    async_nats::Event::Connected => connects_tx.send_modify(|n| *n += 1),
+                    async_nats::Event::Disconnected => {
+                        tracing::warn!("disconnected from NATS; reconnecting")
+                    }
+                    _ => {}
                 }
             }
         })
@@ -316,9 +339,10 @@ pub async fn connect(url: &str, name: &str) -> Result<async_nats::Client, Runtim
             url: servers.join(","),
             reason: e.to_string(),
         })?;
-    let up = tokio::time::timeout(FIRST_CONNECT_GRACE, connected.wait_for(|up| *up)).await;
+    let mut connected = connects.clone();
+    let up = tokio::time::timeout(FIRST_CONNECT_GRACE, connected.wait_for(|n| *n > 0)).await;
     if !matches!(up, Ok(Ok(_))) {
         tracing::warn!(url = %servers.join(","), "NATS not reachable yet; still trying in the background");
     }
-    Ok(client)
+    Ok((client, connects))
 }

@@ -14,7 +14,8 @@
 //! - [`function`]: the `Function` trait and its `Outcome`.
 //! - [`consume`] (JetStream pull, KEDA) and [`serve_http`] (HTTP, Knative):
 //!   the two transports one function value runs on.
-//! - [`dead_letter`]: where poison messages go, with the reason.
+//! - [`dead_letter`]: where poison messages go, with the reason;
+//!   [`poison`]: removing messages the NATS client cannot even parse.
 //! - [`drops`]: reports of lost events (collector.drops), for the outbox's
 //!   spool overflow and a collector's own stages.
 //! - [`metrics`], [`telemetry`]: `/metrics`, health, logs, OTLP traces.
@@ -33,6 +34,7 @@ pub mod host;
 pub mod message;
 pub mod metrics;
 pub mod outbox;
+pub mod poison;
 pub mod provision;
 pub mod publisher;
 pub mod serve_http;

@@ -47,6 +47,8 @@ pub struct Inner {
     pub events_out: Counter,
     pub acks: Counter,
     pub naks: Counter,
+    /// Handler retries done in-process while a dependency was down; not deliveries.
+    pub held_retries: Counter,
     pub dead_lettered: Family<Reason, Counter>,
     pub handler_seconds: Histogram,
     pub in_flight: Gauge,
@@ -94,6 +96,7 @@ impl Metrics {
             events_out: Counter::default(),
             acks: Counter::default(),
             naks: Counter::default(),
+            held_retries: Counter::default(),
             dead_lettered: Family::default(),
             handler_seconds: Histogram::new(exponential_buckets(0.000_05, 2.0, 18)),
             in_flight: Gauge::default(),
@@ -125,6 +128,11 @@ impl Metrics {
             "naks",
             "Input messages negatively acknowledged for redelivery",
             inner.naks.clone(),
+        );
+        registry.register(
+            "held_retries",
+            "Handler retries done in-process while a dependency was down (not deliveries)",
+            inner.held_retries.clone(),
         );
         registry.register(
             "dead_lettered",

@@ -52,6 +52,9 @@ const RETRY_LATER: &str = "test.retry-later";
 const RETRY_DELAY: Duration = Duration::from_secs(2);
 const REJECT: &str = "test.reject";
 const ALWAYS_RETRY: &str = "test.always-retry";
+/// "Dependency down" for [`OUTAGE`] after the first attempt, then emit.
+const FLAKY: &str = "test.flaky";
+const OUTAGE: Duration = Duration::from_secs(3);
 const PANIC: &str = "test.panic";
 /// Sleep 200 ms, then emit; the `stop_after`-th one triggers shutdown.
 const SLOW: &str = "test.slow";
@@ -101,12 +104,12 @@ fn derived(input: &Event, ctx: &Context) -> Emitted {
 
 impl Function for TestFunction {
     async fn handle(&self, event: Event, ctx: &Context) -> Outcome {
-        let handled = {
+        let (handled, first_seen) = {
             let mut seen = self.seen.lock().expect("seen lock");
-            seen.entry(event.id().to_string())
-                .or_default()
-                .push((ctx.delivery, Instant::now()));
-            seen.len()
+            let attempts = seen.entry(event.id().to_string()).or_default();
+            attempts.push((ctx.delivery, Instant::now()));
+            let first = attempts[0].1;
+            (seen.len(), first)
         };
         match event.ty() {
             OK => Outcome::emit(derived(&event, ctx)),
@@ -116,6 +119,10 @@ impl Function for TestFunction {
             RETRY_LATER => Outcome::emit(derived(&event, ctx)),
             REJECT => Outcome::reject(format!("no pod for {}: \"bad\" input", event.id())),
             ALWAYS_RETRY => Outcome::retry(Duration::ZERO, "dependency down"),
+            FLAKY if first_seen.elapsed() < OUTAGE => {
+                Outcome::retry(Duration::from_millis(200), "dependency down")
+            }
+            FLAKY => Outcome::emit(derived(&event, ctx)),
             PANIC => panic!("boom in handler for {}", event.id()),
             SLOW => {
                 if self.stop_after == Some(handled) {
@@ -171,7 +178,9 @@ struct Setup {
 impl Default for Setup {
     fn default() -> Self {
         Setup {
-            configure: |c| c,
+            // No in-process holding: most tests here are about what a nak,
+            // a redelivery and max_deliver do. The holding tests set a budget.
+            configure: |c| c.dependency_budget(Duration::ZERO),
             provision: ProvisionOptions::default()
                 .ack_wait(Duration::from_secs(2))
                 .max_deliver(3),
@@ -188,8 +197,15 @@ impl Pipeline {
 
     async fn start_with(setup: Setup) -> Pipeline {
         let server = NatsServer::start().await;
-        let client = server.connect().await;
-        let js = jetstream::new(client.clone());
+        // Connected as a function host is: its reconnects trigger the poison sweep.
+        let (client, connects) =
+            tidewatch_runtime::host::connect_with_events(&server.client_url(), FUNCTION)
+                .await
+                .expect("connect");
+        // The test's own connection: what a poison message does to the
+        // function's must not blind the test.
+        let test_client = server.connect().await;
+        let js = jetstream::new(test_client.clone());
         provision(&js, &consumers(), &setup.provision)
             .await
             .expect("provision");
@@ -205,7 +221,8 @@ impl Pipeline {
         let publisher = Publisher::new(client.clone(), setup.publisher, metrics.clone());
         let config = (setup.configure)(
             PullConfig::new(topology::RAW.name, FUNCTION)
-                .retry_backoff(Duration::from_millis(100), Duration::from_millis(500)),
+                .retry_backoff(Duration::from_millis(100), Duration::from_millis(500))
+                .connects(connects),
         );
         let stopped = stop.clone();
         let task = tokio::spawn(consume::run(
@@ -226,13 +243,13 @@ impl Pipeline {
         })
         .await;
         let producer = Publisher::new(
-            client.clone(),
+            test_client.clone(),
             PublisherConfig::default(),
             Metrics::new("producer"),
         );
         Pipeline {
             _server: server,
-            client,
+            client: test_client,
             js,
             producer,
             metrics,
@@ -466,7 +483,10 @@ async fn retries_are_redelivered_after_their_backoff() {
     const FIRST: Duration = Duration::from_millis(400);
     const SLACK: Duration = Duration::from_secs(15);
     let mut pipeline = Pipeline::start_with(Setup {
-        configure: |c| c.retry_backoff(FIRST, Duration::from_secs(10)),
+        configure: |c| {
+            c.retry_backoff(FIRST, Duration::from_secs(10))
+                .dependency_budget(Duration::ZERO)
+        },
         provision: ProvisionOptions::default()
             .ack_wait(Duration::from_secs(60))
             .max_deliver(4),
@@ -929,12 +949,15 @@ async fn metrics_count_what_happened() {
     pipeline.shutdown().await;
 }
 
+/// On its last delivery a nak would lose the message (the server will not
+/// deliver it again): while the dead-letter stream is down the input is
+/// held with progress acks, past ack_wait, and stored once it is back.
 #[tokio::test]
-async fn a_dead_letter_stream_outage_naks_instead_of_losing_the_message() {
+async fn a_dead_letter_stream_outage_on_the_last_delivery_loses_nothing() {
     let mut pipeline = Pipeline::start_with(Setup {
         provision: ProvisionOptions::default()
-            .ack_wait(Duration::from_secs(2))
-            .max_deliver(20),
+            .ack_wait(Duration::from_secs(1))
+            .max_deliver(1),
         publisher: PublisherConfig::default()
             .max_attempts(2)
             .retry_backoff(Duration::from_millis(20)),
@@ -948,24 +971,26 @@ async fn a_dead_letter_stream_outage_naks_instead_of_losing_the_message() {
         .expect("delete the DLQ stream");
     let (input, seq) = pipeline.publish("reject-outage", REJECT).await;
 
-    // The dead letter cannot be stored, so the input comes back.
-    eventually("the rejected input to be redelivered", WAIT, || async {
-        (pipeline.deliveries("reject-outage").len() >= 2).then_some(())
-    })
-    .await;
+    // Three ack waits with nowhere to put the dead letter.
+    tokio::time::sleep(Duration::from_secs(3)).await;
     let info = pipeline.consumer().await;
     assert_eq!(
         info.ack_floor.stream_sequence, 0,
-        "the input was not acked or terminated: {info:?}"
+        "the input was neither acked nor terminated: {info:?}"
+    );
+    assert_eq!(info.num_ack_pending, 1, "still held: {info:?}");
+    assert_eq!(
+        pipeline.deliveries("reject-outage"),
+        vec![1],
+        "held, not redelivered"
     );
 
-    // Once the stream is back, the next delivery is dead-lettered.
     let report = provision(
         &pipeline.js,
         &consumers(),
         &ProvisionOptions::default()
-            .ack_wait(Duration::from_secs(2))
-            .max_deliver(20),
+            .ack_wait(Duration::from_secs(1))
+            .max_deliver(1),
     )
     .await
     .expect("provision again");
@@ -977,13 +1002,163 @@ async fn a_dead_letter_stream_outage_naks_instead_of_losing_the_message() {
         input
     );
     pipeline.settled().await;
-    assert!(pipeline.metrics.naks.get() >= 1);
     assert_eq!(pipeline.messages(topology::DEAD_LETTER.name).await.len(), 1);
     pipeline.shutdown().await;
 }
 
+/// A dependency outage is retried in-process, with progress acks: no
+/// delivery is burned, however many ack waits it lasts (within the budget).
+#[tokio::test]
+async fn a_dependency_outage_is_held_without_burning_deliveries() {
+    let mut pipeline = Pipeline::start_with(Setup {
+        configure: |c| {
+            c.dependency_budget(Duration::from_secs(60))
+                .retry_backoff(Duration::from_millis(100), Duration::from_millis(500))
+        },
+        provision: ProvisionOptions::default()
+            .ack_wait(Duration::from_secs(1))
+            .max_deliver(2),
+        ..Setup::default()
+    })
+    .await;
+    let (input, _) = pipeline.publish("outage-1", FLAKY).await;
+    pipeline
+        .stored(
+            topology::ENRICHED.name,
+            "the output once the dependency is back",
+            &output_id(input.id(), FUNCTION, 0),
+        )
+        .await;
+    pipeline.settled().await;
+    let attempts = pipeline.deliveries("outage-1");
+    assert!(attempts.len() > 3, "retried in-process: {attempts:?}");
+    assert!(
+        attempts.iter().all(|&d| d == 1),
+        "never redelivered: {attempts:?}"
+    );
+    assert_eq!(pipeline.metrics.naks.get(), 0);
+    assert_eq!(
+        pipeline.metrics.held_retries.get(),
+        attempts.len() as u64 - 1
+    );
+    assert_eq!(pipeline.messages(topology::DEAD_LETTER.name).await.len(), 0);
+    pipeline.shutdown().await;
+}
+
+/// The server's max-deliveries advisory path, for a consumer that crashed
+/// on the last delivery: here the test is that consumer (it fetches and
+/// never acks), and the runtime's advisory follower dead-letters the message.
 #[tokio::test]
 async fn messages_that_are_never_settled_are_dead_lettered_from_the_advisory() {
+    let server = NatsServer::start().await;
+    let client = server.connect().await;
+    let js = jetstream::new(client.clone());
+    provision(
+        &js,
+        &consumers(),
+        &ProvisionOptions::default()
+            .ack_wait(Duration::from_secs(1))
+            .max_deliver(2),
+    )
+    .await
+    .expect("provision");
+    let publisher = Publisher::new(
+        client.clone(),
+        PublisherConfig::default(),
+        Metrics::new(FUNCTION),
+    );
+    let dead_letters = tidewatch_runtime::dead_letter::DeadLetters::new(
+        publisher.clone(),
+        topology::RAW.name,
+        FUNCTION,
+    );
+    let sweeper = tidewatch_runtime::poison::Sweeper::new(
+        client.clone(),
+        topology::RAW.name,
+        FUNCTION,
+        dead_letters.clone(),
+    );
+    let stop = Arc::new(Notify::new());
+    let stopped = stop.clone();
+    let follower = tokio::spawn(dead_letters.follow_max_deliveries(
+        client.clone(),
+        sweeper,
+        async move { stopped.notified().await },
+    ));
+    // The follower's subscription must exist before the advisory is sent.
+    client.flush().await.expect("flush");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+
+    let input = test_event("hang-1", HANG);
+    let ack = publisher
+        .publish(raw_subject(), &input)
+        .await
+        .expect("stored");
+    let seq = ack.sequence;
+    let consumer: jetstream::consumer::PullConsumer = js
+        .get_stream(topology::RAW.name)
+        .await
+        .expect("stream")
+        .get_consumer(FUNCTION)
+        .await
+        .expect("consumer");
+    for delivery in 1..=2 {
+        let mut batch = consumer
+            .fetch()
+            .max_messages(1)
+            .expires(Duration::from_secs(5))
+            .messages()
+            .await
+            .expect("fetch");
+        let message = futures::StreamExt::next(&mut batch)
+            .await
+            .unwrap_or_else(|| panic!("delivery {delivery}"))
+            .expect("message");
+        assert_eq!(message.info().expect("info").delivered, delivery);
+        // Crashed: never acked.
+    }
+    // The server notices the exhaustion when it would deliver again: that
+    // takes a waiting pull (any replica's), which gets nothing.
+    let mut none = consumer
+        .fetch()
+        .max_messages(1)
+        .expires(Duration::from_secs(3))
+        .messages()
+        .await
+        .expect("fetch");
+    assert!(
+        futures::StreamExt::next(&mut none).await.is_none(),
+        "not delivered a third time"
+    );
+    let stream = js
+        .get_stream(topology::DEAD_LETTER.name)
+        .await
+        .expect("dlq");
+    let dlq = eventually("the exhausted message in the DLQ", WAIT, || async {
+        stream
+            .get_last_raw_message_by_subject(&subjects::dead_letter(FUNCTION))
+            .await
+            .ok()
+    })
+    .await;
+    assert_dead_letter(&dlq, "exhausted", seq, "without being settled");
+    assert_eq!(
+        header(&dlq.headers, DELIVERIES_HEADER).as_deref(),
+        Some("2")
+    );
+    assert_eq!(
+        from_nats(Some(&dlq.headers), &dlq.payload).expect("event"),
+        input
+    );
+    stop.notify_one();
+    follower.await.expect("follower ends");
+}
+
+/// A handler that never finishes is abandoned at its deadline (under
+/// ack_wait, so no other replica gets the message while it runs), and the
+/// delivery counts as failed: the pipeline keeps flowing past it.
+#[tokio::test]
+async fn a_handler_past_its_deadline_is_abandoned_then_dead_lettered() {
     let pipeline = Pipeline::start_with(Setup {
         provision: ProvisionOptions::default()
             .ack_wait(Duration::from_secs(1))
@@ -992,10 +1167,8 @@ async fn messages_that_are_never_settled_are_dead_lettered_from_the_advisory() {
     })
     .await;
     let (input, seq) = pipeline.publish("hang-1", HANG).await;
-
-    // Two deliveries time out unsettled; the server gives up and says so.
     let dlq = pipeline.dead_letter(seq).await;
-    assert_dead_letter(&dlq, "exhausted", seq, "without being settled");
+    assert_dead_letter(&dlq, "exhausted", seq, "did not finish within");
     assert_eq!(
         header(&dlq.headers, DELIVERIES_HEADER).as_deref(),
         Some("2")
@@ -1098,4 +1271,92 @@ async fn messages_published_with_expectation_headers_can_still_be_dead_lettered(
         "dead-lettered on the first delivery"
     );
     pipeline.shutdown().await;
+}
+
+/// A header block async-nats cannot parse drops the connection it is
+/// delivered on. After the reconnect the runtime sweeps the consumer's
+/// un-acked range through the JSON message-get API: the message goes to the
+/// dead-letter stream (raw header block in base64, payload intact) and is
+/// deleted from the work stream, and the next good event flows.
+#[tokio::test]
+async fn poison_headers_are_dead_lettered_and_the_pipeline_keeps_flowing() {
+    use base64::Engine;
+    // Many deliveries allowed: the max-deliveries advisory (which handles
+    // poison too) would come only after 20 ack waits, so what moves the
+    // message in time here is the sweep after the reconnect.
+    let pipeline = Pipeline::start_with(Setup {
+        provision: ProvisionOptions::default()
+            .ack_wait(Duration::from_secs(2))
+            .max_deliver(20),
+        ..Setup::default()
+    })
+    .await;
+    let (before, _) = pipeline.publish("ok-before", OK).await;
+    pipeline
+        .stored(
+            topology::ENRICHED.name,
+            "the first output",
+            &output_id(before.id(), FUNCTION, 0),
+        )
+        .await;
+    let raw = pipeline
+        .js
+        .get_stream(topology::RAW.name)
+        .await
+        .expect("raw stream");
+    let blocks: [&[u8]; 2] = [
+        b"NATS/1.0\r\nCe-Id: poison-\xff\r\nCe-Type: test.ok\r\n\r\n",
+        b"NATS/1.0\r\nCe-Id: poison-2\r\nthis line has no colon\r\n\r\n",
+    ];
+    for (n, block) in blocks.iter().enumerate() {
+        tidewatch_testkit::publish_raw_headers(
+            pipeline._server.client_port(),
+            &raw_subject(),
+            block,
+            b"poison payload",
+        )
+        .await
+        .expect("raw publish");
+        let seq = raw.get_info().await.expect("info").state.last_sequence;
+        let dlq = pipeline.dead_letter(seq).await;
+        assert_dead_letter(&dlq, "malformed", seq, "cannot read this message");
+        let raw_headers = header(&dlq.headers, tidewatch_runtime::poison::RAW_HEADERS_HEADER)
+            .expect("raw header block kept");
+        assert_eq!(
+            base64::engine::general_purpose::STANDARD
+                .decode(raw_headers)
+                .expect("base64"),
+            block.to_vec(),
+            "poison {n}"
+        );
+        assert_eq!(&dlq.payload[..], b"poison payload");
+        assert!(
+            raw.get_raw_message(seq).await.is_err(),
+            "poison {n} is gone from the work stream"
+        );
+
+        let started = Instant::now();
+        let (after, _) = pipeline.publish(&format!("ok-after-{n}"), OK).await;
+        pipeline
+            .stored(
+                topology::ENRICHED.name,
+                "the next output",
+                &output_id(after.id(), FUNCTION, 0),
+            )
+            .await;
+        eprintln!(
+            "poison {n}: next good event out after {:?}",
+            started.elapsed()
+        );
+    }
+    pipeline.settled().await;
+    let refused = pipeline
+        .metrics
+        .refused
+        .get_or_create(&tidewatch_runtime::metrics::Reason {
+            reason: "poison_header",
+        })
+        .get();
+    assert_eq!(refused, 2);
+    assert_eq!(pipeline.messages(topology::DEAD_LETTER.name).await.len(), 2);
 }

@@ -107,6 +107,10 @@ pub fn users(fns: &Functions) -> Vec<NatsUser> {
             format!("$JS.API.CONSUMER.INFO.{s}.{c}"),
             format!("$JS.API.CONSUMER.MSG.NEXT.{s}.{c}"),
             format!("$JS.API.STREAM.MSG.GET.{s}"),
+            // Poison messages (headers the client cannot parse) are moved
+            // to the dead-letter stream and deleted from the input stream:
+            // runtime/src/poison.rs.
+            format!("$JS.API.STREAM.MSG.DELETE.{s}"),
             format!("$JS.ACK.{s}.{c}.>"),
             topology::subjects::dead_letter(c),
         ];

@@ -217,6 +217,63 @@ pub async fn http_get(url: &str) -> io::Result<(u16, String)> {
     Ok((status, body.to_string()))
 }
 
+/// Publish one message with a header block written byte for byte, over a
+/// plain NATS protocol connection (no auth, no TLS): what a broken or
+/// hostile producer can send and async-nats cannot (its header types only
+/// hold valid headers). `header_block` is everything from `NATS/1.0` to
+/// the blank line. Returns once the server answered a PING after it, so the
+/// message has been processed (stored, for a stream's subject).
+pub async fn publish_raw_headers(
+    port: u16,
+    subject: &str,
+    header_block: &[u8],
+    payload: &[u8],
+) -> io::Result<()> {
+    let mut stream = TcpStream::connect(("127.0.0.1", port)).await?;
+    let mut info = Vec::new();
+    while !info.ends_with(b"\r\n") {
+        let mut byte = [0u8; 1];
+        stream.read_exact(&mut byte).await?;
+        info.push(byte[0]);
+    }
+    let mut frame =
+        b"CONNECT {\"verbose\":false,\"pedantic\":false,\"headers\":true,\"protocol\":1}\r\n"
+            .to_vec();
+    frame.extend_from_slice(
+        format!(
+            "HPUB {subject} {} {}\r\n",
+            header_block.len(),
+            header_block.len() + payload.len()
+        )
+        .as_bytes(),
+    );
+    frame.extend_from_slice(header_block);
+    frame.extend_from_slice(payload);
+    frame.extend_from_slice(b"\r\nPING\r\n");
+    stream.write_all(&frame).await?;
+    let mut answer = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !answer.windows(4).any(|w| w == b"PONG") {
+        if answer.windows(4).any(|w| w == b"-ERR") {
+            return Err(io::Error::other(
+                String::from_utf8_lossy(&answer).into_owned(),
+            ));
+        }
+        let mut buf = [0u8; 256];
+        let n = tokio::time::timeout_at(deadline, stream.read(&mut buf))
+            .await
+            .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "no PONG"))??;
+        if n == 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "server closed",
+            ));
+        }
+        answer.extend_from_slice(&buf[..n]);
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

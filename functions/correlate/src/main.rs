@@ -148,6 +148,10 @@ impl Correlate {
 
 /// Compare-and-set attempts before giving the event back for redelivery.
 const CAS_ATTEMPTS: usize = 64;
+/// Longest one commit keeps retrying conflicts: well inside the runtime's
+/// handler deadline (half of ack_wait), so a hot key gives the event back
+/// for a later retry instead of being abandoned mid-write.
+const CAS_DEADLINE: Duration = Duration::from_secs(5);
 
 impl Correlate {
     /// Apply one rule to one key's state with compare-and-set, together
@@ -215,7 +219,13 @@ impl Correlate {
         kv_key: &str,
         batch: &[Waiter],
     ) -> Result<Vec<Option<Finding>>, String> {
+        let started = std::time::Instant::now();
         for attempt in 0..CAS_ATTEMPTS {
+            if started.elapsed() > CAS_DEADLINE {
+                return Err(format!(
+                    "{kv_key}: compare-and-set kept conflicting for {CAS_DEADLINE:?} ({attempt} attempts)"
+                ));
+            }
             let known = match (attempt, self.take_known(kv_key)) {
                 (0, Some(known)) => known,
                 _ => self.read(rule, kv_key).await?,
@@ -272,12 +282,17 @@ impl Correlate {
                     );
                     return Ok(findings);
                 }
-                Err((conflict, reason)) => {
-                    if let Some(op) = conflict {
-                        self.metrics.kv_conflicts.get_or_create(&KvOp { op }).inc();
-                    }
-                    // Another replica wrote first (or KV failed): what we
-                    // knew is stale; the next attempt reads KV.
+                Err((None, reason)) => {
+                    // KV itself failed (timeout, no leader, payload too
+                    // large): not a conflict, so re-reading and folding
+                    // again would not help. (What we knew was taken out
+                    // of the cache above, so the next try reads KV.)
+                    return Err(format!("{kv_key}: writing state failed: {reason}"));
+                }
+                Err((Some(op), reason)) => {
+                    self.metrics.kv_conflicts.get_or_create(&KvOp { op }).inc();
+                    // Another replica wrote first: what we knew is stale;
+                    // the next attempt reads KV.
                     tracing::debug!(key = %kv_key, %reason, attempt, "state changed under us; retrying");
                     if attempt > 2 {
                         // Jitter, so replicas stop colliding in lockstep.

@@ -133,6 +133,63 @@ pub struct State {
     /// The open incident, once the required steps matched.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub incident: Option<Incident>,
+    /// Hashes of the newest [`MAX_SEEN`] event ids folded in, evidence or
+    /// not: a redelivery of an event the evidence cap dropped is still
+    /// recognised, so it cannot bump the incident's revision (a new
+    /// insight id) past the stream's dedupe window.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub seen: Vec<u64>,
+}
+
+/// Event ids a state remembers beyond its evidence.
+pub const MAX_SEEN: usize = 256;
+/// Largest encoded state: well under the KV bucket's largest value (and
+/// the server's max payload), so one key can never refuse every write.
+pub const MAX_STATE_BYTES: usize = 256 * 1024;
+/// Largest `data` kept per stored observation: what templates read is a
+/// few scalar fields; a producer's 60 KiB payload is not kept 64 times.
+pub const MAX_KEPT_DATA_BYTES: usize = 2 * 1024;
+
+fn id_hash(id: &str) -> u64 {
+    // FNV-1a: stable across processes and versions (the state is shared).
+    id.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+    })
+}
+
+/// `obs` as kept in state: its data trimmed to [`MAX_KEPT_DATA_BYTES`]
+/// (top-level scalars first, each bounded) when it is bigger.
+fn kept(obs: &Observation) -> Observation {
+    let mut kept = obs.clone();
+    let size = serde_json::to_vec(&kept.data).map_or(usize::MAX, |v| v.len());
+    if size <= MAX_KEPT_DATA_BYTES {
+        return kept;
+    }
+    let mut trimmed = serde_json::Map::new();
+    let mut budget = MAX_KEPT_DATA_BYTES;
+    if let serde_json::Value::Object(fields) = &obs.data {
+        for (name, value) in fields {
+            let value = match value {
+                serde_json::Value::String(s) if s.len() > 256 => {
+                    let mut cut = 256;
+                    while !s.is_char_boundary(cut) {
+                        cut -= 1;
+                    }
+                    serde_json::Value::String(s[..cut].to_string())
+                }
+                serde_json::Value::Object(_) | serde_json::Value::Array(_) => continue,
+                v => v.clone(),
+            };
+            let cost = name.len() + value.to_string().len() + 4;
+            if cost > budget {
+                break;
+            }
+            budget -= cost;
+            trimmed.insert(name.clone(), value);
+        }
+    }
+    kept.data = serde_json::Value::Object(trimmed);
+    kept
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -313,22 +370,31 @@ impl SequenceRule {
 
     /// Fold `obs` (for join key `key`) into `state`.
     pub fn step(&self, mut state: State, key: &str, obs: &Observation) -> (State, Option<Finding>) {
-        let duplicate = state.events.iter().any(|e| e.id == obs.id);
+        let hash = id_hash(&obs.id);
+        let duplicate = state.events.iter().any(|e| e.id == obs.id) || state.seen.contains(&hash);
         if !duplicate {
+            if state.seen.len() >= MAX_SEEN {
+                state.seen.remove(0);
+            }
+            state.seen.push(hash);
             let window = self.window.nanos();
             let last = state.events.iter().map(|e| e.at_ns).max();
             if state.incident.is_some()
                 && last.is_some_and(|l| obs.at_ns > l.saturating_add(window))
             {
-                // The incident went quiet for a whole window: it is over.
-                state = State::default();
+                // The incident went quiet for a whole window: it is over
+                // (the ids seen stay: a late redelivery is still one).
+                state = State {
+                    seen: std::mem::take(&mut state.seen),
+                    ..State::default()
+                };
             }
             let at = state
                 .events
                 .iter()
                 .position(|e| (e.at_ns, e.id.as_str()) > (obs.at_ns, obs.id.as_str()))
                 .unwrap_or(state.events.len());
-            state.events.insert(at, obs.clone());
+            state.events.insert(at, kept(obs));
             if state.incident.is_none() {
                 let newest = state
                     .events
@@ -356,7 +422,10 @@ impl SequenceRule {
         if !duplicate {
             // Events that count for nothing yet are kept (an earlier event may
             // still arrive), but bounded like the evidence.
-            while state.events.len() > MAX_EVIDENCE {
+            while state.events.len() > MAX_EVIDENCE
+                || (state.events.len() > 1
+                    && serde_json::to_vec(&state).map_or(0, |v| v.len()) > MAX_STATE_BYTES)
+            {
                 let core = self.core(&assignment);
                 let Some(drop) = (0..state.events.len()).find(|i| !core.contains(i)) else {
                     break;
@@ -759,6 +828,69 @@ mod tests {
         }
         assert_eq!(state.events.len(), MAX_UNANCHORED);
         assert_eq!(state.events[0].id, "p42");
+    }
+
+    fn refusal(id: &str, at: i64, pad: usize) -> Observation {
+        let mut o = obs(
+            id,
+            types::TCP_REFUSED,
+            at,
+            None,
+            json!({"daddr": "10.96.0.10", "dport": 80, "padding": "x".repeat(pad)}),
+        );
+        o.ext.insert("peerservice".into(), "shop/api".into());
+        o
+    }
+
+    #[test]
+    fn redelivery_of_capped_evidence_keeps_the_revision() {
+        let rule = rule("service-disruption");
+        let ep = obs(
+            "ep",
+            types::ENDPOINTS_EMPTY,
+            1,
+            Some("service/shop/api"),
+            json!({"service": "api"}),
+        );
+        let mut events = vec![ep];
+        events.extend((0..100).map(|i| refusal(&format!("t{i}"), 2 + i, 0)));
+        let (state, _) = run(&rule, &events);
+        assert!(
+            state.events.iter().all(|e| e.id != "t10"),
+            "t10 was dropped by the evidence cap"
+        );
+        let revision = state.incident.as_ref().expect("open").revision;
+        let key = rule.keys(&events[11]).remove(0);
+        let (again, _) = rule.step(state, &key, &events[11]);
+        assert_eq!(
+            again.incident.expect("open").revision,
+            revision,
+            "a redelivery is not new evidence"
+        );
+    }
+
+    #[test]
+    fn state_stays_under_the_kv_value_limit() {
+        let rule = rule("service-disruption");
+        let ep = obs(
+            "ep",
+            types::ENDPOINTS_EMPTY,
+            1,
+            Some("service/shop/api"),
+            json!({"service": "api"}),
+        );
+        let mut events = vec![ep];
+        events.extend((0..80).map(|i| refusal(&format!("t{i}"), 2 + i, 60 * 1024)));
+        let (state, findings) = run(&rule, &events);
+        let size = serde_json::to_vec(&state).expect("encodes").len();
+        assert!(size <= MAX_STATE_BYTES, "state is {size} bytes");
+        assert!(!findings.is_empty());
+        let refusal = state
+            .events
+            .iter()
+            .find(|e| e.id.starts_with('t'))
+            .expect("kept");
+        assert_eq!(refusal.data["dport"], 80, "small fields are kept");
     }
 
     #[test]
