@@ -215,7 +215,7 @@ impl LedgerFile {
             .create(true)
             .truncate(false)
             .open(&path)?;
-        let mut bytes = vec![0u8; 2 * SLOT];
+        let mut bytes = [0u8; 2 * SLOT];
         let mut read = 0;
         while read < bytes.len() {
             match file.read_at(&mut bytes[read..], read as u64)? {
