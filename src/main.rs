@@ -20,6 +20,7 @@ mod render;
 mod replay;
 mod scaffold;
 mod secrets;
+mod spool_dir;
 mod status;
 mod tail;
 mod up;
@@ -81,6 +82,8 @@ enum Command {
     Render(render::RenderArgs),
     /// Generate the NATS passwords and TLS certificates the manifests read (untracked; kept on re-runs).
     Secrets(secrets::SecretsArgs),
+    /// Create a collector's spool directory and give it to the collector's user (the k8s collector's initContainer runs this as root with CAP_CHOWN only).
+    SpoolDir(spool_dir::SpoolDirArgs),
 }
 
 #[tokio::main]
@@ -103,6 +106,7 @@ async fn main() -> anyhow::Result<()> {
         Command::Bench(cmd) => bench::run(&cli.nats_url, cmd).await,
         Command::Render(args) => render::run(args),
         Command::Secrets(args) => secrets::run(args),
+        Command::SpoolDir(args) => spool_dir::run(args),
         Command::New(command) => scaffold::run(command),
         Command::Types => {
             for t in tidewatch_runtime::topology::types::ALL {

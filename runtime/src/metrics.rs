@@ -64,8 +64,10 @@ pub struct Inner {
     pub spooled: Counter,
     /// Spooled events the stream acknowledged on replay.
     pub spool_replayed: Counter,
-    /// Spooled events deleted unsent by the drop-oldest overflow policy.
-    pub spool_dropped: Counter,
+    /// Events the spool lost, by `reason`: `overflow` (deleted unsent by
+    /// the drop-oldest policy), `disk_full` and `io_error` (an append
+    /// failed, the event was not kept).
+    pub spool_dropped: Family<Reason, Counter>,
     /// Bytes of torn or corrupt spool records skipped.
     pub spool_corrupt_bytes: Counter,
     /// Spooled events waiting for replay.
@@ -106,7 +108,7 @@ impl Metrics {
             refused: Family::default(),
             spooled: Counter::default(),
             spool_replayed: Counter::default(),
-            spool_dropped: Counter::default(),
+            spool_dropped: Family::default(),
             spool_corrupt_bytes: Counter::default(),
             spool_pending: Gauge::default(),
             spool_bytes: Gauge::default(),
@@ -181,7 +183,7 @@ impl Metrics {
         );
         registry.register(
             "spool_dropped",
-            "Spooled events deleted unsent by the drop-oldest overflow policy",
+            "Events the outage spool lost, by reason (overflow: deleted unsent when full; disk_full, io_error: an append failed)",
             inner.spool_dropped.clone(),
         );
         registry.register(

@@ -18,10 +18,15 @@
 //! when NATS went away may land before or after spooled ones; it is
 //! stored once either way.)
 //!
-//! Overflow: the spool drops its oldest segment when full
-//! ([`crate::spool`]). Dropped events are counted on
-//! `tidewatch_spool_dropped_total` and, once the spool has drained, reported
-//! as a `dev.tidewatch.kernel.collector.drops` event with stage `spool`.
+//! Losses: the spool drops its oldest segment when full, and an event it
+//! cannot write (disk full, I/O error) is dropped and counted
+//! ([`crate::spool`]); the sender gets [`OutboxError::Dropped`] and goes
+//! on: a full disk never stops a collector. Losses are counted on
+//! `tidewatch_spool_dropped_total{reason}` and reported as a
+//! `dev.tidewatch.kernel.collector.drops` event (stage `spool`, kind = the
+//! reason) once NATS is reachable and the spool has drained. The spool's
+//! drop ledger keeps the totals and what was reported across restarts, so
+//! a count is reported once, by whichever process gets to it.
 //!
 //! A collector started after a crash opens the same spool directory and
 //! replays what the previous process had spooled.
@@ -42,7 +47,7 @@ use crate::event::derive_id;
 use crate::message::Record;
 use crate::metrics::Metrics;
 use crate::publisher::{Confirmation, PublishError, PublishErrorKind, Publisher, Unsent};
-use crate::spool::{Cursor, Spool, SpoolConfig, SpoolError, SpoolStats};
+use crate::spool::{Cursor, DropReason, Spool, SpoolConfig, SpoolError, SpoolStats};
 use crate::topology;
 
 /// Outbox settings, builder style.
@@ -125,8 +130,20 @@ pub enum OutboxError {
     /// refused again, so it is not spooled.
     #[error(transparent)]
     Rejected(PublishError),
-    /// Retryable: NATS was unreachable and the spool could not take the
-    /// event either (disk full, directory gone). The event is not kept.
+    /// Terminal for this event: NATS was unreachable and the spool could
+    /// not write it (disk full, I/O error). It is lost, counted on
+    /// `tidewatch_spool_dropped_total{reason}` and in the spool's drop
+    /// ledger, and reported in the next `collector.drops` event; the sender
+    /// should move on (later events are spooled once there is space).
+    #[error("NATS unreachable and the spool could not keep event {id} ({}): {source}", reason.as_str())]
+    Dropped {
+        id: String,
+        reason: DropReason,
+        #[source]
+        source: SpoolError,
+    },
+    /// Retryable: the spool failed outside an append (a flush's fsync, its
+    /// worker task); what it holds is still replayed.
     #[error("NATS unreachable and the spool refused event {id}: {source}")]
     Spool {
         id: String,
@@ -155,6 +172,7 @@ pub enum OutboxError {
 pub enum OutboxErrorKind {
     TooLarge,
     Rejected,
+    Dropped,
     Spool,
     Unavailable,
     Closed,
@@ -166,6 +184,7 @@ impl OutboxError {
         match self {
             OutboxError::TooLarge(_) => OutboxErrorKind::TooLarge,
             OutboxError::Rejected(_) => OutboxErrorKind::Rejected,
+            OutboxError::Dropped { .. } => OutboxErrorKind::Dropped,
             OutboxError::Spool { .. } => OutboxErrorKind::Spool,
             OutboxError::Unavailable(_) => OutboxErrorKind::Unavailable,
             OutboxError::Closed { .. } => OutboxErrorKind::Closed,
@@ -291,8 +310,6 @@ struct Shared {
     /// replayer can wait on it without keeping the outbox alive.
     wake: Arc<Notify>,
     metrics: Metrics,
-    /// Distinguishes this process's overflow reports from an earlier one's.
-    started_ns: i64,
 }
 
 struct Store {
@@ -300,8 +317,8 @@ struct Store {
     mode: Mode,
     /// Spool stats last put on `/metrics`.
     seen: SpoolStats,
-    /// Dropped records already reported as an event.
-    reported_drops: u64,
+    /// The last append was dropped (logged once per run of drops).
+    dropping: bool,
 }
 
 enum Job {
@@ -344,12 +361,11 @@ impl Outbox {
                 spool,
                 mode,
                 seen: SpoolStats::default(),
-                reported_drops: 0,
+                dropping: false,
             }),
             spooling: AtomicBool::new(mode == Mode::Spooling),
             wake: Arc::new(Notify::new()),
             metrics,
-            started_ns: chrono::Utc::now().timestamp_nanos_opt().unwrap_or_default(),
         });
         shared.update_metrics(&mut shared.lock());
         let (confirmations, jobs) = mpsc::unbounded_channel();
@@ -549,13 +565,24 @@ impl Shared {
         let appended = tokio::task::spawn_blocking(move || {
             let mut store = shared.lock();
             let result = store.spool.append(&record);
-            if result.is_ok() {
-                let was = store.mode;
-                store.mode = step(store.mode, Input::Spooled);
-                shared.spooling.store(true, Ordering::Release);
-                if was == Mode::Direct {
-                    tracing::warn!(dir = %shared.config.spool_dir.display(), "NATS unreachable: spooling events to disk");
+            match &result {
+                Ok(_) => {
+                    let was = store.mode;
+                    store.mode = step(store.mode, Input::Spooled);
+                    shared.spooling.store(true, Ordering::Release);
+                    if was == Mode::Direct {
+                        tracing::warn!(dir = %shared.config.spool_dir.display(), "NATS unreachable: spooling events to disk");
+                    }
+                    if std::mem::take(&mut store.dropping) {
+                        tracing::warn!(dir = %shared.config.spool_dir.display(), "the spool takes events again");
+                    }
                 }
+                Err(SpoolError::Dropped { reason, source, .. }) => {
+                    if !std::mem::replace(&mut store.dropping, true) {
+                        tracing::error!(dir = %shared.config.spool_dir.display(), reason = reason.as_str(), error = %source, "NATS unreachable and the spool cannot write: dropping events (counted, reported once NATS is back)");
+                    }
+                }
+                Err(_) => {}
             }
             shared.update_metrics(&mut store);
             result
@@ -567,6 +594,14 @@ impl Shared {
                 self.wake.notify_one();
                 Ok(Delivered::Spooled)
             }
+            Ok(Err(source @ SpoolError::Dropped { .. })) => Err(OutboxError::Dropped {
+                id,
+                reason: match &source {
+                    SpoolError::Dropped { reason, .. } => *reason,
+                    _ => DropReason::IoError,
+                },
+                source,
+            }),
             Ok(Err(source)) => Err(OutboxError::Spool { id, source }),
             Err(join) => Err(OutboxError::Spool {
                 id,
@@ -582,9 +617,17 @@ impl Shared {
     fn update_metrics(&self, store: &mut Store) {
         let now = store.spool.stats();
         let grew = |new: u64, old: u64| new.saturating_sub(old);
-        self.metrics
-            .spool_dropped
-            .inc_by(grew(now.dropped_records, store.seen.dropped_records));
+        for reason in DropReason::ALL {
+            let grown = grew(now.dropped(reason), store.seen.dropped(reason));
+            if grown > 0 {
+                self.metrics
+                    .spool_dropped
+                    .get_or_create(&crate::metrics::Reason {
+                        reason: reason.as_str(),
+                    })
+                    .inc_by(grown);
+            }
+        }
         self.metrics
             .spool_corrupt_bytes
             .inc_by(grew(now.corrupt_bytes, store.seen.corrupt_bytes));
@@ -668,7 +711,15 @@ async fn replay(weak: std::sync::Weak<Shared>) {
         let Some(shared) = weak.upgrade() else { return };
         let interval = shared.config.retry_interval;
         let idle = !shared.spooling.load(Ordering::Acquire);
-        let wait = if idle || !shared.publisher.is_connected() {
+        let connected = shared.publisher.is_connected();
+        let wait = if idle || !connected {
+            // Losses counted with nothing left to replay (a full disk,
+            // or an earlier process's unreported count) are reported too.
+            let unreported =
+                idle && connected && shared.lock().spool.ledger().unreported().is_some();
+            if unreported {
+                report_drops(&shared).await;
+            }
             Some(interval)
         } else {
             match replay_round(&shared).await {
@@ -780,10 +831,16 @@ async fn replay_round(shared: &Arc<Shared>) -> Result<Round, ReplayPause> {
             let result = store.spool.commit(upto);
             let after = store.spool.stats().pending_records;
             committer.update_metrics(&mut store);
-            result.map(|()| before.saturating_sub(after))
+            (before.saturating_sub(after), result)
         })
-        .await??;
-        shared.metrics.spool_replayed.inc_by(committed);
+        .await?;
+        shared.metrics.spool_replayed.inc_by(committed.0);
+        if let Err(e) = committed.1 {
+            // The commit holds in memory; the ack file is written by the
+            // next commit. Not a reason to stop replaying (on a full disk,
+            // replaying is what frees space).
+            tracing::warn!(error = %e, "spool ack file not written");
+        }
     }
     match failure {
         Some(reason) => Err(reason),
@@ -791,41 +848,38 @@ async fn replay_round(shared: &Arc<Shared>) -> Result<Round, ReplayPause> {
     }
 }
 
-/// Once the spool has drained, say how many events the overflow policy
-/// deleted, as a `CollectorDrops` event. Tried again after the next drain
+/// Once the spool has drained, say how many events it lost (overflow,
+/// disk full, I/O errors) since the last report, as a `CollectorDrops`
+/// event. Its id comes from the spool's life (the ledger's epoch) and the
+/// totals, so a report published by a process that died before recording
+/// it is deduplicated when the next one sends it again. Tried again later
 /// if it cannot be published now.
 async fn report_drops(shared: &Arc<Shared>) {
-    let (total, reported) = {
+    let (ledger, counts) = {
         let store = shared.lock();
-        (store.spool.stats().dropped_records, store.reported_drops)
+        let ledger = store.spool.ledger();
+        match ledger.unreported() {
+            Some(counts) => (ledger, counts),
+            None => return,
+        }
     };
-    if total <= reported {
-        return;
-    }
     let config = &shared.config;
-    let delta = total - reported;
-    let payload = tidewatch_proto::v1::CollectorDrops {
-        node: config.node.clone(),
-        counts: vec![tidewatch_proto::v1::DropCount {
-            stage: "spool".into(),
-            kind: String::new(),
-            cpu: 0,
-            total,
-            delta,
-        }],
-        delta,
-    };
-    let id = derive_id(&[
-        b"spool-overflow",
-        config.component.as_bytes(),
-        config.node.as_bytes(),
-        &shared.started_ns.to_be_bytes(),
-        &total.to_be_bytes(),
-    ]);
+    let payload = drops_report(&config.node, &counts);
+    let mut id_parts: Vec<Vec<u8>> = vec![
+        b"spool-drops".to_vec(),
+        config.component.as_bytes().to_vec(),
+        config.node.as_bytes().to_vec(),
+        ledger.epoch.to_be_bytes().to_vec(),
+    ];
+    for reason in DropReason::ALL {
+        id_parts.push(ledger.total(reason).to_be_bytes().to_vec());
+    }
+    let id_parts: Vec<&[u8]> = id_parts.iter().map(Vec::as_slice).collect();
+    let id = derive_id(&id_parts);
     let event = match crate::drops::event(id, &config.component, &config.node, &payload) {
         Ok(event) => event,
         Err(e) => {
-            tracing::error!(error = %e, "cannot build the spool overflow report");
+            tracing::error!(error = %e, "cannot build the spool drops report");
             return;
         }
     };
@@ -833,13 +887,48 @@ async fn report_drops(shared: &Arc<Shared>) {
     match shared.publisher.publish(subject, &event).await {
         Ok(_) => {
             tracing::warn!(
-                dropped = delta,
-                total,
-                "the outage spool was full: its oldest events were deleted unsent"
+                dropped = payload.delta,
+                counts = ?counts.iter().map(|c| (c.reason.as_str(), c.total)).collect::<Vec<_>>(),
+                "the outage spool lost events (reported as collector.drops)"
             );
-            shared.lock().reported_drops = total;
+            let recorder = shared.clone();
+            let recorded =
+                tokio::task::spawn_blocking(move || recorder.lock().spool.reported(&counts)).await;
+            match recorded {
+                Ok(Ok(())) => {}
+                // Held in memory; a restart may send the same report again
+                // (same id: deduplicated within the stream's window).
+                Ok(Err(e)) => {
+                    tracing::warn!(error = %e, "drops report not recorded in the spool ledger")
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "drops report not recorded in the spool ledger")
+                }
+            }
         }
-        Err(e) => tracing::warn!(error = %e, "spool overflow report not published yet"),
+        Err(e) => tracing::warn!(error = %e, "spool drops report not published yet"),
+    }
+}
+
+/// The `CollectorDrops` payload for `counts`: stage `spool`, kind = the reason.
+fn drops_report(
+    node: &str,
+    counts: &[crate::spool::Unreported],
+) -> tidewatch_proto::v1::CollectorDrops {
+    let counts: Vec<tidewatch_proto::v1::DropCount> = counts
+        .iter()
+        .map(|c| tidewatch_proto::v1::DropCount {
+            stage: "spool".into(),
+            kind: c.reason.as_str().into(),
+            cpu: 0,
+            total: c.total,
+            delta: c.delta,
+        })
+        .collect();
+    tidewatch_proto::v1::CollectorDrops {
+        node: node.to_string(),
+        delta: counts.iter().map(|c| c.delta).sum(),
+        counts,
     }
 }
 

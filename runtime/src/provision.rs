@@ -223,6 +223,9 @@ pub fn desired_bucket(spec: &BucketSpec, options: &ProvisionOptions) -> StreamCo
         allow_rollup: true,
         deny_delete: true,
         allow_direct: true,
+        // Expiry markers need per-message TTLs allowed (as the KV API sets it).
+        allow_message_ttl: !spec.expiry_markers.is_zero(),
+        subject_delete_marker_ttl: (!spec.expiry_markers.is_zero()).then_some(spec.expiry_markers),
         duplicate_window: if spec.max_age.is_zero() || spec.max_age > Duration::from_secs(120) {
             Duration::from_secs(120)
         } else {
@@ -295,8 +298,14 @@ async fn ensure_stream(
         allow_direct,
         max_messages_per_subject,
         allow_rollup,
-        deny_delete
+        deny_delete,
+        subject_delete_marker_ttl
     );
+    if desired.allow_message_ttl && !existing.allow_message_ttl {
+        // Can be turned on, never off again: only ever converge towards on.
+        updated.allow_message_ttl = true;
+        changed.push("allow_message_ttl");
+    }
     if changed.is_empty() {
         return Ok(Change::Unchanged);
     }

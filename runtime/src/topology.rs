@@ -87,6 +87,10 @@ pub struct BucketSpec {
     pub history: i64,
     /// Entries older than this expire (0 = never).
     pub max_age: Duration,
+    /// When non-zero, an entry that expires leaves a delete marker kept
+    /// this long (the stream's `subject_delete_marker_ttl`), so KV watchers
+    /// (enrich's cache) see the expiry as a delete.
+    pub expiry_markers: Duration,
     /// Bytes the bucket may hold (its storage reservation on every replica).
     pub max_bytes: i64,
 }
@@ -215,7 +219,12 @@ pub const POD_METADATA: BucketSpec = BucketSpec {
     bucket: "tidewatch-pods",
     description: "Pod metadata by pod uid, container id and pod IP",
     history: 1,
-    max_age: Duration::ZERO,
+    // The k8s collector re-puts what it owns every `kv_refresh` (10 min by
+    // default, at most a third of this): an entry nobody refreshes (a pod
+    // deleted while no collector ran on its node) expires, so a reused IP
+    // or name never resolves to a dead pod for long.
+    max_age: Duration::from_secs(3600),
+    expiry_markers: Duration::from_secs(60),
     max_bytes: 1024 * 1024 * 1024,
 };
 
@@ -225,6 +234,7 @@ pub const CORRELATION_STATE: BucketSpec = BucketSpec {
     description: "Correlation rule state per entity",
     history: 1,
     max_age: Duration::from_secs(6 * 3600),
+    expiry_markers: Duration::ZERO,
     max_bytes: 1024 * 1024 * 1024,
 };
 

@@ -202,7 +202,15 @@ async fn overflow_drops_the_oldest_counts_them_and_reports_them_once_back() {
         dropped > 0,
         "a 16 KiB spool cannot hold {SENT} events of 400 bytes"
     );
-    assert_eq!(outbox.metrics().spool_dropped.get(), dropped);
+    let overflow = tidewatch_runtime::metrics::Reason { reason: "overflow" };
+    assert_eq!(
+        outbox
+            .metrics()
+            .spool_dropped
+            .get(&overflow)
+            .map(|c| c.get()),
+        Some(dropped)
+    );
 
     server.restart().await;
     let kept = SENT as u64 - dropped;
@@ -242,6 +250,7 @@ async fn overflow_drops_the_oldest_counts_them_and_reports_them_once_back() {
     assert_eq!(drops.delta, dropped);
     assert_eq!(drops.counts.len(), 1);
     assert_eq!(drops.counts[0].stage, "spool");
+    assert_eq!(drops.counts[0].kind, "overflow");
     assert_eq!(drops.counts[0].total, dropped);
 }
 

@@ -29,9 +29,12 @@ struct CollectorPod {
     /// (volume name, host path, mount path, read-only).
     host_mounts: &'static [(&'static str, &'static str, &'static str, bool)],
     extra_env: Vec<Value>,
-    /// Spool on a hostPath (root collectors) or an emptyDir (the k8s
-    /// collector runs as non-root; an emptyDir survives container restarts).
-    spool_on_host: bool,
+    /// The spool is on a hostPath for every collector, so it outlives the
+    /// pod (an emptyDir goes with a deleted or rescheduled pod, and with it
+    /// the events of an outage). A non-root collector gets an initContainer
+    /// that hands the directory kubelet created (root, 0755; `fsGroup` does
+    /// not apply to hostPath) to its user: root with CAP_CHOWN only, no
+    /// privilege escalation, exiting before the collector starts.
     run_as_root: bool,
     memory_limit: &'static str,
 }
@@ -64,11 +67,9 @@ fn collector_daemonset(pod: CollectorPod) -> Value {
         .iter()
         .map(|(volume, host, _, _)| json!({"name": volume, "hostPath": {"path": host}}))
         .collect();
-    volumes.push(if pod.spool_on_host {
-        json!({"name": "spool", "hostPath": {"path": spool_host_path(name), "type": "DirectoryOrCreate"}})
-    } else {
-        json!({"name": "spool", "emptyDir": {"sizeLimit": "512Mi"}})
-    });
+    volumes.push(
+        json!({"name": "spool", "hostPath": {"path": spool_host_path(name), "type": "DirectoryOrCreate"}}),
+    );
     volumes.push(ca);
     let mut security = json!({
         "privileged": false,
@@ -103,6 +104,23 @@ fn collector_daemonset(pod: CollectorPod) -> Value {
         }],
         "volumes": volumes,
     });
+    if !pod.run_as_root {
+        spec["initContainers"] = json!([{
+            "name": "spool-owner",
+            "image": image(),
+            "command": ["/usr/local/bin/tidewatch", "spool-dir", "--owner", "65532:65532", spool_mount],
+            "resources": resources("10m", "16Mi", "32Mi"),
+            "securityContext": {
+                "runAsUser": 0,
+                "runAsNonRoot": false,
+                "privileged": false,
+                "allowPrivilegeEscalation": false,
+                "readOnlyRootFilesystem": true,
+                "capabilities": {"drop": ["ALL"], "add": ["CHOWN"]},
+            },
+            "volumeMounts": [{"name": "spool", "mountPath": spool_mount}],
+        }]);
+    }
     if pod.host_pid {
         spec["hostPID"] = json!(true);
     }
@@ -144,7 +162,6 @@ pub fn ebpf_daemonset() -> Value {
             ("bpffs", "/sys/fs/bpf", "/sys/fs/bpf", false),
         ],
         extra_env: Vec::new(),
-        spool_on_host: true,
         run_as_root: true,
         memory_limit: "512Mi",
     })
@@ -163,7 +180,6 @@ pub fn k8s_daemonset() -> Value {
             json!({"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}}),
             json!({"name": "POD_NAMESPACE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}}),
         ],
-        spool_on_host: false,
         run_as_root: false,
         memory_limit: "512Mi",
     })
@@ -195,7 +211,6 @@ pub fn systemd_daemonset() -> Value {
             ("dbus", "/run/dbus", "/run/dbus", true),
         ],
         extra_env: vec![json!({"name": "TIDEWATCH_HOST_ROOT", "value": "/host"})],
-        spool_on_host: true,
         run_as_root: true,
         memory_limit: "256Mi",
     })

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
 use tidewatch_runtime::metrics::{Metrics, Readiness};
-use tidewatch_runtime::outbox::{Delivered, Outbox, confirm_each};
+use tidewatch_runtime::outbox::{Delivered, Outbox, OutboxError, confirm_each};
 use tidewatch_runtime::topology::{self, subjects};
 use tokio::sync::mpsc;
 
@@ -55,6 +55,8 @@ pub async fn publish_all(publishing: Publishing, mut queue: mpsc::Receiver<Recor
             counted.published[kind as usize].fetch_add(1, Ordering::Relaxed);
         }
         Ok(Delivered::Spooled) => {}
+        // Counted and reported by the outbox (spool stage, disk_full/io_error).
+        Err(OutboxError::Dropped { .. }) => {}
         Err(e) => {
             counted.lost_publish.fetch_add(1, Ordering::Relaxed);
             tracing::debug!(error = %e, "event lost: not stored by the stream");

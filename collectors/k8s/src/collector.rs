@@ -145,8 +145,8 @@ impl K8s {
             PodWatch {
                 sink: sink.clone(),
                 bucket: Bucket::new(js.clone()),
-                node: node.clone(),
                 grace: config.pod_grace,
+                refresh: config.kv_refresh,
                 readiness,
                 metrics: metrics.clone(),
             }
@@ -232,6 +232,14 @@ where
     watcher(api, config).default_backoff()
 }
 
+/// Ticks every `every`, the first one `every` from now (the first list
+/// writes everything anyway).
+fn refresh_timer(every: Duration) -> tokio::time::Interval {
+    let mut timer = tokio::time::interval_at(Instant::now() + every, every);
+    timer.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    timer
+}
+
 fn now_ns() -> i64 {
     i64::try_from(
         std::time::SystemTime::now()
@@ -250,9 +258,10 @@ fn tombstone(pod: &PodSnapshot) -> bytes::Bytes {
 struct PodWatch {
     sink: Sink,
     bucket: Bucket,
-    node: String,
     /// How long a deleted pod's metadata stays.
     grace: Duration,
+    /// How often every entry is put again (the bucket expires the rest).
+    refresh: Duration,
     readiness: Readiness,
     metrics: Metrics,
 }
@@ -262,8 +271,8 @@ impl PodWatch {
         let PodWatch {
             sink,
             mut bucket,
-            node,
             grace,
+            refresh,
             readiness,
             metrics,
         } = self;
@@ -271,11 +280,13 @@ impl PodWatch {
         let mut tracker = Tracker::<PodSnapshot>::default();
         let mut mirror = Mirror::default();
         let mut sweep = tokio::time::interval(SWEEP_INTERVAL);
+        let mut resync = refresh_timer(refresh);
         let mut synced = false;
         loop {
             tokio::select! {
                 _ = until(&mut stop, true) => break,
                 _ = sweep.tick() => mirror.sweep(Instant::now()),
+                _ = resync.tick() => mirror.refresh(),
                 event = stream.next() => match event {
                     None => break,
                     Some(Err(e)) => {
@@ -302,23 +313,10 @@ impl PodWatch {
                         if matches!(tracker.phase(), crate::tracker::Phase::Synced) && !synced {
                             synced = true;
                             readiness.set(true);
-                            // Pods deleted while no collector ran here.
-                            match bucket.leftovers(&node, |uid| tracker.get(uid).is_some()).await {
-                                Ok(leftovers) => {
-                                    for meta in leftovers {
-                                        tracing::info!(pod = %format!("{}/{}", meta.namespace, meta.name), "pod gone while the collector was down; removing its metadata after the grace period");
-                                        let keys = pod::metadata_keys(&meta);
-                                        let uid = meta.uid.clone();
-                                        let mut tomb = meta;
-                                        if tomb.deleted_at_ns == 0 {
-                                            tomb.deleted_at_ns = now_ns();
-                                        }
-                                        mirror.adopt(&uid, keys, prost::Message::encode_to_vec(&tomb).into());
-                                        mirror.bury(&uid, None, Instant::now(), grace);
-                                    }
-                                }
-                                Err(e) => tracing::warn!(error = %e, "could not look for pods deleted while the collector was down"),
-                            }
+                            // Entries of pods deleted while no collector ran
+                            // here are not refreshed, and expire with the
+                            // bucket's max_age: no listing of the bucket
+                            // (which this collector's NATS user may not do).
                         }
                     }
                 },
@@ -483,6 +481,7 @@ async fn watch_cluster(
     let mut events = futures::stream::select_all(streams);
     let mut state = ClusterState::default();
     let mut retry = tokio::time::interval(SWEEP_INTERVAL);
+    let mut resync = refresh_timer(config.kv_refresh);
     loop {
         tokio::select! {
             event = events.next() => match event {
@@ -499,6 +498,7 @@ async fn watch_cluster(
             },
             // Retry failed KV writes.
             _ = retry.tick() => {}
+            _ = resync.tick() => state.service_ips.refresh(),
         }
         bucket.flush(&mut state.service_ips).await;
     }

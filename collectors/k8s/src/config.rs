@@ -44,6 +44,13 @@ pub struct Config {
     /// Seconds a deleted pod's metadata stays in KV, so late events resolve.
     #[serde(with = "tidewatch_runtime::collector::seconds")]
     pub pod_grace: Duration,
+    /// Seconds between re-puts of every pod metadata entry this collector
+    /// owns (its node's pods; Services on the leader). The bucket expires
+    /// entries after its `max_age` (one hour), so entries of pods deleted
+    /// while no collector ran on their node go by themselves; at most a
+    /// third of `max_age`, so two failed rounds still lose nothing.
+    #[serde(with = "tidewatch_runtime::collector::seconds")]
+    pub kv_refresh: Duration,
     /// Server-side timeout of one watch request, seconds (the watcher
     /// re-watches from its last resourceVersion after it).
     pub watch_timeout_secs: u32,
@@ -66,6 +73,7 @@ impl Default for Config {
             renew_deadline: Duration::from_secs(10),
             retry_period: Duration::from_secs(2),
             pod_grace: Duration::from_secs(300),
+            kv_refresh: Duration::from_secs(600),
             watch_timeout_secs: 290,
             max_in_flight: 1024,
         }
@@ -116,6 +124,10 @@ impl Config {
         self.pod_grace = grace;
         self
     }
+    pub fn kv_refresh(mut self, every: Duration) -> Self {
+        self.kv_refresh = every;
+        self
+    }
     pub fn spool_dir(mut self, dir: impl Into<PathBuf>) -> Self {
         self.common.spool_dir = Some(dir.into());
         self
@@ -144,6 +156,13 @@ impl Config {
             return Err(format!(
                 "retry_period ({:?}) must be shorter than renew_deadline ({:?})",
                 self.retry_period, self.renew_deadline
+            ));
+        }
+        let max_age = tidewatch_runtime::topology::POD_METADATA.max_age;
+        if self.kv_refresh.is_zero() || (!max_age.is_zero() && self.kv_refresh * 3 > max_age) {
+            return Err(format!(
+                "kv_refresh ({:?}) must be above zero and at most a third of the pod bucket's max_age ({max_age:?})",
+                self.kv_refresh
             ));
         }
         if self.lease_name.is_empty() || self.lease_namespace.is_empty() {
@@ -232,5 +251,17 @@ mod tests {
         );
         assert!(bad.validate().is_err());
         assert!(Config::default().node("").validate().is_err());
+        let c: Config = toml::from_str("node = \"n1\"\nkv_refresh = 60").expect("valid");
+        assert_eq!(c.kv_refresh, Duration::from_secs(60));
+        assert!(c.validate().is_ok());
+        let c: Config = toml::from_str("node = \"n1\"\nkv_refresh = 1800").expect("parses");
+        assert!(c.validate().is_err(), "refresh slower than max_age / 3");
+        assert!(
+            Config::default()
+                .node("n1")
+                .kv_refresh(Duration::ZERO)
+                .validate()
+                .is_err()
+        );
     }
 }

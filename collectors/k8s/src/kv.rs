@@ -103,6 +103,13 @@ impl Mirror {
         }
     }
 
+    /// Put every entry again (the bucket expires entries nobody refreshes:
+    /// this is what keeps the live ones).
+    pub fn refresh(&mut self) {
+        let keys: Vec<String> = self.entries.keys().cloned().collect();
+        self.dirty.extend(keys);
+    }
+
     /// What the bucket should hold under `key`.
     pub fn get(&self, key: &str) -> Option<&Bytes> {
         self.entries.get(key).map(|(_, v)| v)

@@ -3,9 +3,6 @@
 //! it is not), and the one place that writes the KV bucket.
 
 use async_nats::jetstream;
-use futures::StreamExt;
-use prost::Message;
-use tidewatch_proto::v1::PodMetadata;
 use tidewatch_runtime::metrics::Metrics;
 use tidewatch_runtime::outbox::Outbox;
 use tidewatch_runtime::topology::{self, POD_METADATA, subjects};
@@ -91,6 +88,8 @@ impl Bucket {
                         description: POD_METADATA.description.to_string(),
                         history: POD_METADATA.history,
                         max_age: POD_METADATA.max_age,
+                        limit_markers: (!POD_METADATA.expiry_markers.is_zero())
+                            .then_some(POD_METADATA.expiry_markers),
                         ..Default::default()
                     })
                     .await
@@ -101,37 +100,6 @@ impl Bucket {
         self.store
             .as_ref()
             .ok_or_else(|| format!("KV bucket {} unavailable", topology::POD_METADATA.bucket))
-    }
-
-    /// Pod metadata entries of `node` whose uid `known` does not know:
-    /// pods deleted while no collector ran on the node.
-    pub async fn leftovers(
-        &mut self,
-        node: &str,
-        known: impl Fn(&str) -> bool,
-    ) -> Result<Vec<PodMetadata>, String> {
-        let store = self.open().await?.clone();
-        let mut keys = store
-            .keys()
-            .await
-            .map_err(|e| format!("listing KV keys: {e}"))?;
-        let mut found = Vec::new();
-        while let Some(key) = keys.next().await {
-            let key = key.map_err(|e| format!("listing KV keys: {e}"))?;
-            if !key.starts_with("uid.") {
-                continue;
-            }
-            let Ok(Some(bytes)) = store.get(&key).await else {
-                continue;
-            };
-            let Ok(meta) = PodMetadata::decode(bytes.as_ref()) else {
-                continue;
-            };
-            if meta.node == node && !known(&meta.uid) {
-                found.push(meta);
-            }
-        }
-        Ok(found)
     }
 
     /// Write what `mirror` has pending; failures stay pending.

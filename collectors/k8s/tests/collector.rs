@@ -916,62 +916,80 @@ fn check_host_says_plainly_when_there_are_no_credentials() {
     );
 }
 
+/// The pods bucket as provisioned, but with entries expiring after `max_age`.
+async fn kv_expiring(nats: &NatsServer, max_age: Duration) -> async_nats::jetstream::kv::Store {
+    let js = nats.jetstream().await;
+    js.delete_key_value(POD_METADATA.bucket)
+        .await
+        .expect("delete the provisioned bucket");
+    js.create_key_value(async_nats::jetstream::kv::Config {
+        bucket: POD_METADATA.bucket.to_string(),
+        history: POD_METADATA.history,
+        max_age,
+        limit_markers: Some(Duration::from_secs(1)),
+        ..Default::default()
+    })
+    .await
+    .expect("bucket with a short max_age")
+}
+
 #[tokio::test]
-async fn metadata_of_pods_deleted_while_the_collector_was_down_is_removed() {
+async fn unrefreshed_metadata_expires_and_live_pods_stay_resolvable() {
+    const MAX_AGE: Duration = Duration::from_secs(3);
     let nats = nats_with_streams().await;
-    let store = kv(&nats).await;
-    let leftover = |uid: &str, node: &str, ip: &str| PodMetadata {
-        uid: uid.into(),
+    let store = kv_expiring(&nats, MAX_AGE).await;
+    // Left by an earlier run for a pod deleted while no collector ran.
+    let gone = PodMetadata {
+        uid: "gone".into(),
         namespace: "default".into(),
-        name: format!("pod-{uid}"),
-        node: node.into(),
-        pod_ips: vec![ip.into()],
+        name: "pod-gone".into(),
+        node: "node-1".into(),
+        pod_ips: vec!["10.42.0.99".into()],
         ..Default::default()
     };
-    let gone = leftover("gone", "node-1", "10.42.0.99");
-    let elsewhere = leftover("elsewhere", "node-2", "10.42.1.5");
-    for meta in [&gone, &elsewhere] {
-        let bytes = bytes::Bytes::from(meta.encode_to_vec());
-        for key in [
-            pod_keys::by_uid(&meta.uid),
-            pod_keys::by_name(&meta.namespace, &meta.name),
-            pod_keys::by_ip(&meta.pod_ips[0]),
-        ] {
-            store.put(key, bytes.clone()).await.expect("put");
-        }
+    let bytes = bytes::Bytes::from(gone.encode_to_vec());
+    for key in [
+        pod_keys::by_uid("gone"),
+        pod_keys::by_name("default", "pod-gone"),
+        pod_keys::by_ip("10.42.0.99"),
+    ] {
+        store.put(key, bytes.clone()).await.expect("put");
     }
     let api = ApiServer::new();
     let endpoint = api.endpoint().await;
     let live = on_node(fixture("01-pod-running-ready.json"), "node-1");
     let live_uid = live["metadata"]["uid"].as_str().expect("uid").to_string();
     api.apply(PODS, live);
-    let collector = start(&endpoint, config(&nats, "node-1", false, None));
-    eventually("the live pod in KV", WAIT, || {
+    let collector = start(
+        &endpoint,
+        config(&nats, "node-1", false, None).kv_refresh(Duration::from_secs(1)),
+    );
+    let meta = eventually("the live pod in KV", WAIT, || {
         pod_meta(&store, pod_keys::by_uid(&live_uid))
     })
     .await;
-    eventually("the leftover removed", WAIT, || async {
-        pod_meta(&store, pod_keys::by_uid("gone"))
-            .await
-            .is_none()
-            .then_some(())
+    let live_ip = meta.pod_ips.first().cloned().expect("the live pod's IP");
+    eventually("the leftover to expire", WAIT, || async {
+        let uid = pod_meta(&store, pod_keys::by_uid("gone")).await;
+        let ip = pod_meta(&store, pod_keys::by_ip("10.42.0.99")).await;
+        (uid.is_none() && ip.is_none()).then_some(())
     })
     .await;
-    assert!(
-        pod_meta(&store, pod_keys::by_ip("10.42.0.99"))
+    // Well past max_age: refreshed, so still there.
+    tokio::time::sleep(MAX_AGE * 2).await;
+    assert_eq!(
+        pod_meta(&store, pod_keys::by_uid(&live_uid))
             .await
-            .is_none()
+            .map(|m| m.uid),
+        Some(live_uid.clone()),
+        "a live pod stays resolvable by uid"
     );
-    assert!(
-        pod_meta(&store, pod_keys::by_name("default", "pod-gone"))
+    assert_eq!(
+        pod_meta(&store, pod_keys::by_ip(&live_ip))
             .await
-            .is_none()
-    );
-    assert!(
-        pod_meta(&store, pod_keys::by_uid("elsewhere"))
-            .await
-            .is_some(),
-        "another node's pods are that node's collector's business"
+            .map(|m| m.uid),
+        Some(live_uid),
+        "and by IP"
     );
     collector.stop().await;
 }

@@ -22,7 +22,9 @@
 //! kubelet retries with backoff, and the usual causes (a read-only or
 //! missing hostPath, permissions, a full disk) are deployment faults best
 //! seen at rollout. Without a spool directory events go straight to the
-//! publisher.
+//! publisher. A disk that fills up *later* is not fatal: the outbox drops
+//! and counts what the spool cannot write ([`OutboxError::Dropped`]) and
+//! reports it once NATS is back.
 
 use std::future::Future;
 use std::net::SocketAddr;

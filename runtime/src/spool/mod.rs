@@ -52,6 +52,23 @@
 //! [`SpoolStats::dropped_records`] / [`SpoolStats::dropped_bytes`], for the
 //! caller to put on `/metrics` and report as an event once NATS is back.
 //!
+//! # A full disk
+//!
+//! The file system can fill up before `max_bytes` (a small volume, or
+//! other writers). An append that fails then (ENOSPC on the write, on a
+//! segment roll, or any other I/O error) keeps nothing of the record and
+//! returns [`SpoolError::Dropped`]: the record is lost, and counted. The
+//! spool stays usable; appends work again once there is space (a replay
+//! deleting acknowledged segments frees it). The newest record is the one
+//! dropped, not the oldest: deleting spooled events to make room would
+//! hand the space to whatever else is filling the disk.
+//!
+//! Every loss (overflow or a failed append) is counted in the drop
+//! [`ledger`] (`<dir>/drops`), with what was already reported, so the
+//! count survives restarts until a report carries it; the ledger is
+//! written in place in a file created at full size at open, so a full
+//! disk cannot stop it.
+//!
 //! # Replay
 //!
 //! [`Spool::next`] returns records oldest first, each with a [`Cursor`];
@@ -73,6 +90,11 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use crate::message::Record;
+
+pub mod ledger;
+
+use ledger::LedgerFile;
+pub use ledger::{DropReason, Ledger, Unreported};
 
 /// Bytes of a frame's header: length and CRC32.
 const FRAME_HEADER: usize = 8;
@@ -138,6 +160,18 @@ pub enum SpoolError {
         "spool {dir} is in use by another process (each collector instance needs its own spool directory)"
     )]
     Locked { dir: PathBuf },
+    /// Terminal for this record: appending it failed (disk full, I/O
+    /// error), nothing of it was kept, and it is counted in the drop ledger
+    /// under `reason`. The spool itself stays usable: later appends work
+    /// once the cause is gone.
+    #[error("spool {path}: {source}: record {msg_id} dropped ({})", reason.as_str())]
+    Dropped {
+        msg_id: String,
+        reason: DropReason,
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
     /// Terminal: the configuration cannot work (e.g. a segment larger
     /// than the whole spool, or too small for one frame header).
     #[error("invalid spool configuration: {0}")]
@@ -302,8 +336,24 @@ pub struct SpoolStats {
     pub dropped_records: u64,
     /// Their bytes (frames).
     pub dropped_bytes: u64,
+    /// Records an append could not keep for lack of space (ENOSPC,
+    /// EDQUOT) since open.
+    pub disk_full_records: u64,
+    /// Records an append could not keep for another I/O error since open.
+    pub io_error_records: u64,
     /// Bytes skipped as torn or corrupt since open.
     pub corrupt_bytes: u64,
+}
+
+impl SpoolStats {
+    /// Records lost for `reason` since open.
+    pub fn dropped(&self, reason: DropReason) -> u64 {
+        match reason {
+            DropReason::Overflow => self.dropped_records,
+            DropReason::DiskFull => self.disk_full_records,
+            DropReason::IoError => self.io_error_records,
+        }
+    }
 }
 
 /// The spool. Not shared between processes: one spool directory per
@@ -326,6 +376,9 @@ pub struct Spool {
     /// Position up to which the active segment is fsynced.
     synced: Cursor,
     stats: SpoolStats,
+    /// Losses since the spool was created, and what was reported of them.
+    ledger: Ledger,
+    ledger_file: LedgerFile,
 }
 
 fn segment_path(dir: &Path, id: u64) -> PathBuf {
@@ -363,6 +416,12 @@ impl Spool {
                     source: io::Error::from(other),
                 },
             })?;
+        let epoch = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos() as u64);
+        let ledger_path = dir.join(ledger::LEDGER_FILE);
+        let (ledger_file, ledger, _) =
+            LedgerFile::open(&dir, epoch).map_err(io_err(&ledger_path))?;
         let mut ids = Vec::new();
         for entry in fs::read_dir(&dir).map_err(io_err(&dir))? {
             let entry = entry.map_err(io_err(&dir))?;
@@ -437,7 +496,7 @@ impl Spool {
         if ack.is_some_and(|ack| ack > committed) {
             // Rewrite it, or records appended from now on would be taken
             // as acknowledged at the next open.
-            write_ack(&dir, committed)?;
+            write_ack(&dir, committed, config.fsync != FsyncPolicy::Never)?;
         }
         let mut spool = Spool {
             _lock: lock,
@@ -454,6 +513,8 @@ impl Spool {
                 offset: active_bytes,
             },
             stats,
+            ledger,
+            ledger_file,
         };
         spool.delete_acknowledged()?;
         Ok(spool)
@@ -471,6 +532,41 @@ impl Spool {
                 limit: self.config.segment_bytes,
             });
         }
+        match self.append_frame(&frame) {
+            Ok(cursor) => {
+                // The record is kept from here on (a failed fsync is an
+                // `Io` error, not a drop: the reader will find the record).
+                match self.config.fsync {
+                    FsyncPolicy::EveryRecord => self.sync()?,
+                    FsyncPolicy::Interval(every) if self.last_sync.elapsed() >= every => {
+                        self.sync()?
+                    }
+                    _ => {}
+                }
+                Ok(cursor)
+            }
+            Err(SpoolError::Io { path, source }) => {
+                // Nothing of the record is on disk: it is lost, and counted.
+                let reason = DropReason::of(&source);
+                match reason {
+                    DropReason::DiskFull => self.stats.disk_full_records += 1,
+                    _ => self.stats.io_error_records += 1,
+                }
+                self.count_drops(reason, 1);
+                Err(SpoolError::Dropped {
+                    msg_id: record.msg_id.clone(),
+                    reason,
+                    path,
+                    source,
+                })
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Carry out [`plan_append`] for one frame.
+    fn append_frame(&mut self, frame: &[u8]) -> Result<Cursor, SpoolError> {
+        let len = frame.len() as u64;
         for action in plan_append(&self.segments, len, &self.config) {
             match action {
                 Action::Roll { id } => self.roll(id)?,
@@ -482,7 +578,7 @@ impl Spool {
             return Err(SpoolError::Config("no active segment".into()));
         };
         let path = segment_path(&self.dir, seg.id);
-        if let Err(e) = self.active.write_all(&frame) {
+        if let Err(e) = self.active.write_all(frame) {
             // Leave no partial frame behind for the reader or the next append.
             let _ = self.active.set_len(seg.bytes);
             return Err(io_err(&path)(e));
@@ -494,16 +590,37 @@ impl Spool {
             offset: seg.bytes,
         };
         self.stats.appended += 1;
-        match self.config.fsync {
-            FsyncPolicy::EveryRecord => self.sync()?,
-            FsyncPolicy::Interval(every) if self.last_sync.elapsed() >= every => self.sync()?,
-            _ => {}
-        }
         Ok(cursor)
     }
 
-    /// fsync the active segment now.
+    /// Count `n` lost records in the ledger and write it (in place: this
+    /// works on a full disk). A failed write leaves the count in memory,
+    /// written with the next one.
+    fn count_drops(&mut self, reason: DropReason, n: u64) {
+        self.ledger.count(reason, n);
+        let _ = self.ledger_file.store(&self.ledger);
+    }
+
+    /// Losses since the spool was created, and what was reported of them.
+    pub fn ledger(&self) -> Ledger {
+        self.ledger
+    }
+
+    /// A drops report carrying `counts` reached the stream: remember it
+    /// (fsynced), so a restart does not report them again.
+    pub fn reported(&mut self, counts: &[Unreported]) -> Result<(), SpoolError> {
+        self.ledger.reported(counts);
+        let path = self.ledger_file.path().to_path_buf();
+        self.ledger_file
+            .store(&self.ledger)
+            .and_then(|()| self.ledger_file.sync())
+            .map_err(io_err(&path))
+    }
+
+    /// fsync the active segment (and the drop ledger, if it changed) now.
     pub fn sync(&mut self) -> Result<(), SpoolError> {
+        let ledger_path = self.ledger_file.path().to_path_buf();
+        self.ledger_file.sync().map_err(io_err(&ledger_path))?;
         let Some(seg) = self.segments.last() else {
             return Ok(());
         };
@@ -562,12 +679,17 @@ impl Spool {
             0
         };
         let mut start = 0;
+        let mut lost = 0;
         for &end in &oldest.ends {
             if start >= from {
-                self.stats.dropped_records += 1;
+                lost += 1;
                 self.stats.dropped_bytes += end - start;
             }
             start = end;
+        }
+        self.stats.dropped_records += lost;
+        if lost > 0 {
+            self.count_drops(DropReason::Overflow, lost);
         }
         let path = segment_path(&self.dir, oldest.id);
         if self.reader.as_ref().is_some_and(|(id, _)| *id == oldest.id) {
@@ -694,15 +816,24 @@ impl Spool {
 
     /// The stream acknowledged every record up to and including `upto`:
     /// forget them (deleting wholly acknowledged segments) and remember it
-    /// across restarts. Committing an older cursor than before is a no-op.
+    /// across restarts (the ack file, fsynced with its directory unless the
+    /// policy is [`FsyncPolicy::Never`]). Committing an older cursor than
+    /// before is a no-op.
+    ///
+    /// On an error the commit still holds in memory (nothing is replayed
+    /// twice by this process); only its record on disk is missing, which
+    /// the next commit writes.
     pub fn commit(&mut self, upto: Cursor) -> Result<(), SpoolError> {
         if upto <= self.committed {
             return Ok(());
         }
         self.committed = upto;
         self.read = self.read.max(upto);
-        write_ack(&self.dir, upto)?;
-        self.delete_acknowledged()
+        // Segments first: a missing segment counts as acknowledged at open
+        // (whatever the ack file says), and deleting frees the space the
+        // ack file needs on a full disk.
+        self.delete_acknowledged()?;
+        write_ack(&self.dir, upto, self.config.fsync != FsyncPolicy::Never)
     }
 
     fn delete_acknowledged(&mut self) -> Result<(), SpoolError> {
@@ -779,20 +910,39 @@ fn sync_dir(dir: &Path) -> Result<(), SpoolError> {
         .map_err(io_err(dir))
 }
 
-/// The ack file: segment, offset, CRC32 of both. Written to a temporary
-/// file and renamed into place, so it is either the old or the new one.
-/// Not fsynced: losing it replays acknowledged records again, which the
-/// stream deduplicates by msg id.
-fn write_ack(dir: &Path, cursor: Cursor) -> Result<(), SpoolError> {
+/// The ack file's bytes: segment, offset, CRC32 of both.
+fn encode_ack(cursor: Cursor) -> Vec<u8> {
     let mut bytes = Vec::with_capacity(20);
     bytes.extend_from_slice(&cursor.segment.to_le_bytes());
     bytes.extend_from_slice(&cursor.offset.to_le_bytes());
     let crc = crc32(&bytes);
     bytes.extend_from_slice(&crc.to_le_bytes());
+    bytes
+}
+
+/// Write the ack file: to a temporary file, renamed into place, so it is
+/// either the old or the new one. With `durable`, the temporary file is
+/// fsynced before the rename and the directory after it: otherwise a
+/// machine crash can bring back an older ack file (or, with segment
+/// deletions not yet on disk, deleted segments), and their acknowledged
+/// records would be replayed, possibly after the stream's 120 s duplicate
+/// window. Two fsyncs per commit, and a commit is one per replay window
+/// (256 records by default), not per record.
+fn write_ack(dir: &Path, cursor: Cursor, durable: bool) -> Result<(), SpoolError> {
+    let bytes = encode_ack(cursor);
     let tmp = dir.join(ACK_TMP);
-    fs::write(&tmp, &bytes).map_err(io_err(&tmp))?;
+    let mut file = File::create(&tmp).map_err(io_err(&tmp))?;
+    file.write_all(&bytes).map_err(io_err(&tmp))?;
+    if durable {
+        file.sync_all().map_err(io_err(&tmp))?;
+    }
+    drop(file);
     let path = dir.join(ACK_FILE);
-    fs::rename(&tmp, &path).map_err(io_err(&path))
+    fs::rename(&tmp, &path).map_err(io_err(&path))?;
+    if durable {
+        sync_dir(dir)?;
+    }
+    Ok(())
 }
 
 fn read_ack(dir: &Path) -> Option<Cursor> {
@@ -1008,6 +1158,103 @@ mod tests {
                 "id-0000", "id-0001", "id-0002", "id-0003", "id-0004", "id-0006"
             ]
         );
+    }
+
+    #[test]
+    fn commit_writes_the_ack_file_in_place_and_reopen_resumes_there() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = config(1 << 20, 512, FsyncPolicy::Interval(Duration::from_secs(1)));
+        let mut spool = Spool::open(dir.path(), c.clone()).unwrap();
+        for i in 0..10 {
+            spool.append(&record(i, 30)).unwrap();
+        }
+        let mut upto = None;
+        for _ in 0..4 {
+            upto = spool.next().unwrap().map(|(c, _)| c);
+        }
+        let upto = upto.unwrap();
+        spool.commit(upto).unwrap();
+        assert_eq!(
+            fs::read(dir.path().join(ACK_FILE)).unwrap(),
+            encode_ack(upto)
+        );
+        assert!(!dir.path().join(ACK_TMP).exists(), "renamed into place");
+        drop(spool);
+        let mut spool = Spool::open(dir.path(), c).unwrap();
+        let ids: Vec<_> = drain(&mut spool).into_iter().map(|r| r.msg_id).collect();
+        assert_eq!(ids.first().map(String::as_str), Some("id-0004"));
+        assert_eq!(ids.len(), 6);
+    }
+
+    #[test]
+    fn a_commit_whose_ack_file_cannot_be_written_still_frees_segments() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = config(1 << 20, 256, FsyncPolicy::Never);
+        let mut spool = Spool::open(dir.path(), c.clone()).unwrap();
+        let records: Vec<_> = (0..20).map(|i| record(i, 30)).collect();
+        for r in &records {
+            spool.append(r).unwrap();
+        }
+        let segments = spool.stats().segments;
+        assert!(segments > 3);
+        let mut upto = None;
+        for _ in 0..15 {
+            upto = spool.next().unwrap().map(|(c, _)| c);
+        }
+        // The ack file cannot be written (as on a full disk).
+        fs::create_dir(dir.path().join(ACK_TMP)).unwrap();
+        let err = spool.commit(upto.unwrap()).unwrap_err();
+        assert!(err.is_retryable(), "{err}");
+        assert!(
+            spool.stats().segments < segments,
+            "acknowledged segments deleted"
+        );
+        assert_eq!(
+            spool.stats().pending_records,
+            5,
+            "the commit holds in memory"
+        );
+        drop(spool);
+        // The next process replays at most the rest of one segment again.
+        fs::remove_dir(dir.path().join(ACK_TMP)).unwrap();
+        let mut spool = Spool::open(dir.path(), c).unwrap();
+        let replayed = drain(&mut spool);
+        assert!(replayed.len() < 15 && replayed.ends_with(&records[15..]));
+    }
+
+    #[test]
+    fn a_failed_append_is_a_counted_drop_that_survives_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = config(1 << 20, 256, FsyncPolicy::Never);
+        let mut spool = Spool::open(dir.path(), c.clone()).unwrap();
+        spool.append(&record(0, 30)).unwrap();
+        // The next segment cannot be created (as on a full disk, or EIO).
+        let next = segment_path(dir.path(), 2);
+        fs::create_dir(&next).unwrap();
+        let mut dropped = 0;
+        for i in 1..10 {
+            match spool.append(&record(i, 30)) {
+                Ok(_) => {}
+                Err(SpoolError::Dropped { reason, .. }) => {
+                    assert_eq!(reason, DropReason::IoError);
+                    dropped += 1;
+                }
+                Err(e) => panic!("{e}"),
+            }
+        }
+        assert!(dropped > 0);
+        assert_eq!(spool.stats().io_error_records, dropped);
+        assert_eq!(spool.ledger().total(DropReason::IoError), dropped);
+        drop(spool);
+        fs::remove_dir(&next).unwrap();
+        let mut spool = Spool::open(dir.path(), c).unwrap();
+        assert_eq!(spool.ledger().total(DropReason::IoError), dropped);
+        let unreported = spool.ledger().unreported().unwrap();
+        spool.reported(&unreported).unwrap();
+        drop(spool);
+        let spool = Spool::open(dir.path(), config(1 << 20, 256, FsyncPolicy::Never)).unwrap();
+        assert_eq!(spool.ledger().unreported(), None, "reported once");
+        assert_eq!(spool.ledger().total(DropReason::IoError), dropped);
     }
 
     #[test]
