@@ -16,6 +16,7 @@ mod child_process;
 mod emit;
 mod functions;
 mod local_nats;
+mod own_dir;
 mod render;
 mod replay;
 mod scaffold;
@@ -81,6 +82,8 @@ enum Command {
     Render(render::RenderArgs),
     /// Generate the NATS passwords and TLS certificates the manifests read (untracked; kept on re-runs).
     Secrets(secrets::SecretsArgs),
+    /// Hand a (hostPath) directory to a non-root user, never following links: the systemd collector's init container.
+    OwnDir(own_dir::OwnDirArgs),
 }
 
 #[tokio::main]
@@ -103,6 +106,7 @@ async fn main() -> anyhow::Result<()> {
         Command::Bench(cmd) => bench::run(&cli.nats_url, cmd).await,
         Command::Render(args) => render::run(args),
         Command::Secrets(args) => secrets::run(args),
+        Command::OwnDir(args) => own_dir::run(args),
         Command::New(command) => scaffold::run(command),
         Command::Types => {
             for t in tidewatch_runtime::topology::types::ALL {

@@ -29,12 +29,34 @@ struct CollectorPod {
     /// (volume name, host path, mount path, read-only).
     host_mounts: &'static [(&'static str, &'static str, &'static str, bool)],
     extra_env: Vec<Value>,
-    /// Spool on a hostPath (root collectors) or an emptyDir (the k8s
-    /// collector runs as non-root; an emptyDir survives container restarts).
+    /// Spool on a hostPath (it outlives the pod: a new pod replays it) or
+    /// an emptyDir (survives container restarts only).
     spool_on_host: bool,
-    run_as_root: bool,
+    user: RunAs,
     memory_limit: &'static str,
 }
+
+/// Who a collector runs as.
+enum RunAs {
+    Root,
+    /// A uid (and its own primary gid: never the root group an unknown uid
+    /// would get), plus supplementary groups.
+    User {
+        uid: u32,
+        groups: Vec<u32>,
+    },
+}
+
+/// The image's user, for collectors that need nothing of the host's.
+pub const IMAGE_UID: u32 = 65532;
+/// The systemd collector's uid: `nobody`. Why not the image's 65532:
+/// dbus-daemon refuses connections from a uid its user database does not
+/// know, and 65534 is in every distribution's /etc/passwd.
+pub const SYSTEMD_UID: u32 = 65534;
+/// The default gid of the host's `systemd-journal` group: fixed at 190 on
+/// Fedora, RHEL and their derivatives (CoreOS, Amazon Linux); allocated at
+/// install elsewhere (Debian 12: 999). `tidewatch render --systemd-journal-gid`.
+pub const SYSTEMD_JOURNAL_GID: u32 = 190;
 
 fn collector_daemonset(pod: CollectorPod) -> Value {
     let name = pod.name;
@@ -79,10 +101,33 @@ fn collector_daemonset(pod: CollectorPod) -> Value {
     if !pod.capabilities.is_empty() {
         security["capabilities"]["add"] = json!(pod.capabilities);
     }
-    let pod_security = if pod.run_as_root {
-        json!({"runAsUser": 0, "seccompProfile": {"type": "RuntimeDefault"}})
-    } else {
-        json!({"runAsNonRoot": true, "runAsUser": 65532, "fsGroup": 65532, "seccompProfile": {"type": "RuntimeDefault"}})
+    let pod_security = match &pod.user {
+        RunAs::Root => json!({"runAsUser": 0, "seccompProfile": {"type": "RuntimeDefault"}}),
+        RunAs::User { uid, groups } => {
+            let mut sc = json!({"runAsNonRoot": true, "runAsUser": uid, "runAsGroup": uid, "fsGroup": uid, "seccompProfile": {"type": "RuntimeDefault"}});
+            if !groups.is_empty() {
+                sc["supplementalGroups"] = json!(groups);
+            }
+            sc
+        }
+    };
+    // kubelet creates a missing hostPath directory as root 0755: a non-root
+    // collector gets it handed over first, by an init container that may
+    // only chown (`tidewatch own-dir` never follows links).
+    let init = match &pod.user {
+        RunAs::User { uid, .. } if pod.spool_on_host => Some(json!({
+            "name": "spool-owner",
+            "image": image(),
+            "command": ["/usr/local/bin/tidewatch", "own-dir", "--uid", uid.to_string(), "--gid", uid.to_string(), &spool_mount],
+            "resources": resources("10m", "16Mi", "64Mi"),
+            "securityContext": {
+                "runAsUser": 0, "runAsNonRoot": false, "privileged": false,
+                "allowPrivilegeEscalation": false, "readOnlyRootFilesystem": true,
+                "capabilities": {"drop": ["ALL"], "add": ["CHOWN"]},
+            },
+            "volumeMounts": [{"name": "spool", "mountPath": spool_mount}],
+        })),
+        _ => None,
     };
     let mut spec = json!({
         "automountServiceAccountToken": pod.service_account,
@@ -103,6 +148,9 @@ fn collector_daemonset(pod: CollectorPod) -> Value {
         }],
         "volumes": volumes,
     });
+    if let Some(init) = init {
+        spec["initContainers"] = json!([init]);
+    }
     if pod.host_pid {
         spec["hostPID"] = json!(true);
     }
@@ -124,12 +172,15 @@ fn collector_daemonset(pod: CollectorPod) -> Value {
 }
 
 /// The eBPF collector: the capabilities it needs, not privileged
-/// (collectors/ebpf/README.md explains each). Pids in events are host
-/// pids, and the start-up replay reads the host's /proc: `hostPID`.
+/// (collectors/ebpf/README.md explains each; no SYS_PTRACE: the replay's
+/// executable paths are off by default). `hostPID`: pids in events are the
+/// kernel's init-namespace pids, and attribution and the start-up replay
+/// read `/proc/<pid>` for exactly those. Root: Kubernetes gives added
+/// capabilities to uid 0 only (no ambient capabilities).
 pub fn ebpf_daemonset() -> Value {
     collector_daemonset(CollectorPod {
         name: "ebpf",
-        capabilities: &["BPF", "PERFMON", "SYS_RESOURCE", "SYS_PTRACE"],
+        capabilities: &["BPF", "PERFMON", "SYS_RESOURCE"],
         host_pid: true,
         service_account: false,
         host_mounts: &[
@@ -145,7 +196,7 @@ pub fn ebpf_daemonset() -> Value {
         ],
         extra_env: Vec::new(),
         spool_on_host: true,
-        run_as_root: true,
+        user: RunAs::Root,
         memory_limit: "512Mi",
     })
 }
@@ -164,15 +215,21 @@ pub fn k8s_daemonset() -> Value {
             json!({"name": "POD_NAMESPACE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}}),
         ],
         spool_on_host: false,
-        run_as_root: false,
+        user: RunAs::User {
+            uid: IMAGE_UID,
+            groups: Vec::new(),
+        },
         memory_limit: "512Mi",
     })
 }
 
 /// The systemd collector: the host's journal and the system D-Bus socket,
-/// read-only; root (journal files are root:systemd-journal 0640) with
-/// every capability dropped.
-pub fn systemd_daemonset() -> Value {
+/// read-only; not root, no capabilities. The journal (root:systemd-journal
+/// 0640) through the host's `systemd-journal` gid as a supplementary group;
+/// unit state over D-Bus, where systemd refuses every state-changing call
+/// from non-root (collectors/systemd/dbus/ has a policy that refuses them
+/// on the bus too).
+pub fn systemd_daemonset(journal_gid: u32) -> Value {
     collector_daemonset(CollectorPod {
         name: "systemd",
         capabilities: &[],
@@ -196,7 +253,10 @@ pub fn systemd_daemonset() -> Value {
         ],
         extra_env: vec![json!({"name": "TIDEWATCH_HOST_ROOT", "value": "/host"})],
         spool_on_host: true,
-        run_as_root: true,
+        user: RunAs::User {
+            uid: SYSTEMD_UID,
+            groups: vec![journal_gid],
+        },
         memory_limit: "256Mi",
     })
 }

@@ -16,6 +16,7 @@ use crate::stats::Stats;
 
 /// Send every running process and wait until each is kept.
 pub async fn replay(
+    executables: bool,
     node: &str,
     ids: &Ids,
     outbox: &Outbox,
@@ -35,7 +36,7 @@ pub async fn replay(
         * 1_000_000_000;
     let root = attribution::cgroup2_root();
     let mut confirmations = Vec::new();
-    for p in procfs::processes(Path::new("/proc")) {
+    for p in procfs::processes(Path::new("/proc"), executables) {
         let cgroup_path = attribution::path_from_proc_cgroup(&p.cgroup).unwrap_or_default();
         let cgroup_id = p
             .cgroup
