@@ -571,6 +571,11 @@ fn kustomize_builds_every_folder_with_generated_secrets_and_one_image_override()
                     "{overlay}: the functions' namespace gets no admin or collector password: {keys:?}"
                 );
             }
+            // Collector pods run on every node, and a kubelet may read the
+            // Secrets its pods reference: theirs holds their passwords only.
+            if name.starts_with("tidewatch-nats-collectors") {
+                assert_eq!(keys, ["ebpf", "k8s", "systemd"], "{overlay}");
+            }
             if name.starts_with("tidewatch-nats-ca") {
                 assert_eq!(
                     keys,
@@ -1134,6 +1139,13 @@ fn collectors_run_as_daemonsets_with_least_privilege() {
         }
         // Every collector has an outage spool mounted where it is told to write it.
         let env = c["env"].as_array().expect("env");
+        // Its password from the collectors' Secret: a node's kubelet may
+        // read what its pods reference, and that must not hold admin's.
+        let secrets: Vec<&Value> = env
+            .iter()
+            .filter_map(|e| e["valueFrom"]["secretKeyRef"].get("name"))
+            .collect();
+        assert_eq!(secrets, ["tidewatch-nats-collectors"], "{name}");
         let spool = env
             .iter()
             .find(|e| e["name"] == "TIDEWATCH_SPOOL_DIR")

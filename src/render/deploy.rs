@@ -5,7 +5,7 @@
 use serde_json::{Value, json};
 use tidewatch_runtime::topology;
 
-use super::functions::{ca_volume, nats_client_env};
+use super::functions::{ca_volume, nats_client_env, nats_client_env_from};
 use super::nats;
 use super::{
     FUNCTIONS_NAMESPACE, Functions, SYSTEM_NAMESPACE, image, labels, resources, selector,
@@ -66,7 +66,7 @@ fn collector_daemonset(pod: CollectorPod) -> Value {
     let mut env = vec![
         json!({"name": "NODE_NAME", "valueFrom": {"fieldRef": {"fieldPath": "spec.nodeName"}}}),
     ];
-    env.extend(nats_client_env(name));
+    env.extend(nats_client_env_from(name, super::COLLECTORS_SECRET));
     env.extend([
         json!({"name": "TIDEWATCH_METRICS_ADDR", "value": "0.0.0.0:9090"}),
         json!({"name": "TIDEWATCH_SPOOL_DIR", "value": spool_mount}),

@@ -60,6 +60,10 @@ pub fn image() -> String {
 pub const SECRETS_DIR: &str = "secrets";
 /// The Secret with NATS passwords, one key per NATS user.
 pub const USERS_SECRET: &str = "tidewatch-nats-users";
+/// The collectors' passwords only. Why a Secret of their own: collector pods
+/// run on every node, and a kubelet may read every Secret its pods
+/// reference, so a node must never find `admin`'s password in theirs.
+pub const COLLECTORS_SECRET: &str = "tidewatch-nats-collectors";
 /// The Secret with the CA that signed NATS' certificate (`ca.crt`).
 pub const CA_SECRET: &str = "tidewatch-nats-ca";
 
@@ -146,6 +150,11 @@ fn kustomization(resources: &[String], generators: Vec<Value>) -> anyhow::Result
 /// A generated Secret of NATS passwords (`secrets/nats-users.env`).
 fn users_generator(namespace: &str) -> Value {
     json!({"name": USERS_SECRET, "namespace": namespace, "envs": [format!("{SECRETS_DIR}/nats-users.env")]})
+}
+
+/// The collectors' Secret (`secrets/nats-collectors.env`).
+fn collectors_generator() -> Value {
+    json!({"name": COLLECTORS_SECRET, "namespace": SYSTEM_NAMESPACE, "envs": [format!("{SECRETS_DIR}/nats-collectors.env")]})
 }
 
 /// A generated Secret holding only the CA certificate clients verify NATS with.
@@ -258,6 +267,7 @@ pub fn render_with_settings(
             &resources,
             vec![
                 users_generator(SYSTEM_NAMESPACE),
+                collectors_generator(),
                 ca_generator(SYSTEM_NAMESPACE),
                 nats::tls_generator(),
             ],
