@@ -72,9 +72,11 @@ pub async fn publish_all(publishing: Publishing, mut queue: mpsc::Receiver<Recor
             &node,
             &ids,
             &outbox,
-            &subject,
-            &source,
-            &event_subject,
+            snapshot::Addressed {
+                subject: &subject,
+                source: &source,
+                event_subject: &event_subject,
+            },
             &stats,
         )
         .await;

@@ -14,17 +14,28 @@ use crate::mapping::Ids;
 use crate::procfs;
 use crate::stats::Stats;
 
-/// Send every running process and wait until each is kept.
+/// Where replayed events go: the NATS subject, the CloudEvent source and subject.
+pub struct Addressed<'a> {
+    pub subject: &'a str,
+    pub source: &'a str,
+    pub event_subject: &'a str,
+}
+
+/// Send every running process and wait until each is kept; `executables`:
+/// with their `/proc/<pid>/exe` (needs CAP_SYS_PTRACE).
 pub async fn replay(
     executables: bool,
     node: &str,
     ids: &Ids,
     outbox: &Outbox,
-    subject: &str,
-    source: &str,
-    event_subject: &str,
+    to: Addressed<'_>,
     stats: &Stats,
 ) {
+    let Addressed {
+        subject,
+        source,
+        event_subject,
+    } = to;
     let boot_wall_ns = std::fs::read_to_string("/proc/stat")
         .ok()
         .and_then(|s| {
