@@ -16,11 +16,11 @@ mod child_process;
 mod emit;
 mod functions;
 mod local_nats;
+mod own_dir;
 mod render;
 mod replay;
 mod scaffold;
 mod secrets;
-mod spool_dir;
 mod status;
 mod tail;
 mod up;
@@ -82,8 +82,8 @@ enum Command {
     Render(render::RenderArgs),
     /// Generate the NATS passwords and TLS certificates the manifests read (untracked; kept on re-runs).
     Secrets(secrets::SecretsArgs),
-    /// Create a collector's spool directory and give it to the collector's user (the k8s collector's initContainer runs this as root with CAP_CHOWN only).
-    SpoolDir(spool_dir::SpoolDirArgs),
+    /// Hand a (hostPath) directory to a non-root user, never following links: the systemd collector's init container.
+    OwnDir(own_dir::OwnDirArgs),
 }
 
 #[tokio::main]
@@ -106,7 +106,7 @@ async fn main() -> anyhow::Result<()> {
         Command::Bench(cmd) => bench::run(&cli.nats_url, cmd).await,
         Command::Render(args) => render::run(args),
         Command::Secrets(args) => secrets::run(args),
-        Command::SpoolDir(args) => spool_dir::run(args),
+        Command::OwnDir(args) => own_dir::run(args),
         Command::New(command) => scaffold::run(command),
         Command::Types => {
             for t in tidewatch_runtime::topology::types::ALL {

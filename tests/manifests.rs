@@ -467,7 +467,7 @@ fn nats_runs_as_its_operators_run_it() {
         "routes verify each other's certificates"
     );
     assert!(cluster.contains("tls://nats-0."), "routes over TLS");
-    // The spool-owner initContainer only chowns a directory: no NATS.
+    // Every NATS client (the init container that only chowns is none).
     for c in containers(&objects).filter(|c| c["name"] != "nats" && c["name"] != "spool-owner") {
         let env = c["env"].as_array().expect("env");
         let get = |n: &str| env.iter().find(|e| e["name"] == n);
@@ -570,6 +570,11 @@ fn kustomize_builds_every_folder_with_generated_secrets_and_one_image_override()
                         .any(|k| *k == "admin" || *k == "ebpf" || *k == "k8s" || *k == "systemd"),
                     "{overlay}: the functions' namespace gets no admin or collector password: {keys:?}"
                 );
+            }
+            // Collector pods run on every node, and a kubelet may read the
+            // Secrets its pods reference: theirs holds their passwords only.
+            if name.starts_with("tidewatch-nats-collectors") {
+                assert_eq!(keys, ["ebpf", "k8s", "systemd"], "{overlay}");
             }
             if name.starts_with("tidewatch-nats-ca") {
                 assert_eq!(
@@ -1060,13 +1065,87 @@ fn collectors_run_as_daemonsets_with_least_privilege() {
             .map(|a| a.iter().filter_map(Value::as_str).collect())
             .unwrap_or_default();
         let expected: &[&str] = match name {
-            // collectors/ebpf/README.md explains each.
-            "tidewatch-collector-ebpf" => &["BPF", "PERFMON", "SYS_RESOURCE", "SYS_PTRACE"],
+            // collectors/ebpf/README.md explains each. No SYS_PTRACE: the
+            // replay's executable paths are an opt-in that needs an overlay.
+            "tidewatch-collector-ebpf" => &["BPF", "PERFMON", "SYS_RESOURCE"],
             _ => &[],
         };
         assert_eq!(added, expected, "{name}: capabilities as documented");
+        // Only the eBPF collector is root (Kubernetes gives added
+        // capabilities to uid 0 only) and shares the host's pid namespace
+        // (its pids are the kernel's init-namespace pids).
+        let psc = &pod["securityContext"];
+        let ebpf = name == "tidewatch-collector-ebpf";
+        assert_eq!(psc["runAsUser"] == 0, ebpf, "{name}: root only for eBPF");
+        assert_eq!(
+            pod["hostPID"] == true,
+            ebpf,
+            "{name}: hostPID only for eBPF"
+        );
+        if !ebpf {
+            assert_eq!(psc["runAsNonRoot"], true, "{name}");
+            // Never the root group an image-unknown uid would get.
+            assert_eq!(psc["runAsGroup"], psc["runAsUser"], "{name}");
+        }
+        // Only the systemd collector reads host files through a group: the
+        // journal's, and nothing more.
+        let groups = psc["supplementalGroups"].clone();
+        if name == "tidewatch-collector-systemd" {
+            assert_eq!(
+                psc["runAsUser"], 65534,
+                "{name}: nobody (dbus-daemon knows it)"
+            );
+            assert_eq!(
+                groups,
+                serde_json::json!([190]),
+                "{name}: systemd-journal only"
+            );
+            // The hostPath spool is handed to it by an init container that may only chown.
+            let inits = pod["initContainers"].as_array().expect("init container");
+            assert_eq!(inits.len(), 1);
+            let init = &inits[0];
+            assert_eq!(
+                init["securityContext"]["capabilities"],
+                serde_json::json!({"drop": ["ALL"], "add": ["CHOWN"]})
+            );
+            assert_eq!(init["securityContext"]["allowPrivilegeEscalation"], false);
+            assert_eq!(init["securityContext"]["readOnlyRootFilesystem"], true);
+            let command: Vec<&str> = init["command"]
+                .as_array()
+                .expect("command")
+                .iter()
+                .filter_map(Value::as_str)
+                .collect();
+            assert_eq!(
+                command,
+                [
+                    "/usr/local/bin/tidewatch",
+                    "own-dir",
+                    "--uid",
+                    "65534",
+                    "--gid",
+                    "65534",
+                    "/var/lib/tidewatch/spool/systemd"
+                ]
+            );
+            assert_eq!(
+                init["volumeMounts"],
+                serde_json::json!([{"name": "spool", "mountPath": "/var/lib/tidewatch/spool/systemd"}]),
+                "the init container sees the spool only"
+            );
+        } else {
+            assert!(groups.is_null(), "{name}: no supplementary groups");
+            assert!(pod["initContainers"].is_null(), "{name}");
+        }
         // Every collector has an outage spool mounted where it is told to write it.
         let env = c["env"].as_array().expect("env");
+        // Its password from the collectors' Secret: a node's kubelet may
+        // read what its pods reference, and that must not hold admin's.
+        let secrets: Vec<&Value> = env
+            .iter()
+            .filter_map(|e| e["valueFrom"]["secretKeyRef"].get("name"))
+            .collect();
+        assert_eq!(secrets, ["tidewatch-nats-collectors"], "{name}");
         let spool = env
             .iter()
             .find(|e| e["name"] == "TIDEWATCH_SPOOL_DIR")

@@ -56,41 +56,68 @@ fn start_function(binary_name: &str, user: &str, port: u16) -> Child {
         .expect("function starts")
 }
 
+/// nats-server with the rendered auth.conf, every user's password set.
+struct Server {
+    port: u16,
+    admin: async_nats::Client,
+    _process: Child,
+    _dir: tempfile::TempDir,
+}
+
+impl Server {
+    async fn start() -> Server {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let port = free_port();
+        std::fs::write(dir.path().join("auth.conf"), rendered_auth_conf())
+            .expect("write auth.conf");
+        let store = dir.path().join("js");
+        std::fs::write(
+            dir.path().join("nats.conf"),
+            format!(
+                "listen: 127.0.0.1:{port}\njetstream {{ store_dir: \"{}\" }}\ninclude ./auth.conf\n",
+                store.display()
+            ),
+        )
+        .expect("write nats.conf");
+        let mut server = Command::new(nats_server_binary());
+        server
+            .arg("-c")
+            .arg(dir.path().join("nats.conf"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .kill_on_drop(true);
+        for user in USERS {
+            server.env(format!("{}_PASSWORD", user.to_uppercase()), password(user));
+        }
+        let process = server.spawn().expect("nats-server starts");
+        let admin_url = url("admin", port);
+        let admin = eventually(
+            "nats-server to accept the admin user",
+            Duration::from_secs(20),
+            || async {
+                let (options, servers) = tidewatch_runtime::host::connect_options(&admin_url);
+                options.connect(&servers).await.ok()
+            },
+        )
+        .await;
+        Server {
+            port,
+            admin,
+            _process: process,
+            _dir: dir,
+        }
+    }
+}
+
+fn url(user: &str, port: u16) -> String {
+    format!("nats://{user}:{}@127.0.0.1:{port}", password(user))
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn each_function_runs_as_its_own_least_privilege_user() {
-    let dir = tempfile::tempdir().expect("temp dir");
-    let port = free_port();
-    std::fs::write(dir.path().join("auth.conf"), rendered_auth_conf()).expect("write auth.conf");
-    let store = dir.path().join("js");
-    std::fs::write(
-        dir.path().join("nats.conf"),
-        format!(
-            "listen: 127.0.0.1:{port}\njetstream {{ store_dir: \"{}\" }}\ninclude ./auth.conf\n",
-            store.display()
-        ),
-    )
-    .expect("write nats.conf");
-    let mut server = Command::new(nats_server_binary());
-    server
-        .arg("-c")
-        .arg(dir.path().join("nats.conf"))
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .kill_on_drop(true);
-    for user in USERS {
-        server.env(format!("{}_PASSWORD", user.to_uppercase()), password(user));
-    }
-    let _server = server.spawn().expect("nats-server starts");
-    let admin_url = format!("nats://admin:{}@127.0.0.1:{port}", password("admin"));
-    let admin = eventually(
-        "nats-server to accept the admin user",
-        Duration::from_secs(20),
-        || async {
-            let (options, servers) = tidewatch_runtime::host::connect_options(&admin_url);
-            options.connect(&servers).await.ok()
-        },
-    )
-    .await;
+    let server = Server::start().await;
+    let (port, admin) = (server.port, server.admin.clone());
+    let admin_url = url("admin", port);
 
     let provision = Command::new(binary("tidewatch"))
         .arg("provision")
@@ -266,4 +293,161 @@ async fn each_function_runs_as_its_own_least_privilege_user() {
         signal(f, nix::sys::signal::Signal::SIGTERM);
         assert!(wait_exit(f, Duration::from_secs(30)).await.success());
     }
+}
+
+/// Something a user tries.
+#[derive(Clone, Copy, Debug)]
+enum Try<'a> {
+    Publish(&'a str),
+    Subscribe(&'a str),
+}
+
+/// The server's permissions-violation error for `user` doing `what`; `Err`
+/// with what happened instead (another error, or none within 5 s).
+async fn refused(port: u16, user: &str, what: Try<'_>) -> Result<String, String> {
+    let (errors_tx, mut errors) = tokio::sync::mpsc::unbounded_channel();
+    let (options, servers) = tidewatch_runtime::host::connect_options(&url(user, port));
+    let client = options
+        .event_callback(move |event| {
+            let errors_tx = errors_tx.clone();
+            async move {
+                if let async_nats::Event::ServerError(e) = event {
+                    let _ = errors_tx.send(e.to_string());
+                }
+            }
+        })
+        .connect(&servers)
+        .await
+        .unwrap_or_else(|e| panic!("{user} connects: {e}"));
+    let _sub = match what {
+        Try::Publish(subject) => {
+            client
+                .publish(subject.to_string(), "forged".into())
+                .await
+                .expect("publish is sent");
+            None
+        }
+        Try::Subscribe(subject) => Some(
+            client
+                .subscribe(subject.to_string())
+                .await
+                .expect("subscribe is sent"),
+        ),
+    };
+    client.flush().await.expect("flush");
+    match tokio::time::timeout(Duration::from_secs(5), errors.recv()).await {
+        Ok(Some(e)) if e.to_lowercase().contains("permissions violation") => Ok(e),
+        Ok(Some(e)) => Err(format!("another error: {e}")),
+        _ => Err("no error within 5 s: allowed".to_string()),
+    }
+}
+
+/// Every component's credentials against what belongs to the others, on a
+/// real nats-server with the rendered users: replies, raw subjects, KV
+/// buckets and stream administration.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_component_reaches_what_belongs_to_another() {
+    use tidewatch_runtime::host::inbox_prefix;
+    use tidewatch_runtime::topology::{self, subjects};
+    let server = Server::start().await;
+    let port = server.port;
+    let provision = Command::new(binary("tidewatch"))
+        .arg("provision")
+        .env("NATS_URL", url("admin", port))
+        .output()
+        .await
+        .expect("provision runs");
+    assert!(
+        provision.status.success(),
+        "{}",
+        String::from_utf8_lossy(&provision.stderr)
+    );
+    let components: Vec<&str> = USERS.into_iter().filter(|u| *u != "admin").collect();
+    let collectors = ["ebpf", "k8s", "systemd"];
+    let pods = topology::POD_METADATA.bucket;
+    let state = topology::CORRELATION_STATE.bucket;
+    let raw = topology::RAW.name;
+
+    let mut checks: Vec<(&str, String, bool)> = Vec::new(); // (user, subject, publish?)
+    for user in &components {
+        // Replies are private: no other component's inbox, not the shared one.
+        for other in USERS.iter().filter(|o| *o != user) {
+            checks.push((user, format!("{}.>", inbox_prefix(other)), false));
+        }
+        checks.push((user, "_INBOX.>".to_string(), false));
+        checks.push((user, ">".to_string(), false));
+        // Streams are admin's: nobody else deletes or purges one.
+        checks.push((user, format!("$JS.API.STREAM.DELETE.{raw}"), true));
+        checks.push((user, format!("$JS.API.STREAM.PURGE.{raw}"), true));
+        // The correlation state is correlate's alone; the pods bucket the k8s collector's.
+        if *user != "correlate" {
+            checks.push((user, format!("$KV.{state}.forged"), true));
+            checks.push((
+                user,
+                format!("$JS.API.DIRECT.GET.KV_{state}.$KV.{state}.x"),
+                true,
+            ));
+        }
+        if *user != "k8s" {
+            checks.push((user, format!("$KV.{pods}.forged"), true));
+        }
+        // Raw events come from collectors only, each under its own name.
+        for collector in collectors.iter().filter(|c| *c != user) {
+            checks.push((user, subjects::raw(collector, "node-1"), true));
+        }
+    }
+    let mut allowed = Vec::new();
+    for (user, subject, publish) in &checks {
+        let what = if *publish {
+            Try::Publish(subject)
+        } else {
+            Try::Subscribe(subject)
+        };
+        if let Err(e) = refused(port, user, what).await {
+            allowed.push(format!("{user} {what:?}: {e}"));
+        }
+    }
+    assert!(
+        allowed.is_empty(),
+        "{} of {} checks not refused:\n{}",
+        allowed.len(),
+        checks.len(),
+        allowed.join("\n")
+    );
+
+    // The check itself tells refused from allowed: a user's own inbox is allowed.
+    assert!(
+        refused(
+            port,
+            "ebpf",
+            Try::Subscribe(&format!("{}.>", inbox_prefix("ebpf")))
+        )
+        .await
+        .is_err()
+    );
+    // And what they may do still works: each collector stores its own raw
+    // events (the refusals above are not a server refusing everything).
+    for collector in collectors {
+        let (options, servers) = tidewatch_runtime::host::connect_options(&url(collector, port));
+        let js = async_nats::jetstream::ContextBuilder::new()
+            .timeout(Duration::from_secs(5))
+            .build(options.connect(&servers).await.expect("connects"));
+        js.publish(subjects::raw(collector, "node-1"), "x".into())
+            .await
+            .expect("send")
+            .await
+            .unwrap_or_else(|e| panic!("{collector} publishes its own raw subject: {e}"));
+    }
+    // Correlate keeps its state.
+    let (options, servers) = tidewatch_runtime::host::connect_options(&url("correlate", port));
+    let js = async_nats::jetstream::ContextBuilder::new()
+        .timeout(Duration::from_secs(5))
+        .build(options.connect(&servers).await.expect("connects"));
+    let kv = js
+        .get_key_value(state)
+        .await
+        .expect("correlate opens its state");
+    kv.put("k", "v".into())
+        .await
+        .expect("correlate writes its state");
 }

@@ -5,7 +5,7 @@
 use serde_json::{Value, json};
 use tidewatch_runtime::topology;
 
-use super::functions::{ca_volume, nats_client_env};
+use super::functions::{ca_volume, nats_client_env, nats_client_env_from};
 use super::nats;
 use super::{
     FUNCTIONS_NAMESPACE, Functions, SYSTEM_NAMESPACE, image, labels, resources, selector,
@@ -29,15 +29,31 @@ struct CollectorPod {
     /// (volume name, host path, mount path, read-only).
     host_mounts: &'static [(&'static str, &'static str, &'static str, bool)],
     extra_env: Vec<Value>,
-    /// The spool is on a hostPath for every collector, so it outlives the
-    /// pod (an emptyDir goes with a deleted or rescheduled pod, and with it
-    /// the events of an outage). A non-root collector gets an initContainer
-    /// that hands the directory kubelet created (root, 0755; `fsGroup` does
-    /// not apply to hostPath) to its user: root with CAP_CHOWN only, no
-    /// privilege escalation, exiting before the collector starts.
-    run_as_root: bool,
+    user: RunAs,
     memory_limit: &'static str,
 }
+
+/// Who a collector runs as.
+enum RunAs {
+    Root,
+    /// A uid (and its own primary gid: never the root group an unknown uid
+    /// would get), plus supplementary groups.
+    User {
+        uid: u32,
+        groups: Vec<u32>,
+    },
+}
+
+/// The image's user, for collectors that need nothing of the host's.
+pub const IMAGE_UID: u32 = 65532;
+/// The systemd collector's uid: `nobody`. Why not the image's 65532:
+/// dbus-daemon refuses connections from a uid its user database does not
+/// know, and 65534 is in every distribution's /etc/passwd.
+pub const SYSTEMD_UID: u32 = 65534;
+/// The default gid of the host's `systemd-journal` group: fixed at 190 on
+/// Fedora, RHEL and their derivatives (CoreOS, Amazon Linux); allocated at
+/// install elsewhere (Debian 12: 999). `tidewatch render --systemd-journal-gid`.
+pub const SYSTEMD_JOURNAL_GID: u32 = 190;
 
 fn collector_daemonset(pod: CollectorPod) -> Value {
     let name = pod.name;
@@ -47,7 +63,7 @@ fn collector_daemonset(pod: CollectorPod) -> Value {
     let mut env = vec![
         json!({"name": "NODE_NAME", "valueFrom": {"fieldRef": {"fieldPath": "spec.nodeName"}}}),
     ];
-    env.extend(nats_client_env(name));
+    env.extend(nats_client_env_from(name, super::COLLECTORS_SECRET));
     env.extend([
         json!({"name": "TIDEWATCH_METRICS_ADDR", "value": "0.0.0.0:9090"}),
         json!({"name": "TIDEWATCH_SPOOL_DIR", "value": spool_mount}),
@@ -67,6 +83,9 @@ fn collector_daemonset(pod: CollectorPod) -> Value {
         .iter()
         .map(|(volume, host, _, _)| json!({"name": volume, "hostPath": {"path": host}}))
         .collect();
+    // Every spool is on a hostPath: it outlives the pod, so a replacement
+    // pod (rolling update, drain) replays the events of an outage; an
+    // emptyDir would go with the deleted pod.
     volumes.push(
         json!({"name": "spool", "hostPath": {"path": spool_host_path(name), "type": "DirectoryOrCreate"}}),
     );
@@ -80,10 +99,33 @@ fn collector_daemonset(pod: CollectorPod) -> Value {
     if !pod.capabilities.is_empty() {
         security["capabilities"]["add"] = json!(pod.capabilities);
     }
-    let pod_security = if pod.run_as_root {
-        json!({"runAsUser": 0, "seccompProfile": {"type": "RuntimeDefault"}})
-    } else {
-        json!({"runAsNonRoot": true, "runAsUser": 65532, "fsGroup": 65532, "seccompProfile": {"type": "RuntimeDefault"}})
+    let pod_security = match &pod.user {
+        RunAs::Root => json!({"runAsUser": 0, "seccompProfile": {"type": "RuntimeDefault"}}),
+        RunAs::User { uid, groups } => {
+            let mut sc = json!({"runAsNonRoot": true, "runAsUser": uid, "runAsGroup": uid, "fsGroup": uid, "seccompProfile": {"type": "RuntimeDefault"}});
+            if !groups.is_empty() {
+                sc["supplementalGroups"] = json!(groups);
+            }
+            sc
+        }
+    };
+    // kubelet creates a missing hostPath directory as root 0755: a non-root
+    // collector gets it handed over first, by an init container that may
+    // only chown (`tidewatch own-dir` never follows links).
+    let init = match &pod.user {
+        RunAs::User { uid, .. } => Some(json!({
+            "name": "spool-owner",
+            "image": image(),
+            "command": ["/usr/local/bin/tidewatch", "own-dir", "--uid", uid.to_string(), "--gid", uid.to_string(), &spool_mount],
+            "resources": resources("10m", "16Mi", "64Mi"),
+            "securityContext": {
+                "runAsUser": 0, "runAsNonRoot": false, "privileged": false,
+                "allowPrivilegeEscalation": false, "readOnlyRootFilesystem": true,
+                "capabilities": {"drop": ["ALL"], "add": ["CHOWN"]},
+            },
+            "volumeMounts": [{"name": "spool", "mountPath": spool_mount}],
+        })),
+        _ => None,
     };
     let mut spec = json!({
         "automountServiceAccountToken": pod.service_account,
@@ -104,22 +146,8 @@ fn collector_daemonset(pod: CollectorPod) -> Value {
         }],
         "volumes": volumes,
     });
-    if !pod.run_as_root {
-        spec["initContainers"] = json!([{
-            "name": "spool-owner",
-            "image": image(),
-            "command": ["/usr/local/bin/tidewatch", "spool-dir", "--owner", "65532:65532", spool_mount],
-            "resources": resources("10m", "16Mi", "32Mi"),
-            "securityContext": {
-                "runAsUser": 0,
-                "runAsNonRoot": false,
-                "privileged": false,
-                "allowPrivilegeEscalation": false,
-                "readOnlyRootFilesystem": true,
-                "capabilities": {"drop": ["ALL"], "add": ["CHOWN"]},
-            },
-            "volumeMounts": [{"name": "spool", "mountPath": spool_mount}],
-        }]);
+    if let Some(init) = init {
+        spec["initContainers"] = json!([init]);
     }
     if pod.host_pid {
         spec["hostPID"] = json!(true);
@@ -142,12 +170,15 @@ fn collector_daemonset(pod: CollectorPod) -> Value {
 }
 
 /// The eBPF collector: the capabilities it needs, not privileged
-/// (collectors/ebpf/README.md explains each). Pids in events are host
-/// pids, and the start-up replay reads the host's /proc: `hostPID`.
+/// (collectors/ebpf/README.md explains each; no SYS_PTRACE: the replay's
+/// executable paths are off by default). `hostPID`: pids in events are the
+/// kernel's init-namespace pids, and attribution and the start-up replay
+/// read `/proc/<pid>` for exactly those. Root: Kubernetes gives added
+/// capabilities to uid 0 only (no ambient capabilities).
 pub fn ebpf_daemonset() -> Value {
     collector_daemonset(CollectorPod {
         name: "ebpf",
-        capabilities: &["BPF", "PERFMON", "SYS_RESOURCE", "SYS_PTRACE"],
+        capabilities: &["BPF", "PERFMON", "SYS_RESOURCE"],
         host_pid: true,
         service_account: false,
         host_mounts: &[
@@ -162,7 +193,7 @@ pub fn ebpf_daemonset() -> Value {
             ("bpffs", "/sys/fs/bpf", "/sys/fs/bpf", false),
         ],
         extra_env: Vec::new(),
-        run_as_root: true,
+        user: RunAs::Root,
         memory_limit: "512Mi",
     })
 }
@@ -180,15 +211,21 @@ pub fn k8s_daemonset() -> Value {
             json!({"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}}),
             json!({"name": "POD_NAMESPACE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}}),
         ],
-        run_as_root: false,
+        user: RunAs::User {
+            uid: IMAGE_UID,
+            groups: Vec::new(),
+        },
         memory_limit: "512Mi",
     })
 }
 
 /// The systemd collector: the host's journal and the system D-Bus socket,
-/// read-only; root (journal files are root:systemd-journal 0640) with
-/// every capability dropped.
-pub fn systemd_daemonset() -> Value {
+/// read-only; not root, no capabilities. The journal (root:systemd-journal
+/// 0640) through the host's `systemd-journal` gid as a supplementary group;
+/// unit state over D-Bus, where systemd refuses every state-changing call
+/// from non-root (collectors/systemd/dbus/ has a policy that refuses them
+/// on the bus too).
+pub fn systemd_daemonset(journal_gid: u32) -> Value {
     collector_daemonset(CollectorPod {
         name: "systemd",
         capabilities: &[],
@@ -211,7 +248,10 @@ pub fn systemd_daemonset() -> Value {
             ("dbus", "/run/dbus", "/run/dbus", true),
         ],
         extra_env: vec![json!({"name": "TIDEWATCH_HOST_ROOT", "value": "/host"})],
-        run_as_root: true,
+        user: RunAs::User {
+            uid: SYSTEMD_UID,
+            groups: vec![journal_gid],
+        },
         memory_limit: "256Mi",
     })
 }

@@ -28,10 +28,15 @@ fn labels(function: &FunctionSpec) -> Value {
 /// verified against the generated CA, and its credentials as their own
 /// settings (never pasted into a URL).
 pub fn nats_client_env(user: &str) -> Vec<Value> {
+    nats_client_env_from(user, USERS_SECRET)
+}
+
+/// The same, with the password from `secret`.
+pub fn nats_client_env_from(user: &str, secret: &str) -> Vec<Value> {
     vec![
         json!({"name": "NATS_URL", "value": nats::client_url()}),
         json!({"name": "NATS_USER", "value": user}),
-        json!({"name": "NATS_PASSWORD", "valueFrom": {"secretKeyRef": {"name": USERS_SECRET, "key": user}}}),
+        json!({"name": "NATS_PASSWORD", "valueFrom": {"secretKeyRef": {"name": secret, "key": user}}}),
         json!({"name": "NATS_CA_FILE", "value": format!("{}/ca.crt", nats::CA_MOUNT)}),
     ]
 }

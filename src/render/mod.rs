@@ -60,6 +60,10 @@ pub fn image() -> String {
 pub const SECRETS_DIR: &str = "secrets";
 /// The Secret with NATS passwords, one key per NATS user.
 pub const USERS_SECRET: &str = "tidewatch-nats-users";
+/// The collectors' passwords only. Why a Secret of their own: collector pods
+/// run on every node, and a kubelet may read every Secret its pods
+/// reference, so a node must never find `admin`'s password in theirs.
+pub const COLLECTORS_SECRET: &str = "tidewatch-nats-collectors";
 /// The Secret with the CA that signed NATS' certificate (`ca.crt`).
 pub const CA_SECRET: &str = "tidewatch-nats-ca";
 
@@ -148,6 +152,11 @@ fn users_generator(namespace: &str) -> Value {
     json!({"name": USERS_SECRET, "namespace": namespace, "envs": [format!("{SECRETS_DIR}/nats-users.env")]})
 }
 
+/// The collectors' Secret (`secrets/nats-collectors.env`).
+fn collectors_generator() -> Value {
+    json!({"name": COLLECTORS_SECRET, "namespace": SYSTEM_NAMESPACE, "envs": [format!("{SECRETS_DIR}/nats-collectors.env")]})
+}
+
 /// A generated Secret holding only the CA certificate clients verify NATS with.
 fn ca_generator(namespace: &str) -> Value {
     json!({"name": CA_SECRET, "namespace": namespace, "files": [format!("ca.crt={SECRETS_DIR}/ca.crt")]})
@@ -173,13 +182,36 @@ impl Functions {
     }
 }
 
+/// What differs between clusters and cannot be read from the topology.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Settings {
+    /// The nodes' `systemd-journal` gid (`getent group systemd-journal`).
+    pub systemd_journal_gid: u32,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Settings {
+            systemd_journal_gid: deploy::SYSTEMD_JOURNAL_GID,
+        }
+    }
+}
+
 /// Every rendered file for the functions this CLI was built with.
 pub fn render() -> anyhow::Result<Vec<(String, String)>> {
     render_with(&Functions::embedded()?)
 }
 
-/// Every rendered file for `fns`, as (path relative to the repository root, contents).
+/// Every rendered file for `fns`, with the default settings.
 pub fn render_with(fns: &Functions) -> anyhow::Result<Vec<(String, String)>> {
+    render_with_settings(fns, &Settings::default())
+}
+
+/// Every rendered file for `fns`, as (path relative to the repository root, contents).
+pub fn render_with_settings(
+    fns: &Functions,
+    settings: &Settings,
+) -> anyhow::Result<Vec<(String, String)>> {
     let mut files = Vec::new();
 
     let mut resources = Vec::new();
@@ -219,7 +251,10 @@ pub fn render_with(fns: &Functions) -> anyhow::Result<Vec<(String, String)>> {
             objects.push(deploy::k8s_daemonset());
             objects
         }),
-        ("collector-systemd.yaml", vec![deploy::systemd_daemonset()]),
+        (
+            "collector-systemd.yaml",
+            vec![deploy::systemd_daemonset(settings.systemd_journal_gid)],
+        ),
     ];
     let mut resources = Vec::new();
     for (file, objects) in deploy {
@@ -232,6 +267,7 @@ pub fn render_with(fns: &Functions) -> anyhow::Result<Vec<(String, String)>> {
             &resources,
             vec![
                 users_generator(SYSTEM_NAMESPACE),
+                collectors_generator(),
                 ca_generator(SYSTEM_NAMESPACE),
                 nats::tls_generator(),
             ],
@@ -294,10 +330,24 @@ pub struct RenderArgs {
     /// Only check that the files on disk match; exit non-zero if they drifted.
     #[arg(long)]
     check: bool,
+    /// The gid of the nodes' `systemd-journal` group (`getent group
+    /// systemd-journal` on a node): the systemd collector reads the journal
+    /// through it, as a non-root user. 190 on Fedora, RHEL and derivatives;
+    /// allocated at install elsewhere (Debian 12: 999). A wrong one: the
+    /// collector exits at start saying which gid the journal files have.
+    #[arg(long, default_value_t = deploy::SYSTEMD_JOURNAL_GID)]
+    systemd_journal_gid: u32,
 }
 
 pub fn run(args: RenderArgs) -> anyhow::Result<()> {
-    write(&args.out, args.check, render()?)
+    let settings = Settings {
+        systemd_journal_gid: args.systemd_journal_gid,
+    };
+    write(
+        &args.out,
+        args.check,
+        render_with_settings(&Functions::embedded()?, &settings)?,
+    )
 }
 
 /// Write rendered files under `out` (or, with `check`, only compare).

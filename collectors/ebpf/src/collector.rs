@@ -155,6 +155,7 @@ CAP_PERFMON (and CAP_SYS_RESOURCE before kernel 5.11); see README.md.";
                 outbox,
                 node: config.common.node.clone(),
                 replay_processes: config.replay_processes,
+                replay_executables: config.replay_executables,
                 ids,
                 stats,
                 metrics,

@@ -53,6 +53,12 @@ pub struct Config {
     pub retransmit_interval: Duration,
     /// Emit `process.exists` for every running process at start.
     pub replay_processes: bool,
+    /// Give those events their executable's path (`/proc/<pid>/exe`). Off by
+    /// default: the kernel lets only a ptrace-capable reader (`CAP_SYS_PTRACE`
+    /// for other users' and more privileged processes) resolve it, and the
+    /// DaemonSet does not grant that; `process.exec` events carry the path
+    /// from the kernel either way.
+    pub replay_executables: bool,
     /// Upper bound of the spool on disk; when full, the oldest events are
     /// deleted, counted and reported.
     pub spool_max_bytes: u64,
@@ -73,6 +79,7 @@ impl Default for Config {
             drops_interval: Duration::from_secs(10),
             retransmit_interval: Duration::from_secs(5),
             replay_processes: true,
+            replay_executables: false,
             spool_max_bytes: 256 << 20,
         }
     }

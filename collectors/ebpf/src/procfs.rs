@@ -43,8 +43,11 @@ pub fn parse_uid(status: &str) -> Option<u32> {
 }
 
 /// Read one process; `None` if it vanished meanwhile (or is a kernel thread
-/// with nothing to say).
-pub fn read_process(proc_dir: &Path, pid: u32) -> Option<ProcProcess> {
+/// with nothing to say). `exe`: also resolve `/proc/<pid>/exe`, which needs
+/// ptrace read access to the process; without it the path stays empty and
+/// nothing is attempted (a denied attempt is an audit record per process
+/// under AppArmor or SELinux).
+pub fn read_process(proc_dir: &Path, pid: u32, exe: bool) -> Option<ProcProcess> {
     let dir = proc_dir.join(pid.to_string());
     let (comm, ppid, start) = parse_stat(&std::fs::read_to_string(dir.join("stat")).ok()?)?;
     let uid = std::fs::read_to_string(dir.join("status"))
@@ -54,9 +57,13 @@ pub fn read_process(proc_dir: &Path, pid: u32) -> Option<ProcProcess> {
     let argv = std::fs::read(dir.join("cmdline"))
         .map(|raw| crate::wire::split_args(&raw))
         .unwrap_or_default();
-    let filename = std::fs::read_link(dir.join("exe"))
-        .map(|p| p.display().to_string())
-        .unwrap_or_default();
+    let filename = if exe {
+        std::fs::read_link(dir.join("exe"))
+            .map(|p| p.display().to_string())
+            .unwrap_or_default()
+    } else {
+        String::new()
+    };
     Some(ProcProcess {
         pid,
         ppid,
@@ -70,7 +77,7 @@ pub fn read_process(proc_dir: &Path, pid: u32) -> Option<ProcProcess> {
 }
 
 /// Every process (thread-group leader) in `/proc`.
-pub fn processes(proc_dir: &Path) -> Vec<ProcProcess> {
+pub fn processes(proc_dir: &Path, exe: bool) -> Vec<ProcProcess> {
     let Ok(entries) = std::fs::read_dir(proc_dir) else {
         return Vec::new();
     };
@@ -80,7 +87,7 @@ pub fn processes(proc_dir: &Path) -> Vec<ProcProcess> {
         .collect();
     pids.sort_unstable();
     pids.into_iter()
-        .filter_map(|pid| read_process(proc_dir, pid))
+        .filter_map(|pid| read_process(proc_dir, pid, exe))
         .collect()
 }
 
@@ -107,9 +114,17 @@ mod tests {
 
     #[test]
     fn reads_this_process() {
-        let me = read_process(Path::new("/proc"), std::process::id()).expect("self");
+        let me = read_process(Path::new("/proc"), std::process::id(), true).expect("self");
         assert_eq!(me.pid, std::process::id());
         assert!(!me.argv.is_empty());
-        assert!(processes(Path::new("/proc")).iter().any(|p| p.pid == 1));
+        assert!(!me.filename.is_empty());
+        assert!(
+            processes(Path::new("/proc"), false)
+                .iter()
+                .any(|p| p.pid == 1)
+        );
+        // Without `exe` nothing that needs ptrace access is read.
+        let me = read_process(Path::new("/proc"), std::process::id(), false).expect("self");
+        assert!(me.filename.is_empty() && !me.argv.is_empty());
     }
 }

@@ -23,6 +23,8 @@ pub struct Publishing {
     pub node: String,
     /// Send the process snapshot first.
     pub replay_processes: bool,
+    /// ... with executable paths (needs CAP_SYS_PTRACE).
+    pub replay_executables: bool,
     pub ids: Arc<Ids>,
     pub stats: Arc<Stats>,
     pub metrics: Metrics,
@@ -39,6 +41,7 @@ pub async fn publish_all(publishing: Publishing, mut queue: mpsc::Receiver<Recor
         outbox,
         node,
         replay_processes,
+        replay_executables,
         ids,
         stats,
         metrics,
@@ -67,12 +70,15 @@ pub async fn publish_all(publishing: Publishing, mut queue: mpsc::Receiver<Recor
 
     if replay_processes {
         snapshot::replay(
+            replay_executables,
             &node,
             &ids,
             &outbox,
-            &subject,
-            &source,
-            &event_subject,
+            snapshot::Addressed {
+                subject: &subject,
+                source: &source,
+                event_subject: &event_subject,
+            },
             &stats,
         )
         .await;

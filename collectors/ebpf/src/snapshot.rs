@@ -14,16 +14,28 @@ use crate::mapping::Ids;
 use crate::procfs;
 use crate::stats::Stats;
 
-/// Send every running process and wait until each is kept.
+/// Where replayed events go: the NATS subject, the CloudEvent source and subject.
+pub struct Addressed<'a> {
+    pub subject: &'a str,
+    pub source: &'a str,
+    pub event_subject: &'a str,
+}
+
+/// Send every running process and wait until each is kept; `executables`:
+/// with their `/proc/<pid>/exe` (needs CAP_SYS_PTRACE).
 pub async fn replay(
+    executables: bool,
     node: &str,
     ids: &Ids,
     outbox: &Outbox,
-    subject: &str,
-    source: &str,
-    event_subject: &str,
+    to: Addressed<'_>,
     stats: &Stats,
 ) {
+    let Addressed {
+        subject,
+        source,
+        event_subject,
+    } = to;
     let boot_wall_ns = std::fs::read_to_string("/proc/stat")
         .ok()
         .and_then(|s| {
@@ -35,7 +47,7 @@ pub async fn replay(
         * 1_000_000_000;
     let root = attribution::cgroup2_root();
     let mut confirmations = Vec::new();
-    for p in procfs::processes(Path::new("/proc")) {
+    for p in procfs::processes(Path::new("/proc"), executables) {
         let cgroup_path = attribution::path_from_proc_cgroup(&p.cgroup).unwrap_or_default();
         let cgroup_id = p
             .cgroup

@@ -652,7 +652,11 @@ async fn running_processes_are_replayed_as_exists() {
         .spawn()
         .expect("spawn sh");
     let pid = sleeper.id();
-    let harness = Harness::start("exists", |c| c.replay_processes = true).await;
+    let harness = Harness::start("exists", |c| {
+        c.replay_processes = true;
+        c.replay_executables = true;
+    })
+    .await;
     let Some(h) = harness else {
         let _ = sleeper.kill();
         let _ = sleeper.wait();

@@ -49,6 +49,10 @@ journal entries, published to tidewatch.raw.systemd.<node>. See README.md.";
 
     async fn start(config: Config, _: &Metrics) -> Result<Systemd, CollectorError> {
         let resolved = Arc::new(config.validate()?);
+        // Unreadable journal files (the wrong systemd-journal gid) would
+        // otherwise follow nothing, silently.
+        crate::preflight::journal_readable(&resolved.config)
+            .map_err(CollectorError::Unsupported)?;
         tracing::info!(dbus = %resolved.dbus_address, cursor = %resolved.cursor_file.display(), "systemd collector configured");
         Ok(Systemd { resolved })
     }

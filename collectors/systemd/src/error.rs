@@ -26,6 +26,10 @@ pub enum CollectorError {
     /// resends it.
     #[error("publishing a journal entry: {0}")]
     Publish(#[source] OutboxError),
+    /// Terminal: this host cannot run the collector as configured (journal
+    /// files this user may not read: the wrong `systemd-journal` gid).
+    #[error("{0}")]
+    Unsupported(String),
     /// Retryable: the cursor file could not be read or written.
     #[error("cursor file {path}: {source}")]
     Cursor {
@@ -38,6 +42,7 @@ impl CollectorError {
     pub fn kind(&self) -> ErrorKind {
         match self {
             CollectorError::Config(_) => ErrorKind::Config,
+            CollectorError::Unsupported(_) => ErrorKind::Unsupported,
             CollectorError::Setup(e) => e.kind(),
             CollectorError::Journal(_)
             | CollectorError::Publish(_)

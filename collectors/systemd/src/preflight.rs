@@ -22,7 +22,7 @@ pub async fn check(config: &Config) -> Result<(), String> {
             "the system D-Bus at {address} did not answer within 5 s"
         )),
     };
-    let journal = journal_present(config);
+    let journal = journal_present(config).and_then(|()| journal_readable(config));
     verdict(dbus, journal)
 }
 
@@ -85,6 +85,65 @@ pub fn journal_present(config: &Config) -> Result<(), String> {
         )),
         Err(e) => Err(format!("cannot run {}: {e}", config.journalctl.display())),
     }
+}
+
+fn first_journal_file(dir: &Path, depth: u32) -> Option<PathBuf> {
+    let mut entries: Vec<PathBuf> = std::fs::read_dir(dir)
+        .ok()?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .collect();
+    entries.sort();
+    entries.iter().find_map(|path| {
+        if path.extension().is_some_and(|x| x == "journal") {
+            Some(path.clone())
+        } else if depth > 0 && path.is_dir() {
+            first_journal_file(path, depth - 1)
+        } else {
+            None
+        }
+    })
+}
+
+/// This process may read the journal files. Why check: the collector runs
+/// as a non-root user whose only way in is the host's `systemd-journal`
+/// group, whose gid differs between distributions, and `journalctl` given
+/// unreadable files just prints a warning and follows nothing. So a wrong
+/// gid is said at start, with the gid the files do have.
+pub fn journal_readable(config: &Config) -> Result<(), String> {
+    use std::os::unix::fs::MetadataExt as _;
+    if !config.journal {
+        return Ok(());
+    }
+    let Some(file) = journal_dirs(config)
+        .iter()
+        .find_map(|d| first_journal_file(d, 1))
+    else {
+        return Ok(());
+    };
+    match std::fs::File::open(&file) {
+        Ok(_) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {
+            let meta = std::fs::metadata(&file).ok();
+            let gid = meta.as_ref().map(|m| m.gid());
+            let mode = meta.as_ref().map(|m| m.mode() & 0o777).unwrap_or_default();
+            let gid_text = gid.map(|g| g.to_string()).unwrap_or_else(|| "?".into());
+            Err(format!(
+                "cannot read the journal: {} is group {gid_text}, mode {mode:o}, and uid {} is not in group {gid_text} \
+(add it as a supplementary group: tidewatch render --systemd-journal-gid {gid_text})",
+                file.display(),
+                current_uid(),
+            ))
+        }
+        Err(e) => Err(format!("cannot read the journal: {}: {e}", file.display())),
+    }
+}
+
+/// This process's uid (the owner of `/proc/self`).
+fn current_uid() -> String {
+    use std::os::unix::fs::MetadataExt as _;
+    std::fs::metadata("/proc/self")
+        .map(|m| m.uid().to_string())
+        .unwrap_or_else(|_| "?".into())
 }
 
 #[cfg(test)]

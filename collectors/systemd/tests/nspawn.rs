@@ -133,7 +133,7 @@ struct Container {
 }
 
 impl Container {
-    fn boot(tarball: &Path) -> Result<Container, String> {
+    fn boot(tarball: &Path, name: &str) -> Result<Container, String> {
         let dir = tempfile::Builder::new()
             .prefix("tidewatch-nspawn-")
             .tempdir_in("/var/tmp")
@@ -153,7 +153,7 @@ impl Container {
         }
         let log = dir.path().join("nspawn.log");
         let out = std::fs::File::create(&log).map_err(|e| e.to_string())?;
-        let machine = format!("tidewatch-{}", std::process::id());
+        let machine = format!("tidewatch-{name}-{}", std::process::id());
         let nspawn = Command::new("systemd-nspawn")
             .arg("--directory")
             .arg(&rootfs)
@@ -274,7 +274,7 @@ async fn a_crash_looping_unit_in_a_booted_systemd_is_reported() {
         Ok(t) => t,
         Err(why) => return cannot_run(TEST, &why),
     };
-    let mut container = match Container::boot(&tarball) {
+    let mut container = match Container::boot(&tarball, "crashy") {
         Ok(c) => c,
         Err(why) => return cannot_run(TEST, &why),
     };
@@ -490,5 +490,274 @@ async fn a_crash_looping_unit_in_a_booted_systemd_is_reported() {
 
     let _ = stop.send(());
     task.await.expect("collector task").expect("collector ran");
+    drop(container);
+}
+
+/// The uid the DaemonSet runs the collector as: `nobody`, because
+/// dbus-daemon (1.14) refuses connections from a uid its user database
+/// does not know, and 65534 is in every distribution's /etc/passwd.
+const COLLECTOR_UID: u32 = 65534;
+const POLICY: &str = include_str!("../dbus/tidewatch-collector-systemd.conf");
+
+/// `setpriv` as the collector's uid with exactly `groups` as supplementary
+/// groups, no capabilities: what the DaemonSet's securityContext gives it.
+fn as_collector_user(groups: &[u32]) -> Command {
+    as_user(COLLECTOR_UID, groups)
+}
+
+fn as_user(uid: u32, groups: &[u32]) -> Command {
+    let mut cmd = Command::new("setpriv");
+    cmd.arg(format!("--reuid={uid}"))
+        .arg(format!("--regid={uid}"));
+    if groups.is_empty() {
+        cmd.arg("--clear-groups");
+    } else {
+        let list: Vec<String> = groups.iter().map(u32::to_string).collect();
+        cmd.arg(format!("--groups={}", list.join(",")));
+    }
+    cmd.args(["--inh-caps=-all", "--bounding-set=-all", "--"]);
+    cmd
+}
+
+/// A `Manager` method call (no arguments, or a unit to start) sent by the
+/// collector's user; `Err(stderr)` when refused. (busctl prints every
+/// AccessDenied as "Access denied", whoever refused.)
+fn call_as_collector(
+    bus: &str,
+    groups: &[u32],
+    method: &str,
+    unit: Option<&str>,
+) -> Result<(), String> {
+    let mut cmd = as_collector_user(groups);
+    cmd.args([
+        "busctl",
+        "--address",
+        bus,
+        "call",
+        "org.freedesktop.systemd1",
+    ])
+    .args([
+        "/org/freedesktop/systemd1",
+        "org.freedesktop.systemd1.Manager",
+        method,
+    ]);
+    if let Some(unit) = unit {
+        cmd.args(["ss", unit, "replace"]);
+    }
+    let out = cmd.output().expect("run busctl");
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(String::from_utf8_lossy(&out.stderr).into_owned())
+    }
+}
+
+/// A group's gid from a rootfs' /etc/group.
+fn gid_of(rootfs: &Path, group: &str) -> u32 {
+    let text = std::fs::read_to_string(rootfs.join("etc/group")).expect("etc/group");
+    text.lines()
+        .find_map(|l| {
+            let mut f = l.split(':');
+            (f.next() == Some(group)).then(|| f.nth(1)?.parse().ok())?
+        })
+        .unwrap_or_else(|| panic!("no group {group} in the rootfs"))
+}
+
+/// The DaemonSet's way: uid 65534 (nobody), no capabilities, the journal through the
+/// `systemd-journal` group only, unit state over D-Bus reads only. Also that
+/// this user cannot change a unit: refused by systemd (no polkit) as shipped,
+/// and by the bus itself once dbus/tidewatch-collector-systemd.conf is in.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_collector_runs_unprivileged_and_cannot_start_units() {
+    use std::os::unix::fs::PermissionsExt as _;
+    const TEST: &str = "the_collector_runs_unprivileged_and_cannot_start_units";
+    if let Err(why) = require_root()
+        .and_then(|_| require_program("systemd-nspawn", "systemd-container"))
+        .and_then(|_| require_program("debootstrap", "debootstrap"))
+        .and_then(|_| require_program("tar", "tar"))
+        .and_then(|_| require_program("setpriv", "util-linux"))
+        .and_then(|_| require_program("busctl", "systemd"))
+    {
+        return cannot_run(TEST, &why);
+    }
+    let tarball = match rootfs_tarball() {
+        Ok(t) => t,
+        Err(why) => return cannot_run(TEST, &why),
+    };
+    let mut container = match Container::boot(&tarball, "nonroot") {
+        Ok(c) => c,
+        Err(why) => return cannot_run(TEST, &why),
+    };
+    // The collector's user must reach the bus socket and the journal.
+    let top = container
+        .rootfs
+        .parent()
+        .expect("container dir")
+        .to_path_buf();
+    std::fs::set_permissions(&top, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    let bus = container.wait_booted().await;
+    let address = container.bus_address();
+    let journal_gid = gid_of(&container.rootfs, "systemd-journal");
+    let journal_dir = container.rootfs.join("var/log/journal");
+
+    // As shipped (no policy file, no polkit): systemd refuses a non-root
+    // StartUnit, and answers reads the collector does not need (ListJobs).
+    let groups = [journal_gid];
+    let refused = call_as_collector(&address, &groups, "StartUnit", Some("waity.service"))
+        .expect_err("StartUnit by the collector's uid must be refused");
+    assert!(refused.contains("Access denied"), "{refused}");
+    // Why not the image's 65532: not in the node's /etc/passwd, so
+    // dbus-daemon does not even let it connect.
+    let unknown = as_user(65532, &groups)
+        .args([
+            "busctl",
+            "--address",
+            &address,
+            "call",
+            "org.freedesktop.DBus",
+        ])
+        .args(["/org/freedesktop/DBus", "org.freedesktop.DBus", "GetId"])
+        .output()
+        .expect("busctl");
+    assert!(!unknown.status.success(), "uid 65532 connected to the bus");
+    call_as_collector(&address, &groups, "ListJobs", None).expect("systemd answers ListJobs");
+    // With the policy the bus refuses everything but the collector's reads:
+    // ListJobs, which systemd would answer, is refused now, so the policy
+    // is what answers; StartUnit stays refused.
+    std::fs::write(
+        container
+            .rootfs
+            .join("etc/dbus-1/system.d/tidewatch-collector-systemd.conf"),
+        POLICY,
+    )
+    .expect("install the policy");
+    bus.call_method(
+        Some("org.freedesktop.DBus"),
+        "/org/freedesktop/DBus",
+        Some("org.freedesktop.DBus"),
+        "ReloadConfig",
+        &(),
+    )
+    .await
+    .expect("ReloadConfig");
+    let refused = call_as_collector(&address, &groups, "ListJobs", None)
+        .expect_err("the bus policy refuses what the collector does not call");
+    assert!(refused.contains("Access denied"), "{refused}");
+    let refused = call_as_collector(&address, &groups, "StartUnit", Some("waity.service"))
+        .expect_err("StartUnit by the collector's uid must be refused");
+    assert!(refused.contains("Access denied"), "{refused}");
+    let waity = dbus::current_state(
+        &bus,
+        &tidewatch_collector_systemd::units::Selection::from_names(&["waity"]),
+    )
+    .await
+    .expect("state");
+    assert!(
+        waity
+            .iter()
+            .all(|o| o.update.active_state.as_deref() != Some("active")),
+        "{waity:?}"
+    );
+
+    // --check-host as that user: without the journal group it says which gid.
+    let check = |groups: &[u32]| {
+        as_collector_user(groups)
+            .arg(env!("CARGO_BIN_EXE_tidewatch-collector-systemd"))
+            .args(["--check-host", "--dbus-address", &address])
+            .arg("--journal-directory")
+            .arg(&journal_dir)
+            .output()
+            .expect("run --check-host")
+    };
+    let no = check(&[]);
+    let why = String::from_utf8_lossy(&no.stderr);
+    assert_eq!(no.status.code(), Some(3), "{why}");
+    assert!(
+        why.contains(&format!("--systemd-journal-gid {journal_gid}")),
+        "{why}"
+    );
+    let yes = check(&[journal_gid]);
+    assert!(
+        yes.status.success(),
+        "{}",
+        String::from_utf8_lossy(&yes.stderr)
+    );
+
+    // The collector itself, as that user, under the policy: unit state and journal.
+    let server = NatsServer::start().await;
+    let js = server.jetstream().await;
+    tidewatch_runtime::provision::provision(&js, &[], &Default::default())
+        .await
+        .expect("provision");
+    let node = format!("nspawn-nonroot-{}", std::process::id());
+    let raw = Raw::new(&js, &node).await;
+    let work = tempfile::tempdir().expect("tempdir");
+    std::os::unix::fs::chown(work.path(), Some(COLLECTOR_UID), Some(COLLECTOR_UID))
+        .expect("chown work dir");
+    let config = work.path().join("systemd.toml");
+    std::fs::write(&config, "journal_start = \"all\"\n").expect("config");
+    let mut collector = as_collector_user(&[journal_gid])
+        .arg(env!("CARGO_BIN_EXE_tidewatch-collector-systemd"))
+        .args(["--nats-url", &server.client_url(), "--node", &node])
+        .args(["--metrics-addr", "127.0.0.1:0", "--dbus-address", &address])
+        .args(["--units", "crashy"])
+        .arg("--config")
+        .arg(&config)
+        .arg("--journal-directory")
+        .arg(&journal_dir)
+        .arg("--cursor-file")
+        .arg(work.path().join("journal.cursor"))
+        .env("RUST_LOG", "info")
+        .stdin(Stdio::null())
+        .spawn()
+        .expect("start the collector as nobody");
+    // Give it a moment to subscribe; crashy loops, so a late start still sees restarts.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let status =
+        std::fs::read_to_string(format!("/proc/{}/status", collector.id())).unwrap_or_default();
+    dbus::unit_job(&bus, "StartUnit", "crashy.service")
+        .await
+        .expect("StartUnit crashy.service (as root)");
+    let seen = raw
+        .wait_or_all(WAIT, |events| {
+            let restarted = unit_changes(events, "crashy.service")
+                .iter()
+                .any(|(c, _)| c == "restarted");
+            let journal = typed::<v1::JournalEntry>(events, types::JOURNAL_ENTRY)
+                .any(|(_, p)| p.message.contains("tidewatch crashy is failing"));
+            (restarted && journal).then_some(())
+        })
+        .await;
+    let _ = dbus::unit_job(&bus, "StopUnit", "crashy.service").await;
+    let _ = nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(i32::try_from(collector.id()).expect("pid")),
+        nix::sys::signal::Signal::SIGTERM,
+    );
+    let exit = collector.wait().expect("collector exits");
+    if let Err(events) = seen {
+        panic!(
+            "the unprivileged collector did not report crashy's restart and error line; saw {:#?}\n{}",
+            unit_changes(&events, "crashy.service"),
+            container.log_tail()
+        );
+    }
+    assert!(exit.success(), "clean stop: {exit}");
+    assert!(
+        status
+            .lines()
+            .any(|l| l.starts_with(&format!("Uid:\t{COLLECTOR_UID}\t{COLLECTOR_UID}"))),
+        "{status}"
+    );
+    assert!(
+        status
+            .lines()
+            .any(|l| l.starts_with("Groups:") && l.contains(&journal_gid.to_string())),
+        "{status}"
+    );
+    assert!(
+        status.lines().any(|l| l == "CapEff:\t0000000000000000"),
+        "{status}"
+    );
+    assert!(work.path().join("journal.cursor").exists(), "cursor saved");
     drop(container);
 }
