@@ -141,6 +141,35 @@ pub(crate) fn binary_event<N: AsRef<str>, V: AsRef<str>>(
     Ok(event)
 }
 
+/// The checks [`binary_event`] makes, for an event the SDK decoded from
+/// structured JSON (which takes any spec version, empty required
+/// attributes and any extension name).
+pub(crate) fn check_structured(event: Event) -> Result<Event, BindingError> {
+    use cloudevents::AttributesReader;
+    if event.specversion() != SpecVersion::V10 {
+        return Err(BindingError::SpecVersion(event.specversion().to_string()));
+    }
+    for (name, value) in [
+        ("id", event.id()),
+        ("source", event.source().as_str()),
+        ("type", event.ty()),
+    ] {
+        if value.is_empty() {
+            return Err(BindingError::Missing(name));
+        }
+    }
+    if let Some((name, _)) = event
+        .iter_extensions()
+        .find(|(name, _)| !valid_extension_name(name))
+    {
+        return Err(BindingError::Attribute {
+            name: name.to_string(),
+            reason: "extension names are lowercase letters and digits".into(),
+        });
+    }
+    Ok(event)
+}
+
 /// `dataschema` as a URL. Every event of a type carries the same few
 /// schemas, so parsed ones are remembered per thread (bounded) instead of
 /// being parsed again for each event.

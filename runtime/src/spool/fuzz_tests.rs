@@ -49,6 +49,54 @@ fn record() -> impl Strategy<Value = Record> {
         })
 }
 
+/// One damage done to good bytes.
+#[derive(Debug, Clone)]
+enum Edit {
+    Append(Vec<u8>),
+    Flip(prop::sample::Index, u8),
+    Truncate(prop::sample::Index),
+    /// A length or count field overwritten: any u32 at any offset.
+    Word(prop::sample::Index, u32),
+}
+
+fn edit() -> impl Strategy<Value = Edit> {
+    prop_oneof![
+        proptest::collection::vec(any::<u8>(), 1..16).prop_map(Edit::Append),
+        (any::<prop::sample::Index>(), 1u8..).prop_map(|(at, bits)| Edit::Flip(at, bits)),
+        any::<prop::sample::Index>().prop_map(Edit::Truncate),
+        (any::<prop::sample::Index>(), any::<u32>()).prop_map(|(at, w)| Edit::Word(at, w)),
+    ]
+}
+
+fn apply(mut bytes: Vec<u8>, edit: &Edit) -> Vec<u8> {
+    if bytes.is_empty() {
+        return bytes;
+    }
+    match edit {
+        Edit::Append(tail) => bytes.extend_from_slice(tail),
+        Edit::Flip(at, bits) => {
+            let i = at.index(bytes.len());
+            bytes[i] ^= bits;
+        }
+        Edit::Truncate(at) => bytes.truncate(at.index(bytes.len())),
+        Edit::Word(at, w) => {
+            let i = at.index(bytes.len());
+            for (b, new) in bytes[i..].iter_mut().zip(w.to_le_bytes()) {
+                *b = new;
+            }
+        }
+    }
+    bytes
+}
+
+/// Any bytes, or good bytes (`good` of a record) damaged once.
+fn damaged(good: fn(&Record) -> Vec<u8>) -> impl Strategy<Value = Vec<u8>> {
+    prop_oneof![
+        proptest::collection::vec(any::<u8>(), 0..512),
+        (record(), edit()).prop_map(move |(r, e)| apply(good(&r), &e)),
+    ]
+}
+
 /// A frame header declaring `len` body bytes, with any checksum.
 fn header(len: u32, crc: u32) -> Vec<u8> {
     let mut out = len.to_le_bytes().to_vec();
@@ -143,7 +191,7 @@ proptest! {
     /// checksummed frame within the cap is, and never past the bytes given.
     #[test]
     fn fuzz_decode_frame_arbitrary_bytes(
-        bytes in proptest::collection::vec(any::<u8>(), 0..2048),
+        bytes in damaged(frame_record),
         max_frame in (FRAME_HEADER as u64)..4096,
     ) {
         match decode_frame(&bytes, max_frame) {
@@ -189,7 +237,7 @@ proptest! {
     /// Arbitrary record bodies: `Record::decode` never panics, and what it
     /// accepts encodes back to the same bytes.
     #[test]
-    fn fuzz_record_decode_arbitrary_bytes(body in proptest::collection::vec(any::<u8>(), 0..512)) {
+    fn fuzz_record_decode_arbitrary_bytes(body in damaged(Record::encode)) {
         if let Some(record) = Record::decode(&body) {
             prop_assert_eq!(record.encode(), body);
         }
