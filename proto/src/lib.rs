@@ -18,4 +18,7 @@ pub mod v1 {
 
 pub mod schema;
 
+#[cfg(test)]
+mod fuzz_tests;
+
 pub use schema::{PROTOBUF_CONTENT_TYPE, SchemaError, decode_json, encode_json, schema_url};

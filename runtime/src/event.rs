@@ -243,3 +243,81 @@ mod tests {
         );
     }
 }
+
+/// Fuzzing how functions read payloads: [`payload`] and [`to_json`] over
+/// events carrying arbitrary data under every `dataschema`.
+#[cfg(test)]
+#[allow(clippy::unwrap_used)] // test code: a failed step is the test failing
+mod fuzz_tests {
+    use super::*;
+    use proptest::prelude::*;
+    use tidewatch_proto::schema::MESSAGES;
+    use tidewatch_proto::v1;
+
+    fn data() -> impl Strategy<Value = Data> {
+        prop_oneof![
+            proptest::collection::vec(any::<u8>(), 0..128).prop_map(Data::Binary),
+            ".{0,32}".prop_map(Data::String),
+            any::<i64>().prop_map(|n| Data::Json(serde_json::json!({ "pid": n }))),
+        ]
+    }
+
+    fn schema() -> impl Strategy<Value = Option<String>> {
+        prop_oneof![
+            prop::sample::select(MESSAGES).prop_map(|m| Some(format!("proto:{m}"))),
+            Just(None),
+            "[a-z]{1,6}:[ -~]{0,16}".prop_map(Some),
+        ]
+    }
+
+    /// `payload::<M>`: the message, or an error naming what was expected.
+    fn check<M: prost::Message + Name + Default>(event: &Event) -> Result<(), TestCaseError> {
+        if let Err(e) = payload::<M>(event) {
+            let text = e.to_string();
+            prop_assert!(text.contains(event.id()), "{}", text);
+            if !matches!(e, EventError::NoData { .. }) {
+                prop_assert!(text.contains(&M::full_name()), "{}", text);
+            }
+        }
+        Ok(())
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig {
+            // 256 cases unless `PROPTEST_CASES` says otherwise (long runs).
+            failure_persistence: None,
+            ..ProptestConfig::default()
+        })]
+
+        #[test]
+        fn fuzz_payload_and_to_json_arbitrary_data(
+            data in proptest::option::of(data()),
+            schema in schema(),
+        ) {
+            let mut event = EventBuilderV10::new().id("e-1").ty("t").source("/s").build().unwrap();
+            if let Some(schema) = schema.and_then(|s| url::Url::parse(&s).ok()) {
+                cloudevents::AttributesWriter::set_dataschema(&mut event, Some(schema));
+            }
+            if let Some(data) = data {
+                event.set_data_unchecked(data);
+            }
+            let json = to_json(&event);
+            prop_assert_eq!(&json["id"], "e-1");
+            check::<v1::ProcessExec>(&event)?;
+            check::<v1::ProcessExit>(&event)?;
+            check::<v1::OomKill>(&event)?;
+            check::<v1::TcpConnection>(&event)?;
+            check::<v1::ContainerRestart>(&event)?;
+            check::<v1::UnitStateChange>(&event)?;
+            check::<v1::JournalEntry>(&event)?;
+            check::<v1::PodMetadata>(&event)?;
+            check::<v1::Insight>(&event)?;
+            check::<v1::CollectorDrops>(&event)?;
+            check::<v1::PodChange>(&event)?;
+            check::<v1::NodeConditionChange>(&event)?;
+            check::<v1::RolloutChange>(&event)?;
+            check::<v1::EndpointsChange>(&event)?;
+            check::<v1::KubeEvent>(&event)?;
+        }
+    }
+}

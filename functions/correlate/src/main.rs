@@ -13,6 +13,8 @@
 
 mod bad_rollout;
 mod crash_loop;
+#[cfg(test)]
+mod fuzz_tests;
 mod observation;
 mod rule;
 mod rules;

@@ -26,26 +26,40 @@ pub struct RulesFile {
     pub sequence: Vec<SequenceRule>,
 }
 
+/// Why a rules file is refused: which file, and what in it.
+#[derive(Debug, thiserror::Error)]
+#[error("{origin}: {reason}")]
+pub struct RulesError {
+    /// The file (or "built-in rules").
+    pub origin: String,
+    /// What is wrong, naming the rule, key or value.
+    pub reason: String,
+}
+
 impl RulesFile {
     /// Parse and validate a rules file; `origin` names it in errors.
-    pub fn parse(text: &str, origin: &str) -> Result<RulesFile, String> {
-        let file: RulesFile = toml::from_str(text).map_err(|e| format!("{origin}: {e}"))?;
+    pub fn parse(text: &str, origin: &str) -> Result<RulesFile, RulesError> {
+        let refuse = |reason: String| RulesError {
+            origin: origin.to_string(),
+            reason,
+        };
+        let file: RulesFile = toml::from_str(text).map_err(|e| refuse(e.to_string()))?;
         let mut names = std::collections::BTreeSet::new();
         for rule in &file.sequence {
-            rule.validate().map_err(|e| format!("{origin}: {e}"))?;
+            rule.validate().map_err(refuse)?;
             if !names.insert(rule.name.as_str())
                 || ["crash-loop", "bad-rollout"].contains(&rule.name.as_str())
             {
-                return Err(format!("{origin}: two rules are named {:?}", rule.name));
+                return Err(refuse(format!("two rules are named {:?}", rule.name)));
             }
         }
         if let Some(c) = &file.crash_loop {
             c.validate()
-                .map_err(|e| format!("{origin}: [crash_loop] {e}"))?;
+                .map_err(|e| refuse(format!("[crash_loop] {e}")))?;
         }
         if let Some(c) = &file.bad_rollout {
             c.validate()
-                .map_err(|e| format!("{origin}: [bad_rollout] {e}"))?;
+                .map_err(|e| refuse(format!("[bad_rollout] {e}")))?;
         }
         Ok(file)
     }
@@ -144,7 +158,8 @@ mod tests {
     #[test]
     fn bad_files_are_refused_with_a_clear_message() {
         let err = RulesFile::parse("[[sequence]]\nname = \"x\"\nbogus = 1\n", "r.toml")
-            .expect_err("refused");
+            .expect_err("refused")
+            .to_string();
         assert!(err.contains("r.toml") && err.contains("bogus"), "{err}");
         let rule = |extra: &str, step: &str| {
             format!(
@@ -152,18 +167,29 @@ mod tests {
             )
         };
         assert!(RulesFile::parse(&rule("", ""), "ok").is_ok());
-        let err = RulesFile::parse(&rule("", "key = [\"labels.app\"]"), "f").expect_err("refused");
+        let err = RulesFile::parse(&rule("", "key = [\"labels.app\"]"), "f")
+            .expect_err("refused")
+            .to_string();
         assert!(err.contains("labels.app"), "{err}");
-        let err = RulesFile::parse(&rule("", "count = 0"), "f").expect_err("refused");
+        let err = RulesFile::parse(&rule("", "count = 0"), "f")
+            .expect_err("refused")
+            .to_string();
         assert!(err.contains("count"), "{err}");
-        let err = RulesFile::parse(&rule("severity = \"meh\"", ""), "f").expect_err("refused");
+        let err = RulesFile::parse(&rule("severity = \"meh\"", ""), "f")
+            .expect_err("refused")
+            .to_string();
         assert!(err.contains("severity"), "{err}");
-        let err = RulesFile::parse(&rule("", "optional = true"), "f").expect_err("refused");
+        let err = RulesFile::parse(&rule("", "optional = true"), "f")
+            .expect_err("refused")
+            .to_string();
         assert!(err.contains("required step"), "{err}");
-        let err = RulesFile::parse(&rule("", "").replace("5m", "5 min"), "f").expect_err("refused");
+        let err = RulesFile::parse(&rule("", "").replace("5m", "5 min"), "f")
+            .expect_err("refused")
+            .to_string();
         assert!(err.contains("5 min"), "{err}");
         let err = RulesFile::parse(&rule("", "").replace("s {key}", "s {count.zzz}"), "f")
-            .expect_err("refused");
+            .expect_err("refused")
+            .to_string();
         assert!(err.contains("zzz"), "{err}");
     }
 

@@ -455,7 +455,10 @@ impl SequenceRule {
                     revision: 1,
                 });
             }
-            Some(incident) if !duplicate && counted => incident.revision += 1,
+            // Saturating: the count comes from stored state, which may be anything.
+            Some(incident) if !duplicate && counted => {
+                incident.revision = incident.revision.saturating_add(1)
+            }
             Some(_) => {}
         }
         let finding = self.finding(&state, &assignment, key);

@@ -23,18 +23,21 @@ impl Window {
         let n: u64 = n
             .parse()
             .map_err(|_| format!("duration {s:?}: expected a number and a unit (30s, 10m, 2h)"))?;
-        let secs = match unit {
+        let per_unit = match unit {
             "ms" => return Ok(Window(std::time::Duration::from_millis(n))),
-            "s" => n,
-            "m" => n * 60,
-            "h" => n * 3600,
-            "d" => n * 86400,
+            "s" => 1,
+            "m" => 60,
+            "h" => 3600,
+            "d" => 86400,
             u => {
                 return Err(format!(
                     "duration {s:?}: unknown unit {u:?} (ms, s, m, h, d)"
                 ));
             }
         };
+        let secs = n
+            .checked_mul(per_unit)
+            .ok_or_else(|| format!("duration {s:?} is too long"))?;
         Ok(Window(std::time::Duration::from_secs(secs)))
     }
 }

@@ -314,6 +314,9 @@ pub async fn resolve<L: Lookup>(lookup: &L, event: &Event) -> Result<Enrichment,
 }
 
 #[cfg(test)]
+mod fuzz_tests;
+
+#[cfg(test)]
 mod tests {
     use super::*;
     use std::collections::HashMap;

@@ -535,6 +535,9 @@ pub fn otlp_request(event: &Event) -> ExportLogsServiceRequest {
 }
 
 #[cfg(test)]
+mod fuzz_tests;
+
+#[cfg(test)]
 mod tests {
     use super::*;
 

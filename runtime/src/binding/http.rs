@@ -10,7 +10,9 @@ use cloudevents::{AttributesReader, Data, Event};
 use http::{HeaderMap, HeaderValue, header::CONTENT_TYPE};
 use http_body_util::Full;
 
-use super::{BindingError, PREFIX, binary_event, decode_header_value, percent_encode};
+use super::{
+    BindingError, PREFIX, binary_event, check_structured, decode_header_value, percent_encode,
+};
 
 /// Content type of a structured-mode JSON CloudEvent.
 pub const STRUCTURED_CONTENT_TYPE: &str = "application/cloudevents+json";
@@ -30,7 +32,8 @@ pub fn from_http(headers: &HeaderMap, body: &[u8]) -> Result<Event, BindingError
         }
         if lower.starts_with(STRUCTURED_CONTENT_TYPE) {
             return serde_json::from_slice::<Event>(body)
-                .map_err(|e| BindingError::Structured(e.to_string()));
+                .map_err(|e| BindingError::Structured(e.to_string()))
+                .and_then(check_structured);
         }
     }
     let mut attributes = Vec::new();

@@ -8,6 +8,9 @@
 pub mod http;
 pub mod nats;
 
+#[cfg(test)]
+mod fuzz_tests;
+
 use cloudevents::event::{ExtensionValue, SpecVersion};
 use cloudevents::{AttributesWriter, Data, Event, EventBuilder, EventBuilderV10};
 
@@ -29,7 +32,8 @@ pub enum BindingError {
     #[error("missing required attribute {0}")]
     Missing(&'static str),
     /// Terminal: an attribute value could not be decoded or parsed.
-    #[error("attribute {name}: {reason}")]
+    /// Quoted, so an empty name (a bare `ce-` header) still reads as one.
+    #[error("attribute {name:?}: {reason}")]
     Attribute { name: String, reason: String },
     /// Terminal: a structured-mode payload is not a valid JSON CloudEvent.
     #[error("structured CloudEvent is not valid JSON event format: {0}")]
@@ -105,6 +109,16 @@ pub(crate) fn binary_event<N: AsRef<str>, V: AsRef<str>>(
                         reason: "extension names are lowercase letters and digits".into(),
                     });
                 }
+                // The JSON format reserves it: such an event could not be
+                // written structured (webhooks, `tail`) or read back.
+                if extension == "data" {
+                    return Err(BindingError::Attribute {
+                        name: extension.to_string(),
+                        reason:
+                            "\"data\" is reserved for the event data; it cannot be an extension"
+                                .into(),
+                    });
+                }
                 event.set_extension(extension, ExtensionValue::String(value.to_string()));
             }
         }
@@ -123,6 +137,35 @@ pub(crate) fn binary_event<N: AsRef<str>, V: AsRef<str>>(
         };
         event.set_datacontenttype(content_type);
         event.set_data_unchecked(data);
+    }
+    Ok(event)
+}
+
+/// The checks [`binary_event`] makes, for an event the SDK decoded from
+/// structured JSON (which takes any spec version, empty required
+/// attributes and any extension name).
+pub(crate) fn check_structured(event: Event) -> Result<Event, BindingError> {
+    use cloudevents::AttributesReader;
+    if event.specversion() != SpecVersion::V10 {
+        return Err(BindingError::SpecVersion(event.specversion().to_string()));
+    }
+    for (name, value) in [
+        ("id", event.id()),
+        ("source", event.source().as_str()),
+        ("type", event.ty()),
+    ] {
+        if value.is_empty() {
+            return Err(BindingError::Missing(name));
+        }
+    }
+    if let Some((name, _)) = event
+        .iter_extensions()
+        .find(|(name, _)| !valid_extension_name(name))
+    {
+        return Err(BindingError::Attribute {
+            name: name.to_string(),
+            reason: "extension names are lowercase letters and digits".into(),
+        });
     }
     Ok(event)
 }
@@ -227,7 +270,16 @@ pub(crate) fn decode_header_value_cow(raw: &str) -> Result<std::borrow::Cow<'_, 
     while i < bytes.len() {
         if bytes[i] == b'%' {
             let hex = bytes.get(i + 1..i + 3).ok_or("truncated percent escape")?;
-            let hex = std::str::from_utf8(hex).map_err(|_| "invalid percent escape")?;
+            // Two hex digits exactly: `from_str_radix` alone also takes "+1".
+            let hex = std::str::from_utf8(hex)
+                .ok()
+                .filter(|h| h.bytes().all(|b| b.is_ascii_hexdigit()))
+                .ok_or_else(|| {
+                    format!(
+                        "invalid percent escape %{}",
+                        String::from_utf8_lossy(&bytes[i + 1..(i + 3).min(bytes.len())])
+                    )
+                })?;
             decoded.push(
                 u8::from_str_radix(hex, 16)
                     .map_err(|_| format!("invalid percent escape %{hex}"))?,

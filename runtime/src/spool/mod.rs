@@ -38,7 +38,8 @@
 //! - [`FsyncPolicy::Never`]: whatever the OS had not written back yet.
 //!
 //! A crash in the middle of a write leaves a torn last record; opening the
-//! spool detects it (short frame, or CRC mismatch), counts its bytes as
+//! spool detects it (short frame, CRC mismatch, or a length over the
+//! segment size, refused before anything is read for it), counts its bytes as
 //! corrupt, and truncates it away so appends go on after the last whole
 //! record. A bad frame inside an older segment (disk corruption) ends the
 //! replay of that segment: the rest of it is counted as corrupt and skipped;
@@ -230,16 +231,28 @@ pub(crate) enum Frame {
     Corrupt,
 }
 
+/// The body length a frame header declares, if a frame of that length fits
+/// in `max_frame` bytes (the configured segment size: `append` refuses
+/// anything longer). Checked before anything is read or allocated for the
+/// body, so a corrupt length of up to 4 GiB costs nothing.
+fn declared_len(header: &[u8; FRAME_HEADER], max_frame: u64) -> Option<usize> {
+    let len = u32::from_le_bytes([header[0], header[1], header[2], header[3]]);
+    (FRAME_HEADER as u64 + u64::from(len) <= max_frame).then_some(len as usize)
+}
+
 /// Decode the frame at the start of `bytes` (`bytes` is everything up to
-/// the end of the segment). `None` at the exact end.
-pub(crate) fn decode_frame(bytes: &[u8]) -> Option<Frame> {
+/// the end of the segment), allowing frames of at most `max_frame` bytes.
+/// `None` at the exact end.
+pub(crate) fn decode_frame(bytes: &[u8], max_frame: u64) -> Option<Frame> {
     if bytes.is_empty() {
         return None;
     }
     let Some((header, rest)) = bytes.split_first_chunk::<FRAME_HEADER>() else {
         return Some(Frame::Torn);
     };
-    let len = u32::from_le_bytes([header[0], header[1], header[2], header[3]]) as usize;
+    let Some(len) = declared_len(header, max_frame) else {
+        return Some(Frame::Corrupt);
+    };
     let crc = u32::from_le_bytes([header[4], header[5], header[6], header[7]]);
     if rest.len() < len {
         return Some(Frame::Torn);
@@ -297,14 +310,19 @@ pub(crate) fn plan_append(
 ) -> Vec<Action> {
     let mut actions = Vec::new();
     let mut sizes: Vec<u64> = segments.iter().map(|s| s.bytes).collect();
+    // Saturating: `Spool::roll` refuses an id that is not new.
     let last_id = segments.last().map_or(0, |s| s.id);
     match sizes.last() {
         None => {
-            actions.push(Action::Roll { id: last_id + 1 });
+            actions.push(Action::Roll {
+                id: last_id.saturating_add(1),
+            });
             sizes.push(0);
         }
         Some(&active) if active > 0 && active + frame_len > config.segment_bytes => {
-            actions.push(Action::Roll { id: last_id + 1 });
+            actions.push(Action::Roll {
+                id: last_id.saturating_add(1),
+            });
             sizes.push(0);
         }
         Some(_) => {}
@@ -385,6 +403,14 @@ fn segment_path(dir: &Path, id: u64) -> PathBuf {
     dir.join(format!("{id:08}{SEGMENT_SUFFIX}"))
 }
 
+/// Segment ids only grow; one named `u64::MAX` (never rolled to) has no successor.
+fn no_next_segment(dir: &Path, id: u64) -> SpoolError {
+    SpoolError::Config(format!(
+        "segment {} has the last usable id, so no segment can follow it; move the spool's segments away",
+        segment_path(dir, id).display()
+    ))
+}
+
 impl Spool {
     /// Open (or create) the spool in `dir`, recovering from a crash: a torn
     /// or corrupt tail of the newest segment is truncated away.
@@ -426,24 +452,29 @@ impl Spool {
         for entry in fs::read_dir(&dir).map_err(io_err(&dir))? {
             let entry = entry.map_err(io_err(&dir))?;
             let name = entry.file_name();
+            // Only the spool's own spelling: `1.seg` or `+1.seg` would parse to
+            // an id whose file (`00000001.seg`) is another one, or none.
             if let Some(id) = name
                 .to_str()
                 .and_then(|n| n.strip_suffix(SEGMENT_SUFFIX))
                 .and_then(|n| n.parse::<u64>().ok())
+                .filter(|&id| segment_path(&dir, id).file_name() == Some(name.as_os_str()))
             {
                 ids.push(id);
             }
         }
         ids.sort_unstable();
+        if ids.last() == Some(&u64::MAX) {
+            return Err(no_next_segment(&dir, u64::MAX));
+        }
         let mut stats = SpoolStats::default();
         let mut segments = Vec::with_capacity(ids.len().max(1));
         for (i, &id) in ids.iter().enumerate() {
             let path = segment_path(&dir, id);
-            let bytes = fs::read(&path).map_err(io_err(&path))?;
-            let (ends, good) = scan(&bytes);
-            stats.corrupt_bytes += bytes.len() as u64 - good;
+            let (ends, good, size) = scan(&path, config.segment_bytes).map_err(io_err(&path))?;
+            stats.corrupt_bytes += size - good;
             let last = i + 1 == ids.len();
-            if last && good < bytes.len() as u64 {
+            if last && good < size {
                 // Torn tail: cut it so appends continue after the last whole record.
                 let file = OpenOptions::new()
                     .write(true)
@@ -640,6 +671,11 @@ impl Spool {
     }
 
     fn roll(&mut self, id: u64) -> Result<(), SpoolError> {
+        if let Some(last) = self.segments.last().map(|s| s.id)
+            && (id <= last || id == u64::MAX)
+        {
+            return Err(no_next_segment(&self.dir, last));
+        }
         if self.config.fsync != FsyncPolicy::Never && !self.segments.is_empty() {
             self.sync()?;
         }
@@ -735,6 +771,7 @@ impl Spool {
                 }
             }
             let (id, end) = (seg.id, seg.bytes);
+            let max_frame = self.config.segment_bytes;
             let path = segment_path(&self.dir, id);
             let file = match &mut self.reader {
                 Some((open, file)) if *open == id => file,
@@ -751,14 +788,16 @@ impl Spool {
                 }
                 file.seek(SeekFrom::Start(self.read.offset))?;
                 file.read_exact(&mut header)?;
-                let len = u32::from_le_bytes([header[0], header[1], header[2], header[3]]) as u64;
-                if FRAME_HEADER as u64 + len > available {
+                let Some(len) = declared_len(&header, max_frame) else {
+                    return Ok(Some(Frame::Corrupt));
+                };
+                if (FRAME_HEADER + len) as u64 > available {
                     return Ok(Some(Frame::Torn));
                 }
-                let mut buf = vec![0u8; FRAME_HEADER + len as usize];
+                let mut buf = vec![0u8; FRAME_HEADER + len];
                 buf[..FRAME_HEADER].copy_from_slice(&header);
                 file.read_exact(&mut buf[FRAME_HEADER..])?;
-                Ok(decode_frame(&buf))
+                Ok(decode_frame(&buf, max_frame))
             })();
             match result {
                 Ok(Some(Frame::Record { record, len })) => {
@@ -892,16 +931,44 @@ impl Spool {
     }
 }
 
-/// Scan a segment's bytes: the end offsets of its whole records and how
-/// many leading bytes are whole records.
-fn scan(bytes: &[u8]) -> (Vec<u64>, u64) {
+/// Scan a segment file: the end offsets of its whole records, how many
+/// leading bytes are whole records, and the file's size. Reads one frame at
+/// a time (each at most `max_frame` bytes), never the whole file.
+fn scan(path: &Path, max_frame: u64) -> io::Result<(Vec<u64>, u64, u64)> {
+    let file = File::open(path)?;
+    let size = file.metadata()?.len();
+    let mut reader = io::BufReader::new(file);
     let mut ends = Vec::new();
-    let mut at = 0usize;
-    while let Some(Frame::Record { len, .. }) = decode_frame(&bytes[at..]) {
-        at += len;
-        ends.push(at as u64);
+    let mut at = 0u64;
+    let mut frame = Vec::new();
+    loop {
+        let mut header = [0u8; FRAME_HEADER];
+        match reader.read_exact(&mut header) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => break,
+            Err(e) => return Err(e),
+        }
+        let Some(len) = declared_len(&header, max_frame) else {
+            break;
+        };
+        if at + (FRAME_HEADER + len) as u64 > size {
+            break;
+        }
+        frame.clear();
+        frame.extend_from_slice(&header);
+        frame.resize(FRAME_HEADER + len, 0);
+        match reader.read_exact(&mut frame[FRAME_HEADER..]) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => break,
+            Err(e) => return Err(e),
+        }
+        let Some(Frame::Record { len, .. }) = decode_frame(&frame, max_frame) else {
+            break;
+        };
+        at += len as u64;
+        ends.push(at);
     }
-    (ends, at as u64)
+    Ok((ends, at, size))
 }
 
 fn sync_dir(dir: &Path) -> Result<(), SpoolError> {
@@ -946,7 +1013,14 @@ fn write_ack(dir: &Path, cursor: Cursor, durable: bool) -> Result<(), SpoolError
 }
 
 fn read_ack(dir: &Path) -> Option<Cursor> {
-    let bytes = fs::read(dir.join(ACK_FILE)).ok()?;
+    // One byte more than an ack tells a longer (corrupt) file apart
+    // without reading all of it.
+    let mut bytes = Vec::with_capacity(21);
+    File::open(dir.join(ACK_FILE))
+        .ok()?
+        .take(21)
+        .read_to_end(&mut bytes)
+        .ok()?;
     let bytes: [u8; 20] = bytes.try_into().ok()?;
     let (body, crc) = bytes.split_at(16);
     if crc32(body).to_le_bytes() != crc {
@@ -1026,20 +1100,24 @@ mod tests {
         let f = r.framed();
         assert_eq!(f, frame(&r.encode()));
         assert_eq!(
-            decode_frame(&f),
+            decode_frame(&f, u64::MAX),
             Some(Frame::Record {
                 record: r.clone(),
                 len: f.len()
             })
         );
         for cut in 1..f.len() {
-            assert_eq!(decode_frame(&f[..cut]), Some(Frame::Torn), "cut at {cut}");
+            assert_eq!(
+                decode_frame(&f[..cut], u64::MAX),
+                Some(Frame::Torn),
+                "cut at {cut}"
+            );
         }
         let mut flipped = f.clone();
         let last = flipped.len() - 1;
         flipped[last] ^= 0x40;
-        assert_eq!(decode_frame(&flipped), Some(Frame::Corrupt));
-        assert_eq!(decode_frame(&[]), None);
+        assert_eq!(decode_frame(&flipped, u64::MAX), Some(Frame::Corrupt));
+        assert_eq!(decode_frame(&[], u64::MAX), None);
     }
 
     #[test]
@@ -1271,6 +1349,8 @@ mod tests {
     }
 }
 
+#[cfg(test)]
+mod fuzz_tests;
 #[cfg(test)]
 mod model_tests;
 
