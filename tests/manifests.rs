@@ -1100,7 +1100,26 @@ fn collectors_run_as_daemonsets_with_least_privilege() {
                 serde_json::json!([190]),
                 "{name}: systemd-journal only"
             );
-            // The hostPath spool is handed to it by an init container that may only chown.
+        } else {
+            assert!(groups.is_null(), "{name}: no supplementary groups");
+        }
+        // Every spool is a hostPath (it outlives the pod); a non-root
+        // collector has it handed over by an init container that may only chown.
+        let short = name.trim_start_matches("tidewatch-collector-");
+        let spool_mount = format!("/var/lib/tidewatch/spool/{short}");
+        let spool = pod["volumes"]
+            .as_array()
+            .expect("volumes")
+            .iter()
+            .find(|v| v["name"] == "spool")
+            .expect("a spool volume");
+        assert_eq!(
+            spool["hostPath"]["type"], "DirectoryOrCreate",
+            "{name}: {spool}"
+        );
+        if ebpf {
+            assert!(pod["initContainers"].is_null(), "{name}");
+        } else {
             let inits = pod["initContainers"].as_array().expect("init container");
             assert_eq!(inits.len(), 1);
             let init = &inits[0];
@@ -1116,26 +1135,25 @@ fn collectors_run_as_daemonsets_with_least_privilege() {
                 .iter()
                 .filter_map(Value::as_str)
                 .collect();
+            let uid = psc["runAsUser"].to_string();
             assert_eq!(
                 command,
                 [
                     "/usr/local/bin/tidewatch",
                     "own-dir",
                     "--uid",
-                    "65534",
+                    uid.as_str(),
                     "--gid",
-                    "65534",
-                    "/var/lib/tidewatch/spool/systemd"
-                ]
+                    uid.as_str(),
+                    spool_mount.as_str(),
+                ],
+                "{name}"
             );
             assert_eq!(
                 init["volumeMounts"],
-                serde_json::json!([{"name": "spool", "mountPath": "/var/lib/tidewatch/spool/systemd"}]),
+                serde_json::json!([{"name": "spool", "mountPath": spool_mount}]),
                 "the init container sees the spool only"
             );
-        } else {
-            assert!(groups.is_null(), "{name}: no supplementary groups");
-            assert!(pod["initContainers"].is_null(), "{name}");
         }
         // Every collector has an outage spool mounted where it is told to write it.
         let env = c["env"].as_array().expect("env");

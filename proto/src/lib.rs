@@ -21,4 +21,4 @@ pub mod schema;
 #[cfg(test)]
 mod fuzz_tests;
 
-pub use schema::{PROTOBUF_CONTENT_TYPE, SchemaError, decode_json, encode_json, schema_url};
+pub use schema::{PROTOBUF_CONTENT_TYPE, SchemaError, check, decode_json, encode_json, schema_url};

@@ -57,6 +57,21 @@ macro_rules! registry {
             Err(SchemaError::UnknownSchema(dataschema.to_string()))
         }
 
+        /// Whether `data` is a valid encoding of the message `dataschema`
+        /// names (decoded and dropped: for a consumer that must refuse a
+        /// malformed payload before passing it on).
+        pub fn check(dataschema: &str, data: &[u8]) -> Result<(), SchemaError> {
+            let name = dataschema.strip_prefix(SCHEMA_PREFIX).unwrap_or(dataschema);
+            $(
+                if name == <v1::$msg as Name>::full_name() {
+                    return <v1::$msg as prost::Message>::decode(data)
+                        .map(drop)
+                        .map_err(|source| SchemaError::Decode { message: stringify!($msg), source });
+                }
+            )*
+            Err(SchemaError::UnknownSchema(dataschema.to_string()))
+        }
+
         /// Build the protobuf encoding of the message named by `dataschema` from JSON.
         pub fn encode_json(dataschema: &str, json: serde_json::Value) -> Result<Vec<u8>, SchemaError> {
             let name = dataschema.strip_prefix(SCHEMA_PREFIX).unwrap_or(dataschema);
@@ -94,6 +109,23 @@ registry!(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn check_refuses_what_does_not_decode() {
+        let schema = schema_url::<v1::OomKill>();
+        assert!(
+            check(&schema, &[]).is_ok(),
+            "empty is a valid (default) message"
+        );
+        assert!(matches!(
+            check(&schema, &[0xff, 0xff, 0xff, 0x0f]),
+            Err(SchemaError::Decode { .. })
+        ));
+        assert!(matches!(
+            check("proto:tidewatch.v1.Nope", &[]),
+            Err(SchemaError::UnknownSchema(_))
+        ));
+    }
 
     #[test]
     fn json_round_trip_through_protobuf() {

@@ -36,9 +36,6 @@ pub struct PullConfig {
     pub consumer: String,
     /// Most messages asked for in one pull request.
     pub batch: usize,
-    /// Most bytes asked for in one pull request: bounds what a replica holds
-    /// before handlers look at it, whatever the batch size.
-    pub batch_bytes: usize,
     /// Handlers running at once.
     pub concurrency: usize,
     /// How long one pull request waits for messages; bounds shutdown latency when idle.
@@ -72,7 +69,6 @@ impl PullConfig {
             stream: stream.into(),
             consumer: consumer.into(),
             batch: 128,
-            batch_bytes: 16 * 1024 * 1024,
             concurrency: 64,
             fetch_expires: Duration::from_secs(1),
             retry_backoff: Duration::from_millis(500),
@@ -246,7 +242,15 @@ pub async fn run<F: Function>(
             batch = consumer
                 .batch()
                 .max_messages(room)
-                .max_bytes(config.batch_bytes)
+                // No `max_bytes`: what a replica holds is already bounded by
+                // the batch times the streams' max_msg_size (the server
+                // refuses bigger messages at publish). And with max_bytes
+                // an R3 consumer answers `409 Batch Completed` as soon as the
+                // count is reached, which can overtake the last messages
+                // (they wait for quorum); async-nats ends the batch on the
+                // 409, so those deliveries were lost, and the same thing
+                // happened on every redelivery until max_deliver (the
+                // leader-kill fault test found it, with no fault at all).
                 .expires(config.fetch_expires)
                 .messages() => batch,
         };

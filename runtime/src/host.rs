@@ -80,6 +80,11 @@ pub struct FunctionArgs {
     /// Un-acked publishes allowed at once.
     #[arg(long, env = "TIDEWATCH_MAX_IN_FLIGHT", default_value_t = 1024)]
     pub max_in_flight: usize,
+    /// Seconds one input may be held and retried in-process while a
+    /// dependency (KV, a sink, NATS itself) is down, before a retry counts
+    /// as a delivery: see `PullConfig::dependency_budget`.
+    #[arg(long, env = "TIDEWATCH_DEPENDENCY_BUDGET_SECS", default_value_t = 900)]
+    pub dependency_budget_secs: u64,
 }
 
 impl FunctionArgs {
@@ -178,7 +183,8 @@ impl Host {
                 );
                 let mut config = PullConfig::new(stream.name, self.spec.consumer.durable)
                     .batch(self.args.batch.unwrap_or(self.spec.concurrency))
-                    .concurrency(self.args.concurrency.unwrap_or(self.spec.concurrency));
+                    .concurrency(self.args.concurrency.unwrap_or(self.spec.concurrency))
+                    .dependency_budget(Duration::from_secs(self.args.dependency_budget_secs));
                 if let Some(connects) = self.connects.clone() {
                     config = config.connects(connects);
                 }

@@ -132,7 +132,11 @@ pub fn start_function(
         .env("NATS_URL", server.client_url())
         .env("TIDEWATCH_METRICS_ADDR", "127.0.0.1:0")
         .env("TIDEWATCH_TRANSPORT", "jetstream")
-        .env("RUST_LOG", "warn")
+        // A function's own logs, for debugging a test: TIDEWATCH_TEST_FUNCTION_LOG=debug.
+        .env(
+            "RUST_LOG",
+            std::env::var("TIDEWATCH_TEST_FUNCTION_LOG").unwrap_or("warn".into()),
+        )
         .args(args)
         .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::null())

@@ -57,6 +57,9 @@ impl resolve::Lookup for Arc<PodCache> {
 
 impl Function for Enrich {
     async fn handle(&self, event: Event, _ctx: &Context) -> Outcome {
+        if let Err(e) = check_payload(&event) {
+            return Outcome::reject(e.to_string());
+        }
         let (collector, node) =
             topology::parse_source(event.source()).unwrap_or(("external", "unknown"));
         let subject = subjects::enriched(collector, node);
@@ -70,6 +73,28 @@ impl Function for Enrich {
             subject,
             event: out,
         })
+    }
+}
+
+/// Refuse protobuf data that does not decode as the message its
+/// `dataschema` names: passed on, it would reach correlate as an event that
+/// says nothing, and nobody would learn the producer is broken. Unknown
+/// schemas and other content types (JSON) pass.
+fn check_payload(event: &Event) -> Result<(), tidewatch_proto::SchemaError> {
+    let (Some(schema), Some(cloudevents::Data::Binary(bytes))) = (event.dataschema(), event.data())
+    else {
+        return Ok(());
+    };
+    // Binary data under a proto schema, said to be protobuf or not said.
+    if event
+        .datacontenttype()
+        .is_some_and(|ct| ct != tidewatch_proto::PROTOBUF_CONTENT_TYPE)
+    {
+        return Ok(());
+    }
+    match tidewatch_proto::check(schema.as_str(), bytes) {
+        Err(e @ tidewatch_proto::SchemaError::Decode { .. }) => Err(e),
+        _ => Ok(()),
     }
 }
 
@@ -117,6 +142,38 @@ mod spec_tests {
         assert_eq!(
             (spec.name, spec.consumer.stream, spec.output_stream),
             ("enrich", "raw", Some("enriched"))
+        );
+    }
+}
+
+#[cfg(test)]
+mod payload_tests {
+    use cloudevents::{EventBuilder, EventBuilderV10};
+
+    fn event(content_type: Option<&str>, data: Vec<u8>) -> cloudevents::Event {
+        EventBuilderV10::new()
+            .id("1")
+            .source("/s")
+            .ty("tidewatch.kernel.oom_kill")
+            .data_with_schema(
+                content_type.unwrap_or("application/protobuf"),
+                "proto:tidewatch.v1.OomKill",
+                data,
+            )
+            .build()
+            .expect("event")
+    }
+
+    #[test]
+    fn protobuf_that_does_not_decode_is_refused() {
+        let bad = vec![0xff, 0xff, 0xff, 0x0f];
+        let err = super::check_payload(&event(Some("application/protobuf"), bad.clone()))
+            .expect_err("refused");
+        assert!(err.to_string().contains("OomKill"), "{err}");
+        assert!(super::check_payload(&event(Some("application/protobuf"), Vec::new())).is_ok());
+        assert!(
+            super::check_payload(&event(Some("application/json"), bad)).is_ok(),
+            "JSON is not protobuf's to refuse"
         );
     }
 }

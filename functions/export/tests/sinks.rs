@@ -330,6 +330,9 @@ fn start_export(server: &NatsServer, args: &[String]) -> Child {
         .env("NATS_URL", server.client_url())
         .env("TIDEWATCH_METRICS_ADDR", "127.0.0.1:0")
         .env("TIDEWATCH_TRANSPORT", "jetstream")
+        // Sink retries as redeliveries (what these tests count), not held
+        // in-process: the runtime's holding is tested in runtime/tests.
+        .env("TIDEWATCH_DEPENDENCY_BUDGET_SECS", "0")
         .env("RUST_LOG", "warn")
         .args(args)
         .stdin(Stdio::null())
@@ -700,6 +703,9 @@ async fn an_open_breaker_fails_fast_without_calling_the_sink_until_its_trial() {
     let mut export = Command::new(env!("CARGO_BIN_EXE_tidewatch-export"))
         .env("NATS_URL", server.client_url())
         .env("TIDEWATCH_TRANSPORT", "jetstream")
+        // Sink retries as redeliveries (what these tests count), not held
+        // in-process: the runtime's holding is tested in runtime/tests.
+        .env("TIDEWATCH_DEPENDENCY_BUDGET_SECS", "0")
         .env("RUST_LOG", "warn")
         .args([
             "--metrics-addr".into(),
@@ -928,6 +934,9 @@ async fn otlp_over_https_with_the_ca_file_from_the_environment() {
         .env("NATS_URL", server.client_url())
         .env("TIDEWATCH_METRICS_ADDR", "127.0.0.1:0")
         .env("TIDEWATCH_TRANSPORT", "jetstream")
+        // Sink retries as redeliveries (what these tests count), not held
+        // in-process: the runtime's holding is tested in runtime/tests.
+        .env("TIDEWATCH_DEPENDENCY_BUDGET_SECS", "0")
         .env("RUST_LOG", "warn")
         .env("TIDEWATCH_EXPORT_STDOUT", "false")
         .env(
@@ -990,6 +999,9 @@ async fn without_the_ca_tls_sinks_fail_clearly_and_the_insight_is_retried_then_d
         .env("NATS_URL", server.client_url())
         .env("TIDEWATCH_METRICS_ADDR", "127.0.0.1:0")
         .env("TIDEWATCH_TRANSPORT", "jetstream")
+        // Sink retries as redeliveries (what these tests count), not held
+        // in-process: the runtime's holding is tested in runtime/tests.
+        .env("TIDEWATCH_DEPENDENCY_BUDGET_SECS", "0")
         .env("RUST_LOG", "warn")
         .env("SSL_CERT_FILE", &system_roots)
         .env_remove("SSL_CERT_DIR")
@@ -1072,6 +1084,9 @@ async fn failed_start(server: &NatsServer, args: &[&str]) -> String {
         .env("NATS_URL", server.client_url())
         .env("TIDEWATCH_METRICS_ADDR", "127.0.0.1:0")
         .env("TIDEWATCH_TRANSPORT", "jetstream")
+        // Sink retries as redeliveries (what these tests count), not held
+        // in-process: the runtime's holding is tested in runtime/tests.
+        .env("TIDEWATCH_DEPENDENCY_BUDGET_SECS", "0")
         .env("RUST_LOG", "warn")
         .env_remove("TIDEWATCH_EXPORT_CA_FILE")
         .args(args)

@@ -167,8 +167,11 @@ pub fn from_nats(headers: Option<&HeaderMap>, payload: &[u8]) -> Result<Event, B
             && ct.is_char_boundary(STRUCTURED_PREFIX.len())
             && ct[..STRUCTURED_PREFIX.len()].eq_ignore_ascii_case(STRUCTURED_PREFIX)
     }) {
+        // The same checks as binary mode and HTTP: an event is valid
+        // whichever way it was written.
         return serde_json::from_slice::<Event>(payload)
-            .map_err(|e| BindingError::Structured(e.to_string()));
+            .map_err(|e| BindingError::Structured(e.to_string()))
+            .and_then(super::check_structured);
     }
     binary_event(&attributes, payload)
 }
@@ -286,6 +289,26 @@ mod tests {
             "structured: decode to know"
         );
         assert_eq!(peek_type(None), None);
+    }
+
+    #[test]
+    fn structured_mode_gets_the_checks_binary_mode_gets() {
+        let mut headers = HeaderMap::new();
+        headers.insert("content-type", "application/cloudevents+json");
+        for (json, what) in [
+            (
+                serde_json::json!({"specversion": "1.0", "id": "", "source": "/s", "type": "t"}),
+                "id",
+            ),
+            (
+                serde_json::json!({"specversion": "1.0", "id": "1", "source": "/s", "type": "t", "Bad_Ext": "x"}),
+                "Bad_Ext",
+            ),
+        ] {
+            let err = from_nats(Some(&headers), &serde_json::to_vec(&json).expect("json"))
+                .expect_err("refused");
+            assert!(err.to_string().contains(what), "{err}");
+        }
     }
 
     #[test]

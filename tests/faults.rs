@@ -1,0 +1,689 @@
+//! The fault suite: real nats-servers (a 3-node R3 cluster where the fault
+//! needs one), the real function binaries, and a fault injected while events
+//! flow. Every scenario counts what happened to the events: published and
+//! acked, stored, delivered downstream, dead-lettered, **lost** (acked but
+//! never out the other end: must be 0) and **duplicated** (the same
+//! CloudEvent id stored twice downstream), and prints one `FAULT` line with
+//! those numbers and the recovery time; README.md#faults has the table.
+//!
+//! CI runs the short variants. `TIDEWATCH_FAULT_EVENTS` (default 20000)
+//! sets the leader-kill burst and `TIDEWATCH_FAULT_PAUSE_SECS` (default 60)
+//! the KV pause: `TIDEWATCH_FAULT_EVENTS=100000 cargo test --test faults --
+//! --nocapture` is the long run.
+
+mod common;
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use async_nats::jetstream;
+use cloudevents::AttributesReader;
+use futures::StreamExt;
+use tidewatch_runtime::dead_letter::{KIND_HEADER, REASON_HEADER};
+use tidewatch_runtime::metrics::Metrics;
+use tidewatch_runtime::provision::{ProvisionOptions, provision};
+use tidewatch_runtime::publisher::{Publisher, PublisherConfig};
+use tidewatch_runtime::topology::{self, subjects, types};
+use tidewatch_testkit::{NatsCluster, NatsServer, eventually};
+
+fn env_number(name: &str, default: u64) -> u64 {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+/// Start a function binary against `urls` (comma-separated).
+fn function(name: &str, urls: &str) -> tokio::process::Child {
+    tokio::process::Command::new(common::binary(name))
+        .env("NATS_URL", urls)
+        .env("TIDEWATCH_METRICS_ADDR", "127.0.0.1:0")
+        .env("TIDEWATCH_TRANSPORT", "jetstream")
+        .env(
+            "RUST_LOG",
+            std::env::var("TIDEWATCH_TEST_FUNCTION_LOG").unwrap_or("warn".into()),
+        )
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::inherit())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("function starts")
+}
+
+/// Every message of `stream`, read with an ordered consumer (fast, and
+/// nothing left behind): CloudEvent id → how many times stored.
+async fn ids_in(js: &jetstream::Context, stream: &str) -> HashMap<String, u64> {
+    let stream = js.get_stream(stream).await.expect("stream");
+    let total = stream.get_info().await.expect("info").state.messages;
+    let mut ids = HashMap::new();
+    if total == 0 {
+        return ids;
+    }
+    let consumer = stream
+        .create_consumer(jetstream::consumer::pull::OrderedConfig::default())
+        .await
+        .expect("ordered consumer");
+    let mut messages = consumer.messages().await.expect("messages");
+    let mut read = 0;
+    while read < total {
+        let message = tokio::time::timeout(Duration::from_secs(30), messages.next())
+            .await
+            .expect("stream read stalled")
+            .expect("stream ended")
+            .expect("message");
+        read += 1;
+        let id = message
+            .headers
+            .as_ref()
+            .and_then(|h| h.get("ce-id"))
+            .map(|v| v.as_str().to_string())
+            .unwrap_or_else(|| format!("<no id at {read}>"));
+        *ids.entry(id).or_default() += 1;
+    }
+    ids
+}
+
+/// What a scenario did to `published` events, downstream in `stream`.
+struct Count {
+    published: u64,
+    stored_downstream: u64,
+    lost: u64,
+    duplicated: u64,
+    dead_lettered: u64,
+}
+
+async fn count(js: &jetstream::Context, published: &[String], downstream: &str) -> Count {
+    let ids = ids_in(js, downstream).await;
+    let dead = js
+        .get_stream(topology::DEAD_LETTER.name)
+        .await
+        .expect("dlq")
+        .get_info()
+        .await
+        .expect("info")
+        .state
+        .messages;
+    if dead > 0 {
+        eprintln!("dead letters by consumer, kind and reason:");
+        for (why, n) in dead_letter_reasons(js).await {
+            eprintln!("  {n:>6} × {why}");
+        }
+    }
+    Count {
+        published: published.len() as u64,
+        stored_downstream: ids.len() as u64,
+        lost: published.iter().filter(|id| !ids.contains_key(*id)).count() as u64,
+        duplicated: ids.values().map(|n| n - 1).sum(),
+        dead_lettered: dead,
+    }
+}
+
+/// Dead letters grouped by consumer, kind and the start of the reason.
+async fn dead_letter_reasons(js: &jetstream::Context) -> Vec<(String, u64)> {
+    let stream = js
+        .get_stream(topology::DEAD_LETTER.name)
+        .await
+        .expect("dlq");
+    let consumer = stream
+        .create_consumer(jetstream::consumer::pull::OrderedConfig::default())
+        .await
+        .expect("ordered consumer");
+    let total = stream.get_info().await.expect("info").state.messages;
+    let mut messages = consumer.messages().await.expect("messages");
+    let mut groups: std::collections::BTreeMap<String, u64> = Default::default();
+    for _ in 0..total {
+        let Ok(Some(Ok(m))) = tokio::time::timeout(Duration::from_secs(10), messages.next()).await
+        else {
+            break;
+        };
+        let get = |name: &str| {
+            m.headers
+                .as_ref()
+                .and_then(|h| h.get(name))
+                .map(|v| v.as_str().to_string())
+                .unwrap_or_default()
+        };
+        let reason: String = get(REASON_HEADER).chars().take(90).collect();
+        *groups
+            .entry(format!(
+                "{} {}: {reason}",
+                get(tidewatch_runtime::dead_letter::CONSUMER_HEADER),
+                get(KIND_HEADER)
+            ))
+            .or_default() += 1;
+    }
+    groups.into_iter().collect()
+}
+
+fn report(fault: &str, c: &Count, recovery: Duration) {
+    eprintln!(
+        "FAULT | {fault} | published+acked {} | stored downstream {} | dead-lettered {} | lost {} | duplicated {} | recovered in {:.1} s",
+        c.published,
+        c.stored_downstream,
+        c.dead_lettered,
+        c.lost,
+        c.duplicated,
+        recovery.as_secs_f64()
+    );
+}
+
+/// Publish `event` until the stream acknowledges it, as a collector's outbox
+/// does (same id every time, so a retry whose first try was stored is
+/// deduplicated).
+async fn publish_until_acked(publisher: &Publisher, event: &cloudevents::Event) {
+    let (collector, node) = topology::parse_source(event.source()).expect("tidewatch source");
+    let subject = subjects::raw(collector, node);
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        match publisher.publish(subject.as_str(), event).await {
+            Ok(_) => return,
+            Err(e) if Instant::now() < deadline => {
+                tracing_free_log(&format!("publish {} failed, retrying: {e}", event.id()));
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            Err(e) => panic!("{} never acked: {e}", event.id()),
+        }
+    }
+}
+
+/// Rare retry lines, kept short.
+fn tracing_free_log(line: &str) {
+    static SEEN: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    if SEEN.fetch_add(1, std::sync::atomic::Ordering::Relaxed) < 5 {
+        eprintln!("{line}");
+    }
+}
+
+/// Wait until `durables` have nothing pending or un-acked (long: a cluster
+/// that lost a node takes a while).
+async fn drained(js: &jetstream::Context, durables: &[&str], within: Duration) -> Duration {
+    let started = Instant::now();
+    eventually("the pipeline to drain", within, || async {
+        for d in durables {
+            let stream = js
+                .get_stream(topology::stream(stream_of(d)).expect("stream").name)
+                .await
+                .ok()?;
+            let mut consumer: jetstream::consumer::PullConsumer =
+                stream.get_consumer(d).await.ok()?;
+            let info = consumer.info().await.ok()?;
+            if info.num_pending != 0 || info.num_ack_pending != 0 {
+                return None;
+            }
+        }
+        Some(())
+    })
+    .await;
+    started.elapsed()
+}
+
+fn stream_of(durable: &str) -> &'static str {
+    common::consumers()
+        .into_iter()
+        .find(|c| c.durable == durable)
+        .map(|c| c.stream)
+        .expect("a known consumer")
+}
+
+fn cluster_urls(cluster: &NatsCluster, nodes: &[usize]) -> String {
+    nodes
+        .iter()
+        .map(|&n| cluster.client_url(n))
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+async fn client_of(urls: &str) -> async_nats::Client {
+    let servers: Vec<String> = urls.split(',').map(String::from).collect();
+    async_nats::ConnectOptions::new()
+        .retry_on_initial_connect()
+        .connect(servers)
+        .await
+        .expect("connect")
+}
+
+fn publisher_on(client: &async_nats::Client) -> Publisher {
+    Publisher::new(
+        client.clone(),
+        PublisherConfig::default()
+            .max_in_flight(512)
+            .ack_timeout(Duration::from_secs(5)),
+        Metrics::new("fault-producer"),
+    )
+}
+
+/// SIGKILL the raw stream's leader a third of the way into a burst through
+/// the whole pipeline (enrich, correlate): every acked event comes out of
+/// enrich exactly once; correlate keeps up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stream_leader_killed_during_a_burst_loses_nothing() {
+    let events = env_number("TIDEWATCH_FAULT_EVENTS", 20_000);
+    let mut cluster = NatsCluster::start().await;
+    let urls = cluster_urls(&cluster, &[0, 1, 2]);
+    let client = client_of(&urls).await;
+    let js = jetstream::new(client.clone());
+    provision(
+        &js,
+        &common::consumers(),
+        &ProvisionOptions::default().replicas(3).cap_bytes(1 << 30),
+    )
+    .await
+    .expect("provision R3");
+    let _enrich = function("tidewatch-enrich", &urls);
+    let _correlate = function("tidewatch-correlate", &urls);
+    let publisher = publisher_on(&client);
+
+    let ids: Vec<String> = (0..events).map(|i| format!("burst-{i}")).collect();
+    let mut killed = None;
+    let started = Instant::now();
+    let mut in_flight = futures::stream::FuturesUnordered::new();
+    for (i, id) in ids.iter().enumerate() {
+        if i as u64 == events / 3 {
+            let leader = cluster
+                .stream_leader(&client, topology::RAW.name)
+                .await
+                .expect("raw has a leader");
+            cluster.kill(leader).await;
+            killed = Some((leader, Instant::now()));
+        }
+        let mut event = common::restart_event(i as u64, &format!("p{}", i % 200));
+        cloudevents::event::AttributesWriter::set_id(&mut event, id.clone());
+        let publisher = publisher.clone();
+        in_flight.push(async move { publish_until_acked(&publisher, &event).await });
+        while in_flight.len() >= 256 {
+            in_flight.next().await;
+        }
+    }
+    while in_flight.next().await.is_some() {}
+    let published_in = started.elapsed();
+    let (leader, killed_at) = killed.expect("killed during the burst");
+    let drain = drained(&js, &["enrich", "correlate"], Duration::from_secs(600)).await;
+    let recovery = killed_at.elapsed();
+    let c = count(&js, &ids, topology::ENRICHED.name).await;
+    report(
+        &format!(
+            "raw stream leader n{leader} SIGKILLed after {} of {events} events",
+            events / 3
+        ),
+        &c,
+        recovery,
+    );
+    eprintln!("published in {published_in:?}; drained {drain:?} after the last publish");
+    assert_eq!(c.lost, 0, "acked events that never came out of enrich");
+    assert_eq!(c.duplicated, 0, "events enriched twice");
+    assert_eq!(c.dead_lettered, 0);
+    cluster.restart(leader).await;
+}
+
+/// The pods bucket (R1, so its node is the only copy) paused with SIGSTOP
+/// for a minute while events arrive that need it: enrich holds them (progress
+/// acks, no deliveries burned), nothing is dead-lettered, and everything
+/// comes out once the node resumes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_kv_outage_dead_letters_nothing_and_everything_flows_after() {
+    let pause = Duration::from_secs(env_number("TIDEWATCH_FAULT_PAUSE_SECS", 60));
+    let cluster = NatsCluster::start().await;
+    let all = cluster_urls(&cluster, &[0, 1, 2]);
+    let admin = client_of(&all).await;
+    let js = jetstream::new(admin.clone());
+    // Few deliveries: what used to dead-letter a KV outage within
+    // seconds (each retry was a nak after 1 s).
+    provision(
+        &js,
+        &common::consumers(),
+        &ProvisionOptions::default()
+            .replicas(3)
+            .cap_bytes(1 << 30)
+            .max_deliver(3),
+    )
+    .await
+    .expect("provision");
+    let bucket = format!("KV_{}", topology::POD_METADATA.bucket);
+    let mut config = js
+        .get_stream(&bucket)
+        .await
+        .expect("bucket")
+        .cached_info()
+        .config
+        .clone();
+    config.num_replicas = 1;
+    js.update_stream(config).await.expect("pods bucket to R1");
+    // Wait for the scale-down to finish: until then the info names the old
+    // R3 leader, which may not be the node that keeps the one copy.
+    let kv_node = eventually(
+        "the R1 bucket's only node",
+        Duration::from_secs(30),
+        || async {
+            let mut stream = js.get_stream(&bucket).await.ok()?;
+            let info = stream.info().await.ok()?.clone();
+            let placement = info.cluster?;
+            if !placement.replicas.is_empty() {
+                return None;
+            }
+            cluster.node_index(placement.leader.as_deref()?)
+        },
+    )
+    .await;
+    let others: Vec<usize> = (0..3).filter(|&n| n != kv_node).collect();
+    let urls = cluster_urls(&cluster, &others);
+    let client = client_of(&urls).await;
+    let js = jetstream::new(client.clone());
+    let _enrich = function("tidewatch-enrich", &urls);
+    let publisher = publisher_on(&client);
+    // Warm up: the pipeline runs before the fault.
+    publish_until_acked(&publisher, &common::restart_event(0, "warm")).await;
+    drained(&js, &["enrich"], Duration::from_secs(60)).await;
+
+    let pid = cluster.pid(kv_node).expect("running");
+    let paused_at = Instant::now();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid as i32),
+        nix::sys::signal::Signal::SIGSTOP,
+    )
+    .expect("SIGSTOP");
+    // Every event names a pod enrich has never seen: each is a KV read.
+    let mut ids = vec!["restart-0".to_string()];
+    for i in 1..=200u64 {
+        let event = common::restart_event(i, &format!("outage-{i}"));
+        ids.push(event.id().to_string());
+        publish_until_acked(&publisher, &event).await;
+    }
+    tokio::time::sleep(pause.saturating_sub(paused_at.elapsed())).await;
+    let dead_during = jetstream::new(client.clone())
+        .get_stream(topology::DEAD_LETTER.name)
+        .await
+        .expect("dlq")
+        .get_info()
+        .await
+        .expect("info")
+        .state
+        .messages;
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid as i32),
+        nix::sys::signal::Signal::SIGCONT,
+    )
+    .expect("SIGCONT");
+    let resumed = Instant::now();
+    drained(&js, &["enrich"], Duration::from_secs(180)).await;
+    let recovery = resumed.elapsed();
+    let c = count(&js, &ids, topology::ENRICHED.name).await;
+    report(
+        &format!("pods bucket node n{kv_node} SIGSTOPped for {pause:?}"),
+        &c,
+        recovery,
+    );
+    assert_eq!(dead_during, 0, "a dependency outage dead-lettered events");
+    assert_eq!(c.dead_lettered, 0);
+    assert_eq!(c.lost, 0);
+    assert_eq!(c.duplicated, 0);
+}
+
+/// Hostile input at the real enrich binary: two header blocks the NATS
+/// client cannot parse, an oversized message, malformed protobuf, malformed
+/// JSON (structured mode) and an unknown type, then a good event. Each is
+/// refused at publish or dead-lettered with a reason (or passed through, for
+/// the unknown type: enrich enriches any type); the good event flows.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_input_is_refused_or_dead_lettered_and_the_next_event_flows() {
+    let server = NatsServer::start().await;
+    let client = server.connect().await;
+    let js = jetstream::new(client.clone());
+    provision(
+        &js,
+        &common::consumers(),
+        &ProvisionOptions::default().cap_bytes(1 << 30),
+    )
+    .await
+    .expect("provision");
+    let mut enrich = common::start_function(&server, "tidewatch-enrich", &[]);
+    let enrich_pid = enrich.id();
+    let publisher = publisher_on(&client);
+    publish_until_acked(&publisher, &common::restart_event(0, "warm")).await;
+    drained(&js, &["enrich"], Duration::from_secs(60)).await;
+    let subject = subjects::raw("ebpf", "node-1");
+
+    // Refused by the server at publish: over the stream's max_msg_size.
+    let mut big = async_nats::HeaderMap::new();
+    big.insert("Nats-Msg-Id", "oversized-1");
+    let refused = jetstream::new(client.clone())
+        .publish_with_headers(subject.clone(), big, vec![0u8; 128 * 1024].into())
+        .await;
+    let refused = match refused {
+        Ok(ack) => ack.await.err(),
+        Err(e) => Some(e),
+    };
+    let refused = refused.expect("an oversized message is refused at publish");
+    assert!(
+        refused.to_string().to_lowercase().contains("size"),
+        "{refused}"
+    );
+
+    let port = server.client_port();
+    let poison: [&[u8]; 2] = [
+        b"NATS/1.0\r\nCe-Id: poison-\xfe\r\nCe-Type: tidewatch.kernel.oom_kill\r\n\r\n",
+        b"NATS/1.0\r\nCe-Id: poison-2\r\nno colon\r\n\r\n",
+    ];
+    for block in poison {
+        tidewatch_testkit::publish_raw_headers(port, &subject, block, b"x")
+            .await
+            .expect("raw publish");
+    }
+    let source = topology::source("ebpf", "node-1");
+    let mut bad_proto = async_nats::HeaderMap::new();
+    for (k, v) in [
+        ("ce-specversion", "1.0"),
+        ("ce-id", "bad-proto"),
+        ("ce-type", types::OOM_KILL),
+        ("ce-source", source.as_str()),
+        ("ce-dataschema", "proto:tidewatch.v1.OomKill"),
+        ("ce-datacontenttype", "application/protobuf"),
+        ("Nats-Msg-Id", "bad-proto"),
+    ] {
+        bad_proto.insert(k, v);
+    }
+    client
+        .publish_with_headers(
+            subject.clone(),
+            bad_proto,
+            vec![0xff, 0xff, 0xff, 0x0f].into(),
+        )
+        .await
+        .expect("publish");
+    let mut structured = async_nats::HeaderMap::new();
+    structured.insert("content-type", "application/cloudevents+json");
+    client
+        .publish_with_headers(
+            subject.clone(),
+            structured,
+            "{\"specversion\":\"1.0\",\"id\":".into(),
+        )
+        .await
+        .expect("publish");
+    let unknown = common::json_event(
+        "unknown-type",
+        "com.example.unknown",
+        "ebpf",
+        "node-1",
+        None,
+        chrono::Utc::now(),
+        serde_json::json!({"x": 1}),
+    );
+    publish_until_acked(&publisher, &unknown).await;
+    client.flush().await.expect("flush");
+
+    let dlq = js
+        .get_stream(topology::DEAD_LETTER.name)
+        .await
+        .expect("dlq");
+    let dead = eventually(
+        "the hostile messages in the DLQ",
+        Duration::from_secs(60),
+        || async {
+            let n = dlq.get_info().await.ok()?.state.messages;
+            (n >= 4).then_some(n)
+        },
+    )
+    .await;
+    let mut reasons = Vec::new();
+    for seq in 1..=dead {
+        let m = dlq.get_raw_message(seq).await.expect("dead letter");
+        let kind = m
+            .headers
+            .get(KIND_HEADER)
+            .map(|v| v.as_str().to_string())
+            .unwrap_or_default();
+        let reason = m
+            .headers
+            .get(REASON_HEADER)
+            .map(|v| v.as_str().to_string())
+            .unwrap_or_default();
+        assert!(!reason.is_empty(), "dead letter {seq} names why");
+        reasons.push(format!("{kind}: {reason}"));
+    }
+    eprintln!("dead letters:\n  {}", reasons.join("\n  "));
+    assert_eq!(
+        reasons
+            .iter()
+            .filter(|r| r.contains("cannot read this message"))
+            .count(),
+        2
+    );
+
+    let started = Instant::now();
+    let good = common::restart_event(1, "after");
+    publish_until_acked(&publisher, &good).await;
+    let enriched = js
+        .get_stream(topology::ENRICHED.name)
+        .await
+        .expect("enriched");
+    eventually(
+        "the good event enriched",
+        Duration::from_secs(30),
+        || async {
+            enriched
+                .get_last_raw_message_by_subject(&subjects::enriched("k8s", "node-1"))
+                .await
+                .ok()
+                .filter(|m| m.headers.get("ce-id").map(|v| v.as_str()) == Some(good.id()))
+        },
+    )
+    .await;
+    let next = started.elapsed();
+    drained(&js, &["enrich"], Duration::from_secs(30)).await;
+    let c = count(
+        &js,
+        &[good.id().to_string(), unknown.id().to_string()],
+        topology::ENRICHED.name,
+    )
+    .await;
+    report(
+        "2 poison headers, oversized, bad protobuf, bad JSON, unknown type",
+        &c,
+        next,
+    );
+    assert_eq!(c.lost, 0);
+    assert_eq!(c.duplicated, 0);
+    assert_eq!(dead, 4, "two poison, bad protobuf, bad JSON");
+    assert!(
+        enrich.try_wait().expect("wait").is_none() && enrich.id() == enrich_pid,
+        "enrich kept running"
+    );
+}
+
+/// One correlation key flooded with evidence carrying 60 KiB payloads: the
+/// state stays bounded (pruned, payloads trimmed), every write fits in KV,
+/// nothing is dead-lettered, and the incident is one insight.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flooded_correlation_key_stays_bounded_and_never_jams() {
+    let server = NatsServer::start().await;
+    let client = server.connect().await;
+    let js = jetstream::new(client.clone());
+    provision(
+        &js,
+        &common::consumers(),
+        &ProvisionOptions::default().cap_bytes(1 << 30),
+    )
+    .await
+    .expect("provision");
+    let _correlate = common::start_function(&server, "tidewatch-correlate", &[]);
+    let publisher = publisher_on(&client);
+    let base = chrono::Utc::now();
+    let mut ids = Vec::new();
+    let empty = common::json_event(
+        "ep-empty",
+        types::ENDPOINTS_EMPTY,
+        "k8s",
+        "node-1",
+        Some("service/shop/api"),
+        base,
+        serde_json::json!({"namespace": "shop", "service": "api"}),
+    );
+    let mut events = vec![empty];
+    for i in 0..150 {
+        let mut refused = common::json_event(
+            &format!("refused-{i}"),
+            types::TCP_REFUSED,
+            "ebpf",
+            "node-1",
+            None,
+            base + chrono::Duration::milliseconds(10 * (i + 1)),
+            serde_json::json!({"daddr": "10.96.0.10", "dport": 80, "padding": "x".repeat(60 * 1024)}),
+        );
+        cloudevents::event::EventBuilder::build(cloudevents::event::EventBuilderV10::from(
+            refused.clone(),
+        ))
+        .expect("rebuild");
+        refused.set_extension("peerservice", "shop/api");
+        events.push(refused);
+    }
+    let started = Instant::now();
+    for event in &events {
+        ids.push(event.id().to_string());
+        let subject = subjects::enriched(
+            topology::parse_source(event.source()).expect("source").0,
+            "node-1",
+        );
+        let mut attempt = 0;
+        while let Err(e) = publisher.publish(subject.as_str(), event).await {
+            attempt += 1;
+            assert!(attempt < 50, "{} never acked: {e}", event.id());
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    let drain = drained(&js, &["correlate"], Duration::from_secs(180)).await;
+    let kv = js
+        .get_key_value(topology::CORRELATION_STATE.bucket)
+        .await
+        .expect("state bucket");
+    let mut keys = kv.keys().await.expect("keys");
+    let mut largest = 0;
+    while let Some(key) = keys.next().await {
+        let key = key.expect("key");
+        if let Some(value) = kv.get(&key).await.expect("get") {
+            largest = largest.max(value.len());
+        }
+    }
+    let insights = common::insights(&js).await;
+    let incidents: std::collections::BTreeSet<_> = insights.iter().map(|i| i.id.clone()).collect();
+    let dead = js
+        .get_stream(topology::DEAD_LETTER.name)
+        .await
+        .expect("dlq")
+        .get_info()
+        .await
+        .expect("info")
+        .state
+        .messages;
+    eprintln!(
+        "FAULT | one correlation key flooded with {} events of 60 KiB | dead-lettered {dead} | largest state {largest} bytes | {} insight revisions, {} incident(s) | drained in {:.1} s",
+        events.len(),
+        insights.len(),
+        incidents.len(),
+        (started.elapsed()).as_secs_f64()
+    );
+    let _ = drain;
+    assert_eq!(dead, 0, "nothing dead-lettered");
+    assert!(largest <= 256 * 1024, "state of {largest} bytes");
+    assert_eq!(incidents.len(), 1, "one incident: {incidents:?}");
+}
