@@ -60,10 +60,14 @@ async fn ids_in(js: &jetstream::Context, stream: &str) -> HashMap<String, u64> {
     if total == 0 {
         return ids;
     }
-    let consumer = stream
-        .create_consumer(jetstream::consumer::pull::OrderedConfig::default())
-        .await
-        .expect("ordered consumer");
+    // Right after a fault the meta layer may still be electing: retry.
+    let consumer = eventually("an ordered consumer", Duration::from_secs(60), || async {
+        stream
+            .create_consumer(jetstream::consumer::pull::OrderedConfig::default())
+            .await
+            .ok()
+    })
+    .await;
     let mut messages = consumer.messages().await.expect("messages");
     let mut read = 0;
     while read < total {
