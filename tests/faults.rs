@@ -33,22 +33,20 @@ fn env_number(name: &str, default: u64) -> u64 {
         .unwrap_or(default)
 }
 
-/// Start a function binary against `urls` (comma-separated).
 fn function(name: &str, urls: &str) -> tokio::process::Child {
-    tokio::process::Command::new(common::binary(name))
-        .env("NATS_URL", urls)
-        .env("TIDEWATCH_METRICS_ADDR", "127.0.0.1:0")
-        .env("TIDEWATCH_TRANSPORT", "jetstream")
-        .env(
-            "RUST_LOG",
-            std::env::var("TIDEWATCH_TEST_FUNCTION_LOG").unwrap_or("warn".into()),
-        )
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::inherit())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("function starts")
+    common::start_function_at(urls, name, &[])
+}
+
+/// How many messages `stream` holds.
+async fn stream_len(js: &jetstream::Context, stream: &str) -> u64 {
+    js.get_stream(stream)
+        .await
+        .expect("stream")
+        .get_info()
+        .await
+        .expect("info")
+        .state
+        .messages
 }
 
 /// Every message of `stream`, read with an ordered consumer (fast, and
@@ -99,15 +97,7 @@ struct Count {
 
 async fn count(js: &jetstream::Context, published: &[String], downstream: &str) -> Count {
     let ids = ids_in(js, downstream).await;
-    let dead = js
-        .get_stream(topology::DEAD_LETTER.name)
-        .await
-        .expect("dlq")
-        .get_info()
-        .await
-        .expect("info")
-        .state
-        .messages;
+    let dead = stream_len(js, topology::DEAD_LETTER.name).await;
     if dead > 0 {
         eprintln!("dead letters by consumer, kind and reason:");
         for (why, n) in dead_letter_reasons(js).await {
@@ -129,10 +119,13 @@ async fn dead_letter_reasons(js: &jetstream::Context) -> Vec<(String, u64)> {
         .get_stream(topology::DEAD_LETTER.name)
         .await
         .expect("dlq");
-    let consumer = stream
-        .create_consumer(jetstream::consumer::pull::OrderedConfig::default())
-        .await
-        .expect("ordered consumer");
+    let consumer = eventually("an ordered consumer", Duration::from_secs(60), || async {
+        stream
+            .create_consumer(jetstream::consumer::pull::OrderedConfig::default())
+            .await
+            .ok()
+    })
+    .await;
     let total = stream.get_info().await.expect("info").state.messages;
     let mut messages = consumer.messages().await.expect("messages");
     let mut groups: std::collections::BTreeMap<String, u64> = Default::default();
@@ -394,15 +387,7 @@ async fn a_kv_outage_dead_letters_nothing_and_everything_flows_after() {
         publish_until_acked(&publisher, &event).await;
     }
     tokio::time::sleep(pause.saturating_sub(paused_at.elapsed())).await;
-    let dead_during = jetstream::new(client.clone())
-        .get_stream(topology::DEAD_LETTER.name)
-        .await
-        .expect("dlq")
-        .get_info()
-        .await
-        .expect("info")
-        .state
-        .messages;
+    let dead_during = stream_len(&js, topology::DEAD_LETTER.name).await;
     nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(pid as i32),
         nix::sys::signal::Signal::SIGCONT,
@@ -670,15 +655,7 @@ async fn a_flooded_correlation_key_stays_bounded_and_never_jams() {
     }
     let insights = common::insights(&js).await;
     let incidents: std::collections::BTreeSet<_> = insights.iter().map(|i| i.id.clone()).collect();
-    let dead = js
-        .get_stream(topology::DEAD_LETTER.name)
-        .await
-        .expect("dlq")
-        .get_info()
-        .await
-        .expect("info")
-        .state
-        .messages;
+    let dead = stream_len(&js, topology::DEAD_LETTER.name).await;
     eprintln!(
         "FAULT | one correlation key flooded with {} events of 60 KiB | dead-lettered {dead} | largest state {largest} bytes | {} insight revisions, {} incident(s) | drained in {:.1} s",
         events.len(),

@@ -128,8 +128,13 @@ pub fn start_function(
     name: &str,
     args: &[&str],
 ) -> tokio::process::Child {
+    start_function_at(&server.client_url(), name, args)
+}
+
+/// Start a function binary against `urls` (comma-separated, e.g. a cluster's).
+pub fn start_function_at(urls: &str, name: &str, args: &[&str]) -> tokio::process::Child {
     tokio::process::Command::new(binary(name))
-        .env("NATS_URL", server.client_url())
+        .env("NATS_URL", urls)
         .env("TIDEWATCH_METRICS_ADDR", "127.0.0.1:0")
         .env("TIDEWATCH_TRANSPORT", "jetstream")
         // A function's own logs, for debugging a test: TIDEWATCH_TEST_FUNCTION_LOG=debug.

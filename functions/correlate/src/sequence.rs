@@ -845,9 +845,8 @@ mod tests {
         o
     }
 
-    #[test]
-    fn redelivery_of_capped_evidence_keeps_the_revision() {
-        let rule = rule("service-disruption");
+    /// Empty endpoints, then `refusals` refused connections to the service.
+    fn disruption(refusals: i64, pad: usize) -> Vec<Observation> {
         let ep = obs(
             "ep",
             types::ENDPOINTS_EMPTY,
@@ -856,7 +855,14 @@ mod tests {
             json!({"service": "api"}),
         );
         let mut events = vec![ep];
-        events.extend((0..100).map(|i| refusal(&format!("t{i}"), 2 + i, 0)));
+        events.extend((0..refusals).map(|i| refusal(&format!("t{i}"), 2 + i, pad)));
+        events
+    }
+
+    #[test]
+    fn redelivery_of_capped_evidence_keeps_the_revision() {
+        let rule = rule("service-disruption");
+        let events = disruption(100, 0);
         let (state, _) = run(&rule, &events);
         assert!(
             state.events.iter().all(|e| e.id != "t10"),
@@ -875,15 +881,7 @@ mod tests {
     #[test]
     fn state_stays_under_the_kv_value_limit() {
         let rule = rule("service-disruption");
-        let ep = obs(
-            "ep",
-            types::ENDPOINTS_EMPTY,
-            1,
-            Some("service/shop/api"),
-            json!({"service": "api"}),
-        );
-        let mut events = vec![ep];
-        events.extend((0..80).map(|i| refusal(&format!("t{i}"), 2 + i, 60 * 1024)));
+        let events = disruption(80, 60 * 1024);
         let (state, findings) = run(&rule, &events);
         let size = serde_json::to_vec(&state).expect("encodes").len();
         assert!(size <= MAX_STATE_BYTES, "state is {size} bytes");
