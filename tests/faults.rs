@@ -49,6 +49,20 @@ async fn stream_len(js: &jetstream::Context, stream: &str) -> u64 {
         .messages
 }
 
+/// An ordered consumer on `stream`; right after a fault the meta layer may
+/// still be electing, so creating it is retried.
+async fn ordered(
+    stream: &jetstream::stream::Stream,
+) -> jetstream::consumer::Consumer<jetstream::consumer::pull::OrderedConfig> {
+    eventually("an ordered consumer", Duration::from_secs(60), || async {
+        stream
+            .create_consumer(jetstream::consumer::pull::OrderedConfig::default())
+            .await
+            .ok()
+    })
+    .await
+}
+
 /// Every message of `stream`, read with an ordered consumer (fast, and
 /// nothing left behind): CloudEvent id → how many times stored.
 async fn ids_in(js: &jetstream::Context, stream: &str) -> HashMap<String, u64> {
@@ -58,14 +72,7 @@ async fn ids_in(js: &jetstream::Context, stream: &str) -> HashMap<String, u64> {
     if total == 0 {
         return ids;
     }
-    // Right after a fault the meta layer may still be electing: retry.
-    let consumer = eventually("an ordered consumer", Duration::from_secs(60), || async {
-        stream
-            .create_consumer(jetstream::consumer::pull::OrderedConfig::default())
-            .await
-            .ok()
-    })
-    .await;
+    let consumer = ordered(&stream).await;
     let mut messages = consumer.messages().await.expect("messages");
     let mut read = 0;
     while read < total {
@@ -119,13 +126,7 @@ async fn dead_letter_reasons(js: &jetstream::Context) -> Vec<(String, u64)> {
         .get_stream(topology::DEAD_LETTER.name)
         .await
         .expect("dlq");
-    let consumer = eventually("an ordered consumer", Duration::from_secs(60), || async {
-        stream
-            .create_consumer(jetstream::consumer::pull::OrderedConfig::default())
-            .await
-            .ok()
-    })
-    .await;
+    let consumer = ordered(&stream).await;
     let total = stream.get_info().await.expect("info").state.messages;
     let mut messages = consumer.messages().await.expect("messages");
     let mut groups: std::collections::BTreeMap<String, u64> = Default::default();
