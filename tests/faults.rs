@@ -669,3 +669,168 @@ async fn a_flooded_correlation_key_stays_bounded_and_never_jams() {
     assert!(largest <= 256 * 1024, "state of {largest} bytes");
     assert_eq!(incidents.len(), 1, "one incident: {incidents:?}");
 }
+
+/// One node cut off from its peers (nftables) for longer than the streams'
+/// dedupe window while a collector, connected to that node only, publishes
+/// through its outbox: publishes time out, the outbox spools, and replays
+/// once the partition heals. A publish whose ack was lost but which was
+/// stored is stored again (the window is over): those duplicates are
+/// counted, and none may reach insights (correlate recognises the CloudEvent
+/// id). Windows are shortened to 5 s here so the test takes seconds, not
+/// minutes; correlate's republish horizon is set under them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_partition_longer_than_the_dedupe_window_duplicates_no_insight() {
+    use tidewatch_runtime::outbox::{Outbox, OutboxConfig};
+    const WINDOW: Duration = Duration::from_secs(5);
+    const NOBODY: u32 = 65534;
+    if let Err(why) = tidewatch_testkit::skip::require_root("nftables and another uid") {
+        tidewatch_testkit::skip::cannot_run("a_partition_longer_than_the_dedupe_window", &why);
+        return;
+    }
+    let mut cluster = NatsCluster::start().await;
+    let cut = 2;
+    cluster.restart_as(cut, NOBODY).await;
+    let majority = cluster_urls(&cluster, &[0, 1]);
+    let admin = client_of(&majority).await;
+    let js = jetstream::new(admin.clone());
+    provision(
+        &js,
+        &common::consumers(),
+        &ProvisionOptions::default().replicas(3).cap_bytes(1 << 30),
+    )
+    .await
+    .expect("provision");
+    for stream in [
+        topology::RAW.name,
+        topology::ENRICHED.name,
+        topology::INSIGHTS.name,
+    ] {
+        let mut config = js
+            .get_stream(stream)
+            .await
+            .expect("stream")
+            .cached_info()
+            .config
+            .clone();
+        config.duplicate_window = WINDOW;
+        js.update_stream(config).await.expect("short dedupe window");
+    }
+    let _enrich = function("tidewatch-enrich", &majority);
+    let _correlate = common::start_function_at(
+        &majority,
+        "tidewatch-correlate",
+        &["--republish-horizon-secs", "3"],
+    );
+
+    // The collector: an outbox with a spool, on the node that will be cut off.
+    let spool = tempfile::tempdir().expect("spool dir");
+    let collector = client_of(&cluster.client_url(cut)).await;
+    let outbox = Outbox::open(
+        Publisher::new(
+            collector.clone(),
+            PublisherConfig::default()
+                .ack_timeout(Duration::from_secs(1))
+                .max_attempts(2),
+            Metrics::new("partition-collector"),
+        ),
+        OutboxConfig::default()
+            .spool_dir(spool.path())
+            .retry_interval(Duration::from_millis(200))
+            .component("k8s")
+            .node("node-1"),
+    )
+    .expect("outbox");
+
+    // Restarts of a few pods, every 50 ms, before, during and after the cut:
+    // enough per pod for crash-loop insights.
+    let mut ids = Vec::new();
+    let mut receipts = Vec::new();
+    let mut partition = None;
+    let started = Instant::now();
+    let cut_for = WINDOW * 3;
+    let mut i = 0u64;
+    while started.elapsed() < cut_for + Duration::from_secs(8) {
+        let t = started.elapsed();
+        if partition.is_none() && t > Duration::from_secs(3) && t < Duration::from_secs(4) {
+            partition =
+                Some(tidewatch_testkit::Partition::cut(&cluster, cut, NOBODY).expect("nft"));
+        }
+        if t > Duration::from_secs(3) + cut_for
+            && let Some(p) = partition.take()
+        {
+            p.heal();
+        }
+        let event = common::restart_event(i, &format!("web-{}", i % 4));
+        ids.push(event.id().to_string());
+        let subject = subjects::raw("k8s", "node-1");
+        receipts.push(
+            outbox
+                .send(subject.as_str(), &event)
+                .await
+                .expect("accepted"),
+        );
+        i += 1;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    drop(partition);
+    let mut refused = std::collections::BTreeMap::<String, u64>::new();
+    for receipt in receipts {
+        if let Err(e) = receipt.await {
+            *refused
+                .entry(format!(
+                    "{:?}: {}",
+                    e.kind(),
+                    e.to_string().chars().take(160).collect::<String>()
+                ))
+                .or_default() += 1;
+        }
+    }
+    // Everything spooled during the cut is replayed.
+    eventually("the spool to drain", Duration::from_secs(120), || async {
+        let stats = outbox.spool_stats();
+        (stats.pending_records == 0).then_some(())
+    })
+    .await;
+    drained(&js, &["enrich", "correlate"], Duration::from_secs(180)).await;
+    let healed = started
+        .elapsed()
+        .saturating_sub(Duration::from_secs(3) + cut_for);
+
+    let raw = ids_in(&js, topology::RAW.name).await;
+    let raw_duplicates: u64 = raw.values().map(|n| n - 1).sum();
+    let c = count(&js, &ids, topology::ENRICHED.name).await;
+    let insights = common::insights(&js).await;
+    let mut revisions = std::collections::BTreeMap::<(String, u32), u64>::new();
+    for insight in &insights {
+        *revisions
+            .entry((insight.id.clone(), insight.revision))
+            .or_default() += 1;
+    }
+    let insight_duplicates: u64 = revisions.values().map(|n| n - 1).sum();
+    report(
+        &format!(
+            "node n{cut} partitioned for {cut_for:?} (dedupe window {WINDOW:?}) under a publishing collector"
+        ),
+        &c,
+        healed,
+    );
+    eprintln!(
+        "raw: {} ids; receipts refused: {refused:?}; spool {:?}",
+        raw.len(),
+        outbox.spool_stats()
+    );
+    eprintln!(
+        "raw duplicates {raw_duplicates}, enriched duplicates {}, insights {} ({} incidents), duplicated insights {insight_duplicates}",
+        c.duplicated,
+        insights.len(),
+        revisions
+            .keys()
+            .map(|(id, _)| id)
+            .collect::<std::collections::BTreeSet<_>>()
+            .len()
+    );
+    assert_eq!(c.lost, 0, "spooled events reached enrich");
+    assert_eq!(c.dead_lettered, 0);
+    assert!(!insights.is_empty(), "crash loops were found");
+    assert_eq!(insight_duplicates, 0, "a duplicate event reached insights");
+}

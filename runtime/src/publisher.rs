@@ -452,13 +452,19 @@ impl Publisher {
 }
 
 /// Whether the stream answered with an API error that a retry cannot fix
-/// (e.g. an expected-stream mismatch). 503 means JetStream is temporarily
-/// unavailable (leader election): that one is worth retrying.
+/// (e.g. an expected-stream mismatch). Worth retrying: 503 (JetStream
+/// temporarily unavailable: a leader election), and 10158, "duplicate
+/// message id is in process": an earlier attempt with the same id (whose
+/// ack timed out) is still being proposed, e.g. by a leader that lost its
+/// quorum in a partition; the next attempt stores it or is deduplicated.
 fn server_refused(error: &jetstream::context::PublishError) -> bool {
     std::error::Error::source(error)
         .and_then(|source| source.downcast_ref::<jetstream::Error>())
-        .is_some_and(|api| api.code() != 503)
+        .is_some_and(|api| api.code() != 503 && api.error_code() != DUPLICATE_IN_PROCESS)
 }
+
+/// JetStream's "duplicate message id is in process".
+const DUPLICATE_IN_PROCESS: jetstream::ErrorCode = jetstream::ErrorCode(10158);
 
 /// Resolves when the stream has stored the event (or publishing failed for
 /// good). Dropping it does not cancel the publish: it still completes (or

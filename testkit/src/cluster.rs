@@ -43,6 +43,8 @@ struct Node {
     config_path: PathBuf,
     store_dir: PathBuf,
     log_path: PathBuf,
+    /// Run as this uid (with a copy of the binary it may execute).
+    run_as: Option<(PathBuf, u32)>,
     process: Option<ServerProcess>,
 }
 
@@ -103,6 +105,7 @@ impl NatsCluster {
                     config_path: node_dir.join("nats-server.conf"),
                     store_dir: node_dir.join("store"),
                     log_path: node_dir.join("server.log"),
+                    run_as: None,
                     process: None,
                     name,
                 }
@@ -259,6 +262,36 @@ impl NatsCluster {
     /// If the node exits or the cluster is not healthy within 30 s.
     pub async fn restart(&mut self, node: usize) {
         self.kill(node).await;
+        self.node_mut(node).spawn();
+        self.wait_until_healthy().await;
+    }
+
+    /// Restart `node` as `uid` (its directory handed over, and a copy of
+    /// nats-server beside it that the user may execute), so a firewall can
+    /// tell its packets from the other nodes' (`meta skuid`): see
+    /// [`Partition`](crate::Partition). Needs root.
+    ///
+    /// # Panics
+    ///
+    /// As [`restart`](Self::restart), or if the directory cannot be handed over.
+    pub async fn restart_as(&mut self, node: usize, uid: u32) {
+        // The executable itself, as the running node shows it: what is on
+        // PATH may be a launcher script (pyenv, pip) that user cannot run.
+        let pid = self.pid(node).expect("the node runs");
+        let real = std::fs::read_link(format!("/proc/{pid}/exe")).expect("the node's executable");
+        self.kill(node).await;
+        let dir = self.dir.path().join(self.node_name(node));
+        let binary = dir.join("nats-server");
+        std::fs::copy(&real, &binary).expect("copy nats-server");
+        for entry in walk(&dir) {
+            std::os::unix::fs::lchown(&entry, Some(uid), Some(uid))
+                .unwrap_or_else(|e| panic!("chown {}: {e}", entry.display()));
+        }
+        // The temp dir itself must be traversable by that user.
+        use std::os::unix::fs::PermissionsExt as _;
+        std::fs::set_permissions(self.dir.path(), std::fs::Permissions::from_mode(0o755))
+            .expect("open the cluster dir");
+        self.node_mut(node).run_as = Some((binary, uid));
         self.node_mut(node).spawn();
         self.wait_until_healthy().await;
     }
@@ -432,7 +465,8 @@ impl Node {
 
     fn spawn(&mut self) {
         let args = [std::ffi::OsStr::new("-c"), self.config_path.as_os_str()];
-        self.process = Some(ServerProcess::spawn(args, &self.log_path));
+        let run_as = self.run_as.as_ref().map(|(b, uid)| (b.as_path(), *uid));
+        self.process = Some(ServerProcess::spawn_as(args, &self.log_path, run_as));
     }
 }
 
@@ -441,4 +475,20 @@ fn meta_leader_name(jsz: &serde_json::Value) -> Option<&str> {
         .get("leader")?
         .as_str()
         .filter(|s| !s.is_empty())
+}
+
+/// `dir` and everything below it.
+fn walk(dir: &Path) -> Vec<PathBuf> {
+    let mut out = vec![dir.to_path_buf()];
+    if let Ok(entries) = std::fs::read_dir(dir) {
+        for entry in entries.flatten() {
+            let path = entry.path();
+            if path.is_dir() && !path.is_symlink() {
+                out.extend(walk(&path));
+            } else {
+                out.push(path);
+            }
+        }
+    }
+    out
 }

@@ -8,6 +8,7 @@
 //!   store in a temp dir; killed (and reaped) on drop.
 //! - [`NatsCluster`]: an N-node (default 3) JetStream cluster whose nodes can be
 //!   killed and restarted on the same ports and store dirs, for failover tests.
+//! - [`Partition`]: cut one cluster node off from its peers (nftables).
 //! - [`eventually`]: poll a condition with a deadline instead of sleeping.
 //! - [`http_get`]: a minimal HTTP/1.0 client for the monitoring endpoints
 //!   (`/varz`, `/jsz`, `/healthz`, or any plain HTTP `/metrics`).
@@ -25,6 +26,7 @@
 //! panic message includes the tail of that log.
 
 mod cluster;
+mod partition;
 mod process;
 mod server;
 pub mod skip;
@@ -41,6 +43,7 @@ use tokio::net::TcpStream;
 use tokio::time::Instant;
 
 pub use cluster::NatsCluster;
+pub use partition::Partition;
 pub use server::NatsServer;
 
 /// Environment variable that overrides where the `nats-server` binary is found.

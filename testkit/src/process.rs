@@ -30,14 +30,33 @@ impl ServerProcess {
         I: IntoIterator<Item = S>,
         S: AsRef<std::ffi::OsStr>,
     {
-        let binary = nats_server_binary();
+        Self::spawn_as(args, log_path, None)
+    }
+
+    /// [`spawn`](Self::spawn) as another user: `(binary, uid)`, the binary
+    /// being a copy that user may execute.
+    pub(crate) fn spawn_as<I, S>(
+        args: I,
+        log_path: &Path,
+        run_as: Option<(&Path, u32)>,
+    ) -> ServerProcess
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<std::ffi::OsStr>,
+    {
+        use std::os::unix::process::CommandExt as _;
+        let binary = run_as.map_or_else(nats_server_binary, |(b, _)| b.to_path_buf());
         let log = OpenOptions::new()
             .create(true)
             .append(true)
             .open(log_path)
             .unwrap_or_else(|e| panic!("open nats-server log {}: {e}", log_path.display()));
         let log_err = log.try_clone().expect("clone nats-server log file handle");
-        let child = Command::new(&binary)
+        let mut command = Command::new(&binary);
+        if let Some((_, uid)) = run_as {
+            command.uid(uid).gid(uid);
+        }
+        let child = command
             .args(args)
             .stdin(Stdio::null())
             .stdout(log)

@@ -271,6 +271,8 @@ fn observation() -> impl Strategy<Value = Observation> {
             source: "/tidewatch/k8s/n1".into(),
             ext,
             data,
+            received_ns: 0,
+            republish_horizon_ns: 0,
         }
     })
 }
@@ -339,6 +341,8 @@ fn firing() -> Vec<Observation> {
         source: "/tidewatch/k8s/n1".into(),
         ext: Default::default(),
         data: serde_json::json!({ "container": "app", "exitCode": 137 }),
+        received_ns: 0,
+        republish_horizon_ns: 0,
     })
     .collect()
 }
@@ -497,6 +501,8 @@ fn floats_in_stored_state_read_back_exactly() {
         source: String::new(),
         ext: Default::default(),
         data: serde_json::json!({ "a": -1.3025256026594674e268 }),
+        received_ns: 0,
+        republish_horizon_ns: 0,
     };
     let stored = serde_json::to_vec(&obs).unwrap();
     let back: Observation = serde_json::from_slice(&stored).unwrap();

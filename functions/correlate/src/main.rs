@@ -54,6 +54,16 @@ struct Args {
     /// Check the rules file and exit.
     #[arg(long)]
     check_rules: bool,
+    /// Seconds after an event was first folded in during which a repeat of
+    /// it (same CloudEvent id) still republishes its finding; later repeats
+    /// change and emit nothing. Keep it under the insights stream's dedupe
+    /// window (120 s), which drops the republished copy.
+    #[arg(
+        long,
+        env = "TIDEWATCH_CORRELATE_REPUBLISH_HORIZON_SECS",
+        default_value_t = 60
+    )]
+    republish_horizon_secs: u64,
 }
 
 struct Correlate {
@@ -74,6 +84,8 @@ struct Correlate {
     /// (group commit): a hot key (a node, a Deployment) costs one
     /// compare-and-set per turn instead of one per event.
     waiting: std::sync::Mutex<std::collections::HashMap<String, Vec<Waiter>>>,
+    /// See `Args::republish_horizon_secs`, in ns.
+    republish_horizon_ns: i64,
 }
 
 /// An observation waiting to be folded into one state key.
@@ -102,6 +114,7 @@ impl Correlate {
             stripes: (0..256).map(|_| tokio::sync::Mutex::new(())).collect(),
             known: Default::default(),
             waiting: Default::default(),
+            republish_horizon_ns: 60_000_000_000,
         }
     }
     fn lock_known(&self) -> std::sync::MutexGuard<'_, std::collections::HashMap<String, Known>> {
@@ -321,7 +334,9 @@ impl Function for Correlate {
             return Outcome::Done;
         }
         let now = chrono::Utc::now().timestamp_nanos_opt().unwrap_or_default();
-        let obs = std::sync::Arc::new(Observation::from_event(&event, now));
+        let mut obs = Observation::from_event(&event, now);
+        obs.republish_horizon_ns = self.republish_horizon_ns;
+        let obs = std::sync::Arc::new(obs);
         // Every (rule, key) state is independent: update them concurrently
         // rather than one KV round trip after another.
         let updates: Vec<(&dyn DynRule, String)> = self
@@ -422,7 +437,11 @@ async fn main() -> anyhow::Result<()> {
             )
         })?;
     let metrics = host.metrics().clone();
-    host.run(Correlate::new(state, rules, metrics)).await?;
+    let mut correlate = Correlate::new(state, rules, metrics);
+    correlate.republish_horizon_ns =
+        i64::try_from(args.republish_horizon_secs.saturating_mul(1_000_000_000))
+            .unwrap_or(i64::MAX);
+    host.run(correlate).await?;
     Ok(())
 }
 

@@ -37,6 +37,14 @@ pub struct Observation {
     pub ext: BTreeMap<String, String>,
     #[serde(default, skip_serializing_if = "serde_json::Value::is_null")]
     pub data: serde_json::Value,
+    /// When this process received it (ns), 0 when unknown; not stored.
+    #[serde(skip)]
+    pub received_ns: i64,
+    /// How long after a first delivery a repeat of the same event may
+    /// still be published again (within the output stream's dedupe
+    /// window, so the stream drops the repeat); 0: always. Not stored.
+    #[serde(skip)]
+    pub republish_horizon_ns: i64,
 }
 
 impl Observation {
@@ -72,6 +80,8 @@ impl Observation {
             source: event.source().to_string(),
             ext,
             data,
+            received_ns: now_ns,
+            republish_horizon_ns: 0,
         }
     }
 
@@ -200,6 +210,8 @@ pub(crate) mod tests {
             source: "/tidewatch/k8s/node-1".into(),
             ext: BTreeMap::new(),
             data,
+            received_ns: 0,
+            republish_horizon_ns: 0,
         }
     }
 

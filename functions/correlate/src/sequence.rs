@@ -137,8 +137,12 @@ pub struct State {
     /// not: a redelivery of an event the evidence cap dropped is still
     /// recognised, so it cannot bump the incident's revision (a new
     /// insight id) past the stream's dedupe window.
+    /// With each, when it was first folded in (ns, receive time; 0 if
+    /// unknown): a repeat past the observation's republish horizon (the
+    /// stream's dedupe window exceeded, e.g. a collector's spool replayed
+    /// after a long partition) changes nothing and emits nothing.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub seen: Vec<u64>,
+    pub seen: Vec<(u64, i64)>,
 }
 
 /// Event ids a state remembers beyond its evidence.
@@ -371,12 +375,20 @@ impl SequenceRule {
     /// Fold `obs` (for join key `key`) into `state`.
     pub fn step(&self, mut state: State, key: &str, obs: &Observation) -> (State, Option<Finding>) {
         let hash = id_hash(&obs.id);
-        let duplicate = state.events.iter().any(|e| e.id == obs.id) || state.seen.contains(&hash);
+        let first_seen = state.seen.iter().find(|(h, _)| *h == hash).map(|(_, t)| *t);
+        if let Some(first) = first_seen
+            && obs.republish_horizon_ns > 0
+            && first > 0
+            && obs.received_ns.saturating_sub(first) > obs.republish_horizon_ns
+        {
+            return (state, None);
+        }
+        let duplicate = first_seen.is_some() || state.events.iter().any(|e| e.id == obs.id);
         if !duplicate {
             if state.seen.len() >= MAX_SEEN {
                 state.seen.remove(0);
             }
-            state.seen.push(hash);
+            state.seen.push((hash, obs.received_ns));
             let window = self.window.nanos();
             let last = state.events.iter().map(|e| e.at_ns).max();
             if state.incident.is_some()
@@ -876,6 +888,30 @@ mod tests {
             revision,
             "a redelivery is not new evidence"
         );
+    }
+
+    #[test]
+    fn a_repeat_past_the_republish_horizon_emits_nothing() {
+        let rule = rule("service-disruption");
+        let mut events = disruption(3, 0);
+        for (i, e) in events.iter_mut().enumerate() {
+            e.received_ns = 1_000 + i as i64;
+            e.republish_horizon_ns = 60;
+        }
+        let (state, findings) = run(&rule, &events);
+        assert_eq!(findings.len(), 1);
+        let key = rule.keys(&events[3]).remove(0);
+        let mut soon = events[3].clone();
+        soon.received_ns += 30;
+        let (state, f) = rule.step(state, &key, &soon);
+        assert!(
+            f.is_some(),
+            "within the horizon: republished (the stream dedupes it)"
+        );
+        let mut late = events[3].clone();
+        late.received_ns += 120;
+        let (_, f) = rule.step(state, &key, &late);
+        assert!(f.is_none(), "past the horizon: nothing to republish");
     }
 
     #[test]
