@@ -286,8 +286,24 @@ impl Pipeline {
             "the consumer to have nothing pending or un-acked",
             WAIT,
             || async {
+                // The consumer's pending count catches up with the stream
+                // asynchronously: also wait for every stored message to be
+                // settled (acked or terminated) up to the last one.
+                let last = self
+                    .js
+                    .get_stream(topology::RAW.name)
+                    .await
+                    .ok()?
+                    .get_info()
+                    .await
+                    .ok()?
+                    .state
+                    .last_sequence;
                 let info = self.consumer().await;
-                (info.num_pending == 0 && info.num_ack_pending == 0).then_some(info)
+                (info.num_pending == 0
+                    && info.num_ack_pending == 0
+                    && info.ack_floor.stream_sequence >= last)
+                    .then_some(info)
             },
         )
         .await
