@@ -224,6 +224,21 @@ fn stream_of(durable: &str) -> &'static str {
         .expect("a known consumer")
 }
 
+/// One provisioned nats-server, a client and its JetStream context.
+async fn provisioned_server() -> (NatsServer, async_nats::Client, jetstream::Context) {
+    let server = NatsServer::start().await;
+    let client = server.connect().await;
+    let js = jetstream::new(client.clone());
+    provision(
+        &js,
+        &common::consumers(),
+        &ProvisionOptions::default().cap_bytes(1 << 30),
+    )
+    .await
+    .expect("provision");
+    (server, client, js)
+}
+
 fn cluster_urls(cluster: &NatsCluster, nodes: &[usize]) -> String {
     nodes
         .iter()
@@ -416,16 +431,7 @@ async fn a_kv_outage_dead_letters_nothing_and_everything_flows_after() {
 /// the unknown type: enrich enriches any type); the good event flows.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hostile_input_is_refused_or_dead_lettered_and_the_next_event_flows() {
-    let server = NatsServer::start().await;
-    let client = server.connect().await;
-    let js = jetstream::new(client.clone());
-    provision(
-        &js,
-        &common::consumers(),
-        &ProvisionOptions::default().cap_bytes(1 << 30),
-    )
-    .await
-    .expect("provision");
+    let (server, client, js) = provisioned_server().await;
     let mut enrich = common::start_function(&server, "tidewatch-enrich", &[]);
     let enrich_pid = enrich.id();
     let publisher = publisher_on(&client);
@@ -586,16 +592,7 @@ async fn hostile_input_is_refused_or_dead_lettered_and_the_next_event_flows() {
 /// nothing is dead-lettered, and the incident is one insight.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_flooded_correlation_key_stays_bounded_and_never_jams() {
-    let server = NatsServer::start().await;
-    let client = server.connect().await;
-    let js = jetstream::new(client.clone());
-    provision(
-        &js,
-        &common::consumers(),
-        &ProvisionOptions::default().cap_bytes(1 << 30),
-    )
-    .await
-    .expect("provision");
+    let (server, client, js) = provisioned_server().await;
     let _correlate = common::start_function(&server, "tidewatch-correlate", &[]);
     let publisher = publisher_on(&client);
     let base = chrono::Utc::now();
