@@ -41,7 +41,7 @@ pub const COOLDOWN_PERIOD_SECS: u64 = 60;
 /// batch (fetch expiry 1 s) and its in-flight handlers, and acks.
 pub const TERMINATION_GRACE_SECS: u64 = 60;
 
-const HEADER: &str = "# Rendered by `tidewatch render` from runtime/src/topology.rs. Do not edit:\n# change the topology and render again (a test fails when these drift).\n";
+const HEADER: &str = "# Rendered by `tidewatch render` from runtime/src/topology.rs and functions/*/function.toml.\n# Do not edit: change those and render again (a test fails when these drift).\n";
 
 /// The image's name in every manifest; each kustomization's `images:` sets
 /// the registry and tag in one place (`kustomize edit set image
