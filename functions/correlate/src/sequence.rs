@@ -872,6 +872,30 @@ mod tests {
     }
 
     #[test]
+    fn oom_root_cause_says_which_fallback_it_printed() {
+        let rule = rule("oom-cascade");
+        let events = oom_events();
+        let (_, with_kernel) = run(&rule, &events);
+        let cause = &with_kernel.last().expect("fires").insight.root_cause;
+        assert!(cause.contains("process java (pid 4242)"), "{cause}");
+        let mut k8s_only = events[1..].to_vec();
+        for (i, at) in [(3, 70), (4, 100)] {
+            let mut more = events[2].clone();
+            more.id = format!("r{i}");
+            more.at_ns = at * 1_000_000_000;
+            k8s_only.push(more);
+        }
+        let (_, without) = run(&rule, &k8s_only);
+        let cause = &without
+            .last()
+            .expect("fires without the kernel event")
+            .insight
+            .root_cause;
+        assert!(cause.contains("container cart (exit code 137)"), "{cause}");
+        assert!(!cause.contains("pid 137"), "{cause}");
+    }
+
+    #[test]
     fn redelivery_of_capped_evidence_keeps_the_revision() {
         let rule = rule("service-disruption");
         let events = disruption(100, 0);

@@ -5,8 +5,11 @@
 //! `root.<ref>` (the root-cause event), `last.<ref>` (the newest evidence),
 //! `step.<step>.<ref>` (the first event of a step), where `<ref>` is a field
 //! reference ([`crate::observation`]). Alternatives are separated by `|`
-//! (the first that resolves wins); a trailing `:bytes` formats a byte count
-//! (`268435456` → `256 MiB`). Unresolved placeholders render as `?`.
+//! (the first that resolves wins); an alternative may start with a quoted
+//! label that is printed before its value when it wins, so a fallback says
+//! what it printed: `{'pid ' root.data.victim.pid|'exit code ' root.data.exitCode}`.
+//! A trailing `:bytes` formats a byte count (`268435456` → `256 MiB`).
+//! Unresolved placeholders render as `?`.
 
 use crate::observation::{Observation, check_reference};
 use crate::vocabulary::Window;
@@ -49,7 +52,7 @@ pub fn check(template: &str, steps: &[&str]) -> Result<(), String> {
     for (_, _, body) in placeholders(template)? {
         let body = body.strip_suffix(":bytes").unwrap_or(body);
         for alt in body.split('|') {
-            let alt = alt.trim();
+            let (_, alt) = labelled(alt).map_err(|e| format!("template {template:?}: {e}"))?;
             let ok = match alt {
                 "key" | "window" | "count" => Ok(()),
                 a => {
@@ -71,6 +74,18 @@ pub fn check(template: &str, steps: &[&str]) -> Result<(), String> {
         }
     }
     Ok(())
+}
+
+/// An alternative's label (`'pid '`) and reference.
+fn labelled(alt: &str) -> Result<(&str, &str), String> {
+    let alt = alt.trim();
+    let Some(rest) = alt.strip_prefix('\'') else {
+        return Ok(("", alt));
+    };
+    let end = rest
+        .find('\'')
+        .ok_or_else(|| format!("unclosed label in {alt:?}"))?;
+    Ok((&rest[..end], rest[end + 1..].trim()))
 }
 
 fn known_step(name: &str, steps: &[&str]) -> Result<(), String> {
@@ -117,10 +132,13 @@ pub fn render(template: &str, ctx: &Ctx<'_>) -> String {
             Some(b) => (b, true),
             None => (body, false),
         };
-        let value = body.split('|').find_map(|a| resolve(a.trim(), ctx));
+        let value = body.split('|').find_map(|a| {
+            let (label, reference) = labelled(a).ok()?;
+            resolve(reference, ctx).map(|v| (label, v))
+        });
         out.push_str(&match value {
-            Some(v) if bytes => human_bytes(&v),
-            Some(v) => v,
+            Some((label, v)) if bytes => format!("{label}{}", human_bytes(&v)),
+            Some((label, v)) => format!("{label}{v}"),
             None => "?".into(),
         });
         from = end;
@@ -157,6 +175,36 @@ mod tests {
         assert_eq!(human_bytes("268435456"), "256 MiB");
         assert_eq!(human_bytes("1536"), "1.5 KiB");
         assert_eq!(human_bytes("x"), "x");
+    }
+
+    #[test]
+    fn a_fallback_says_what_it_printed() {
+        let template = "({'pid ' root.data.victim.pid|'exit code ' root.data.exitCode})";
+        assert!(check(template, &[]).is_ok());
+        assert!(
+            check("{'pid root.data.x}", &[])
+                .expect_err("refused")
+                .contains("unclosed label")
+        );
+        let kernel = crate::observation::tests::obs(
+            "k",
+            "t",
+            1,
+            None,
+            serde_json::json!({"victim": {"pid": 4242}, "exitCode": 137}),
+        );
+        let restart =
+            crate::observation::tests::obs("r", "t", 1, None, serde_json::json!({"exitCode": 137}));
+        let ctx = |root| Ctx {
+            key: "k",
+            window: Window::default(),
+            steps: vec![],
+            per_step: vec![],
+            root,
+            last: root,
+        };
+        assert_eq!(render(template, &ctx(&kernel)), "(pid 4242)");
+        assert_eq!(render(template, &ctx(&restart)), "(exit code 137)");
     }
 
     #[test]
