@@ -41,6 +41,12 @@ pub enum PayloadError {
         message: String,
         source: prost::DecodeError,
     },
+    /// JSON data (the proto3 JSON mapping, camelCase) that does not fit the message.
+    #[error("JSON data does not fit {message}: {source}")]
+    Json {
+        message: String,
+        source: serde_json::Error,
+    },
 }
 
 /// A deterministic event id: the first 128 bits of SHA-256 over the parts,
@@ -98,17 +104,65 @@ pub fn new_event<M: prost::Message + Name>(
         .map_err(|e| EventError::Invalid(e.to_string()))
 }
 
-/// Decode the protobuf payload of `event` as `M`, checking `dataschema`.
-pub fn payload<M: prost::Message + Name + Default>(event: &Event) -> Result<M, EventError> {
-    let expected = schema_url::<M>();
-    let found = event
-        .dataschema()
-        .map(|u| u.as_str().to_string())
-        .unwrap_or_default();
+/// Full name of the message `event`'s data holds (`tidewatch.v1.OomKill`):
+/// its `dataschema` (`proto:<name>`), or, for a producer that set none (a
+/// third party writing JSON), the one its type names in [`topology::types`].
+pub fn payload_message(event: &Event) -> Option<String> {
+    match event.dataschema() {
+        Some(schema) => schema
+            .as_str()
+            .strip_prefix(tidewatch_proto::schema::SCHEMA_PREFIX)
+            .map(str::to_string),
+        None => crate::topology::types::lookup(event.ty()).map(|t| t.payload.to_string()),
+    }
+}
+
+/// Whether `event`'s data is JSON rather than protobuf bytes.
+fn is_json(event: &Event) -> bool {
+    match event.data() {
+        Some(Data::Json(_)) => true,
+        Some(_) => event
+            .datacontenttype()
+            .is_some_and(|ct| ct.starts_with("application/json") || ct.ends_with("+json")),
+        None => false,
+    }
+}
+
+/// Decode the payload of `event` as `M`: protobuf bytes (the schema must
+/// name `M`), or JSON in the proto3 mapping (camelCase, as `tidewatch
+/// tail` prints it) whose schema, or type when it has no schema, names `M`.
+/// Either way the caller gets the same message.
+pub fn payload<M>(event: &Event) -> Result<M, EventError>
+where
+    M: prost::Message + Name + Default + serde::de::DeserializeOwned,
+{
+    let expected = M::full_name();
+    let found = payload_message(event).unwrap_or_default();
     if found != expected {
         return Err(EventError::Payload {
             id: event.id().to_string(),
-            source: PayloadError::WrongSchema { found, expected },
+            source: PayloadError::WrongSchema {
+                found: event
+                    .dataschema()
+                    .map(|u| u.as_str().to_string())
+                    .unwrap_or(found),
+                expected: schema_url::<M>(),
+            },
+        });
+    }
+    if is_json(event) {
+        let parsed = match event.data() {
+            Some(Data::Json(j)) => serde_json::from_value::<M>(j.clone()),
+            Some(Data::String(s)) => serde_json::from_str::<M>(s),
+            Some(Data::Binary(b)) => serde_json::from_slice::<M>(b),
+            None => Ok(M::default()),
+        };
+        return parsed.map_err(|source| EventError::Payload {
+            id: event.id().to_string(),
+            source: PayloadError::Json {
+                message: expected,
+                source,
+            },
         });
     }
     let bytes = data_bytes(event).ok_or_else(|| EventError::NoData {
@@ -271,7 +325,9 @@ mod fuzz_tests {
     }
 
     /// `payload::<M>`: the message, or an error naming what was expected.
-    fn check<M: prost::Message + Name + Default>(event: &Event) -> Result<(), TestCaseError> {
+    fn check<M: prost::Message + Name + Default + serde::de::DeserializeOwned>(
+        event: &Event,
+    ) -> Result<(), TestCaseError> {
         if let Err(e) = payload::<M>(event) {
             let text = e.to_string();
             prop_assert!(text.contains(event.id()), "{}", text);

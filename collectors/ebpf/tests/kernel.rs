@@ -92,7 +92,7 @@ impl RawInner {
     }
 }
 
-fn typed<'a, M: prost::Message + prost::Name + Default>(
+fn typed<'a, M: prost::Message + prost::Name + Default + serde::de::DeserializeOwned>(
     events: &'a [Event],
     ty: &'a str,
 ) -> impl Iterator<Item = (&'a Event, M)> + 'a {

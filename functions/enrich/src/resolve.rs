@@ -25,7 +25,7 @@ use tidewatch_proto::v1::{
     ContainerRestart, JournalEntry, OomKill, PodMetadata, ProcessExec, ProcessExit, ProcessInfo,
     TcpConnection, UnitStateChange,
 };
-use tidewatch_runtime::event::payload;
+use tidewatch_runtime::event::{payload, payload_message};
 use tidewatch_runtime::topology::{self, extensions, pod_keys};
 
 /// Extensions enrich adds beyond [`extensions`].
@@ -171,9 +171,10 @@ async fn pod_at<L: Lookup>(lookup: &L, key: &str) -> Result<Result<Arc<Pod>, Str
 
 /// The process an event is about, if it carries one.
 fn process_of(event: &Event) -> Option<ProcessInfo> {
-    let schema = event.dataschema()?.as_str().to_string();
-    let name = schema.strip_prefix("proto:")?;
-    match name {
+    // The message the data holds: by its schema, or by its type for a
+    // JSON producer that set none; `payload` reads protobuf or JSON.
+    let name = payload_message(event)?;
+    match name.as_str() {
         "tidewatch.v1.ProcessExec" => payload::<ProcessExec>(event).ok()?.process,
         "tidewatch.v1.ProcessExit" => payload::<ProcessExit>(event).ok()?.process,
         "tidewatch.v1.OomKill" => payload::<OomKill>(event).ok()?.victim,
@@ -185,9 +186,8 @@ fn process_of(event: &Event) -> Option<ProcessInfo> {
 /// Join `event` with what `lookup` knows. Err only when the store is down.
 pub async fn resolve<L: Lookup>(lookup: &L, event: &Event) -> Result<Enrichment, PodError> {
     let mut out = Enrichment::default();
-    let schema = event
-        .dataschema()
-        .map(|s| s.as_str().to_string())
+    let schema = payload_message(event)
+        .map(|name| format!("proto:{name}"))
         .unwrap_or_default();
     let subject = event.subject().unwrap_or_default();
 
@@ -389,6 +389,86 @@ mod tests {
             m,
         )
         .expect("event")
+    }
+
+    /// `event` as a third-party producer writes it: the same data as JSON
+    /// (the proto3 mapping `tidewatch tail` prints), no `dataschema`.
+    fn as_json(event: &Event) -> Event {
+        use cloudevents::{EventBuilder, EventBuilderV10};
+        let json = tidewatch_runtime::event::to_json(event)["data"].clone();
+        let mut b = EventBuilderV10::new()
+            .id(event.id())
+            .ty(event.ty())
+            .source(event.source().clone())
+            .data("application/json", json);
+        if let Some(subject) = event.subject() {
+            b = b.subject(subject);
+        }
+        b.build().expect("json twin")
+    }
+
+    /// The same event through NATS in structured mode.
+    fn structured(event: &Event) -> Event {
+        let mut headers = async_nats::HeaderMap::new();
+        headers.insert("content-type", "application/cloudevents+json");
+        tidewatch_runtime::binding::nats::from_nats(
+            Some(&headers),
+            &serde_json::to_vec(event).expect("json"),
+        )
+        .expect("structured")
+    }
+
+    #[tokio::test]
+    async fn json_data_from_any_producer_resolves_like_protobuf() {
+        let process = ProcessInfo {
+            pid: 7,
+            comm: "java".into(),
+            container_id: "abc123".into(),
+            ..Default::default()
+        };
+        let events = [
+            kernel(
+                types::OOM_KILL,
+                &OomKill {
+                    victim: Some(process.clone()),
+                    ..Default::default()
+                },
+            ),
+            kernel(
+                types::PROCESS_EXEC,
+                &ProcessExec {
+                    process: Some(process.clone()),
+                    ..Default::default()
+                },
+            ),
+            kernel(
+                types::TCP_REFUSED,
+                &TcpConnection {
+                    process: Some(process.clone()),
+                    daddr: "10.96.0.10".into(),
+                    dport: 80,
+                    ..Default::default()
+                },
+            ),
+            kernel(
+                types::UNIT_FAILED,
+                &UnitStateChange {
+                    unit: "kubelet.service".into(),
+                    node: "node-9".into(),
+                    ..Default::default()
+                },
+            ),
+        ];
+        for event in &events {
+            let want = resolve(&store(), event).await.expect("up");
+            assert_eq!(want.unresolved, None, "{}", event.ty());
+            for twin in [as_json(event), structured(&as_json(event))] {
+                assert!(twin.dataschema().is_none());
+                let got = resolve(&store(), &twin).await.expect("up");
+                assert_eq!(got.extensions, want.extensions, "{} as JSON", event.ty());
+                assert_eq!(got.unresolved, None, "{} as JSON", event.ty());
+            }
+        }
     }
 
     #[tokio::test]

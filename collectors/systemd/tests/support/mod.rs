@@ -142,7 +142,7 @@ impl RawInner {
 }
 
 /// Events of type `ty` with their payloads.
-pub fn typed<'a, M: prost::Message + prost::Name + Default>(
+pub fn typed<'a, M: prost::Message + prost::Name + Default + serde::de::DeserializeOwned>(
     events: &'a [Event],
     ty: &'a str,
 ) -> impl Iterator<Item = (&'a Event, M)> + 'a {
