@@ -427,6 +427,10 @@ pub mod types {
         POD_NOT_READY = "dev.tidewatch.k8s.pod.notready", "PodChange", "A pod's Ready condition became False";
         POD_EVICTED = "dev.tidewatch.k8s.pod.evicted", "PodChange", "A pod was evicted (status reason Evicted or a DisruptionTarget condition)";
         NODE_CONDITION = "dev.tidewatch.k8s.node.condition", "NodeConditionChange", "A node's MemoryPressure, DiskPressure or PIDPressure condition changed";
+        NODE_NOT_READY = "dev.tidewatch.k8s.node.notready", "NodeConditionChange", "A node's Ready condition became False or Unknown (subject node/<name>)";
+        NODE_READY = "dev.tidewatch.k8s.node.ready", "NodeConditionChange", "A node's Ready condition became True again";
+        ROLLOUT_STARTED = "dev.tidewatch.k8s.rollout.started", "RolloutChange", "A Deployment started rolling out a new ReplicaSet (subject deployment/<ns>/<name>)";
+        ENDPOINTS_EMPTY = "dev.tidewatch.k8s.endpoints.empty", "EndpointsChange", "A service has no ready endpoints left (subject service/<ns>/<name>)";
         ROLLOUT_PROGRESSED = "dev.tidewatch.k8s.rollout.progressed", "RolloutChange", "A Deployment rollout moved (updated or available replicas changed)";
         ROLLOUT_COMPLETED = "dev.tidewatch.k8s.rollout.completed", "RolloutChange", "A Deployment rollout finished: every replica updated and available";
         ROLLOUT_STALLED = "dev.tidewatch.k8s.rollout.stalled", "RolloutChange", "A Deployment rollout exceeded its progress deadline";
@@ -438,23 +442,6 @@ pub mod types {
         INSIGHT_SERVICE_DISRUPTION = "dev.tidewatch.insight.service-disruption", "Insight", "A service lost its endpoints while clients failed to connect";
         INSIGHT_BAD_ROLLOUT = "dev.tidewatch.insight.bad-rollout", "Insight", "A new ReplicaSet's pods restart more than the old ones did";
     }
-
-    // Types whose payload has no protobuf message yet: their `data` is JSON
-    // (`datacontenttype: application/json`), so they are not in [`ALL`]
-    // (which names a protobuf payload for every type).
-
-    /// A node's Ready condition became False/Unknown. Subject `node/<name>`;
-    /// JSON data `{"node", "reason", "message", "status"}`.
-    pub const NODE_NOT_READY: &str = "dev.tidewatch.k8s.node.notready";
-    /// A node's Ready condition became True again. Same payload as [`NODE_NOT_READY`].
-    pub const NODE_READY: &str = "dev.tidewatch.k8s.node.ready";
-    /// A service has no ready endpoints left. Subject `service/<ns>/<name>`;
-    /// JSON data `{"namespace", "service", "ready": 0, "notReadyPods": ["<ns>/<pod>", ...]}`.
-    pub const ENDPOINTS_EMPTY: &str = "dev.tidewatch.k8s.endpoints.empty";
-    /// A Deployment started rolling out a new ReplicaSet. Subject
-    /// `deployment/<ns>/<name>`; JSON data `{"namespace", "deployment",
-    /// "newReplicaSet", "oldReplicaSet", "revision"}`.
-    pub const ROLLOUT_STARTED: &str = "dev.tidewatch.k8s.rollout.started";
 
     /// What every insight type starts with.
     pub const INSIGHT_PREFIX: &str = "dev.tidewatch.insight.";

@@ -234,7 +234,7 @@ pub fn proto_event<M: prost::Message + prost::Name>(
     .expect("event builds")
 }
 
-/// An event with JSON data (types without a protobuf message yet).
+/// An event with JSON data, as a third-party producer writes it (no dataschema).
 pub fn json_event(
     id: &str,
     ty: &str,

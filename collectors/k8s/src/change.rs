@@ -3,7 +3,7 @@
 //! (for `source`) and nothing else.
 
 use chrono::{DateTime, Utc};
-use cloudevents::{Event, EventBuilder, EventBuilderV10};
+use cloudevents::Event;
 use tidewatch_proto::v1::{
     ContainerRestart, EndpointsChange, KubeEvent, NodeConditionChange, PodChange, RolloutChange,
 };
@@ -13,8 +13,7 @@ use tidewatch_runtime::topology;
 /// Collector name in subjects and sources.
 pub const COLLECTOR: &str = "k8s";
 
-/// The data of a change: a protobuf message, or JSON for the types whose
-/// contract is JSON ([`topology::types::NODE_NOT_READY`] and friends).
+/// The data of a change: the protobuf message its type names.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Payload {
     Container(ContainerRestart),
@@ -23,7 +22,6 @@ pub enum Payload {
     Rollout(RolloutChange),
     Endpoints(EndpointsChange),
     Warning(KubeEvent),
-    Json(serde_json::Value),
 }
 
 /// One semantic change of a Kubernetes object.
@@ -76,15 +74,6 @@ impl Change {
             Payload::Rollout(m) => new_event(id, ty, &source, subject, time, m),
             Payload::Endpoints(m) => new_event(id, ty, &source, subject, time, m),
             Payload::Warning(m) => new_event(id, ty, &source, subject, time, m),
-            Payload::Json(value) => EventBuilderV10::new()
-                .id(id)
-                .ty(ty)
-                .source(source)
-                .subject(self.subject.clone())
-                .time(time)
-                .data("application/json", value.clone())
-                .build()
-                .map_err(|e| EventError::Invalid(e.to_string())),
         }
     }
 }
@@ -149,30 +138,34 @@ mod tests {
             let schema = format!("proto:{}", t.payload);
             tidewatch_proto::decode_json(&schema, &[]).expect("decodes");
         }
-        // The JSON-data types stay out of ALL (their data is JSON).
-        for json_type in [
-            topology::types::NODE_NOT_READY,
-            topology::types::NODE_READY,
-            topology::types::ENDPOINTS_EMPTY,
-            topology::types::ROLLOUT_STARTED,
+        // The four that used to be JSON-only have messages too.
+        for (ty, message) in [
+            (
+                topology::types::NODE_NOT_READY,
+                "tidewatch.v1.NodeConditionChange",
+            ),
+            (
+                topology::types::NODE_READY,
+                "tidewatch.v1.NodeConditionChange",
+            ),
+            (
+                topology::types::ENDPOINTS_EMPTY,
+                "tidewatch.v1.EndpointsChange",
+            ),
+            (
+                topology::types::ROLLOUT_STARTED,
+                "tidewatch.v1.RolloutChange",
+            ),
         ] {
-            assert!(topology::types::lookup(json_type).is_none());
+            assert_eq!(
+                topology::types::lookup(ty).map(|t| t.payload),
+                Some(message)
+            );
         }
     }
 
     #[test]
-    fn json_changes_keep_their_json_contract() {
-        let change = Change::new(
-            topology::types::NODE_NOT_READY,
-            "node/n1".into(),
-            &["uid", "1"],
-            None,
-            Payload::Json(serde_json::json!({"node": "n1", "status": "False"})),
-        );
-        let event = change.to_event("n1").expect("event");
-        assert_eq!(event.subject(), Some("node/n1"));
-        assert_eq!(event.source().as_str(), "/tidewatch/k8s/n1");
-        assert_eq!(event.datacontenttype(), Some("application/json"));
+    fn changes_are_protobuf_events_with_their_schema() {
         let proto = Change::new(
             topology::types::POD_PHASE,
             "pod/ns/a".into(),
@@ -185,6 +178,11 @@ mod tests {
         )
         .to_event("n1")
         .expect("event");
+        assert_eq!(proto.source().as_str(), "/tidewatch/k8s/n1");
+        assert_eq!(
+            proto.dataschema().map(|s| s.as_str()),
+            Some("proto:tidewatch.v1.PodChange")
+        );
         let back: PodChange = tidewatch_runtime::event::payload(&proto).expect("payload");
         assert_eq!(back.phase, "Running");
     }

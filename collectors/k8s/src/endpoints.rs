@@ -139,12 +139,12 @@ impl Services {
                 subject,
                 &[&key, "empty", &slice.uid, &slice.resource_version],
                 None,
-                Payload::Json(serde_json::json!({
-                    "namespace": slice.namespace,
-                    "service": slice.service,
-                    "ready": 0,
-                    "notReadyPods": pods,
-                })),
+                Payload::Endpoints(EndpointsChange {
+                    namespace: slice.namespace.clone(),
+                    service: slice.service.clone(),
+                    ready: 0,
+                    not_ready_pods: pods,
+                }),
             )]
         } else if ready_before == 0 && ready_after > 0 {
             vec![Change::new(
@@ -195,14 +195,14 @@ mod tests {
         assert_eq!(c.len(), 1);
         assert_eq!(c[0].ty, types::ENDPOINTS_EMPTY);
         assert_eq!(c[0].subject, "service/default/backend-api-service");
-        let Payload::Json(data) = &c[0].payload else {
-            panic!("json")
+        let Payload::Endpoints(data) = &c[0].payload else {
+            panic!("an endpoints change")
         };
-        assert_eq!(data["namespace"], "default");
-        assert_eq!(data["service"], "backend-api-service");
-        assert_eq!(data["ready"], 0);
+        assert_eq!(data.namespace, "default");
+        assert_eq!(data.service, "backend-api-service");
+        assert_eq!(data.ready, 0);
         assert_eq!(
-            data["notReadyPods"][0],
+            data.not_ready_pods[0],
             "default/backend-api-75fb46b7bd-xtkrh"
         );
         // Still empty: quiet.

@@ -107,12 +107,15 @@ pub fn changes(old: Option<&NodeSnapshot>, new: &NodeSnapshot) -> Vec<Change> {
                 subject.clone(),
                 &parts,
                 time,
-                Payload::Json(serde_json::json!({
-                    "node": new.name,
-                    "reason": c.reason,
-                    "message": c.message,
-                    "status": c.status,
-                })),
+                Payload::NodeCondition(NodeConditionChange {
+                    node: new.name.clone(),
+                    condition: ty.clone(),
+                    status: c.status.clone(),
+                    previous_status: previous.to_string(),
+                    reason: c.reason.clone(),
+                    message: c.message.clone(),
+                    transition_ns: c.transition_ns,
+                }),
             ));
         } else {
             out.push(Change::new(
@@ -184,12 +187,13 @@ mod tests {
         assert_eq!(c.len(), 1);
         assert_eq!(c[0].ty, types::NODE_NOT_READY);
         assert_eq!(c[0].subject, format!("node/{}", ready.name));
-        let Payload::Json(data) = &c[0].payload else {
-            panic!("json")
+        let Payload::NodeCondition(data) = &c[0].payload else {
+            panic!("a node condition")
         };
-        assert_eq!(data["node"], ready.name.as_str());
-        assert_eq!(data["status"], "Unknown");
-        assert_eq!(data["reason"], "NodeStatusUnknown");
+        assert_eq!(data.node, ready.name);
+        assert_eq!(data.status, "Unknown");
+        assert_eq!(data.previous_status, "True");
+        assert_eq!(data.reason, "NodeStatusUnknown");
         // Unknown → False is still not ready.
         let down = with_condition(
             &json,

@@ -102,6 +102,7 @@ impl DeploymentSnapshot {
             available_replicas: self.available,
             reason,
             message,
+            old_replica_set: String::new(),
         }
     }
 }
@@ -175,13 +176,10 @@ impl Rollouts {
             format!("deployment/{}/{}", d.namespace, d.name),
             &[&d.uid, "started", &d.revision.to_string()],
             None,
-            Payload::Json(serde_json::json!({
-                "namespace": d.namespace,
-                "deployment": d.name,
-                "newReplicaSet": new_rs,
-                "oldReplicaSet": old_rs,
-                "revision": d.revision.to_string(),
-            })),
+            Payload::Rollout(RolloutChange {
+                old_replica_set: old_rs,
+                ..d.payload(&new_rs)
+            }),
         )
     }
 
@@ -361,14 +359,14 @@ mod tests {
         });
         assert_eq!(ty(&c), vec![types::ROLLOUT_STARTED]);
         assert_eq!(c[0].subject, "deployment/default/guestbook-ui");
-        let Payload::Json(data) = &c[0].payload else {
-            panic!("json")
+        let Payload::Rollout(data) = &c[0].payload else {
+            panic!("a rollout change")
         };
-        assert_eq!(data["newReplicaSet"], "guestbook-ui-75dd4d49d5");
-        assert_eq!(data["oldReplicaSet"], "guestbook-ui-old");
-        assert_eq!(data["revision"], "4");
-        assert_eq!(data["namespace"], "default");
-        assert_eq!(data["deployment"], "guestbook-ui");
+        assert_eq!(data.new_replica_set, "guestbook-ui-75dd4d49d5");
+        assert_eq!(data.old_replica_set, "guestbook-ui-old");
+        assert_eq!(data.revision, "4");
+        assert_eq!(data.namespace, "default");
+        assert_eq!(data.deployment, "guestbook-ui");
         // Progress: one replica updated.
         let mid_snap = deployment(&mid);
         let c = r.deployment(Transition::Applied {

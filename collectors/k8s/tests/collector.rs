@@ -171,13 +171,9 @@ impl Published {
     }
 }
 
+/// The event's data as JSON (protobuf decoded by its schema, camelCase).
 fn json_data(e: &Event) -> Value {
-    match e.data() {
-        Some(cloudevents::Data::Json(v)) => v.clone(),
-        Some(cloudevents::Data::Binary(b)) => serde_json::from_slice(b).expect("json data"),
-        Some(cloudevents::Data::String(s)) => serde_json::from_str(s).expect("json data"),
-        None => Value::Null,
-    }
+    tidewatch_runtime::event::to_json(e)["data"].clone()
 }
 
 async fn kv(nats: &NatsServer) -> async_nats::jetstream::kv::Store {
