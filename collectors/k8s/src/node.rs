@@ -91,49 +91,38 @@ pub fn changes(old: Option<&NodeSnapshot>, new: &NodeSnapshot) -> Vec<Change> {
         ];
         let time =
             (c.transition_ns > 0).then(|| chrono::DateTime::from_timestamp_nanos(c.transition_ns));
-        if ty == "Ready" {
+        // Ready has its own types (NotReady is what rules join on); the
+        // pressure conditions share one. The payload is the same message.
+        let change_type = if ty == "Ready" {
             let was_ready = previous == "True";
             let ready = c.status == "True";
             if was_ready == ready {
                 // False ⇄ Unknown: still not ready.
                 continue;
             }
-            out.push(Change::new(
-                if ready {
-                    types::NODE_READY
-                } else {
-                    types::NODE_NOT_READY
-                },
-                subject.clone(),
-                &parts,
-                time,
-                Payload::NodeCondition(NodeConditionChange {
-                    node: new.name.clone(),
-                    condition: ty.clone(),
-                    status: c.status.clone(),
-                    previous_status: previous.to_string(),
-                    reason: c.reason.clone(),
-                    message: c.message.clone(),
-                    transition_ns: c.transition_ns,
-                }),
-            ));
+            if ready {
+                types::NODE_READY
+            } else {
+                types::NODE_NOT_READY
+            }
         } else {
-            out.push(Change::new(
-                types::NODE_CONDITION,
-                subject.clone(),
-                &parts,
-                time,
-                Payload::NodeCondition(NodeConditionChange {
-                    node: new.name.clone(),
-                    condition: ty.clone(),
-                    status: c.status.clone(),
-                    previous_status: previous.to_string(),
-                    reason: c.reason.clone(),
-                    message: c.message.clone(),
-                    transition_ns: c.transition_ns,
-                }),
-            ));
-        }
+            types::NODE_CONDITION
+        };
+        out.push(Change::new(
+            change_type,
+            subject.clone(),
+            &parts,
+            time,
+            Payload::NodeCondition(NodeConditionChange {
+                node: new.name.clone(),
+                condition: ty.clone(),
+                status: c.status.clone(),
+                previous_status: previous.to_string(),
+                reason: c.reason.clone(),
+                message: c.message.clone(),
+                transition_ns: c.transition_ns,
+            }),
+        ));
     }
     out
 }
