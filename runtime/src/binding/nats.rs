@@ -173,6 +173,14 @@ pub fn from_nats(headers: Option<&HeaderMap>, payload: &[u8]) -> Result<Event, B
             .map_err(|e| BindingError::Structured(e.to_string()))
             .and_then(super::check_structured);
     }
+    // The NATS binding carries datacontenttype as `ce-datacontenttype`;
+    // producers that reuse their HTTP binding (the CloudEvents SDKs'
+    // `to_binary` headers) send it as `Content-Type`. Accept that too.
+    if let Some(ct) = content_type
+        && !attributes.iter().any(|(name, _)| name == "datacontenttype")
+    {
+        attributes.push((Cow::Borrowed("datacontenttype"), Cow::Borrowed(ct)));
+    }
     binary_event(&attributes, payload)
 }
 
@@ -289,6 +297,25 @@ mod tests {
             "structured: decode to know"
         );
         assert_eq!(peek_type(None), None);
+    }
+
+    #[test]
+    fn binary_mode_takes_content_type_as_datacontenttype_when_ce_header_is_absent() {
+        let mut headers = HeaderMap::new();
+        for (k, v) in [
+            ("ce-specversion", "1.0"),
+            ("ce-id", "1"),
+            ("ce-source", "/python"),
+            ("ce-type", "t"),
+            ("content-type", "application/json"),
+        ] {
+            headers.insert(k, v);
+        }
+        let event = from_nats(Some(&headers), br#"{"a":1}"#).expect("event");
+        assert_eq!(event.datacontenttype(), Some("application/json"));
+        headers.insert("ce-datacontenttype", "text/plain");
+        let event = from_nats(Some(&headers), b"x").expect("event");
+        assert_eq!(event.datacontenttype(), Some("text/plain"), "ce- wins");
     }
 
     #[test]
