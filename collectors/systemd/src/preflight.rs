@@ -50,17 +50,41 @@ pub fn journal_dirs(config: &Config) -> Vec<PathBuf> {
     }
 }
 
-fn has_journal_files(dir: &Path, depth: u32) -> bool {
-    let Ok(entries) = std::fs::read_dir(dir) else {
-        return false;
-    };
-    entries.filter_map(Result::ok).any(|e| {
-        let path = e.path();
-        if path.extension().is_some_and(|x| x == "journal") {
-            return true;
+/// What a look for journal files found.
+enum Scan {
+    /// The first journal file (in name order).
+    File(PathBuf),
+    /// A directory this process may not list (journald's per-machine
+    /// directory is group `systemd-journal`, mode 2750): files may well be
+    /// there, for a reader in that group.
+    Unreadable(PathBuf),
+    Nothing,
+}
+
+fn scan(dir: &Path, depth: u32) -> Scan {
+    let entries = match std::fs::read_dir(dir) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {
+            return Scan::Unreadable(dir.to_path_buf());
         }
-        depth > 0 && path.is_dir() && has_journal_files(&path, depth - 1)
-    })
+        Err(_) => return Scan::Nothing,
+    };
+    let mut paths: Vec<PathBuf> = entries.filter_map(|e| e.ok().map(|e| e.path())).collect();
+    paths.sort();
+    let mut unreadable = None;
+    for path in paths {
+        if path.extension().is_some_and(|x| x == "journal") {
+            return Scan::File(path);
+        }
+        if depth > 0 && path.is_dir() {
+            match scan(&path, depth - 1) {
+                Scan::File(file) => return Scan::File(file),
+                Scan::Unreadable(d) => unreadable = unreadable.or(Some(d)),
+                Scan::Nothing => {}
+            }
+        }
+    }
+    unreadable.map_or(Scan::Nothing, Scan::Unreadable)
 }
 
 /// A journal file exists where the collector will read, and `journalctl` runs.
@@ -69,7 +93,7 @@ pub fn journal_present(config: &Config) -> Result<(), String> {
         return Ok(());
     }
     let dirs = journal_dirs(config);
-    if !dirs.iter().any(|d| has_journal_files(d, 1)) {
+    if dirs.iter().all(|d| matches!(scan(d, 1), Scan::Nothing)) {
         let names: Vec<String> = dirs.iter().map(|d| d.display().to_string()).collect();
         return Err(format!("no journal files under {}", names.join(" or ")));
     }
@@ -87,23 +111,6 @@ pub fn journal_present(config: &Config) -> Result<(), String> {
     }
 }
 
-fn first_journal_file(dir: &Path, depth: u32) -> Option<PathBuf> {
-    let mut entries: Vec<PathBuf> = std::fs::read_dir(dir)
-        .ok()?
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .collect();
-    entries.sort();
-    entries.iter().find_map(|path| {
-        if path.extension().is_some_and(|x| x == "journal") {
-            Some(path.clone())
-        } else if depth > 0 && path.is_dir() {
-            first_journal_file(path, depth - 1)
-        } else {
-            None
-        }
-    })
-}
-
 /// This process may read the journal files. Why check: the collector runs
 /// as a non-root user whose only way in is the host's `systemd-journal`
 /// group, whose gid differs between distributions, and `journalctl` given
@@ -114,14 +121,28 @@ pub fn journal_readable(config: &Config) -> Result<(), String> {
     if !config.journal {
         return Ok(());
     }
-    let Some(file) = journal_dirs(config)
-        .iter()
-        .find_map(|d| first_journal_file(d, 1))
-    else {
+    let mut found = None;
+    for dir in journal_dirs(config) {
+        match scan(&dir, 1) {
+            Scan::File(file) => {
+                found = Some(file);
+                break;
+            }
+            Scan::Unreadable(d) => found = found.or(Some(d)),
+            Scan::Nothing => {}
+        }
+    }
+    let Some(file) = found else {
         return Ok(());
     };
-    match std::fs::File::open(&file) {
-        Ok(_) => Ok(()),
+    // A file to open, or a directory this process could not list.
+    let opened = if file.is_dir() {
+        std::fs::read_dir(&file).map(drop)
+    } else {
+        std::fs::File::open(&file).map(drop)
+    };
+    match opened {
+        Ok(()) => Ok(()),
         Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {
             let meta = std::fs::metadata(&file).ok();
             let gid = meta.as_ref().map(|m| m.gid());
@@ -173,6 +194,6 @@ mod tests {
         let machine = dir.path().join("3d1219c7c4c5404aaa1f6d2a48adfda4");
         std::fs::create_dir_all(&machine).expect("mkdir");
         std::fs::write(machine.join("system.journal"), b"").expect("write");
-        assert!(has_journal_files(dir.path(), 1));
+        assert!(matches!(scan(dir.path(), 1), Scan::File(_)));
     }
 }
