@@ -77,6 +77,9 @@ pub struct PodRestart {
     pub reason: String,
     #[serde(default)]
     pub exit_code: i32,
+    /// When this process first folded it in (receive time, ns; 0 unknown).
+    #[serde(default)]
+    pub received_ns: i64,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -142,6 +145,18 @@ impl BadRollout {
 
     pub fn step(&self, mut state: State, key: &str, obs: &Observation) -> (State, Option<Finding>) {
         let window = self.window.nanos();
+        // A repeat past the republish horizon (see sequence.rs) emits nothing.
+        if let Some(first) = state
+            .restarts
+            .iter()
+            .find(|r| r.event_id == obs.id)
+            .map(|r| r.received_ns)
+            && obs.republish_horizon_ns > 0
+            && first > 0
+            && obs.received_ns.saturating_sub(first) > obs.republish_horizon_ns
+        {
+            return (state, None);
+        }
         if obs.ty == types::ROLLOUT_STARTED {
             let (Some(new_rs), Some(old_rs)) = (
                 obs.value("data.newReplicaSet"),
@@ -186,6 +201,7 @@ impl BadRollout {
                         .value("data.exitCode")
                         .and_then(|c| c.parse().ok())
                         .unwrap_or(0),
+                    received_ns: obs.received_ns,
                 },
             );
         }

@@ -72,6 +72,10 @@ impl Default for CrashLoop {
 pub struct Restart {
     pub event_id: String,
     pub at_ns: i64,
+    /// When this process first folded it in (receive time, ns; 0 unknown):
+    /// a repeat past the republish horizon emits nothing (see sequence.rs).
+    #[serde(default)]
+    pub received_ns: i64,
     pub exit_code: i32,
     pub reason: String,
     pub container: String,
@@ -122,6 +126,7 @@ impl CrashLoop {
         let restart = Restart {
             event_id: obs.id.clone(),
             at_ns: obs.at_ns,
+            received_ns: obs.received_ns,
             exit_code: obs
                 .value("data.exitCode")
                 .and_then(|c| c.parse().ok())
@@ -135,6 +140,20 @@ impl CrashLoop {
             }),
             container: obs.value("data.container").unwrap_or_default(),
         };
+        let first = state
+            .restarts
+            .iter()
+            .find(|r| r.event_id == restart.event_id)
+            .map(|r| r.received_ns);
+        if let Some(first) = first
+            && obs.republish_horizon_ns > 0
+            && first > 0
+            && obs.received_ns.saturating_sub(first) > obs.republish_horizon_ns
+        {
+            // Its finding was published long ago, past the insights
+            // stream's dedupe window: publishing it again would page twice.
+            return (state, None);
+        }
         self.step(state, &format!("pod/{key}"), restart)
     }
 
@@ -249,10 +268,41 @@ mod tests {
         Restart {
             event_id: id.into(),
             at_ns: at_min * MIN,
+            received_ns: 0,
             exit_code,
             reason: reason.into(),
             container: "app".into(),
         }
+    }
+
+    #[test]
+    fn a_repeat_past_the_republish_horizon_emits_nothing() {
+        let rule = CrashLoop::default();
+        let obs = |id: &str, received_ns: i64| {
+            let mut o = crate::observation::tests::obs(
+                id,
+                types::CONTAINER_RESTARTED,
+                1,
+                Some("pod/shop/web-1"),
+                serde_json::json!({"exitCode": 1, "container": "app"}),
+            );
+            o.received_ns = received_ns;
+            o.republish_horizon_ns = 60;
+            o
+        };
+        let mut state = State::default();
+        for (i, id) in ["a", "b", "c"].iter().enumerate() {
+            state = rule
+                .step_observation(state, "shop/web-1", &obs(id, 1_000 + i as i64))
+                .0;
+        }
+        let (state, soon) = rule.step_observation(state, "shop/web-1", &obs("c", 1_030));
+        assert!(
+            soon.is_some(),
+            "within the horizon: republished (the stream dedupes it)"
+        );
+        let (_, late) = rule.step_observation(state, "shop/web-1", &obs("c", 1_200));
+        assert!(late.is_none(), "past the horizon: nothing");
     }
 
     #[test]
