@@ -177,7 +177,7 @@ async fn publish_until_acked(publisher: &Publisher, event: &cloudevents::Event) 
         match publisher.publish(subject.as_str(), event).await {
             Ok(_) => return,
             Err(e) if Instant::now() < deadline => {
-                tracing_free_log(&format!("publish {} failed, retrying: {e}", event.id()));
+                log_rarely(&format!("publish {} failed, retrying: {e}", event.id()));
                 tokio::time::sleep(Duration::from_millis(200)).await;
             }
             Err(e) => panic!("{} never acked: {e}", event.id()),
@@ -186,7 +186,7 @@ async fn publish_until_acked(publisher: &Publisher, event: &cloudevents::Event) 
 }
 
 /// Rare retry lines, kept short.
-fn tracing_free_log(line: &str) {
+fn log_rarely(line: &str) {
     static SEEN: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
     if SEEN.fetch_add(1, std::sync::atomic::Ordering::Relaxed) < 5 {
         eprintln!("{line}");
@@ -402,8 +402,12 @@ async fn a_kv_outage_dead_letters_nothing_and_everything_flows_after() {
         ids.push(event.id().to_string());
         publish_until_acked(&publisher, &event).await;
     }
-    tokio::time::sleep(pause.saturating_sub(paused_at.elapsed())).await;
-    let dead_during = stream_len(&js, topology::DEAD_LETTER.name).await;
+    // The rest of the pause is the fault itself; watch the DLQ throughout.
+    let mut dead_during = 0;
+    while paused_at.elapsed() < pause {
+        dead_during = dead_during.max(stream_len(&js, topology::DEAD_LETTER.name).await);
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
     nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(pid as i32),
         nix::sys::signal::Signal::SIGCONT,

@@ -251,29 +251,42 @@ async fn cli_commands_say_when_nats_is_unreachable() {
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_burst_scales_functions_from_zero_to_many_and_back_without_loss() {
-    let server = tidewatch_testkit::NatsServer::start().await;
-    let state = tempfile::tempdir().expect("temp dir");
-    let mut up = Command::new(binary("tidewatch"))
+/// `tidewatch up --json` without collectors, on `server`, with `args`.
+fn up_json(
+    server: &tidewatch_testkit::NatsServer,
+    state: &Path,
+    args: &[&str],
+) -> tokio::process::Child {
+    Command::new(binary("tidewatch"))
         .args(["up", "--json", "--no-collectors", "--state-dir"])
-        .arg(state.path())
+        .arg(state)
         .args(["--monitoring-url", &server.monitoring_url()])
-        .args([
-            "--polling-interval-secs",
-            "1",
-            "--cooldown-secs",
-            "3",
-            "--scale-down-window-secs",
-            "2",
-        ])
+        .args(args)
         .env("NATS_URL", server.client_url())
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
         .kill_on_drop(true)
         .spawn()
-        .expect("up starts");
+        .expect("up starts")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_scales_functions_from_zero_to_many_and_back_without_loss() {
+    let server = tidewatch_testkit::NatsServer::start().await;
+    let state = tempfile::tempdir().expect("temp dir");
+    let mut up = up_json(
+        &server,
+        state.path(),
+        &[
+            "--polling-interval-secs",
+            "1",
+            "--cooldown-secs",
+            "3",
+            "--scale-down-window-secs",
+            "2",
+        ],
+    );
     let up_pid = up.id().expect("running");
     let mut lines = BufReader::new(up.stdout.take().expect("stdout")).lines();
     let mut next = async || {
@@ -407,18 +420,7 @@ async fn a_python_cloudevents_producer_gets_insights_through_up() {
     }
     let server = tidewatch_testkit::NatsServer::start().await;
     let state = tempfile::tempdir().expect("temp dir");
-    let mut up = Command::new(binary("tidewatch"))
-        .args(["up", "--json", "--no-collectors", "--state-dir"])
-        .arg(state.path())
-        .args(["--monitoring-url", &server.monitoring_url()])
-        .args(["--polling-interval-secs", "1"])
-        .env("NATS_URL", server.client_url())
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("up starts");
+    let mut up = up_json(&server, state.path(), &["--polling-interval-secs", "1"]);
     let mut lines = BufReader::new(up.stdout.take().expect("stdout")).lines();
     loop {
         let line = tokio::time::timeout(Duration::from_secs(120), lines.next_line())

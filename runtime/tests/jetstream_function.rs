@@ -987,19 +987,27 @@ async fn a_dead_letter_stream_outage_on_the_last_delivery_loses_nothing() {
         .expect("delete the DLQ stream");
     let (input, seq) = pipeline.publish("reject-outage", REJECT).await;
 
-    // Three ack waits with nowhere to put the dead letter.
-    tokio::time::sleep(Duration::from_secs(3)).await;
-    let info = pipeline.consumer().await;
-    assert_eq!(
-        info.ack_floor.stream_sequence, 0,
-        "the input was neither acked nor terminated: {info:?}"
-    );
-    assert_eq!(info.num_ack_pending, 1, "still held: {info:?}");
-    assert_eq!(
-        pipeline.deliveries("reject-outage"),
-        vec![1],
-        "held, not redelivered"
-    );
+    // Three ack waits with nowhere to put the dead letter: held all along
+    // (checked every 100 ms), never redelivered.
+    eventually("the input to be handled", WAIT, || async {
+        (!pipeline.deliveries("reject-outage").is_empty()).then_some(())
+    })
+    .await;
+    let until = Instant::now() + Duration::from_secs(3);
+    while Instant::now() < until {
+        let info = pipeline.consumer().await;
+        assert_eq!(
+            info.ack_floor.stream_sequence, 0,
+            "the input was neither acked nor terminated: {info:?}"
+        );
+        assert_eq!(info.num_ack_pending, 1, "still held: {info:?}");
+        assert_eq!(
+            pipeline.deliveries("reject-outage"),
+            vec![1],
+            "held, not redelivered"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 
     let report = provision(
         &pipeline.js,
@@ -1102,8 +1110,12 @@ async fn messages_that_are_never_settled_are_dead_lettered_from_the_advisory() {
         async move { stopped.notified().await },
     ));
     // The follower's subscription must exist before the advisory is sent.
-    client.flush().await.expect("flush");
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    let subsz = format!("{}/subsz?subs=1", server.monitoring_url());
+    eventually("the advisory follower's subscription", WAIT, || async {
+        let (_, body) = tidewatch_testkit::http_get(&subsz).await.ok()?;
+        body.contains("MAX_DELIVERIES").then_some(())
+    })
+    .await;
 
     let input = test_event("hang-1", HANG);
     let ack = publisher

@@ -971,8 +971,18 @@ async fn unrefreshed_metadata_expires_and_live_pods_stay_resolvable() {
         (uid.is_none() && ip.is_none()).then_some(())
     })
     .await;
-    // Well past max_age: refreshed, so still there.
-    tokio::time::sleep(MAX_AGE * 2).await;
+    // Refreshed, so resolvable all along, until well past max_age: checked
+    // every 100 ms, not once after a sleep.
+    let until = std::time::Instant::now() + MAX_AGE * 2;
+    while std::time::Instant::now() < until {
+        assert!(
+            pod_meta(&store, pod_keys::by_uid(&live_uid))
+                .await
+                .is_some(),
+            "the live pod expired although its collector refreshes it"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     assert_eq!(
         pod_meta(&store, pod_keys::by_uid(&live_uid))
             .await

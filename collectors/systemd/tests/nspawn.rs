@@ -711,8 +711,18 @@ async fn the_collector_runs_unprivileged_and_cannot_start_units() {
         .stdin(Stdio::null())
         .spawn()
         .expect("start the collector as nobody");
-    // Give it a moment to subscribe; crashy loops, so a late start still sees restarts.
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    // Wait until it is connected to NATS (past its preflight and D-Bus
+    // subscription); crashy loops, so a late start still sees restarts.
+    let connz = format!("{}/connz", server.monitoring_url());
+    eventually(
+        "the unprivileged collector connected to NATS",
+        WAIT,
+        || async {
+            let (_, body) = tidewatch_testkit::http_get(&connz).await.ok()?;
+            body.contains("tidewatch-collector-systemd").then_some(())
+        },
+    )
+    .await;
     let status =
         std::fs::read_to_string(format!("/proc/{}/status", collector.id())).unwrap_or_default();
     dbus::unit_job(&bus, "StartUnit", "crashy.service")

@@ -145,16 +145,12 @@ impl BadRollout {
 
     pub fn step(&self, mut state: State, key: &str, obs: &Observation) -> (State, Option<Finding>) {
         let window = self.window.nanos();
-        // A repeat past the republish horizon (see sequence.rs) emits nothing.
-        if let Some(first) = state
+        let first = state
             .restarts
             .iter()
             .find(|r| r.event_id == obs.id)
-            .map(|r| r.received_ns)
-            && obs.republish_horizon_ns > 0
-            && first > 0
-            && obs.received_ns.saturating_sub(first) > obs.republish_horizon_ns
-        {
+            .map(|r| r.received_ns);
+        if obs.is_stale_repeat(first) {
             return (state, None);
         }
         if obs.ty == types::ROLLOUT_STARTED {

@@ -145,13 +145,7 @@ impl CrashLoop {
             .iter()
             .find(|r| r.event_id == restart.event_id)
             .map(|r| r.received_ns);
-        if let Some(first) = first
-            && obs.republish_horizon_ns > 0
-            && first > 0
-            && obs.received_ns.saturating_sub(first) > obs.republish_horizon_ns
-        {
-            // Its finding was published long ago, past the insights
-            // stream's dedupe window: publishing it again would page twice.
+        if obs.is_stale_repeat(first) {
             return (state, None);
         }
         self.step(state, &format!("pod/{key}"), restart)

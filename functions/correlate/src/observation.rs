@@ -48,6 +48,19 @@ pub struct Observation {
 }
 
 impl Observation {
+    /// Whether this is a repeat of an event first folded in at `first_ns`
+    /// (receive time; 0 unknown) that came back past the republish horizon:
+    /// its finding went out long ago, past the insights stream's dedupe
+    /// window, so publishing it again would page twice. Every rule kind
+    /// asks this before folding.
+    pub fn is_stale_repeat(&self, first_ns: Option<i64>) -> bool {
+        first_ns.is_some_and(|first| {
+            self.republish_horizon_ns > 0
+                && first > 0
+                && self.received_ns.saturating_sub(first) > self.republish_horizon_ns
+        })
+    }
+
     /// Read `event`; its time (or `now_ns` when it has none) orders it.
     pub fn from_event(event: &Event, now_ns: i64) -> Observation {
         let mut ext = BTreeMap::new();

@@ -376,11 +376,7 @@ impl SequenceRule {
     pub fn step(&self, mut state: State, key: &str, obs: &Observation) -> (State, Option<Finding>) {
         let hash = id_hash(&obs.id);
         let first_seen = state.seen.iter().find(|(h, _)| *h == hash).map(|(_, t)| *t);
-        if let Some(first) = first_seen
-            && obs.republish_horizon_ns > 0
-            && first > 0
-            && obs.received_ns.saturating_sub(first) > obs.republish_horizon_ns
-        {
+        if obs.is_stale_repeat(first_seen) {
             return (state, None);
         }
         let duplicate = first_seen.is_some() || state.events.iter().any(|e| e.id == obs.id);
