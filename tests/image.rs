@@ -20,8 +20,9 @@ use tidewatch_testkit::{NatsServer, eventually, skip};
 const TEST: &str = "image::the_image_runs_every_binary_as_65532_and_enrich_works_from_it";
 
 /// Every binary of the workspace: the image must hold exactly these.
-const BINARIES: [&str; 7] = [
+const BINARIES: [&str; 8] = [
     "tidewatch",
+    "tidewatch-auth-callout",
     "tidewatch-collector-ebpf",
     "tidewatch-collector-k8s",
     "tidewatch-collector-systemd",

@@ -571,10 +571,10 @@ fn kustomize_builds_every_folder_with_generated_secrets_and_one_image_override()
                     "{overlay}: the functions' namespace gets no admin or collector password: {keys:?}"
                 );
             }
-            // Collector pods run on every node, and a kubelet may read the
-            // Secrets its pods reference: theirs holds their passwords only.
-            if name.starts_with("tidewatch-nats-collectors") {
-                assert_eq!(keys, ["ebpf", "k8s", "systemd"], "{overlay}");
+            // The callout's Secret: its password and the seed that signs
+            // every collector's rights, nothing else (only its pods mount it).
+            if name.starts_with("tidewatch-auth-callout") {
+                assert_eq!(keys, ["auth-callout", "issuer-seed"], "{overlay}");
             }
             if name.starts_with("tidewatch-nats-ca") {
                 assert_eq!(
@@ -1157,13 +1157,58 @@ fn collectors_run_as_daemonsets_with_least_privilege() {
         }
         // Every collector has an outage spool mounted where it is told to write it.
         let env = c["env"].as_array().expect("env");
-        // Its password from the collectors' Secret: a node's kubelet may
-        // read what its pods reference, and that must not hold admin's.
-        let secrets: Vec<&Value> = env
+        // No password at all: a node's kubelet may read what its pods
+        // reference. Its NATS identity is a projected ServiceAccount token
+        // for the audience `nats`, which the auth callout turns into rights
+        // on this node only.
+        assert!(
+            !env.iter()
+                .any(|e| e["valueFrom"].get("secretKeyRef").is_some()),
+            "{name}: no Secret in the environment"
+        );
+        let short_name = name.trim_start_matches("tidewatch-collector-");
+        assert_eq!(
+            pod["serviceAccountName"], name,
+            "{name}: its own ServiceAccount"
+        );
+        let value = |key: &str| {
+            env.iter()
+                .find(|e| e["name"] == key)
+                .and_then(|e| e["value"].as_str())
+                .unwrap_or_else(|| panic!("{name}: {key}"))
+        };
+        assert_eq!(
+            value("NATS_USER"),
+            short_name,
+            "{name}: the identity its inbox is named after"
+        );
+        let token_file = value("NATS_TOKEN_FILE");
+        let token_mount = c["volumeMounts"]
+            .as_array()
+            .expect("mounts")
             .iter()
-            .filter_map(|e| e["valueFrom"]["secretKeyRef"].get("name"))
-            .collect();
-        assert_eq!(secrets, ["tidewatch-nats-collectors"], "{name}");
+            .find(|m| token_file.starts_with(m["mountPath"].as_str().unwrap_or("-")))
+            .expect("the token file is mounted");
+        let token_volume = pod["volumes"]
+            .as_array()
+            .expect("volumes")
+            .iter()
+            .find(|v| v["name"] == token_mount["name"])
+            .expect("volume");
+        let projected = &token_volume["projected"]["sources"][0]["serviceAccountToken"];
+        assert_eq!(projected["audience"], "nats", "{name}: {token_volume}");
+        assert!(
+            projected["expirationSeconds"]
+                .as_u64()
+                .is_some_and(|s| s <= 3600),
+            "{name}"
+        );
+        assert!(
+            objects
+                .iter()
+                .any(|o| o["kind"] == "ServiceAccount" && o["metadata"]["name"] == name),
+            "{name}: its ServiceAccount is rendered"
+        );
         let spool = env
             .iter()
             .find(|e| e["name"] == "TIDEWATCH_SPOOL_DIR")
@@ -1232,5 +1277,117 @@ fn collectors_run_as_daemonsets_with_least_privilege() {
             .iter()
             .any(|v| v["kind"] == "ClusterRole" && v["rules"].to_string().contains("leases")),
         "Lease rights are namespaced, not cluster-wide"
+    );
+}
+
+/// Every place a manifest names `secret` (env, volumes, projected sources).
+fn secret_references(value: &Value, secret: &str, path: &mut Vec<String>, out: &mut Vec<String>) {
+    match value {
+        Value::Object(map) => {
+            for (k, v) in map {
+                if (k == "secretName" || (k == "name" && map.contains_key("key")))
+                    && v.as_str().is_some_and(|s| s == secret)
+                {
+                    out.push(path.join("/"));
+                }
+                path.push(k.clone());
+                secret_references(v, secret, path, out);
+                path.pop();
+            }
+        }
+        Value::Array(items) => {
+            for item in items {
+                secret_references(item, secret, path, out);
+            }
+        }
+        _ => {}
+    }
+}
+
+#[test]
+fn the_auth_callout_alone_holds_the_issuer_seed_and_nats_hands_it_only_unknown_clients() {
+    let objects: Vec<Value> = manifests("deploy").into_iter().map(|(_, v)| v).collect();
+    let callout = objects
+        .iter()
+        .find(|o| o["kind"] == "Deployment" && o["metadata"]["name"] == "tidewatch-auth-callout")
+        .expect("the auth callout Deployment");
+    assert!(
+        callout["spec"]["replicas"].as_u64().is_some_and(|r| r >= 2),
+        "no collector connects without it: HA"
+    );
+    let pod = &callout["spec"]["template"]["spec"];
+    assert_eq!(pod["securityContext"]["runAsNonRoot"], true);
+    let sc = &pod["containers"][0]["securityContext"];
+    assert_eq!(sc["readOnlyRootFilesystem"], true);
+    assert_eq!(sc["capabilities"]["drop"], serde_json::json!(["ALL"]));
+    // Its only API right: TokenReviews (system:auth-delegator).
+    let bindings: Vec<&Value> = objects
+        .iter()
+        .filter(|o| {
+            o["kind"]
+                .as_str()
+                .is_some_and(|k| k.ends_with("RoleBinding"))
+        })
+        .filter(|o| {
+            o["subjects"]
+                .as_array()
+                .is_some_and(|s| s.iter().any(|s| s["name"] == pod["serviceAccountName"]))
+        })
+        .collect();
+    assert_eq!(bindings.len(), 1, "{bindings:?}");
+    assert_eq!(bindings[0]["roleRef"]["name"], "system:auth-delegator");
+    // The seed's Secret is referenced by the callout's pods and nowhere else.
+    let mut references = Vec::new();
+    for o in &objects {
+        let mut found = Vec::new();
+        secret_references(o, "tidewatch-auth-callout", &mut Vec::new(), &mut found);
+        if !found.is_empty() {
+            references.push(format!(
+                "{} {}",
+                o["kind"].as_str().unwrap_or_default(),
+                o["metadata"]["name"].as_str().unwrap_or_default()
+            ));
+        }
+    }
+    assert_eq!(references, ["Deployment tidewatch-auth-callout"]);
+
+    // nats-server: every configured user authenticates by password and
+    // skips the callout; anyone else (collectors) goes to it.
+    let auth = objects
+        .iter()
+        .find(|o| o["kind"] == "ConfigMap" && o["metadata"]["name"] == "nats-config")
+        .and_then(|cm| cm["data"]["auth.conf"].as_str())
+        .expect("auth.conf")
+        .to_string();
+    let users: Vec<String> = auth
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("{ user: "))
+        .map(|l| {
+            l.split(',')
+                .next()
+                .unwrap_or_default()
+                .trim_matches('"')
+                .to_string()
+        })
+        .collect();
+    let callout_block = auth
+        .split("auth_callout {")
+        .nth(1)
+        .expect("an auth_callout block");
+    assert!(
+        callout_block.contains("issuer: $AUTH_CALLOUT_ISSUER"),
+        "{callout_block}"
+    );
+    for user in &users {
+        assert!(
+            callout_block.contains(&format!("\"{user}\"")),
+            "{user} must be an auth_user: {callout_block}"
+        );
+    }
+    assert!(
+        !users
+            .iter()
+            .any(|u| ["ebpf", "k8s", "systemd"].contains(&u.as_str())),
+        "collectors have no password user: {users:?}"
     );
 }

@@ -129,6 +129,11 @@ fn start_node(
         .stderr(log)
         .kill_on_drop(true);
     for (user, password) in passwords {
+        // The secrets' one non-password: the auth callout's issuer (public key).
+        if user == "auth-callout-issuer" {
+            command.env("AUTH_CALLOUT_ISSUER", password);
+            continue;
+        }
         command.env(
             format!("{}_PASSWORD", user.to_uppercase().replace('-', "_")),
             password,

@@ -238,6 +238,55 @@ pub const NATS_PASSWORD_ENV: &str = "NATS_PASSWORD";
 /// A PEM file of CA certificates to verify the server with; set, TLS is required.
 pub const NATS_CA_FILE_ENV: &str = "NATS_CA_FILE";
 
+/// A file holding a bearer token (a projected Kubernetes ServiceAccount
+/// token), read again on every (re)connect because the kubelet rotates it.
+/// The NATS auth callout (`tidewatch-auth-callout`) verifies it and grants
+/// the collector named by [`NATS_USER_ENV`] the subjects of the node in
+/// `NODE_NAME`, so the connection's inbox is [`node_inbox_prefix`].
+pub const NATS_TOKEN_FILE_ENV: &str = "NATS_TOKEN_FILE";
+/// The node a collector runs on (the Kubernetes downward API sets it).
+pub const NODE_NAME_ENV: &str = "NODE_NAME";
+
+/// The inbox prefix of a collector's connections on `node` when it
+/// authenticates through the auth callout: one per collector and node, so
+/// one node's collector cannot read another node's replies. The node goes
+/// through [`topology::subjects::token`]: `a.b` must not nest under `a`.
+pub fn node_inbox_prefix(collector: &str, node: &str) -> String {
+    inbox_prefix(&format!(
+        "{}_{}",
+        topology::subjects::token(collector),
+        topology::subjects::token(node)
+    ))
+}
+
+/// Options that authenticate with the token in `file`, read at each
+/// connect (a rotated token is picked up by the next reconnect; the
+/// callout's grant expires with the token, which forces one), with the
+/// inbox of `identity` (collector, node) if given.
+pub fn token_file_options(
+    file: std::path::PathBuf,
+    identity: Option<(&str, &str)>,
+) -> async_nats::ConnectOptions {
+    let options = async_nats::ConnectOptions::with_auth_callback(move |_nonce| {
+        let file = file.clone();
+        async move {
+            let token = tokio::fs::read_to_string(&file).await.map_err(|e| {
+                async_nats::AuthError::new(format!(
+                    "cannot read the NATS token file {}: {e}",
+                    file.display()
+                ))
+            })?;
+            let mut auth = async_nats::Auth::new();
+            auth.token = Some(token.trim().to_string());
+            Ok(auth)
+        }
+    });
+    match identity {
+        Some((collector, node)) => options.custom_inbox_prefix(node_inbox_prefix(collector, node)),
+        None => options,
+    }
+}
+
 /// The inbox prefix of `user`'s connections: replies to its requests (the
 /// JetStream API, KV reads, pull deliveries) arrive under it, and the
 /// rendered permissions let only that user subscribe there, so no component
@@ -254,7 +303,17 @@ pub fn inbox_prefix(user: &str) -> String {
 /// servers without credentials, one entry per server (pass the list to
 /// `connect`, which would read a comma-joined string as one URL).
 pub fn connect_options(url: &str) -> (async_nats::ConnectOptions, Vec<String>) {
-    let mut options = async_nats::ConnectOptions::new();
+    let mut options = match std::env::var_os(NATS_TOKEN_FILE_ENV) {
+        Some(file) => {
+            let user = std::env::var(NATS_USER_ENV).ok();
+            let node = std::env::var(NODE_NAME_ENV).ok();
+            token_file_options(
+                std::path::PathBuf::from(file),
+                user.as_deref().zip(node.as_deref()),
+            )
+        }
+        None => async_nats::ConnectOptions::new(),
+    };
     if let (Some(user), Some(password)) = (
         std::env::var_os(NATS_USER_ENV),
         std::env::var_os(NATS_PASSWORD_ENV),

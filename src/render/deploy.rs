@@ -5,7 +5,7 @@
 use serde_json::{Value, json};
 use tidewatch_runtime::topology;
 
-use super::functions::{ca_volume, nats_client_env, nats_client_env_from};
+use super::functions::{ca_volume, nats_client_env};
 use super::nats;
 use super::{
     FUNCTIONS_NAMESPACE, Functions, SYSTEM_NAMESPACE, image, labels, resources, selector,
@@ -18,13 +18,39 @@ pub fn spool_host_path(collector: &str) -> String {
     format!("/var/lib/tidewatch/spool/{collector}")
 }
 
+/// Where collectors find their NATS token (a projected ServiceAccount
+/// token for audience [`NATS_TOKEN_AUDIENCE`], rotated by the kubelet).
+pub const NATS_TOKEN_MOUNT: &str = "/var/run/secrets/tidewatch/nats";
+/// The audience of that token: the auth callout refuses tokens for any other.
+pub const NATS_TOKEN_AUDIENCE: &str = "nats";
+/// Its lifetime. The kubelet rotates it at 80 %; the callout's grant ends
+/// with it, and the collector reconnects with the new one.
+pub const NATS_TOKEN_SECONDS: u64 = 3600;
+
+fn nats_token_volume() -> Value {
+    json!({"name": "nats-token", "projected": {"sources": [{"serviceAccountToken": {
+        "audience": NATS_TOKEN_AUDIENCE, "expirationSeconds": NATS_TOKEN_SECONDS, "path": "token",
+    }}]}})
+}
+
+/// A collector's ServiceAccount (the k8s collector's comes with its RBAC):
+/// no API rights, only an identity for the auth callout.
+pub fn collector_service_account(collector: &str) -> Value {
+    let name = tidewatch_auth_callout::grant::service_account(collector);
+    json!({
+        "apiVersion": "v1", "kind": "ServiceAccount",
+        "metadata": {"name": name, "namespace": SYSTEM_NAMESPACE, "labels": labels(&name, "collector")},
+        "automountServiceAccountToken": false,
+    })
+}
+
 /// What differs between the collector DaemonSets.
 struct CollectorPod {
     name: &'static str,
     /// Capabilities added after dropping ALL.
     capabilities: &'static [&'static str],
     host_pid: bool,
-    /// The k8s collector talks to the API server with its own ServiceAccount.
+    /// The k8s collector talks to the API server: its ServiceAccount token is mounted.
     service_account: bool,
     /// (volume name, host path, mount path, read-only).
     host_mounts: &'static [(&'static str, &'static str, &'static str, bool)],
@@ -63,7 +89,14 @@ fn collector_daemonset(pod: CollectorPod) -> Value {
     let mut env = vec![
         json!({"name": "NODE_NAME", "valueFrom": {"fieldRef": {"fieldPath": "spec.nodeName"}}}),
     ];
-    env.extend(nats_client_env_from(name, super::COLLECTORS_SECRET));
+    // No password: the pod's projected ServiceAccount token, which the
+    // auth callout turns into this collector's rights on this node only.
+    env.extend([
+        json!({"name": "NATS_URL", "value": nats::client_url()}),
+        json!({"name": "NATS_USER", "value": name}),
+        json!({"name": tidewatch_runtime::host::NATS_TOKEN_FILE_ENV, "value": format!("{NATS_TOKEN_MOUNT}/token")}),
+        json!({"name": "NATS_CA_FILE", "value": format!("{}/ca.crt", nats::CA_MOUNT)}),
+    ]);
     env.extend([
         json!({"name": "TIDEWATCH_METRICS_ADDR", "value": "0.0.0.0:9090"}),
         json!({"name": "TIDEWATCH_SPOOL_DIR", "value": spool_mount}),
@@ -78,6 +111,7 @@ fn collector_daemonset(pod: CollectorPod) -> Value {
     mounts.push(json!({"name": "spool", "mountPath": spool_mount}));
     let (ca, ca_mount) = ca_volume();
     mounts.push(ca_mount);
+    mounts.push(json!({"name": "nats-token", "mountPath": NATS_TOKEN_MOUNT, "readOnly": true}));
     let mut volumes: Vec<Value> = pod
         .host_mounts
         .iter()
@@ -90,6 +124,7 @@ fn collector_daemonset(pod: CollectorPod) -> Value {
         json!({"name": "spool", "hostPath": {"path": spool_host_path(name), "type": "DirectoryOrCreate"}}),
     );
     volumes.push(ca);
+    volumes.push(nats_token_volume());
     let mut security = json!({
         "privileged": false,
         "allowPrivilegeEscalation": false,
@@ -152,9 +187,9 @@ fn collector_daemonset(pod: CollectorPod) -> Value {
     if pod.host_pid {
         spec["hostPID"] = json!(true);
     }
-    if pod.service_account {
-        spec["serviceAccountName"] = json!(app);
-    }
+    // Every collector has its own ServiceAccount: its token is its NATS
+    // identity. Only the k8s collector's is also mounted for the API.
+    spec["serviceAccountName"] = json!(tidewatch_auth_callout::grant::service_account(name));
     json!({
         "apiVersion": "apps/v1", "kind": "DaemonSet",
         "metadata": {"name": app, "namespace": SYSTEM_NAMESPACE, "labels": labels},
@@ -259,7 +294,7 @@ pub fn systemd_daemonset(journal_gid: u32) -> Value {
 /// Read-only access to exactly what the k8s collector watches, and the
 /// Lease its replicas elect a leader with (in its own namespace only).
 pub fn k8s_rbac() -> Vec<Value> {
-    let name = "tidewatch-collector-k8s";
+    let name = &tidewatch_auth_callout::grant::service_account("k8s");
     let read = ["get", "list", "watch"];
     let labels = labels(name, "collector");
     vec![
@@ -402,3 +437,78 @@ pub fn pod_monitors() -> Vec<Value> {
     })
     .collect()
 }
+
+/// The NATS auth callout (`auth-callout/`): two replicas answering the
+/// server's authorization requests in a queue group, allowed to create
+/// TokenReviews (`system:auth-delegator`) and nothing else of the API.
+pub fn auth_callout_objects() -> Vec<Value> {
+    let app = "tidewatch-auth-callout";
+    let labels = labels(app, "auth");
+    let (ca, ca_mount) = ca_volume();
+    let seed_dir = "/etc/tidewatch/auth-callout";
+    vec![
+        json!({"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": app, "namespace": SYSTEM_NAMESPACE, "labels": labels}}),
+        json!({
+            "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRoleBinding",
+            "metadata": {"name": app, "labels": labels},
+            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": "system:auth-delegator"},
+            "subjects": [{"kind": "ServiceAccount", "name": app, "namespace": SYSTEM_NAMESPACE}],
+        }),
+        json!({
+            "apiVersion": "policy/v1", "kind": "PodDisruptionBudget",
+            "metadata": {"name": app, "namespace": SYSTEM_NAMESPACE, "labels": labels},
+            // Without an answering callout no collector can (re)connect.
+            "spec": {"minAvailable": 1, "selector": {"matchLabels": selector(app)}},
+        }),
+        json!({
+            "apiVersion": "apps/v1", "kind": "Deployment",
+            "metadata": {"name": app, "namespace": SYSTEM_NAMESPACE, "labels": labels},
+            "spec": {
+                "replicas": 2,
+                "selector": {"matchLabels": selector(app)},
+                "template": {
+                    "metadata": {"labels": labels, "annotations": {"prometheus.io/scrape": "true", "prometheus.io/port": "9090"}},
+                    "spec": {
+                        "serviceAccountName": app,
+                        "securityContext": {"runAsNonRoot": true, "runAsUser": IMAGE_UID, "runAsGroup": IMAGE_UID, "seccompProfile": {"type": "RuntimeDefault"}},
+                        "topologySpreadConstraints": [
+                            {"maxSkew": 1, "topologyKey": "kubernetes.io/hostname", "whenUnsatisfiable": "ScheduleAnyway", "labelSelector": {"matchLabels": selector(app)}},
+                        ],
+                        "containers": [{
+                            "name": "auth-callout",
+                            "image": image(),
+                            "command": [format!("/usr/local/bin/{app}")],
+                            "env": [
+                                {"name": "NATS_URL", "value": nats::client_url()},
+                                {"name": "NATS_USER", "value": nats::AUTH_CALLOUT_USER},
+                                {"name": "NATS_PASSWORD", "valueFrom": {"secretKeyRef": {"name": super::AUTH_CALLOUT_SECRET, "key": nats::AUTH_CALLOUT_USER}}},
+                                {"name": "NATS_CA_FILE", "value": format!("{}/ca.crt", nats::CA_MOUNT)},
+                                {"name": "TIDEWATCH_AUTH_ISSUER_SEED_FILE", "value": format!("{seed_dir}/issuer.seed")},
+                                {"name": "TIDEWATCH_AUTH_NAMESPACE", "value": SYSTEM_NAMESPACE},
+                                {"name": "TIDEWATCH_AUTH_AUDIENCE", "value": NATS_TOKEN_AUDIENCE},
+                                {"name": "TIDEWATCH_METRICS_ADDR", "value": "0.0.0.0:9090"},
+                                {"name": "TIDEWATCH_LOG_FORMAT", "value": "json"},
+                            ],
+                            "ports": [{"name": "metrics", "containerPort": 9090}],
+                            "readinessProbe": {"httpGet": {"path": "/readyz", "port": "metrics"}, "periodSeconds": 10},
+                            "livenessProbe": {"httpGet": {"path": "/healthz", "port": "metrics"}, "periodSeconds": 30},
+                            "resources": resources("20m", "32Mi", "128Mi"),
+                            "securityContext": {"allowPrivilegeEscalation": false, "readOnlyRootFilesystem": true, "capabilities": {"drop": ["ALL"]}},
+                            "volumeMounts": [
+                                {"name": "issuer", "mountPath": seed_dir, "readOnly": true},
+                                ca_mount,
+                            ],
+                        }],
+                        "volumes": [
+                            {"name": "issuer", "secret": {"secretName": super::AUTH_CALLOUT_SECRET, "defaultMode": 0o400, "items": [{"key": ISSUER_SEED_KEY, "path": "issuer.seed"}]}},
+                            ca,
+                        ],
+                    },
+                },
+            },
+        }),
+    ]
+}
+
+/// The key of the issuer seed in the callout's Secret.
+pub const ISSUER_SEED_KEY: &str = "issuer-seed";

@@ -60,10 +60,10 @@ pub fn image() -> String {
 pub const SECRETS_DIR: &str = "secrets";
 /// The Secret with NATS passwords, one key per NATS user.
 pub const USERS_SECRET: &str = "tidewatch-nats-users";
-/// The collectors' passwords only. Why a Secret of their own: collector pods
-/// run on every node, and a kubelet may read every Secret its pods
-/// reference, so a node must never find `admin`'s password in theirs.
-pub const COLLECTORS_SECRET: &str = "tidewatch-nats-collectors";
+/// The auth callout's password and issuer seed. Why a Secret of its own:
+/// a kubelet may read every Secret its pods reference, and the seed signs
+/// every collector's rights, so only the callout's pods reference it.
+pub const AUTH_CALLOUT_SECRET: &str = "tidewatch-auth-callout";
 /// The Secret with the CA that signed NATS' certificate (`ca.crt`).
 pub const CA_SECRET: &str = "tidewatch-nats-ca";
 
@@ -152,9 +152,9 @@ fn users_generator(namespace: &str) -> Value {
     json!({"name": USERS_SECRET, "namespace": namespace, "envs": [format!("{SECRETS_DIR}/nats-users.env")]})
 }
 
-/// The collectors' Secret (`secrets/nats-collectors.env`).
-fn collectors_generator() -> Value {
-    json!({"name": COLLECTORS_SECRET, "namespace": SYSTEM_NAMESPACE, "envs": [format!("{SECRETS_DIR}/nats-collectors.env")]})
+/// The auth callout's Secret (`secrets/auth-callout.env`).
+fn auth_callout_generator() -> Value {
+    json!({"name": AUTH_CALLOUT_SECRET, "namespace": SYSTEM_NAMESPACE, "envs": [format!("{SECRETS_DIR}/auth-callout.env")]})
 }
 
 /// A generated Secret holding only the CA certificate clients verify NATS with.
@@ -245,7 +245,14 @@ pub fn render_with_settings(
         ("nats.yaml", nats::objects(fns)),
         ("network-policies.yaml", nats::network_policies()),
         ("provision.yaml", vec![deploy::provision_job(fns)]),
-        ("collector-ebpf.yaml", vec![deploy::ebpf_daemonset()]),
+        ("auth-callout.yaml", deploy::auth_callout_objects()),
+        (
+            "collector-ebpf.yaml",
+            vec![
+                deploy::collector_service_account("ebpf"),
+                deploy::ebpf_daemonset(),
+            ],
+        ),
         ("collector-k8s.yaml", {
             let mut objects = deploy::k8s_rbac();
             objects.push(deploy::k8s_daemonset());
@@ -253,7 +260,10 @@ pub fn render_with_settings(
         }),
         (
             "collector-systemd.yaml",
-            vec![deploy::systemd_daemonset(settings.systemd_journal_gid)],
+            vec![
+                deploy::collector_service_account("systemd"),
+                deploy::systemd_daemonset(settings.systemd_journal_gid),
+            ],
         ),
     ];
     let mut resources = Vec::new();
@@ -267,7 +277,7 @@ pub fn render_with_settings(
             &resources,
             vec![
                 users_generator(SYSTEM_NAMESPACE),
-                collectors_generator(),
+                auth_callout_generator(),
                 ca_generator(SYSTEM_NAMESPACE),
                 nats::tls_generator(),
             ],

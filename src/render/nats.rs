@@ -78,7 +78,17 @@ pub fn volume_gib() -> i64 {
     max_file_store_gib() + 2
 }
 
-/// One NATS user per component, with exactly the subjects it needs.
+/// The auth callout's NATS user (`auth-callout/`).
+pub const AUTH_CALLOUT_USER: &str = "auth-callout";
+/// The environment variable nats-server reads the callout's issuer
+/// (account public key) from; `tidewatch secrets` generates the key pair.
+pub const ISSUER_ENV: &str = "AUTH_CALLOUT_ISSUER";
+/// The key of the issuer's public key in the users' Secret.
+pub const ISSUER_KEY: &str = "auth-callout-issuer";
+
+/// One NATS user per component, with exactly the subjects it needs. An
+/// empty `publish` means it may publish nothing but replies to requests
+/// it received (`allow_responses`).
 pub struct NatsUser {
     pub name: String,
     pub publish: Vec<String>,
@@ -147,26 +157,18 @@ pub fn users(fns: &Functions) -> Vec<NatsUser> {
             ],
         });
     }
-    // Collectors publish their own raw subjects; the k8s collector also
-    // keeps the pod metadata bucket (read, write, delete).
-    for collector in topology::COLLECTORS.iter().map(|c| c.name) {
-        let mut publish = vec![format!("{}.{collector}.>", topology::RAW.prefix)];
-        if collector == "k8s" {
-            let b = topology::POD_METADATA.bucket;
-            publish.extend([
-                "$JS.API.INFO".to_string(),
-                format!("$JS.API.STREAM.INFO.KV_{b}"),
-                format!("$JS.API.DIRECT.GET.KV_{b}.>"),
-                format!("$JS.API.STREAM.MSG.GET.KV_{b}"),
-                format!("$KV.{b}.>"),
-            ]);
-        }
-        users.push(NatsUser {
-            name: collector.to_string(),
-            publish,
-            subscribe: vec![inbox(collector)],
-        });
-    }
+    // Collectors have no user here: they present their pod's projected
+    // ServiceAccount token and the auth callout grants them their own
+    // node's subjects (auth-callout/). The callout itself may only receive
+    // the server's requests and answer them.
+    users.push(NatsUser {
+        name: AUTH_CALLOUT_USER.to_string(),
+        publish: Vec::new(),
+        subscribe: vec![
+            tidewatch_auth_callout::callout::REQUEST_SUBJECT.to_string(),
+            inbox(AUTH_CALLOUT_USER),
+        ],
+    });
     // The consumer-provisioning Job in the functions' namespace: creates and
     // updates consumers on existing streams; cannot touch streams or data.
     users.push(NatsUser {
@@ -212,19 +214,36 @@ pub fn authorization(fns: &Functions) -> String {
             .collect::<Vec<_>>()
             .join(", ")
     };
-    let mut out = String::from("authorization {\n  users: [\n");
+    let users = users(fns);
+    // The callout answers within this (the TokenReview included); a client
+    // also has this long to authenticate.
+    let mut out = String::from("authorization {\n  timeout: 5\n  users: [\n");
     out.push_str("    # Provisioning (the Job) and operators: full access.\n");
     out.push_str("    { user: admin, password: $ADMIN_PASSWORD }\n");
-    for user in users(fns) {
+    for user in &users {
+        let publish = if user.publish.is_empty() {
+            "{ deny: [\">\"] }\n        allow_responses: true".to_string()
+        } else {
+            format!("[{}]", quote(&user.publish))
+        };
         out.push_str(&format!(
-            "    {{ user: {}, password: ${}, permissions: {{\n        publish: [{}]\n        subscribe: [{}]\n    }} }}\n",
+            "    {{ user: \"{}\", password: ${}, permissions: {{\n        publish: {publish}\n        subscribe: [{}]\n    }} }}\n",
             user.name,
             password_env(&user.name),
-            quote(&user.publish),
             quote(&user.subscribe)
         ));
     }
-    out.push_str("  ]\n}\n");
+    out.push_str("  ]\n");
+    // Every user above authenticates with its password; anyone else (the
+    // collectors, with a ServiceAccount token) is handed to the callout.
+    let auth_users: Vec<String> = std::iter::once("admin".to_string())
+        .chain(users.iter().map(|u| u.name.clone()))
+        .collect();
+    out.push_str(&format!(
+        "  auth_callout {{\n    issuer: ${ISSUER_ENV}\n    auth_users: [{}]\n  }}\n",
+        quote(&auth_users)
+    ));
+    out.push_str("}\n");
     out
 }
 
@@ -381,6 +400,7 @@ pub fn objects(fns: &Functions) -> Vec<Value> {
     env.extend(users_in(SYSTEM_NAMESPACE, fns).into_iter().map(|user| {
         json!({"name": password_env(&user), "valueFrom": {"secretKeyRef": {"name": USERS_SECRET, "key": user}}})
     }));
+    env.push(json!({"name": ISSUER_ENV, "valueFrom": {"secretKeyRef": {"name": USERS_SECRET, "key": ISSUER_KEY}}}));
     let auth = authorization(fns);
     let conf = config();
     let probe = |path: &str, period: u64, failures: u64| json!({"httpGet": {"path": path, "port": "monitor"}, "initialDelaySeconds": 10, "timeoutSeconds": 5, "periodSeconds": period, "successThreshold": 1, "failureThreshold": failures});

@@ -9,6 +9,8 @@
 //! - [`NatsCluster`]: an N-node (default 3) JetStream cluster whose nodes can be
 //!   killed and restarted on the same ports and store dirs, for failover tests.
 //! - [`Partition`]: cut one cluster node off from its peers (nftables).
+//! - [`TokenReviewer`]: a scripted Kubernetes TokenReview endpoint (the
+//!   NATS auth callout's tests).
 //! - [`eventually`]: poll a condition with a deadline instead of sleeping.
 //! - [`http_get`]: a minimal HTTP/1.0 client for the monitoring endpoints
 //!   (`/varz`, `/jsz`, `/healthz`, or any plain HTTP `/metrics`).
@@ -30,6 +32,7 @@ mod partition;
 mod process;
 mod server;
 pub mod skip;
+mod token_review;
 
 use std::ffi::OsString;
 use std::future::Future;
@@ -45,6 +48,7 @@ use tokio::time::Instant;
 pub use cluster::NatsCluster;
 pub use partition::Partition;
 pub use server::NatsServer;
+pub use token_review::{BoundToken, TokenReviewer};
 
 /// Environment variable that overrides where the `nats-server` binary is found.
 pub const NATS_SERVER_ENV: &str = "TIDEWATCH_NATS_SERVER";
