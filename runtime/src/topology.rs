@@ -422,6 +422,7 @@ pub mod types {
         UNIT_CRASH_LOOP = "dev.tidewatch.systemd.unit.crashloop", "UnitStateChange", "A systemd unit restarted more often than the crash-loop threshold within its window";
         JOURNAL_OOM_KILL = "dev.tidewatch.systemd.journal.oomkill", "JournalEntry", "The kernel OOM killer's 'Killed process' line, read from the journal";
         CONTAINER_CRASHLOOP_ENDED = "dev.tidewatch.k8s.container.crashloopended", "ContainerRestart", "A container left CrashLoopBackOff";
+        CONTAINER_STABLE = "dev.tidewatch.k8s.container.stable", "ContainerRestart", "A container that had restarted has run without restarting for the collector's stable_after (10 min)";
         POD_PHASE = "dev.tidewatch.k8s.pod.phase", "PodChange", "A pod's phase changed (Pending, Running, Succeeded, Failed)";
         POD_READY = "dev.tidewatch.k8s.pod.ready", "PodChange", "A pod's Ready condition became True";
         POD_NOT_READY = "dev.tidewatch.k8s.pod.notready", "PodChange", "A pod's Ready condition became False";

@@ -47,6 +47,8 @@ use crate::warning::{self, EventSnapshot};
 /// How often deleted pods past their grace period are removed from KV and
 /// failed KV writes retried.
 const SWEEP_INTERVAL: Duration = Duration::from_secs(5);
+/// How often restarted containers are checked for stability.
+const STABLE_CHECK: Duration = Duration::from_secs(15);
 
 /// Kubernetes credentials: a kubeconfig (`KUBECONFIG`, `~/.kube/config`) or
 /// the in-cluster service account. Err says plainly which are missing.
@@ -147,6 +149,7 @@ impl K8s {
                 bucket: Bucket::new(js.clone()),
                 grace: config.pod_grace,
                 refresh: config.kv_refresh,
+                stable_after: config.stable_after,
                 readiness,
                 metrics: metrics.clone(),
             }
@@ -262,6 +265,8 @@ struct PodWatch {
     grace: Duration,
     /// How often every entry is put again (the bucket expires the rest).
     refresh: Duration,
+    /// See [`crate::stability`].
+    stable_after: Duration,
     readiness: Readiness,
     metrics: Metrics,
 }
@@ -273,9 +278,14 @@ impl PodWatch {
             mut bucket,
             grace,
             refresh,
+            stable_after,
             readiness,
             metrics,
         } = self;
+        let mut stability = crate::stability::Stability::new(stable_after);
+        // Often enough that "stable" comes within seconds of the window.
+        let mut stable_check =
+            refresh_timer(STABLE_CHECK.min(stable_after.max(Duration::from_millis(100))));
         let mut stream = std::pin::pin!(watch_stream(api, config));
         let mut tracker = Tracker::<PodSnapshot>::default();
         let mut mirror = Mirror::default();
@@ -287,6 +297,12 @@ impl PodWatch {
                 _ = until(&mut stop, true) => break,
                 _ = sweep.tick() => mirror.sweep(Instant::now()),
                 _ = resync.tick() => mirror.refresh(),
+                _ = stable_check.tick() => {
+                    let due = stability.due(now_ns());
+                    if !due.is_empty() {
+                        sink.emit(due).await;
+                    }
+                }
                 event = stream.next() => match event {
                     None => break,
                     Some(Err(e)) => {
@@ -299,13 +315,16 @@ impl PodWatch {
                         for transition in tracker.step(input) {
                             match transition {
                                 Transition::Baseline(p) => {
+                                    stability.observe(&p, true, now_ns());
                                     mirror.set(&p.uid, p.keys(), prost::Message::encode_to_vec(&p.metadata(0)).into());
                                 }
                                 Transition::Applied { old, new } => {
+                                    stability.observe(&new, false, now_ns());
                                     mirror.set(&new.uid, new.keys(), prost::Message::encode_to_vec(&new.metadata(0)).into());
                                     sink.emit(pod::changes(old.as_ref(), &new)).await;
                                 }
                                 Transition::Removed(p) => {
+                                    stability.removed(&p.uid);
                                     mirror.bury(&p.uid, Some(tombstone(&p)), Instant::now(), grace);
                                 }
                             }

@@ -51,6 +51,12 @@ pub struct Config {
     /// third of `max_age`, so two failed rounds still lose nothing.
     #[serde(with = "tidewatch_runtime::collector::seconds")]
     pub kv_refresh: Duration,
+    /// Seconds a restarted container must run without restarting again
+    /// before it is reported stable (`dev.tidewatch.k8s.container.stable`,
+    /// which closes crash-loop and OOM-cascade insights): the crash-loop
+    /// rule's window.
+    #[serde(with = "tidewatch_runtime::collector::seconds")]
+    pub stable_after: Duration,
     /// Server-side timeout of one watch request, seconds (the watcher
     /// re-watches from its last resourceVersion after it).
     pub watch_timeout_secs: u32,
@@ -74,6 +80,7 @@ impl Default for Config {
             retry_period: Duration::from_secs(2),
             pod_grace: Duration::from_secs(300),
             kv_refresh: Duration::from_secs(600),
+            stable_after: Duration::from_secs(600),
             watch_timeout_secs: 290,
             max_in_flight: 1024,
         }
@@ -128,6 +135,10 @@ impl Config {
         self.kv_refresh = every;
         self
     }
+    pub fn stable_after(mut self, after: Duration) -> Self {
+        self.stable_after = after;
+        self
+    }
     pub fn spool_dir(mut self, dir: impl Into<PathBuf>) -> Self {
         self.common.spool_dir = Some(dir.into());
         self
@@ -164,6 +175,9 @@ impl Config {
                 "kv_refresh ({:?}) must be above zero and at most a third of the pod bucket's max_age ({max_age:?})",
                 self.kv_refresh
             ));
+        }
+        if self.stable_after.is_zero() {
+            return Err("stable_after must be above zero".into());
         }
         if self.lease_name.is_empty() || self.lease_namespace.is_empty() {
             return Err("lease_name and lease_namespace must not be empty".into());

@@ -16,7 +16,8 @@
 //! - Diffs, all pure: [`pod`] (containers, phase, Ready, eviction, KV
 //!   metadata), [`node`] (conditions), [`rollout`] (Deployments and
 //!   ReplicaSets), [`endpoints`] (EndpointSlices per service), [`warning`]
-//!   (Warning Events), [`service`] (cluster IPs for KV).
+//!   (Warning Events), [`service`] (cluster IPs for KV), [`stability`]
+//!   (restarted containers that stopped restarting, on a clock).
 //! - [`change`]: a semantic change and its CloudEvent, with a deterministic id.
 //! - [`kv`]: the desired contents of the KV bucket and pending writes.
 //! - [`sink`]: the one place that publishes (through the runtime's outbox)
@@ -37,6 +38,7 @@ pub mod quantity;
 pub mod rollout;
 pub mod service;
 pub mod sink;
+pub mod stability;
 pub mod tracker;
 pub mod warning;
 

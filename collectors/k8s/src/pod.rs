@@ -352,7 +352,7 @@ impl PodSnapshot {
         keys
     }
 
-    fn container_payload(
+    pub(crate) fn container_payload(
         &self,
         c: &ContainerSnapshot,
         t: Option<&Termination>,

@@ -27,6 +27,9 @@ pub struct Config {
     pub min_restarts: usize,
     /// How long after the rollout restarts count (and how far before it the old ones are counted).
     pub window: Window,
+    /// Rules whose findings a bad rollout explains better (see `incident.rs`).
+    #[serde(default)]
+    pub supersedes: Vec<crate::incident::Supersedes>,
 }
 
 fn yes() -> bool {
@@ -40,6 +43,9 @@ impl Config {
         }
         if self.window.0.is_zero() {
             return Err("window must be positive".into());
+        }
+        for s in &self.supersedes {
+            s.validate()?;
         }
         Ok(())
     }
@@ -91,6 +97,11 @@ pub struct State {
     pub restarts: Vec<PodRestart>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub incident: Option<String>,
+    /// The last resolution published (the rollout completed, or a newer
+    /// rollout replaced it): the resolving event's id and receive time and
+    /// the insight, so a redelivery of that event publishes it again.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resolution: Option<(String, i64, crate::incident::StoredInsight)>,
 }
 
 /// Restarts kept per Deployment at most.
@@ -108,6 +119,7 @@ impl BadRollout {
         matches!(
             ty,
             types::ROLLOUT_STARTED
+                | types::ROLLOUT_COMPLETED
                 | types::CONTAINER_RESTARTED
                 | types::CONTAINER_OOMKILLED
                 | types::CONTAINER_IMAGE_PULL_FAILED
@@ -129,7 +141,7 @@ impl BadRollout {
 
     /// `<ns>/<deployment>`.
     pub fn key(&self, obs: &Observation) -> Option<String> {
-        if obs.ty == types::ROLLOUT_STARTED {
+        if obs.ty == types::ROLLOUT_STARTED || obs.ty == types::ROLLOUT_COMPLETED {
             return obs.value("subject.deployment").or_else(|| {
                 Some(format!(
                     "{}/{}",
@@ -143,7 +155,78 @@ impl BadRollout {
         Some(format!("{ns}/{}", deployment_of(&rs)?))
     }
 
+    /// Fold one event in: a rollout start or completion, or a restart.
     pub fn step(&self, mut state: State, key: &str, obs: &Observation) -> (State, Option<Finding>) {
+        if let Some((id, received, stored)) = &state.resolution
+            && *id == obs.id
+        {
+            // The resolving event again: the same resolution, within the
+            // republish horizon.
+            let finding = (!obs.is_stale_repeat(Some(*received))).then(|| stored.to_finding());
+            return (state, finding);
+        }
+        let resolution = self.resolution(&state, key, obs);
+        if let Some(finding) = &resolution {
+            state.resolution = Some((
+                obs.id.clone(),
+                obs.received_ns,
+                crate::incident::StoredInsight::of(finding),
+            ));
+            state.incident = None;
+            if obs.ty == types::ROLLOUT_COMPLETED {
+                // The resolved rollout's restarts count for nothing more.
+                let rs = state.rollout.as_ref().map(|r| r.new_rs.clone());
+                state.restarts.retain(|r| Some(&r.rs) != rs.as_ref());
+                return (state, resolution);
+            }
+        }
+        if obs.ty == types::ROLLOUT_COMPLETED {
+            return (state, None);
+        }
+        let (state, finding) = self.fold(state, key, obs);
+        (state, finding.or(resolution))
+    }
+
+    /// The open incident's last revision, resolved, if `obs` ends it: the
+    /// rollout completed (its new ReplicaSet available), or a newer rollout
+    /// started (a rollback to the old ReplicaSet, or a fix).
+    fn resolution(&self, state: &State, key: &str, obs: &Observation) -> Option<Finding> {
+        let rollout = state.rollout.as_ref()?;
+        state.incident.as_ref()?;
+        if obs.at_ns < rollout.at_ns || obs.id == rollout.event_id {
+            return None;
+        }
+        let new_rs = obs.value("data.newReplicaSet");
+        let how = match obs.ty.as_str() {
+            types::ROLLOUT_COMPLETED if new_rs.as_ref().is_none_or(|rs| *rs == rollout.new_rs) => {
+                format!("the rollout to {} completed", rollout.new_rs)
+            }
+            types::ROLLOUT_STARTED if new_rs.as_deref() == Some(rollout.old_rs.as_str()) => {
+                format!("rolled back to {}", rollout.old_rs)
+            }
+            types::ROLLOUT_STARTED => format!(
+                "replaced by a newer rollout to {}",
+                new_rs.unwrap_or_default()
+            ),
+            _ => return None,
+        };
+        let mut current = self.current(&mut state.clone(), key)?;
+        let insight = &mut current.insight;
+        insight.revision = insight.revision.saturating_add(1);
+        insight.status = "resolved".into();
+        insight.resolved_by_event_id = obs.id.clone();
+        insight.evidence_event_ids.push(obs.id.clone());
+        insight.last_seen_ns = obs.at_ns;
+        insight.summary = format!("{} (resolved: {how})", insight.summary);
+        current.message_id = derive_id(&[
+            insight.id.as_bytes(),
+            &u64::from(insight.revision).to_be_bytes(),
+            b"resolved",
+        ]);
+        Some(current)
+    }
+
+    fn fold(&self, mut state: State, key: &str, obs: &Observation) -> (State, Option<Finding>) {
         let window = self.window.nanos();
         let first = state
             .restarts
@@ -168,6 +251,7 @@ impl BadRollout {
                 if state.rollout.as_ref().is_some_and(|r| r.event_id != obs.id) {
                     state.incident = None;
                 }
+
                 state.rollout = Some(Rollout {
                     event_id: obs.id.clone(),
                     at_ns: obs.at_ns,
@@ -221,9 +305,15 @@ impl BadRollout {
             let excess = state.restarts.len() - MAX_RESTARTS;
             state.restarts.drain(..excess);
         }
-        let Some(rollout) = state.rollout.clone() else {
-            return (state, None);
-        };
+        let finding = self.current(&mut state, key);
+        (state, finding)
+    }
+
+    /// The current rollout's finding, if its new ReplicaSet is failing
+    /// (opening the incident in `state` if it was not).
+    fn current(&self, state: &mut State, key: &str) -> Option<Finding> {
+        let window = self.window.nanos();
+        let rollout = state.rollout.clone()?;
         let new: Vec<&PodRestart> = state
             .restarts
             .iter()
@@ -243,7 +333,7 @@ impl BadRollout {
             })
             .count();
         if new.len() < self.min_restarts || new.len() <= old {
-            return (state, None);
+            return None;
         }
         let incident = state.incident.clone().unwrap_or_else(|| {
             let ids: Vec<&[u8]> = new[..self.min_restarts]
@@ -303,13 +393,15 @@ impl BadRollout {
             last_seen_ns: last.at_ns,
             confidence: (0.7 + 0.05 * (new.len() - old) as f64).min(0.95),
             revision,
+            status: "open".into(),
+            ..Insight::default()
         };
         let finding = Finding {
             message_id: derive_id(&[incident.as_bytes(), &u64::from(revision).to_be_bytes()]),
             subject: format!("deployment/{key}"),
             insight,
         };
-        (state, Some(finding))
+        Some(finding)
     }
 }
 
@@ -437,5 +529,70 @@ mod tests {
             f.map(|f| f.message_id),
             fa.last().map(|f| f.message_id.clone())
         );
+    }
+
+    #[test]
+    fn completing_or_rolling_back_resolves_the_bad_rollout() {
+        let failing = [
+            rollout(100),
+            restart("n1", 110, "web-7c9f-bbbbb"),
+            restart("n2", 120, "web-7c9f-bbbbb"),
+            restart("n3", 130, "web-7c9f-ccccc"),
+        ];
+        let completed = obs(
+            "done",
+            types::ROLLOUT_COMPLETED,
+            400,
+            Some("deployment/shop/web"),
+            json!({"namespace": "shop", "deployment": "web", "newReplicaSet": "web-7c9f"}),
+        );
+        let rollback = obs(
+            "back",
+            types::ROLLOUT_STARTED,
+            300,
+            Some("deployment/shop/web"),
+            json!({"namespace": "shop", "deployment": "web", "newReplicaSet": "web-5d4b", "oldReplicaSet": "web-7c9f", "revision": "8"}),
+        );
+        for (end, how) in [
+            (completed, "completed"),
+            (rollback, "rolled back to web-5d4b"),
+        ] {
+            let mut events = failing.to_vec();
+            events.push(end.clone());
+            let (state, findings) = run(&events);
+            let open = &findings[findings.len() - 2];
+            let resolved = findings.last().expect("findings");
+            assert_eq!(open.insight.status, "open");
+            assert_eq!(resolved.insight.status, "resolved", "{how}");
+            assert_eq!(resolved.insight.id, open.insight.id, "{how}");
+            assert_eq!(resolved.insight.revision, open.insight.revision + 1);
+            assert_eq!(resolved.insight.resolved_by_event_id, end.id);
+            assert!(
+                resolved.insight.summary.contains(how),
+                "{}",
+                resolved.insight.summary
+            );
+            // Redelivered: the same message.
+            let (state, again) = rule().step(state, "shop/web", &end);
+            assert_eq!(
+                again.map(|f| f.message_id),
+                Some(resolved.message_id.clone())
+            );
+            // A restart after that says nothing of the closed incident.
+            let (_, after) = rule().step(state, "shop/web", &restart("n9", 450, "web-5d4b-ddddd"));
+            assert!(after.is_none(), "{how}");
+        }
+        // A completion with nothing failing is no news.
+        let (_, quiet) = run(&[
+            rollout(100),
+            obs(
+                "done",
+                types::ROLLOUT_COMPLETED,
+                200,
+                Some("deployment/shop/web"),
+                json!({"newReplicaSet": "web-7c9f"}),
+            ),
+        ]);
+        assert!(quiet.is_empty());
     }
 }

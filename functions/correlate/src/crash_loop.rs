@@ -88,6 +88,10 @@ pub struct State {
     pub restarts: Vec<Restart>,
     /// Id of the open incident, once the threshold was crossed.
     pub incident: Option<String>,
+    /// The `container.stable` event that closed the incident (id, event
+    /// time, receive time); restarts after it start a new incident.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resolved_by: Option<(String, i64, i64)>,
 }
 
 /// `pod/<ns>/<name>` as an entity.
@@ -108,7 +112,35 @@ impl CrashLoop {
             types::CONTAINER_RESTARTED
                 | types::CONTAINER_OOMKILLED
                 | types::CONTAINER_IMAGE_PULL_FAILED
+                | types::CONTAINER_STABLE
         )
+    }
+
+    /// A container of the pod ran without restarting for the collector's
+    /// `stable_after`: the open incident's last revision, resolved. Its
+    /// redelivery repeats that revision; with nothing open, nothing.
+    fn resolve(&self, mut state: State, key: &str, obs: &Observation) -> (State, Option<Finding>) {
+        let pod = format!("pod/{key}");
+        let Some(incident) = state.incident.clone() else {
+            return (state, None);
+        };
+        match &state.resolved_by {
+            Some((id, _, received)) if *id == obs.id => {
+                if obs.is_stale_repeat(Some(*received)) {
+                    return (state, None);
+                }
+            }
+            Some(_) => return (state, None),
+            None => {
+                let last = state.restarts.iter().map(|r| r.at_ns).max().unwrap_or(0);
+                if obs.at_ns <= last || state.restarts.len() < self.threshold {
+                    return (state, None);
+                }
+                state.resolved_by = Some((obs.id.clone(), obs.at_ns, obs.received_ns));
+            }
+        }
+        let finding = self.finding(&state, &pod, &incident);
+        (state, Some(finding))
     }
 
     /// The pod (`<ns>/<name>`) a container event is about.
@@ -123,6 +155,9 @@ impl CrashLoop {
         key: &str,
         obs: &Observation,
     ) -> (State, Option<Finding>) {
+        if obs.ty == types::CONTAINER_STABLE {
+            return self.resolve(state, key, obs);
+        }
         let restart = Restart {
             event_id: obs.id.clone(),
             at_ns: obs.at_ns,
@@ -164,6 +199,16 @@ impl CrashLoop {
             .restarts
             .iter()
             .any(|r| r.event_id == restart.event_id);
+        if let Some((_, resolved_at, _)) = state.resolved_by.clone()
+            && !already_seen
+        {
+            if restart.at_ns <= resolved_at {
+                // Late news of a resolved incident.
+                return (state, None);
+            }
+            // Restarting again after it was resolved: a new incident.
+            state = State::default();
+        }
         if !already_seen {
             state.restarts.retain(|r| r.at_ns >= horizon);
             if restart.at_ns < horizon {
@@ -204,7 +249,8 @@ impl CrashLoop {
         let minutes = self.window_ns / 60_000_000_000;
         let oom = last.reason == "OOMKilled" || last.exit_code == 137;
         let startup = last.reason.contains("ImagePull");
-        let insight = Insight {
+        let resolved = state.resolved_by.as_ref();
+        let mut insight = Insight {
             id: incident.to_string(),
             kind: "crash-loop".into(),
             severity: if oom { "critical" } else { "warning" }.into(),
@@ -226,10 +272,29 @@ impl CrashLoop {
             first_seen_ns: first.at_ns,
             last_seen_ns: last.at_ns,
             confidence: (0.6 + 0.1 * (count - self.threshold) as f64).min(0.95),
-            revision: (count - self.threshold + 1) as u32,
+            revision: (count - self.threshold + 1 + usize::from(resolved.is_some())) as u32,
+            status: if resolved.is_some() {
+                "resolved"
+            } else {
+                "open"
+            }
+            .into(),
+            resolved_by_event_id: resolved.map(|(id, _, _)| id.clone()).unwrap_or_default(),
+            ..Insight::default()
         };
+        if let Some((id, at_ns, _)) = resolved {
+            insight.evidence_event_ids.push(id.clone());
+            insight.last_seen_ns = *at_ns;
+        }
         Finding {
-            message_id: derive_id(&[incident.as_bytes(), &(count as u64).to_be_bytes()]),
+            message_id: match resolved {
+                None => derive_id(&[incident.as_bytes(), &(count as u64).to_be_bytes()]),
+                Some(_) => derive_id(&[
+                    incident.as_bytes(),
+                    &(count as u64).to_be_bytes(),
+                    b"resolved",
+                ]),
+            },
             subject: pod.to_string(),
             insight,
         }
@@ -400,5 +465,83 @@ mod tests {
         assert!(exit_meaning(2, "Error").contains("code 2"));
         assert!(exit_meaning(0, "ErrImagePull").contains("startup failure"));
         assert!(exit_meaning(139, "Error").contains("SIGSEGV"));
+    }
+
+    #[test]
+    fn a_stable_container_resolves_the_crash_loop_and_new_restarts_open_another() {
+        let rule = CrashLoop::default();
+        let obs = |id: &str, ty: &str, at_min: i64| {
+            crate::observation::tests::obs(
+                id,
+                ty,
+                at_min * 60,
+                Some("pod/shop/web-1"),
+                serde_json::json!({"exitCode": 139, "container": "app"}),
+            )
+        };
+        let mut state = State::default();
+        let mut findings = Vec::new();
+        for (id, at) in [("a", 1), ("b", 2), ("c", 3)] {
+            let (next, f) = rule.step_observation(
+                state,
+                "shop/web-1",
+                &obs(id, types::CONTAINER_RESTARTED, at),
+            );
+            state = next;
+            findings.extend(f);
+        }
+        let open = findings.last().expect("a crash loop").clone();
+        assert_eq!(open.insight.status, "open");
+        // A stable event older than the last restart does not resolve.
+        let (state, none) = rule.step_observation(
+            state,
+            "shop/web-1",
+            &obs("early", types::CONTAINER_STABLE, 2),
+        );
+        assert!(none.is_none());
+        let (state, resolved) =
+            rule.step_observation(state, "shop/web-1", &obs("s1", types::CONTAINER_STABLE, 14));
+        let resolved = resolved.expect("resolved");
+        assert_eq!(resolved.insight.id, open.insight.id);
+        assert_eq!(resolved.insight.status, "resolved");
+        assert_eq!(resolved.insight.resolved_by_event_id, "s1");
+        assert_eq!(resolved.insight.revision, open.insight.revision + 1);
+        assert_ne!(resolved.message_id, open.message_id);
+        let (state, again) =
+            rule.step_observation(state, "shop/web-1", &obs("s1", types::CONTAINER_STABLE, 14));
+        assert_eq!(
+            again.map(|f| f.message_id),
+            Some(resolved.message_id.clone()),
+            "redelivery repeats it"
+        );
+        // A late restart from before the resolution changes nothing.
+        let (state, late) = rule.step_observation(
+            state,
+            "shop/web-1",
+            &obs("z", types::CONTAINER_RESTARTED, 4),
+        );
+        assert!(late.is_none());
+        // Crashing again: a new incident.
+        let mut state = state;
+        let mut later = Vec::new();
+        for (id, at) in [("d", 20), ("e", 21), ("f", 22)] {
+            let (next, f) = rule.step_observation(
+                state,
+                "shop/web-1",
+                &obs(id, types::CONTAINER_RESTARTED, at),
+            );
+            state = next;
+            later.extend(f);
+        }
+        let fresh = later.last().expect("a new crash loop");
+        assert_ne!(fresh.insight.id, open.insight.id);
+        assert_eq!(fresh.insight.status, "open");
+        // Nothing open: a stable event says nothing.
+        let (_, nothing) = rule.step_observation(
+            State::default(),
+            "shop/web-1",
+            &obs("s2", types::CONTAINER_STABLE, 30),
+        );
+        assert!(nothing.is_none());
     }
 }

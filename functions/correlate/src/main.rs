@@ -15,6 +15,7 @@ mod bad_rollout;
 mod crash_loop;
 #[cfg(test)]
 mod fuzz_tests;
+mod incident;
 mod observation;
 mod rule;
 mod rules;
@@ -71,6 +72,8 @@ struct Correlate {
     /// Counts compare-and-set conflicts (`tidewatch_kv_conflicts_total`).
     metrics: Metrics,
     rules: Vec<Box<dyn DynRule>>,
+    /// Which rules supersede which (one incident, one insight).
+    roles: incident::Roles,
     /// Handlers of one process updating the same key take turns, so
     /// compare-and-set conflicts only happen between replicas.
     stripes: Vec<tokio::sync::Mutex<()>>,
@@ -106,11 +109,17 @@ struct Known {
 const KNOWN_KEYS: usize = 100_000;
 
 impl Correlate {
-    fn new(state: kv::Store, rules: Vec<Box<dyn DynRule>>, metrics: Metrics) -> Correlate {
+    fn new(
+        state: kv::Store,
+        rules: Vec<Box<dyn DynRule>>,
+        roles: incident::Roles,
+        metrics: Metrics,
+    ) -> Correlate {
         Correlate {
             state,
             metrics,
             rules,
+            roles,
             stripes: (0..256).map(|_| tokio::sync::Mutex::new(())).collect(),
             known: Default::default(),
             waiting: Default::default(),
@@ -323,6 +332,120 @@ impl Correlate {
     }
 }
 
+impl Correlate {
+    /// One incident, one insight: settle each finding against the claims
+    /// of the pods it covers (`incident.rs`); superseding findings first,
+    /// so one event's OOM cascade claims the pod before its crash loop asks.
+    async fn settle(
+        &self,
+        mut findings: Vec<Finding>,
+        now_ns: i64,
+    ) -> Result<Vec<Finding>, String> {
+        let rank = |f: &Finding| match self.roles.role(&f.insight.kind) {
+            incident::Role::Superseding { .. } => 0,
+            incident::Role::Plain => 1,
+            incident::Role::Subordinate { .. } => 2,
+        };
+        findings.sort_by_key(rank);
+        let mut out = Vec::with_capacity(findings.len());
+        for mut finding in findings {
+            let role = self.roles.role(&finding.insight.kind);
+            let pods = self.roles.pods(&finding);
+            let mut publish =
+                pods.is_empty() || !matches!(role, incident::Role::Subordinate { .. });
+            let mut also = Vec::new();
+            let mut supersedes = Vec::new();
+            for pod in &pods {
+                let settled = self.settle_claim(pod, &finding, &role, now_ns).await?;
+                if matches!(role, incident::Role::Subordinate { .. }) {
+                    publish |= settled.publish;
+                    if !settled.publish {
+                        self.metrics.refuse("superseded");
+                    }
+                }
+                also.extend(settled.also);
+                supersedes.extend(settled.supersedes);
+            }
+            supersedes.sort();
+            supersedes.dedup();
+            finding.insight.supersedes = supersedes;
+            if publish {
+                out.push(finding);
+            }
+            out.extend(also);
+        }
+        Ok(out)
+    }
+
+    /// Settle one finding against one pod's claim, with compare-and-set.
+    async fn settle_claim(
+        &self,
+        pod: &str,
+        finding: &Finding,
+        role: &incident::Role<'_>,
+        now_ns: i64,
+    ) -> Result<incident::Settled, String> {
+        let key = format!("incident.{}", topology::pod_keys::token(pod));
+        let _turn = self.stripe(&key).lock().await;
+        let started = std::time::Instant::now();
+        loop {
+            if started.elapsed() > CAS_DEADLINE {
+                return Err(format!(
+                    "{key}: compare-and-set kept conflicting for {CAS_DEADLINE:?}"
+                ));
+            }
+            let entry = self
+                .state
+                .entry(&key)
+                .await
+                .map_err(|e| format!("correlation state unavailable: {e}"))?;
+            let (claim, revision) = match &entry {
+                Some(e) if e.operation == kv::Operation::Put => (
+                    serde_json::from_slice::<incident::Claim>(&e.value).ok(),
+                    Some(e.revision),
+                ),
+                Some(e) => (None, Some(e.revision)),
+                None => (None, None),
+            };
+            let settled = incident::Claim::settle(claim.as_ref(), finding, pod, role, now_ns);
+            let Some(next) = &settled.write else {
+                return Ok(settled);
+            };
+            let bytes = serde_json::to_vec(next).unwrap_or_default();
+            let written = match revision {
+                Some(rev) => self
+                    .state
+                    .update(&key, bytes.into(), rev)
+                    .await
+                    .map_err(|e| {
+                        (
+                            e.kind() == kv::UpdateErrorKind::WrongLastRevision,
+                            e.to_string(),
+                        )
+                    }),
+                None => self.state.create(&key, bytes.into()).await.map_err(|e| {
+                    (
+                        e.kind() == kv::CreateErrorKind::AlreadyExists,
+                        e.to_string(),
+                    )
+                }),
+            };
+            match written {
+                Ok(_) => return Ok(settled),
+                Err((true, _)) => {
+                    self.metrics
+                        .kv_conflicts
+                        .get_or_create(&KvOp { op: "claim" })
+                        .inc();
+                }
+                Err((false, reason)) => {
+                    return Err(format!("{key}: writing the claim failed: {reason}"));
+                }
+            }
+        }
+    }
+}
+
 impl Function for Correlate {
     fn accepts(&self, event_type: &str) -> bool {
         self.rules.iter().any(|r| r.wants(event_type))
@@ -361,6 +484,13 @@ impl Function for Correlate {
                 Err(outcome) => return outcome,
             }
         }
+        if findings.is_empty() {
+            return Outcome::Done;
+        }
+        let findings = match self.settle(findings, now).await {
+            Ok(f) => f,
+            Err(reason) => return Outcome::retry(Duration::from_secs(1), reason),
+        };
         if findings.is_empty() {
             return Outcome::Done;
         }
@@ -418,7 +548,9 @@ async fn main() -> anyhow::Result<()> {
         print!("{}", rules::DEFAULT_RULES);
         return Ok(());
     }
-    let rules = load_rules(args.rules.as_deref())?.into_rules();
+    let file = load_rules(args.rules.as_deref())?;
+    let roles = file.roles();
+    let rules = file.into_rules();
     if args.check_rules {
         let names: Vec<&str> = rules.iter().map(|r| r.name()).collect();
         println!("ok: {} rules: {}", names.len(), names.join(", "));
@@ -437,7 +569,7 @@ async fn main() -> anyhow::Result<()> {
             )
         })?;
     let metrics = host.metrics().clone();
-    let mut correlate = Correlate::new(state, rules, metrics);
+    let mut correlate = Correlate::new(state, rules, roles, metrics);
     correlate.republish_horizon_ns =
         i64::try_from(args.republish_horizon_secs.saturating_mul(1_000_000_000))
             .unwrap_or(i64::MAX);

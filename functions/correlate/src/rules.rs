@@ -69,6 +69,18 @@ impl RulesFile {
         RulesFile::parse(DEFAULT_RULES, "built-in rules").expect("the shipped rules are valid")
     }
 
+    /// Who supersedes whom among the enabled rules (`incident.rs`).
+    pub fn roles(&self) -> crate::incident::Roles {
+        let mut roles = crate::incident::Roles::default();
+        if let Some(c) = self.bad_rollout.as_ref().filter(|c| c.enabled) {
+            roles.add("bad-rollout", &c.supersedes, c.window.nanos());
+        }
+        for rule in self.sequence.iter().filter(|r| r.enabled) {
+            roles.add(&rule.name, &rule.supersedes, rule.window.nanos());
+        }
+        roles
+    }
+
     /// The enabled rules, as the engine drives them.
     pub fn into_rules(self) -> Vec<Box<dyn DynRule>> {
         let mut rules: Vec<Box<dyn DynRule>> = Vec::new();

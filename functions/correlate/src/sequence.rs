@@ -85,6 +85,29 @@ pub struct SequenceRule {
     #[serde(default = "confidence")]
     pub confidence: f64,
     pub steps: Vec<Step>,
+    /// What closes an open incident (endpoints back, node Ready): published
+    /// as the incident's last revision, status `resolved`, with the event.
+    #[serde(default)]
+    pub resolve: Option<Resolve>,
+    /// Rules whose findings this one explains better: a finding of theirs
+    /// about an entity this incident covers attaches to it instead of
+    /// paging on its own (see `incident.rs`).
+    #[serde(default)]
+    pub supersedes: Vec<crate::incident::Supersedes>,
+}
+
+/// The `[sequence.resolve]` table: events that end an incident.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Resolve {
+    /// Event types (patterns with `*`).
+    pub types: Vec<String>,
+    /// Field reference → accepted value(s); all must match.
+    #[serde(default, rename = "where")]
+    pub filter: BTreeMap<String, OneOrMany>,
+    /// Join key references, instead of the rule's.
+    #[serde(default)]
+    pub key: Option<Vec<String>>,
 }
 
 /// One step of a sequence rule.
@@ -154,6 +177,14 @@ pub const MAX_STATE_BYTES: usize = 256 * 1024;
 /// few scalar fields; a producer's 60 KiB payload is not kept 64 times.
 pub const MAX_KEPT_DATA_BYTES: usize = 2 * 1024;
 
+/// Remember an event id as folded in, the oldest forgotten past [`MAX_SEEN`].
+fn remember_seen(state: &mut State, hash: u64, received_ns: i64) {
+    if state.seen.len() >= MAX_SEEN {
+        state.seen.remove(0);
+    }
+    state.seen.push((hash, received_ns));
+}
+
 fn id_hash(id: &str) -> u64 {
     // FNV-1a: stable across processes and versions (the state is shared).
     id.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| {
@@ -199,8 +230,12 @@ fn kept(obs: &Observation) -> Observation {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Incident {
     pub id: String,
-    /// Bumped by every new piece of evidence while open.
+    /// Bumped by every new piece of evidence while open, and once more
+    /// when it is resolved.
     pub revision: u32,
+    /// The event that resolved it; evidence after it starts a new incident.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resolved_by: Option<Observation>,
 }
 
 /// Which step each observation counts for.
@@ -267,6 +302,17 @@ impl SequenceRule {
                 check_reference(r).map_err(|e| at(format!("step {:?}: {e}", step.name)))?;
             }
         }
+        if let Some(resolve) = &self.resolve {
+            if resolve.types.is_empty() {
+                return Err(at("resolve matches no event types".into()));
+            }
+            for r in resolve.key.iter().flatten().chain(resolve.filter.keys()) {
+                check_reference(r).map_err(|e| at(format!("resolve: {e}")))?;
+            }
+        }
+        for s in &self.supersedes {
+            s.validate().map_err(at)?;
+        }
         for template in [&self.summary, &self.root_cause] {
             crate::template::check(template, &self.step_names()).map_err(at)?;
         }
@@ -275,10 +321,26 @@ impl SequenceRule {
 
     pub fn wants(&self, ty: &str) -> bool {
         self.enabled
-            && self
+            && (self
                 .steps
                 .iter()
                 .any(|s| s.types.iter().any(|p| types::matches(p, ty)))
+                || self
+                    .resolve
+                    .as_ref()
+                    .is_some_and(|r| r.types.iter().any(|p| types::matches(p, ty))))
+    }
+
+    /// Whether `obs` is an event that resolves this rule's incidents.
+    fn resolves(&self, obs: &Observation) -> bool {
+        self.resolve.as_ref().is_some_and(|r| {
+            r.types.iter().any(|p| types::matches(p, &obs.ty))
+                && r.filter.iter().all(|(reference, accepted)| {
+                    obs.values(reference)
+                        .iter()
+                        .any(|v| accepted.as_slice().iter().any(|p| types::matches(p, v)))
+                })
+        })
     }
 
     fn step_matches(step: &Step, obs: &Observation) -> bool {
@@ -295,11 +357,17 @@ impl SequenceRule {
     /// names an array), each with nothing else implied.
     pub fn keys(&self, obs: &Observation) -> Vec<String> {
         let mut keys = Vec::new();
-        for step in &self.steps {
-            if !Self::step_matches(step, obs) {
-                continue;
-            }
-            let refs = step.key.as_ref().unwrap_or(&self.key);
+        let resolve_keys = self
+            .resolve
+            .as_ref()
+            .filter(|_| self.resolves(obs))
+            .map(|r| r.key.as_ref().unwrap_or(&self.key));
+        let step_keys = self
+            .steps
+            .iter()
+            .filter(|step| Self::step_matches(step, obs))
+            .map(|step| step.key.as_ref().unwrap_or(&self.key));
+        for refs in resolve_keys.into_iter().chain(step_keys) {
             if let Some(values) = refs.iter().map(|r| obs.values(r)).find(|v| !v.is_empty()) {
                 for v in values {
                     if !keys.contains(&v) {
@@ -380,6 +448,31 @@ impl SequenceRule {
             return (state, None);
         }
         let duplicate = first_seen.is_some() || state.events.iter().any(|e| e.id == obs.id);
+        if self.resolves(obs) {
+            return self.resolve_step(state, key, obs, hash, duplicate);
+        }
+        if !duplicate
+            && state
+                .incident
+                .as_ref()
+                .is_some_and(|i| i.resolved_by.as_ref().is_some_and(|r| obs.at_ns > r.at_ns))
+        {
+            // Evidence after the resolution: a new incident.
+            state = State {
+                seen: std::mem::take(&mut state.seen),
+                ..State::default()
+            };
+        } else if !duplicate
+            && state
+                .incident
+                .as_ref()
+                .is_some_and(|i| i.resolved_by.is_some())
+        {
+            // Late evidence of an incident already resolved: remembered as
+            // seen, changes nothing.
+            remember_seen(&mut state, hash, obs.received_ns);
+            return (state, None);
+        }
         if !duplicate {
             if state.seen.len() >= MAX_SEEN {
                 state.seen.remove(0);
@@ -461,6 +554,7 @@ impl SequenceRule {
                 state.incident = Some(Incident {
                     id: derive_id(&[self.name.as_bytes(), key.as_bytes(), &ids.concat()]),
                     revision: 1,
+                    resolved_by: None,
                 });
             }
             // Saturating: the count comes from stored state, which may be anything.
@@ -468,6 +562,45 @@ impl SequenceRule {
                 incident.revision = incident.revision.saturating_add(1)
             }
             Some(_) => {}
+        }
+        let finding = self.finding(&state, &assignment, key);
+        (state, Some(finding))
+    }
+
+    /// An event that resolves: the open incident's last revision, status
+    /// resolved (its redelivery repeats that revision); nothing when no
+    /// incident is open, or it started after this event.
+    fn resolve_step(
+        &self,
+        mut state: State,
+        key: &str,
+        obs: &Observation,
+        hash: u64,
+        duplicate: bool,
+    ) -> (State, Option<Finding>) {
+        let resolved_by_this = state
+            .incident
+            .as_ref()
+            .and_then(|i| i.resolved_by.as_ref())
+            .is_some_and(|r| r.id == obs.id);
+        if !duplicate {
+            remember_seen(&mut state, hash, obs.received_ns);
+            let started = state.events.iter().map(|e| e.at_ns).min();
+            if let Some(incident) = state.incident.as_mut()
+                && incident.resolved_by.is_none()
+                && started.is_some_and(|s| obs.at_ns >= s)
+            {
+                incident.revision = incident.revision.saturating_add(1);
+                incident.resolved_by = Some(kept(obs));
+            } else {
+                return (state, None);
+            }
+        } else if !resolved_by_this {
+            return (state, None);
+        }
+        let assignment = self.assign(&state.events);
+        if !assignment.fired {
+            return (state, None);
         }
         let finding = self.finding(&state, &assignment, key);
         (state, Some(finding))
@@ -523,6 +656,7 @@ impl SequenceRule {
                 }
             }
         }
+        let resolved_by = incident.resolved_by.as_ref();
         let optional_hit = (0..self.steps.len())
             .filter(|&i| self.steps[i].optional && !a.per_step[i].is_empty())
             .count();
@@ -533,12 +667,24 @@ impl SequenceRule {
             summary: crate::template::render(&self.summary, &ctx),
             root_cause: crate::template::render(&self.root_cause, &ctx),
             root_cause_event_id: root.id.clone(),
-            evidence_event_ids: evidence.iter().map(|e| e.id.clone()).collect(),
+            evidence_event_ids: evidence
+                .iter()
+                .map(|e| e.id.clone())
+                .chain(resolved_by.map(|r| r.id.clone()))
+                .collect(),
             affected,
             first_seen_ns: evidence.first().map(|e| e.at_ns).unwrap_or(root.at_ns),
-            last_seen_ns: last.at_ns,
+            last_seen_ns: resolved_by.map_or(last.at_ns, |r| r.at_ns),
             confidence: (self.confidence + 0.05 * optional_hit as f64).min(0.99),
             revision: incident.revision,
+            status: if resolved_by.is_some() {
+                "resolved"
+            } else {
+                "open"
+            }
+            .to_string(),
+            resolved_by_event_id: resolved_by.map(|r| r.id.clone()).unwrap_or_default(),
+            ..Insight::default()
         };
         Finding {
             message_id: derive_id(&[
@@ -978,5 +1124,119 @@ mod tests {
         assert_eq!(i.root_cause_event_id, "ep");
         assert_eq!(i.evidence_event_ids, vec!["t1", "t2", "ep", "t3"]);
         assert!(i.summary.contains("shop/api"), "{}", i.summary);
+    }
+
+    #[test]
+    fn endpoints_recovering_resolves_the_disruption_once() {
+        let rule = rule("service-disruption");
+        let mut events = disruption(3, 0);
+        let recovered = obs(
+            "back",
+            types::ENDPOINTS_RECOVERED,
+            60,
+            Some("service/shop/api"),
+            json!({"service": "api"}),
+        );
+        events.push(recovered.clone());
+        let (state, findings) = run(&rule, &events);
+        let last = findings.last().expect("findings");
+        assert_eq!(last.insight.status, "resolved");
+        assert_eq!(last.insight.resolved_by_event_id, "back");
+        assert_eq!(
+            last.insight.evidence_event_ids.last().map(String::as_str),
+            Some("back")
+        );
+        assert!(
+            findings[..findings.len() - 1]
+                .iter()
+                .all(|f| f.insight.status == "open")
+        );
+        assert!(
+            findings.iter().all(|f| f.insight.id == last.insight.id),
+            "one incident id"
+        );
+        assert_eq!(
+            last.insight.revision,
+            findings[findings.len() - 2].insight.revision + 1
+        );
+        // Redelivery of the resolving event: the same revision, the same message.
+        let (state, again) = rule.step(state, "shop/api", &recovered);
+        assert_eq!(
+            again.as_ref().map(|f| &f.message_id),
+            Some(&last.message_id)
+        );
+        // Trouble after the resolution is a new incident.
+        let mut later = disruption(3, 0);
+        for (i, e) in later.iter_mut().enumerate() {
+            e.id = format!("later-{i}");
+            e.at_ns += 120_000_000_000;
+        }
+        let mut state = state;
+        let mut newer = Vec::new();
+        for e in &later {
+            for key in rule.keys(e) {
+                let (next, f) = rule.step(state, &key, e);
+                state = next;
+                newer.extend(f);
+            }
+        }
+        let fresh = newer.last().expect("a new incident");
+        assert_ne!(fresh.insight.id, last.insight.id);
+        assert_eq!(fresh.insight.status, "open");
+    }
+
+    #[test]
+    fn a_recovery_with_nothing_open_says_nothing() {
+        let rule = rule("service-disruption");
+        let recovered = obs(
+            "back",
+            types::ENDPOINTS_RECOVERED,
+            60,
+            Some("service/shop/api"),
+            json!({}),
+        );
+        assert_eq!(rule.keys(&recovered), ["shop/api"]);
+        let (_, findings) = run(&rule, &[recovered]);
+        assert!(findings.is_empty());
+        // Nor does one older than the incident it would close.
+        let mut events = vec![obs(
+            "early",
+            types::ENDPOINTS_RECOVERED,
+            0,
+            Some("service/shop/api"),
+            json!({}),
+        )];
+        events.extend(disruption(3, 0));
+        let (_, findings) = run(&rule, &events);
+        assert!(findings.iter().all(|f| f.insight.status == "open"));
+    }
+
+    #[test]
+    fn the_node_ready_again_resolves_the_runtime_failure() {
+        let rule = rule("node-runtime-failure");
+        let runtime = obs(
+            "u1",
+            types::UNIT_FAILED,
+            1,
+            Some("unit/containerd.service"),
+            json!({"unit": "containerd.service", "node": "n1", "activeState": "failed"}),
+        );
+        let notready = obs(
+            "nr",
+            types::NODE_NOT_READY,
+            5,
+            Some("node/n1"),
+            json!({"node": "n1"}),
+        );
+        let ready = obs(
+            "ok",
+            types::NODE_READY,
+            90,
+            Some("node/n1"),
+            json!({"node": "n1"}),
+        );
+        let (_, findings) = run(&rule, &[runtime, notready, ready]);
+        let statuses: Vec<&str> = findings.iter().map(|f| f.insight.status.as_str()).collect();
+        assert_eq!(statuses, ["open", "resolved"]);
     }
 }

@@ -372,14 +372,39 @@ pub fn cloudevent_json(event: &Event) -> serde_json::Value {
     json
 }
 
+/// An insight's lifecycle status; producers older than the field send
+/// none, which means open.
+pub fn status(insight: &Insight) -> &str {
+    if insight.status.is_empty() {
+        "open"
+    } else {
+        &insight.status
+    }
+}
+
 /// One readable message for chat tools.
 pub fn slack_text(event: &Event) -> String {
     match payload::<Insight>(event) {
         Ok(i) => {
-            let mut text = format!(
-                "*[{}] {}*: {}\nRoot cause: {}",
-                i.severity, i.kind, i.summary, i.root_cause
-            );
+            // The lifecycle leads: an on-call reader sees first whether
+            // this pages, closes or folds into another insight.
+            let mut text = match status(&i) {
+                "resolved" => format!(
+                    "*RESOLVED [{}] {}*: {}\nResolved by event {}",
+                    i.severity, i.kind, i.summary, i.resolved_by_event_id
+                ),
+                "superseded" => format!(
+                    "*SUPERSEDED [{}] {}*: {}\nNow part of insight {}",
+                    i.severity, i.kind, i.summary, i.superseded_by
+                ),
+                _ => format!(
+                    "*[{}] {}*: {}\nRoot cause: {}",
+                    i.severity, i.kind, i.summary, i.root_cause
+                ),
+            };
+            if !i.supersedes.is_empty() {
+                text.push_str(&format!("\nAlso explains: {}", i.supersedes.join(", ")));
+            }
             if !i.affected.is_empty() {
                 let affected: Vec<String> = i
                     .affected
@@ -449,6 +474,12 @@ pub fn otlp_request(event: &Event) -> ExportLogsServiceRequest {
                     "tidewatch.insight.revision",
                     any_value::Value::IntValue(i64::from(i.revision)),
                 ),
+                kv("tidewatch.insight.status", s(status(&i))),
+                kv(
+                    "tidewatch.insight.resolved_by_event_id",
+                    s(&i.resolved_by_event_id),
+                ),
+                kv("tidewatch.insight.superseded_by", s(&i.superseded_by)),
                 kv("tidewatch.insight.root_cause", s(&i.root_cause)),
                 kv(
                     "tidewatch.insight.root_cause_event_id",
@@ -490,14 +521,20 @@ pub fn otlp_request(event: &Event) -> ExportLogsServiceRequest {
                 ),
             ]);
             // OTLP severity numbers: INFO 9, WARN 13, ERROR 17, FATAL 21.
-            let number = match i.severity.as_str() {
-                "critical" => 17,
-                "warning" => 13,
+            // A resolution or supersession is news, not an alarm: INFO.
+            let number = match (status(&i), i.severity.as_str()) {
+                ("resolved" | "superseded", _) => 9,
+                (_, "critical") => 17,
+                (_, "warning") => 13,
                 _ => 9,
             };
             (
                 number,
-                i.severity.to_uppercase(),
+                if number == 9 {
+                    "INFO".to_string()
+                } else {
+                    i.severity.to_uppercase()
+                },
                 i.summary.clone(),
                 u64::try_from(i.last_seen_ns).unwrap_or(time),
             )
@@ -540,6 +577,112 @@ mod fuzz_tests;
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn insight_event(insight: &Insight) -> Event {
+        tidewatch_runtime::event::new_event(
+            "m1".to_string(),
+            &tidewatch_runtime::topology::types::insight(&insight.kind),
+            "/tidewatch/correlate/n1",
+            Some("service/shop/api"),
+            chrono::Utc::now(),
+            insight,
+        )
+        .expect("event")
+    }
+
+    fn attribute(request: &ExportLogsServiceRequest, key: &str) -> Option<String> {
+        request.resource_logs[0].scope_logs[0].log_records[0]
+            .attributes
+            .iter()
+            .find(|a| a.key == key)
+            .and_then(|a| match a.value.as_ref()?.value.as_ref()? {
+                any_value::Value::StringValue(s) => Some(s.clone()),
+                _ => None,
+            })
+    }
+
+    #[test]
+    fn every_sink_says_an_insight_is_resolved_or_superseded() {
+        let open = Insight {
+            id: "i1".into(),
+            kind: "service-disruption".into(),
+            severity: "critical".into(),
+            summary: "service shop/api has no ready endpoints".into(),
+            root_cause: "all endpoints went away".into(),
+            revision: 2,
+            status: "open".into(),
+            supersedes: vec!["c1".into()],
+            ..Insight::default()
+        };
+        let resolved = Insight {
+            status: "resolved".into(),
+            resolved_by_event_id: "back".into(),
+            revision: 3,
+            ..open.clone()
+        };
+        let superseded = Insight {
+            kind: "crash-loop".into(),
+            status: "superseded".into(),
+            superseded_by: "o1".into(),
+            ..open.clone()
+        };
+        let text = slack_text(&insight_event(&open));
+        assert!(
+            text.starts_with("*[critical] service-disruption*"),
+            "{text}"
+        );
+        assert!(text.contains("Also explains: c1"), "{text}");
+        let text = slack_text(&insight_event(&resolved));
+        assert!(
+            text.starts_with("*RESOLVED [critical]") && text.contains("Resolved by event back"),
+            "{text}"
+        );
+        let text = slack_text(&insight_event(&superseded));
+        assert!(
+            text.starts_with("*SUPERSEDED") && text.contains("Now part of insight o1"),
+            "{text}"
+        );
+
+        let request = otlp_request(&insight_event(&open));
+        assert_eq!(
+            attribute(&request, "tidewatch.insight.status").as_deref(),
+            Some("open")
+        );
+        assert_eq!(
+            request.resource_logs[0].scope_logs[0].log_records[0].severity_number,
+            17
+        );
+        let request = otlp_request(&insight_event(&resolved));
+        assert_eq!(
+            attribute(&request, "tidewatch.insight.status").as_deref(),
+            Some("resolved")
+        );
+        assert_eq!(
+            attribute(&request, "tidewatch.insight.resolved_by_event_id").as_deref(),
+            Some("back")
+        );
+        let record = &request.resource_logs[0].scope_logs[0].log_records[0];
+        assert_eq!(
+            (record.severity_number, record.severity_text.as_str()),
+            (9, "INFO")
+        );
+        // An insight from before the status field reads as open.
+        let legacy = Insight {
+            status: String::new(),
+            ..open.clone()
+        };
+        assert_eq!(
+            attribute(
+                &otlp_request(&insight_event(&legacy)),
+                "tidewatch.insight.status"
+            )
+            .as_deref(),
+            Some("open")
+        );
+        // The webhook carries the whole insight, status included.
+        let json = cloudevent_json(&insight_event(&resolved));
+        assert_eq!(json["data"]["status"], "resolved", "{json}");
+    }
 
     fn config_error(r: Result<Sink, ConfigError>) -> String {
         r.err().map(|e| e.to_string()).unwrap_or_default()

@@ -297,6 +297,7 @@ fn insight_with(i: u32, severity: &str) -> cloudevents::Event {
         last_seen_ns: 2,
         confidence: 0.6,
         revision: 1 + i % 2,
+        ..Insight::default()
     };
     new_event(
         format!("msg-{i:03}"),

@@ -57,6 +57,7 @@ fn insight() -> impl Strategy<Value = Insight> {
                 last_seen_ns: last,
                 confidence,
                 revision,
+                ..Insight::default()
             },
         )
 }
