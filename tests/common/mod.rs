@@ -329,3 +329,160 @@ pub fn latest(insights: &[v1::Insight]) -> std::collections::BTreeMap<String, v1
     }
     out
 }
+
+/// Pod metadata as the k8s collector writes it to KV.
+pub fn pod(
+    ns: &str,
+    name: &str,
+    node: &str,
+    container_id: &str,
+    ip: &str,
+    workload: (&str, &str),
+) -> v1::PodMetadata {
+    v1::PodMetadata {
+        uid: format!("uid-{name}"),
+        namespace: ns.into(),
+        name: name.into(),
+        node: node.into(),
+        labels: [(
+            "app".to_string(),
+            name.split('-').next().unwrap_or(name).to_string(),
+        )]
+        .into(),
+        workload_kind: workload.0.into(),
+        workload_name: workload.1.into(),
+        pod_ips: vec![ip.into()],
+        containers: vec![v1::ContainerMetadata {
+            name: name.split('-').next().unwrap_or(name).into(),
+            container_id: format!("containerd://{container_id}"),
+            image: "registry.local/app:1".into(),
+            memory_limit_bytes: 256 << 20,
+            cpu_limit_millis: 500,
+        }],
+        deleted_at_ns: 0,
+    }
+}
+
+/// A container restart as the k8s collector emits it (protobuf).
+#[allow(clippy::too_many_arguments)] // one argument per field of a realistic restart event
+pub fn restart(
+    id: &str,
+    ty: &str,
+    ns: &str,
+    name: &str,
+    node: &str,
+    at: chrono::DateTime<chrono::Utc>,
+    count: u32,
+    (reason, exit_code): (&str, i32),
+) -> cloudevents::Event {
+    let container = name.split('-').next().unwrap_or(name);
+    let payload = v1::ContainerRestart {
+        namespace: ns.into(),
+        pod: name.into(),
+        pod_uid: format!("uid-{name}"),
+        container: container.into(),
+        node: node.into(),
+        restart_count: count,
+        reason: reason.into(),
+        exit_code,
+        signal: if exit_code > 128 {
+            (exit_code - 128) as u32
+        } else {
+            0
+        },
+        memory_limit_bytes: 256 << 20,
+        ..Default::default()
+    };
+    proto_event(
+        id,
+        ty,
+        "k8s",
+        node,
+        Some(&format!("pod/{ns}/{name}")),
+        at,
+        &payload,
+    )
+}
+
+/// `base` plus `s` seconds.
+pub fn secs(base: chrono::DateTime<chrono::Utc>, s: i64) -> chrono::DateTime<chrono::Utc> {
+    base + chrono::Duration::seconds(s)
+}
+
+/// The pods and service IPs the scenarios' events are about, in KV.
+pub async fn cluster_pods(js: &jetstream::Context) {
+    put_pod(
+        js,
+        &pod(
+            "shop",
+            "cart-1",
+            "node-1",
+            "abc123",
+            "10.1.0.5",
+            ("ReplicaSet", "cart-6f7d8"),
+        ),
+    )
+    .await;
+    put_pod(
+        js,
+        &pod(
+            "shop",
+            "api-1",
+            "node-1",
+            "def456",
+            "10.1.0.6",
+            ("StatefulSet", "api"),
+        ),
+    )
+    .await;
+    put_pod(
+        js,
+        &pod(
+            "batch",
+            "worker-1",
+            "node-2",
+            "0a0b0c",
+            "10.2.0.7",
+            ("Job", "worker"),
+        ),
+    )
+    .await;
+    put_pod(
+        js,
+        &pod(
+            "shop",
+            "web-7c9f-aaaaa",
+            "node-1",
+            "e1e1e1",
+            "10.1.0.8",
+            ("ReplicaSet", "web-7c9f"),
+        ),
+    )
+    .await;
+    put_pod(
+        js,
+        &pod(
+            "shop",
+            "web-7c9f-bbbbb",
+            "node-1",
+            "e2e2e2",
+            "10.1.0.9",
+            ("ReplicaSet", "web-7c9f"),
+        ),
+    )
+    .await;
+    put_pod(
+        js,
+        &pod(
+            "shop",
+            "web-5d4b-ccccc",
+            "node-1",
+            "e3e3e3",
+            "10.1.0.10",
+            ("ReplicaSet", "web-5d4b"),
+        ),
+    )
+    .await;
+    put_service_ip(js, "10.96.0.20", "shop", "pay").await;
+    put_service_ip(js, "10.96.0.21", "shop", "search").await;
+}
