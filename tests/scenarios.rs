@@ -587,6 +587,51 @@ async fn normal_churn_good_deploys_and_single_restarts_yield_no_insight() {
         secs(base, 500),
         json!({"namespace": "shop", "service": "pay", "notReadyPods": []}),
     ));
+    // Ends of incidents that never were: a container stable after its one
+    // restart, the good deploy completing, a service's endpoints back.
+    events.push(proto_event(
+        "noise-stable",
+        types::CONTAINER_STABLE,
+        "k8s",
+        "node-1",
+        Some("pod/shop/cart-1"),
+        secs(base, 900),
+        &tidewatch_proto::v1::ContainerRestart {
+            namespace: "shop".into(),
+            pod: "cart-1".into(),
+            container: "cart".into(),
+            restart_count: 1,
+            ..Default::default()
+        },
+    ));
+    events.push(proto_event(
+        "noise-rollout-done",
+        types::ROLLOUT_COMPLETED,
+        "k8s",
+        "node-1",
+        Some("deployment/shop/web"),
+        secs(base, 905),
+        &tidewatch_proto::v1::RolloutChange {
+            namespace: "shop".into(),
+            deployment: "web".into(),
+            new_replica_set: "web-7c9f".into(),
+            ..Default::default()
+        },
+    ));
+    events.push(proto_event(
+        "noise-endpoints-back",
+        types::ENDPOINTS_RECOVERED,
+        "k8s",
+        "node-1",
+        Some("service/shop/search"),
+        secs(base, 910),
+        &tidewatch_proto::v1::EndpointsChange {
+            namespace: "shop".into(),
+            service: "search".into(),
+            ready: 2,
+            not_ready_pods: Vec::new(),
+        },
+    ));
     // Normal kernel traffic.
     for i in 0..20 {
         let exec = v1::ProcessExec {
@@ -621,6 +666,11 @@ async fn normal_churn_good_deploys_and_single_restarts_yield_no_insight() {
     .await;
     settled(&js, &["enrich", "correlate"]).await;
     let found = insights(&js).await;
+    eprintln!(
+        "INCIDENTS | noise | {} events | insights {}",
+        events.len(),
+        found.len()
+    );
     assert!(found.is_empty(), "noise produced insights: {found:#?}");
     assert_eq!(stream_messages(&js, topology::DEAD_LETTER.name).await, 0);
 }

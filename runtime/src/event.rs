@@ -117,6 +117,116 @@ pub fn payload_message(event: &Event) -> Option<String> {
     }
 }
 
+/// Every payload field, by its JSON name (camelCase), with an example value
+/// (64-bit integers as numbers: the payloads' serde mapping).
+const EXAMPLE_FIELDS: &str = r#"{
+    "process": {"pid": 7, "tgid": 7, "ppid": 1, "uid": 1000, "comm": "java",
+                "cgroupId": 4242, "containerId": "abc123", "podUid": "uid-cart-1"},
+    "filename": "/usr/bin/java", "argv": ["java", "-jar", "app.jar"],
+    "exitCode": 137, "signal": 9, "runtimeNs": 5000000000,
+    "totalPages": 70000, "rssPages": 65536, "memoryLimitBytes": 268435456,
+    "cgroupPath": "/kubepods/burstable/poduid-cart-1/abc123",
+    "change": "refused", "family": 4, "saddr": "10.1.0.5", "sport": 40000,
+    "daddr": "10.96.0.10", "dport": 8080,
+    "namespace": "shop", "pod": "cart-1", "podUid": "uid-cart-1", "container": "cart",
+    "containerId": "abc123", "node": "node-1", "restartCount": 3, "reason": "OOMKilled",
+    "message": "the container was killed", "finishedAtNs": 1700000000000000000,
+    "unit": "kubelet.service", "activeState": "failed", "subState": "failed",
+    "result": "exit-code", "nRestarts": 2, "execMainStatus": 1, "previousActiveState": "active",
+    "priority": 3, "cursor": "s=1", "realtimeUs": 1700000000000000,
+    "fields": {"SYSLOG_IDENTIFIER": "kubelet"},
+    "uid": "uid-cart-1", "name": "cart-1", "labels": {"app": "cart"},
+    "workloadKind": "ReplicaSet", "workloadName": "cart-6f7d8", "podIps": ["10.1.0.5"],
+    "containers": [{"name": "cart", "containerId": "containerd://abc123", "memoryLimitBytes": 268435456}],
+    "phase": "Running", "previousPhase": "Pending",
+    "condition": "Ready", "status": "False", "previousStatus": "True",
+    "transitionNs": 1700000000000000000,
+    "deployment": "web", "revision": "8", "newReplicaSet": "web-7c9f", "oldReplicaSet": "web-5d4b",
+    "replicas": 3, "updatedReplicas": 1, "readyReplicas": 2, "availableReplicas": 2,
+    "service": "pay", "notReadyPods": ["shop/cart-1"],
+    "involvedKind": "Pod", "involvedNamespace": "shop", "involvedName": "cart-1", "count": 3,
+    "counts": [{"stage": "kernel", "kind": "process.exec", "cpu": 1, "total": 10, "delta": 2}],
+    "delta": 2, "type": "Warning",
+    "id": "3f2a9c1e", "kind": "crash-loop", "severity": "warning",
+    "summary": "container cart of pod/shop/cart-1 restarted 3 times in 10m",
+    "rootCause": "killed by the OOM killer", "rootCauseEventId": "r1",
+    "evidenceEventIds": ["r1", "r2", "r3"],
+    "affected": [{"kind": "pod", "namespace": "shop", "name": "cart-1"}],
+    "firstSeenNs": 1700000000000000000, "lastSeenNs": 1700000060000000000,
+    "confidence": 0.6, "resolvedByEventId": "", "supersededBy": "", "supersedes": []
+}"#;
+
+/// Example data for event type `ty`, as proto3 JSON with every field its
+/// message has set to a plausible value (a pod `shop/cart-1` on `node-1`,
+/// container `abc123`, service IP `10.96.0.10`...): what a producer's JSON
+/// looks like, for docs and for tests that run every type in every
+/// encoding. `None` for a type this build does not know.
+pub fn example_data(ty: &str) -> Option<serde_json::Value> {
+    let message = crate::topology::types::lookup(ty)?.payload;
+    let mut sample: serde_json::Value = serde_json::from_str(EXAMPLE_FIELDS).ok()?;
+    let process = sample["process"].clone();
+    sample["victim"] = process;
+    // The fields whose type differs between messages.
+    sample["ready"] = match message {
+        "tidewatch.v1.PodChange" => serde_json::json!(false),
+        _ => serde_json::json!(0),
+    };
+    if message == "tidewatch.v1.Insight" {
+        sample["revision"] = serde_json::json!(1);
+        sample["status"] = serde_json::json!("open");
+    }
+    let schema = format!("{}{message}", tidewatch_proto::schema::SCHEMA_PREFIX);
+    // Through the message and back: only its fields, in canonical form.
+    let bytes = tidewatch_proto::encode_json(&schema, sample).ok()?;
+    tidewatch_proto::decode_json(&schema, &bytes).ok()
+}
+
+/// Event type `ty` with its [`example_data`] in each encoding a producer
+/// may use: protobuf in binary mode (Tidewatch's collectors), proto3 JSON in
+/// binary mode, and JSON in structured mode as read off NATS. Same id,
+/// source, subject and time; for tests that every encoding reads the same.
+pub fn example_encodings(ty: &str) -> Option<[Event; 3]> {
+    let t = crate::topology::types::lookup(ty)?;
+    let data = example_data(ty)?;
+    let schema = format!("{}{}", tidewatch_proto::schema::SCHEMA_PREFIX, t.payload);
+    let bytes = tidewatch_proto::encode_json(&schema, data.clone()).ok()?;
+    let domain = ty.strip_prefix("dev.tidewatch.")?.split('.').next()?;
+    let (collector, subject) = match domain {
+        "kernel" => ("ebpf", None),
+        "systemd" => ("systemd", Some("unit/kubelet.service")),
+        "insight" => ("correlate", Some("pod/shop/cart-1")),
+        _ if ty.contains(".node.") => ("k8s", Some("node/node-1")),
+        _ if ty.contains(".rollout.") => ("k8s", Some("deployment/shop/web")),
+        _ if ty.contains(".endpoints.") => ("k8s", Some("service/shop/pay")),
+        _ => ("k8s", Some("pod/shop/cart-1")),
+    };
+    let time = chrono::DateTime::from_timestamp(1_700_000_000, 0)?;
+    let base = || {
+        let b = EventBuilderV10::new()
+            .id(format!("example-{ty}"))
+            .ty(ty)
+            .source(crate::topology::source(collector, "node-1"))
+            .time(time);
+        match subject {
+            Some(s) => b.subject(s),
+            None => b,
+        }
+    };
+    let protobuf = base()
+        .data_with_schema(PROTOBUF_CONTENT_TYPE, url::Url::parse(&schema).ok()?, bytes)
+        .build()
+        .ok()?;
+    let json = base().data("application/json", data).build().ok()?;
+    let mut headers = async_nats::HeaderMap::new();
+    headers.insert("Content-Type", "application/cloudevents+json");
+    let structured = crate::binding::nats::from_nats(
+        Some(&headers),
+        &crate::binding::http::to_structured_json(&json).ok()?,
+    )
+    .ok()?;
+    Some([protobuf, json, structured])
+}
+
 /// Whether `event`'s data is JSON rather than protobuf bytes.
 fn is_json(event: &Event) -> bool {
     match event.data() {
@@ -236,6 +346,33 @@ pub fn describe(event: &Event) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_type_has_example_data_that_fills_its_message() {
+        for t in crate::topology::types::ALL {
+            let data = example_data(t.name).unwrap_or_else(|| panic!("{}: no example", t.name));
+            let fields = data.as_object().map_or(0, |o| o.len());
+            assert!(fields >= 3, "{}: only {fields} fields in {data}", t.name);
+        }
+        assert_eq!(example_data("dev.example.unknown"), None);
+        for t in crate::topology::types::ALL {
+            let [protobuf, json, structured] =
+                example_encodings(t.name).unwrap_or_else(|| panic!("{}", t.name));
+            assert!(protobuf.dataschema().is_some() && json.dataschema().is_none());
+            assert_eq!(
+                to_json(&protobuf)["data"],
+                to_json(&json)["data"],
+                "{}",
+                t.name
+            );
+            assert_eq!(
+                to_json(&structured)["data"],
+                to_json(&json)["data"],
+                "{}",
+                t.name
+            );
+        }
+    }
     use tidewatch_proto::v1;
 
     #[test]

@@ -47,6 +47,18 @@ pub struct Observation {
     pub republish_horizon_ns: i64,
 }
 
+/// JSON data as the message the event names would render it; as it came
+/// when it does not fit that message (or names none).
+fn canonical(event: &Event, json: serde_json::Value) -> serde_json::Value {
+    let Some(message) = tidewatch_runtime::event::payload_message(event) else {
+        return json;
+    };
+    let schema = format!("{}{message}", tidewatch_proto::schema::SCHEMA_PREFIX);
+    tidewatch_proto::encode_json(&schema, json.clone())
+        .and_then(|bytes| tidewatch_proto::decode_json(&schema, &bytes))
+        .unwrap_or(json)
+}
+
 impl Observation {
     /// Whether this is a repeat of an event first folded in at `first_ns`
     /// (receive time; 0 unknown) that came back past the republish horizon:
@@ -62,6 +74,10 @@ impl Observation {
     }
 
     /// Read `event`; its time (or `now_ns` when it has none) orders it.
+    /// JSON data is read into the message its type names and back, so a
+    /// third party's JSON (defaults left out, fields this build does not
+    /// know, numbers as strings where the mapping allows) is the very
+    /// observation the protobuf encoding gives.
     pub fn from_event(event: &Event, now_ns: i64) -> Observation {
         let mut ext = BTreeMap::new();
         for (name, value) in event.iter_extensions() {
@@ -72,14 +88,20 @@ impl Observation {
         }
         let data = match event.data() {
             None => serde_json::Value::Null,
-            Some(Data::Json(j)) => j.clone(),
-            Some(Data::String(s)) => serde_json::from_str(s).unwrap_or(serde_json::Value::Null),
+            Some(Data::Json(j)) => canonical(event, j.clone()),
+            Some(Data::String(s)) => canonical(
+                event,
+                serde_json::from_str(s).unwrap_or(serde_json::Value::Null),
+            ),
             Some(Data::Binary(bytes)) => match event.dataschema() {
                 Some(schema) if schema.scheme() == "proto" => {
                     tidewatch_proto::decode_json(schema.as_str(), bytes)
                         .unwrap_or(serde_json::Value::Null)
                 }
-                _ => serde_json::from_slice(bytes).unwrap_or(serde_json::Value::Null),
+                _ => canonical(
+                    event,
+                    serde_json::from_slice(bytes).unwrap_or(serde_json::Value::Null),
+                ),
             },
         };
         Observation {
@@ -264,5 +286,69 @@ pub(crate) mod tests {
         o.ext.insert("namespace".into(), "ns".into());
         o.ext.insert("pod".into(), "web".into());
         assert_eq!(o.value("pod").as_deref(), Some("ns/web"));
+    }
+
+    /// Every event type, in every encoding a producer may use (protobuf,
+    /// JSON binary, JSON structured): one observation, so every rule sees
+    /// the same thing and the rules' outcome is the same.
+    #[test]
+    fn every_type_reads_the_same_in_every_encoding() {
+        let rules = crate::rules::RulesFile::builtin().into_rules();
+        for t in tidewatch_runtime::topology::types::ALL {
+            let encodings = tidewatch_runtime::event::example_encodings(t.name)
+                .unwrap_or_else(|| panic!("{}: no example", t.name));
+            let observed: Vec<Observation> = encodings
+                .iter()
+                .map(|e| Observation::from_event(e, 0))
+                .collect();
+            assert!(
+                observed[0].data.as_object().is_some_and(|o| o.len() >= 3),
+                "{}: the protobuf data was read: {}",
+                t.name,
+                observed[0].data
+            );
+            for (o, encoding) in observed[1..].iter().zip(["JSON binary", "JSON structured"]) {
+                assert_eq!(o, &observed[0], "{} as {encoding}", t.name);
+            }
+            for rule in &rules {
+                assert_eq!(rule.wants(t.name), rule.wants(&observed[1].ty));
+                let keys: Vec<Vec<String>> = observed.iter().map(|o| rule.keys(o)).collect();
+                assert!(
+                    keys.iter().all(|k| *k == keys[0]),
+                    "{} {}: {keys:?}",
+                    rule.name(),
+                    t.name
+                );
+            }
+        }
+    }
+
+    /// A third party's JSON need not be canonical: a field left out reads
+    /// as its default, and fields this build does not know change nothing.
+    #[test]
+    fn non_canonical_json_reads_like_protobuf() {
+        use cloudevents::{EventBuilder, EventBuilderV10};
+        let [protobuf, json, _] = tidewatch_runtime::event::example_encodings(
+            tidewatch_runtime::topology::types::CONTAINER_RESTARTED,
+        )
+        .expect("example");
+        let mut data = tidewatch_runtime::event::to_json(&json)["data"].clone();
+        data["addedByANewerProducer"] = serde_json::json!({"x": 1});
+        // A default left out: the message fills it in.
+        data.as_object_mut().expect("object").remove("message");
+        let mut want = tidewatch_runtime::event::to_json(&protobuf)["data"].clone();
+        want["message"] = serde_json::json!("");
+        let loose = EventBuilderV10::new()
+            .id(cloudevents::AttributesReader::id(&json))
+            .ty(cloudevents::AttributesReader::ty(&json))
+            .source(cloudevents::AttributesReader::source(&json).clone())
+            .time(*cloudevents::AttributesReader::time(&json).expect("time"))
+            .subject(cloudevents::AttributesReader::subject(&json).expect("subject"))
+            .data("application/json", data)
+            .build()
+            .expect("event");
+        let o = Observation::from_event(&loose, 0);
+        assert_eq!(o.data, want);
+        assert!(o.data.get("addedByANewerProducer").is_none());
     }
 }

@@ -47,10 +47,40 @@ fn placeholders(template: &str) -> Result<Vec<(usize, usize, &str)>, String> {
     Ok(out)
 }
 
-/// Check every placeholder names something that exists.
+/// The field an alternative prints, for comparing alternatives: its last
+/// path segment, lowercase, a `bytes` suffix aside (`memoryLimitBytes` and
+/// enrich's `memorylimit` are one field).
+fn field_name(reference: &str) -> String {
+    let last = reference
+        .rsplit('.')
+        .next()
+        .unwrap_or(reference)
+        .to_lowercase();
+    last.strip_suffix("bytes")
+        .map(str::to_string)
+        .unwrap_or(last)
+}
+
+/// Check every placeholder names something that exists, and that a
+/// fallback chain says what it printed: alternatives naming different
+/// fields each carry a label (`{'pid ' a.pid|'exit code ' b.exitCode}`), so
+/// an exit code is never printed where a pid was meant.
 pub fn check(template: &str, steps: &[&str]) -> Result<(), String> {
     for (_, _, body) in placeholders(template)? {
         let body = body.strip_suffix(":bytes").unwrap_or(body);
+        let alternatives: Vec<(&str, &str)> = body
+            .split('|')
+            .map(labelled)
+            .collect::<Result<_, _>>()
+            .map_err(|e| format!("template {template:?}: {e}"))?;
+        let fields: std::collections::BTreeSet<String> =
+            alternatives.iter().map(|(_, r)| field_name(r)).collect();
+        if fields.len() > 1 && alternatives.iter().any(|(label, _)| label.is_empty()) {
+            return Err(format!(
+                "template {template:?}: {{{body}}} falls back between different fields ({}); label each alternative ('pid ' ...) so the text says which one it printed",
+                fields.into_iter().collect::<Vec<_>>().join(", ")
+            ));
+        }
         for alt in body.split('|') {
             let (_, alt) = labelled(alt).map_err(|e| format!("template {template:?}: {e}"))?;
             let ok = match alt {
@@ -221,5 +251,120 @@ mod tests {
                 .expect_err("refused")
                 .contains("unclosed")
         );
+        // A pid falling back to an exit code, unlabelled: refused.
+        let err = check("{root.data.victim.pid|root.data.exitCode}", &[]).expect_err("refused");
+        assert!(err.contains("label each alternative"), "{err}");
+        // The same field from another place needs no label.
+        assert!(check("{root.data.container|root.ext.container}", &[]).is_ok());
+        assert!(
+            check(
+                "{root.data.memoryLimitBytes|root.ext.memorylimit:bytes}",
+                &[]
+            )
+            .is_ok()
+        );
+    }
+
+    /// An observation on which exactly `reference` resolves, to `value`.
+    fn with(reference: &str, value: &str) -> Observation {
+        let mut o = crate::observation::tests::obs("", "", 0, None, serde_json::json!({}));
+        o.id = String::new();
+        o.source = String::new();
+        if let Some(path) = reference.strip_prefix("data.") {
+            let mut data = serde_json::Value::String(value.to_string());
+            for segment in path.rsplit('.') {
+                data = serde_json::json!({ segment: data });
+            }
+            o.data = data;
+        } else if let Some(name) = reference.strip_prefix("ext.") {
+            o.ext.insert(name.to_string(), value.to_string());
+        } else if let Some(kind) = reference.strip_prefix("subject.") {
+            o.subject = Some(format!("{kind}/{value}"));
+        } else {
+            match reference {
+                "id" => o.id = value.to_string(),
+                "type" => o.ty = value.to_string(),
+                "subject" => o.subject = Some(value.to_string()),
+                "source.node" => o.source = format!("/tidewatch/x/{value}"),
+                "pod" => o.subject = Some(format!("pod/{value}")),
+                r => panic!("no way to set {r}"),
+            }
+        }
+        o
+    }
+
+    /// Every fallback of every template of every shipped rule, taken one at
+    /// a time: the text shows that alternative's label and value, never
+    /// another's.
+    #[test]
+    fn every_shipped_fallback_says_what_it_printed() {
+        let mut taken = 0;
+        for rule in crate::rules::RulesFile::builtin().sequence {
+            let steps: Vec<&str> = rule.steps.iter().map(|s| s.name.as_str()).collect();
+            for template in [&rule.summary, &rule.root_cause] {
+                for (_, _, body) in placeholders(template).expect("valid") {
+                    let (chain, bytes) = match body.strip_suffix(":bytes") {
+                        Some(b) => (b, true),
+                        None => (body, false),
+                    };
+                    let alternatives: Vec<(&str, &str)> = chain
+                        .split('|')
+                        .map(|a| labelled(a).expect("label"))
+                        .collect();
+                    if alternatives.len() < 2 {
+                        continue;
+                    }
+                    for (j, (label, reference)) in alternatives.iter().enumerate() {
+                        let value = if bytes {
+                            "268435456".to_string()
+                        } else {
+                            format!("value-{j}")
+                        };
+                        let empty = with("id", "");
+                        let (place, field) = reference.split_once('.').expect("a reference");
+                        let (step, field) = match place {
+                            "step" => field
+                                .split_once('.')
+                                .map(|(s, f)| (Some(s), f))
+                                .expect("step ref"),
+                            _ => (None, field),
+                        };
+                        let set = with(field, &value);
+                        let per_step: Vec<Vec<&Observation>> = steps
+                            .iter()
+                            .map(|s| {
+                                if step == Some(*s) {
+                                    vec![&set]
+                                } else {
+                                    vec![&empty]
+                                }
+                            })
+                            .collect();
+                        let ctx = Ctx {
+                            key: "k",
+                            window: Window::default(),
+                            steps: steps.clone(),
+                            per_step,
+                            root: if place == "root" { &set } else { &empty },
+                            last: if place == "last" { &set } else { &empty },
+                        };
+                        let shown = if bytes {
+                            human_bytes(&value)
+                        } else {
+                            value.clone()
+                        };
+                        let rendered = render(&format!("{{{body}}}"), &ctx);
+                        assert_eq!(
+                            rendered,
+                            format!("{label}{shown}"),
+                            "rule {} template {template:?}: alternative {j} ({reference})",
+                            rule.name
+                        );
+                        taken += 1;
+                    }
+                }
+            }
+        }
+        assert!(taken >= 10, "only {taken} fallbacks in the shipped rules?");
     }
 }

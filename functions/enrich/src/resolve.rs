@@ -471,6 +471,31 @@ mod tests {
         }
     }
 
+    /// Every event type in every encoding a producer may use: the same
+    /// join, the same extensions, the same reason when unresolved.
+    #[tokio::test]
+    async fn every_type_resolves_the_same_in_every_encoding() {
+        let mut resolved = 0;
+        for t in types::ALL {
+            let [protobuf, json, structured] = tidewatch_runtime::event::example_encodings(t.name)
+                .unwrap_or_else(|| panic!("{}: no example", t.name));
+            let want = resolve(&store(), &protobuf).await.expect("up");
+            resolved += usize::from(want.unresolved.is_none());
+            for (twin, encoding) in [(json, "JSON binary"), (structured, "JSON structured")] {
+                let got = resolve(&store(), &twin).await.expect("up");
+                assert_eq!(got.extensions, want.extensions, "{} as {encoding}", t.name);
+                assert_eq!(got.unresolved, want.unresolved, "{} as {encoding}", t.name);
+            }
+        }
+        // The example pod (shop/cart-1, container abc123) is in the store:
+        // most types join it, whichever encoding.
+        assert!(
+            resolved * 2 > types::ALL.len(),
+            "{resolved} of {} resolved",
+            types::ALL.len()
+        );
+    }
+
     #[tokio::test]
     async fn kernel_events_join_by_container_id_then_pod_uid() {
         let oom = OomKill {
