@@ -21,8 +21,7 @@ use chrono::{DateTime, Utc};
 use cloudevents::AttributesReader;
 use common::*;
 use tidewatch_proto::v1::{
-    ContainerRestart, EndpointsChange, Insight, NodeConditionChange, OomKill, ProcessInfo,
-    RolloutChange, TcpConnection, UnitStateChange,
+    ContainerRestart, EndpointsChange, Insight, NodeConditionChange, RolloutChange,
 };
 use tidewatch_runtime::topology::{self, types};
 use tidewatch_testkit::NatsServer;
@@ -95,23 +94,6 @@ const INCIDENTS: [Incident; 6] = [
         resolved_by: "late-ok",
     },
 ];
-
-fn oom_kill(container_id: &str, pod_uid: &str) -> OomKill {
-    OomKill {
-        victim: Some(ProcessInfo {
-            pid: 4242,
-            tgid: 4242,
-            comm: "java".into(),
-            container_id: container_id.into(),
-            pod_uid: pod_uid.into(),
-            ..Default::default()
-        }),
-        total_pages: 70_000,
-        rss_pages: 65_536,
-        memory_limit_bytes: 256 << 20,
-        cgroup_path: format!("/kubepods/burstable/pod{pod_uid}/{container_id}"),
-    }
-}
 
 fn stable(id: &str, ns: &str, name: &str, node: &str, at: DateTime<Utc>) -> cloudevents::Event {
     let payload = ContainerRestart {
@@ -195,25 +177,6 @@ fn node_ready(id: &str, ty: &str, status: &str, at: DateTime<Utc>) -> cloudevent
     proto_event(id, ty, "k8s", "node-2", Some("node/node-2"), at, &payload)
 }
 
-fn refused(id: &str, at: DateTime<Utc>) -> cloudevents::Event {
-    let tcp = TcpConnection {
-        process: Some(ProcessInfo {
-            pid: 900,
-            comm: "curl".into(),
-            container_id: "def456".into(),
-            ..Default::default()
-        }),
-        change: "refused".into(),
-        family: 4,
-        saddr: "10.1.0.6".into(),
-        sport: 40_000,
-        daddr: "10.96.0.20".into(),
-        dport: 8080,
-        ..Default::default()
-    };
-    proto_event(id, types::TCP_REFUSED, "ebpf", "node-1", None, at, &tcp)
-}
-
 /// The incidents' events as our collectors emit them, in publish order;
 /// and the late OOM kill, published once the crash loop it explains is out.
 fn events(
@@ -225,16 +188,8 @@ fn events(
 ) {
     let t = |s: i64| secs(base, s);
     let oomkilled = ("OOMKilled", 137);
-    let kubelet = UnitStateChange {
-        unit: "kubelet.service".into(),
-        node: "node-2".into(),
-        active_state: "failed".into(),
-        sub_state: "failed".into(),
-        result: "exit-code".into(),
-        previous_active_state: "active".into(),
-        ..Default::default()
-    };
-    let main = vec![
+    let mut main = api_crash_loop(base);
+    main.extend([
         // OOM cascade on shop/cart-1 with three restarts: a crash loop too.
         proto_event(
             "oom-k1",
@@ -275,47 +230,8 @@ fn events(
             3,
             oomkilled,
         ),
-        // A crash loop and nothing else on shop/api-1.
-        restart(
-            "cl-1",
-            types::CONTAINER_RESTARTED,
-            "shop",
-            "api-1",
-            "node-1",
-            t(100),
-            1,
-            ("Error", 139),
-        ),
-        restart(
-            "cl-2",
-            types::CONTAINER_RESTARTED,
-            "shop",
-            "api-1",
-            "node-1",
-            t(130),
-            2,
-            ("Error", 139),
-        ),
-        restart(
-            "cl-3",
-            types::CONTAINER_RESTARTED,
-            "shop",
-            "api-1",
-            "node-1",
-            t(190),
-            3,
-            ("Error", 139),
-        ),
         // kubelet fails on node-2, the node goes NotReady, a pod there crash-loops.
-        proto_event(
-            "nr-unit",
-            types::UNIT_FAILED,
-            "systemd",
-            "node-2",
-            Some("unit/kubelet.service"),
-            t(200),
-            &kubelet,
-        ),
+        kubelet_failed(base),
         node_ready("nr-node", types::NODE_NOT_READY, "Unknown", t(240)),
         restart(
             "nr-p1",
@@ -348,10 +264,10 @@ fn events(
             ("Error", 1),
         ),
         // shop/pay loses its endpoints while clients are refused.
-        refused("sd-t1", t(300)),
+        refused_to_pay("sd-t1", t(300)),
         endpoints("sd-ep", types::ENDPOINTS_EMPTY, 0, t(301)),
-        refused("sd-t2", t(302)),
-        refused("sd-t3", t(303)),
+        refused_to_pay("sd-t2", t(302)),
+        refused_to_pay("sd-t3", t(303)),
         // shop/web rolls out web-7c9f, whose pod crash-loops.
         restart(
             "br-old",
@@ -427,7 +343,7 @@ fn events(
             3,
             ("Error", 137),
         ),
-    ];
+    ]);
     let late = proto_event(
         "late-k1",
         types::OOM_KILL,

@@ -19,57 +19,11 @@ use tidewatch_testkit::NatsServer;
 
 /// One incident of every rule, each on its own entity.
 fn incidents(base: DateTime<Utc>) -> Vec<cloudevents::Event> {
-    let oom = OomKill {
-        victim: Some(ProcessInfo {
-            pid: 4242,
-            tgid: 4242,
-            comm: "java".into(),
-            container_id: "abc123".into(),
-            pod_uid: "uid-cart-1".into(),
-            ..Default::default()
-        }),
-        total_pages: 70_000,
-        rss_pages: 65_536,
-        memory_limit_bytes: 256 << 20,
-        cgroup_path: "/kubepods/burstable/poduid-cart-1/abc123".into(),
-    };
-    let refused = |id: &str, at: i64| {
-        let tcp = TcpConnection {
-            process: Some(ProcessInfo {
-                pid: 900,
-                comm: "curl".into(),
-                container_id: "def456".into(),
-                ..Default::default()
-            }),
-            change: "refused".into(),
-            family: 4,
-            saddr: "10.1.0.6".into(),
-            sport: 40_000 + at as u32,
-            daddr: "10.96.0.20".into(),
-            dport: 8080,
-            ..Default::default()
-        };
-        proto_event(
-            id,
-            types::TCP_REFUSED,
-            "ebpf",
-            "node-1",
-            None,
-            secs(base, at),
-            &tcp,
-        )
-    };
-    let kubelet = UnitStateChange {
-        unit: "kubelet.service".into(),
-        node: "node-2".into(),
-        active_state: "failed".into(),
-        sub_state: "failed".into(),
-        result: "exit-code".into(),
-        n_restarts: 0,
-        exec_main_status: 1,
-        previous_active_state: "active".into(),
-    };
-    vec![
+    let oom = oom_kill("abc123", "uid-cart-1");
+    let refused = |id: &str, at: i64| refused_to_pay(id, secs(base, at));
+    // Crash loop on shop/api-1: three segfaults.
+    let mut events = api_crash_loop(base);
+    events.extend([
         // OOM cascade on shop/cart-1: kernel OOM kill, OOMKilled, restart, endpoints drop.
         proto_event(
             "oom-k1",
@@ -109,47 +63,8 @@ fn incidents(base: DateTime<Utc>) -> Vec<cloudevents::Event> {
             secs(base, 62),
             json!({"namespace": "shop", "service": "cart", "ready": 0, "notReadyPods": ["shop/cart-1"]}),
         ),
-        // Crash loop on shop/api-1: three segfaults.
-        restart(
-            "cl-1",
-            types::CONTAINER_RESTARTED,
-            "shop",
-            "api-1",
-            "node-1",
-            secs(base, 100),
-            1,
-            ("Error", 139),
-        ),
-        restart(
-            "cl-2",
-            types::CONTAINER_RESTARTED,
-            "shop",
-            "api-1",
-            "node-1",
-            secs(base, 130),
-            2,
-            ("Error", 139),
-        ),
-        restart(
-            "cl-3",
-            types::CONTAINER_RESTARTED,
-            "shop",
-            "api-1",
-            "node-1",
-            secs(base, 190),
-            3,
-            ("Error", 139),
-        ),
         // Node runtime failure on node-2: kubelet fails, node NotReady, a pod there restarts.
-        proto_event(
-            "nr-unit",
-            types::UNIT_FAILED,
-            "systemd",
-            "node-2",
-            Some("unit/kubelet.service"),
-            secs(base, 200),
-            &kubelet,
-        ),
+        kubelet_failed(base),
         json_event(
             "nr-node",
             types::NODE_NOT_READY,
@@ -232,7 +147,8 @@ fn incidents(base: DateTime<Utc>) -> Vec<cloudevents::Event> {
             2,
             ("Error", 1),
         ),
-    ]
+    ]);
+    events
 }
 
 fn by_kind(latest: &BTreeMap<String, Insight>) -> BTreeMap<String, Vec<Insight>> {

@@ -411,9 +411,9 @@ pub fn secs(base: chrono::DateTime<chrono::Utc>, s: i64) -> chrono::DateTime<chr
 
 /// The pods and service IPs the scenarios' events are about, in KV.
 pub async fn cluster_pods(js: &jetstream::Context) {
-    put_pod(
-        js,
-        &pod(
+    // (namespace, name, node, container id, pod IP, workload)
+    let pods = [
+        (
             "shop",
             "cart-1",
             "node-1",
@@ -421,11 +421,7 @@ pub async fn cluster_pods(js: &jetstream::Context) {
             "10.1.0.5",
             ("ReplicaSet", "cart-6f7d8"),
         ),
-    )
-    .await;
-    put_pod(
-        js,
-        &pod(
+        (
             "shop",
             "api-1",
             "node-1",
@@ -433,11 +429,7 @@ pub async fn cluster_pods(js: &jetstream::Context) {
             "10.1.0.6",
             ("StatefulSet", "api"),
         ),
-    )
-    .await;
-    put_pod(
-        js,
-        &pod(
+        (
             "batch",
             "worker-1",
             "node-2",
@@ -445,11 +437,7 @@ pub async fn cluster_pods(js: &jetstream::Context) {
             "10.2.0.7",
             ("Job", "worker"),
         ),
-    )
-    .await;
-    put_pod(
-        js,
-        &pod(
+        (
             "shop",
             "web-7c9f-aaaaa",
             "node-1",
@@ -457,11 +445,7 @@ pub async fn cluster_pods(js: &jetstream::Context) {
             "10.1.0.8",
             ("ReplicaSet", "web-7c9f"),
         ),
-    )
-    .await;
-    put_pod(
-        js,
-        &pod(
+        (
             "shop",
             "web-7c9f-bbbbb",
             "node-1",
@@ -469,11 +453,7 @@ pub async fn cluster_pods(js: &jetstream::Context) {
             "10.1.0.9",
             ("ReplicaSet", "web-7c9f"),
         ),
-    )
-    .await;
-    put_pod(
-        js,
-        &pod(
+        (
             "shop",
             "web-5d4b-ccccc",
             "node-1",
@@ -481,8 +461,93 @@ pub async fn cluster_pods(js: &jetstream::Context) {
             "10.1.0.10",
             ("ReplicaSet", "web-5d4b"),
         ),
-    )
-    .await;
+    ];
+    for (ns, name, node, container, ip, workload) in pods {
+        put_pod(js, &pod(ns, name, node, container, ip, workload)).await;
+    }
     put_service_ip(js, "10.96.0.20", "shop", "pay").await;
     put_service_ip(js, "10.96.0.21", "shop", "search").await;
+}
+
+/// The kernel's OOM kill of `java` (pid 4242) in container `container_id`
+/// of pod `pod_uid`, with a 256 MiB limit.
+pub fn oom_kill(container_id: &str, pod_uid: &str) -> v1::OomKill {
+    v1::OomKill {
+        victim: Some(v1::ProcessInfo {
+            pid: 4242,
+            tgid: 4242,
+            comm: "java".into(),
+            container_id: container_id.into(),
+            pod_uid: pod_uid.into(),
+            ..Default::default()
+        }),
+        total_pages: 70_000,
+        rss_pages: 65_536,
+        memory_limit_bytes: 256 << 20,
+        cgroup_path: format!("/kubepods/burstable/pod{pod_uid}/{container_id}"),
+    }
+}
+
+/// `curl` in shop/api-1 refused by 10.96.0.20:8080 (service shop/pay), as
+/// the eBPF collector reports it.
+pub fn refused_to_pay(id: &str, at: chrono::DateTime<chrono::Utc>) -> cloudevents::Event {
+    let tcp = v1::TcpConnection {
+        process: Some(v1::ProcessInfo {
+            pid: 900,
+            comm: "curl".into(),
+            container_id: "def456".into(),
+            ..Default::default()
+        }),
+        change: "refused".into(),
+        family: 4,
+        saddr: "10.1.0.6".into(),
+        sport: 40_000,
+        daddr: "10.96.0.20".into(),
+        dport: 8080,
+        ..Default::default()
+    };
+    proto_event(id, types::TCP_REFUSED, "ebpf", "node-1", None, at, &tcp)
+}
+
+/// shop/api-1 crash-looping: three segfaults (exit 139), `cl-1`..`cl-3`,
+/// 100, 130 and 190 s after `base`.
+pub fn api_crash_loop(base: chrono::DateTime<chrono::Utc>) -> Vec<cloudevents::Event> {
+    [("cl-1", 100, 1), ("cl-2", 130, 2), ("cl-3", 190, 3)]
+        .into_iter()
+        .map(|(id, at, count)| {
+            restart(
+                id,
+                types::CONTAINER_RESTARTED,
+                "shop",
+                "api-1",
+                "node-1",
+                secs(base, at),
+                count,
+                ("Error", 139),
+            )
+        })
+        .collect()
+}
+
+/// kubelet.service failed on node-2 (`nr-unit`), 200 s after `base`.
+pub fn kubelet_failed(base: chrono::DateTime<chrono::Utc>) -> cloudevents::Event {
+    let kubelet = v1::UnitStateChange {
+        unit: "kubelet.service".into(),
+        node: "node-2".into(),
+        active_state: "failed".into(),
+        sub_state: "failed".into(),
+        result: "exit-code".into(),
+        exec_main_status: 1,
+        previous_active_state: "active".into(),
+        ..Default::default()
+    };
+    proto_event(
+        "nr-unit",
+        types::UNIT_FAILED,
+        "systemd",
+        "node-2",
+        Some("unit/kubelet.service"),
+        secs(base, 200),
+        &kubelet,
+    )
 }

@@ -180,38 +180,24 @@ impl StoredInsight {
         }
     }
 
-    /// The finding that publishes this (superseded) insight about `pod`.
+    /// The finding that publishes this (superseded) insight about `pod`:
+    /// its own message id, so a repeat is deduplicated.
     pub fn finding(&self, pod: &str) -> Finding {
-        let (namespace, name) = pod.split_once('/').unwrap_or(("", pod));
-        Finding {
-            message_id: derive_id(&[
-                self.id.as_bytes(),
-                b"superseded",
-                &u64::from(self.revision).to_be_bytes(),
-            ]),
-            subject: self.subject.clone(),
-            insight: Insight {
-                id: self.id.clone(),
-                kind: self.kind.clone(),
-                severity: self.severity.clone(),
-                summary: self.summary.clone(),
-                root_cause: self.root_cause.clone(),
-                root_cause_event_id: self.root_cause_event_id.clone(),
-                evidence_event_ids: self.evidence_event_ids.clone(),
-                affected: vec![tidewatch_proto::v1::Entity {
-                    kind: "pod".into(),
-                    name: name.into(),
-                    namespace: namespace.into(),
-                }],
-                first_seen_ns: self.first_seen_ns,
-                last_seen_ns: self.last_seen_ns,
-                confidence: self.confidence,
-                revision: self.revision,
-                status: self.status.clone(),
-                superseded_by: self.superseded_by.clone(),
-                ..Insight::default()
-            },
+        let mut finding = self.to_finding();
+        finding.message_id = derive_id(&[
+            self.id.as_bytes(),
+            b"superseded",
+            &u64::from(self.revision).to_be_bytes(),
+        ]);
+        if finding.insight.affected.is_empty() {
+            let (namespace, name) = pod.split_once('/').unwrap_or(("", pod));
+            finding.insight.affected = vec![tidewatch_proto::v1::Entity {
+                kind: "pod".into(),
+                name: name.into(),
+                namespace: namespace.into(),
+            }];
         }
+        finding
     }
 }
 
