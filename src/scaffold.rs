@@ -316,7 +316,7 @@ mod tests {{
     async fn delivers_each_matching_event_once_and_skips_the_others() {{
         let spec = FunctionSpec::from_toml(SPEC).expect("function.toml");
         let function = {type_name} {{ spec, out: Mutex::new(Vec::new()) }};
-        let ctx = Context {{ function: {name:?}, delivery: 1, max_deliver: 5, stream_sequence: Some(1) }};
+        let ctx = Context {{ function: {name:?}, delivery: 1, max_deliver: 5, stream_sequence: Some(1), subject: None }};
         assert!(matches!(function.handle(event("e-1", {matching:?}), &ctx).await, Outcome::Done));{other_check}
         let out = String::from_utf8(function.out.into_inner().expect("lock")).expect("utf-8");
         let lines: Vec<&str> = out.lines().collect();

@@ -568,7 +568,11 @@ async fn hostile_input_is_refused_or_dead_lettered_and_the_next_event_flows() {
         Duration::from_secs(30),
         || async {
             enriched
-                .get_last_raw_message_by_subject(&subjects::enriched("k8s", "node-1"))
+                .get_last_raw_message_by_subject(&subjects::enriched(
+                    "k8s",
+                    "node-1",
+                    cloudevents::AttributesReader::ty(&good),
+                ))
                 .await
                 .ok()
                 .filter(|m| m.headers.get("ce-id").map(|v| v.as_str()) == Some(good.id()))
@@ -640,6 +644,7 @@ async fn a_flooded_correlation_key_stays_bounded_and_never_jams() {
         let subject = subjects::enriched(
             topology::parse_source(event.source()).expect("source").0,
             "node-1",
+            event.ty(),
         );
         let mut attempt = 0;
         while let Err(e) = publisher.publish(subject.as_str(), event).await {

@@ -253,7 +253,7 @@ async fn a_scaffolded_function_builds_passes_its_test_is_wired_in_and_runs() {
     assert!(
         std::fs::read_to_string(copy.join("deploy/nats.yaml"))
             .expect("nats")
-            .contains("user: siem"),
+            .contains("user: \"siem\""),
         "a NATS user for it"
     );
     assert!(

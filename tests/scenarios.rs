@@ -664,7 +664,9 @@ async fn concurrent_correlate_replicas_lose_no_update() {
             )
         })
         .collect();
-    let subject = topology::subjects::enriched("k8s", "node-1");
+    let subject = |e: &cloudevents::Event| {
+        topology::subjects::enriched("k8s", "node-1", cloudevents::AttributesReader::ty(e))
+    };
     // events_in of each replica, sampled after each chunk (and once settled).
     let mut samples: Vec<Vec<u64>> = Vec::new();
     let sample = async || {
@@ -680,7 +682,7 @@ async fn concurrent_correlate_replicas_lose_no_update() {
     for chunk in events.chunks(CHUNK) {
         for e in chunk {
             publisher
-                .publish(subject.as_str(), e)
+                .publish(subject(e).as_str(), e)
                 .await
                 .expect("stored");
         }
@@ -809,7 +811,9 @@ count = 2
         &["--rules", good.to_str().expect("utf-8")],
     );
     let base = Utc::now() - chrono::Duration::minutes(5);
-    let subject = topology::subjects::enriched("k8s", "node-1");
+    let subject = |e: &cloudevents::Event| {
+        topology::subjects::enriched("k8s", "node-1", cloudevents::AttributesReader::ty(e))
+    };
     let events = [
         restart(
             "a-1",
@@ -854,7 +858,7 @@ count = 2
     ];
     for e in &events {
         publisher
-            .publish(subject.as_str(), e)
+            .publish(subject(e).as_str(), e)
             .await
             .expect("stored");
     }

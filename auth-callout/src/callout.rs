@@ -16,6 +16,8 @@ use crate::nkey::AccountKey;
 pub const REQUEST_SUBJECT: &str = "$SYS.REQ.USER.AUTH";
 /// The queue group replicas share requests in.
 pub const QUEUE_GROUP: &str = "tidewatch-auth-callout";
+/// Longest a TokenReview may take.
+const REVIEW_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(4);
 /// Requests answered at once; more wait (the server gives each its auth
 /// timeout, so a reconnect storm is served in order, not all failing).
 const CONCURRENT_REVIEWS: usize = 64;
@@ -138,9 +140,19 @@ async fn decide(
         .as_deref()
         .filter(|t| !t.is_empty())
         .ok_or(Refusal::Denied(Denial::NoToken))?;
-    let review = crate::review::review(&authority.kubernetes, token, &authority.policy.audience)
-        .await
-        .map_err(Refusal::Unavailable)?;
+    // Inside the server's auth timeout (5 s): a hung API server must not
+    // hold an answer past it, nor this request's permit.
+    let review = tokio::time::timeout(
+        REVIEW_TIMEOUT,
+        crate::review::review(&authority.kubernetes, token, &authority.policy.audience),
+    )
+    .await
+    .map_err(|_| {
+        Refusal::Unavailable(CalloutError::Review(format!(
+            "no answer within {REVIEW_TIMEOUT:?}"
+        )))
+    })?
+    .map_err(Refusal::Unavailable)?;
     grant::decide(
         &authority.policy,
         &review,

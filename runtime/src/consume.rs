@@ -375,6 +375,7 @@ async fn handle_message<F: Function>(
         delivery: u32::try_from(delivery).unwrap_or(u32::MAX),
         max_deliver: shared.max_deliver,
         stream_sequence: Some(stream_sequence),
+        subject: Some(message.subject.to_string()),
     };
     shared.metrics.events_in.inc();
     shared.metrics.in_flight.inc();

@@ -60,6 +60,10 @@ pub struct Context {
     pub max_deliver: u32,
     /// Stream sequence of the input, when it came from JetStream.
     pub stream_sequence: Option<u64>,
+    /// The subject the input was published on, when it came from JetStream
+    /// (what its publisher's NATS permissions allowed: enrich checks a
+    /// collector's event speaks for the node it was published from).
+    pub subject: Option<String>,
 }
 
 impl Context {

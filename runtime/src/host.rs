@@ -380,6 +380,15 @@ pub async fn connect_with_events(
     url: &str,
     name: &str,
 ) -> Result<(async_nats::Client, tokio::sync::watch::Receiver<u64>), RuntimeError> {
+    if std::env::var_os(NATS_TOKEN_FILE_ENV).is_some()
+        && (std::env::var_os(NATS_USER_ENV).is_none() || std::env::var_os(NODE_NAME_ENV).is_none())
+    {
+        // Its grant allows only the collector's per-node inbox: without
+        // both names every reply would be refused.
+        return Err(RuntimeError::Setup(format!(
+            "{NATS_TOKEN_FILE_ENV} is set: {NATS_USER_ENV} (the collector) and {NODE_NAME_ENV} must be set too"
+        )));
+    }
     let (options, servers) = connect_options(url);
     let (connects_tx, connects) = tokio::sync::watch::channel(0u64);
     let client = options

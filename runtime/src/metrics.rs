@@ -49,6 +49,9 @@ pub struct Inner {
     pub naks: Counter,
     /// Handler retries done in-process while a dependency was down; not deliveries.
     pub held_retries: Counter,
+    /// Inputs acked without output because nobody downstream reads their
+    /// type (enrich: no consumer of the enriched stream wants it).
+    pub uninterested: Counter,
     pub dead_lettered: Family<Reason, Counter>,
     pub handler_seconds: Histogram,
     pub in_flight: Gauge,
@@ -99,6 +102,7 @@ impl Metrics {
             acks: Counter::default(),
             naks: Counter::default(),
             held_retries: Counter::default(),
+            uninterested: Counter::default(),
             dead_lettered: Family::default(),
             handler_seconds: Histogram::new(exponential_buckets(0.000_05, 2.0, 18)),
             in_flight: Gauge::default(),
@@ -135,6 +139,11 @@ impl Metrics {
             "held_retries",
             "Handler retries done in-process while a dependency was down (not deliveries)",
             inner.held_retries.clone(),
+        );
+        registry.register(
+            "events_uninterested",
+            "Inputs acknowledged without output because nobody downstream reads their type",
+            inner.uninterested.clone(),
         );
         registry.register(
             "dead_lettered",

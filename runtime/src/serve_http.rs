@@ -179,6 +179,7 @@ async fn handle<F: Function>(shared: &Shared<F>, event: Event) -> Response<Full<
         delivery: 1,
         max_deliver: 0,
         stream_sequence: None,
+        subject: None,
     };
     shared.metrics.events_in.inc();
     shared.metrics.in_flight.inc();

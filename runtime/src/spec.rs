@@ -263,6 +263,7 @@ impl FunctionFile {
         // Checked above: both keys name streams.
         let stream = stream_key(&self.reads).unwrap_or_default();
         let output_stream = self.writes.as_deref().and_then(stream_key);
+        let types: Vec<&'static str> = self.types.into_iter().map(leak).collect();
         Ok(FunctionSpec {
             name,
             consumer: ConsumerSpec {
@@ -272,10 +273,11 @@ impl FunctionFile {
                 max_deliver: self.consumer.max_deliver,
                 ack_wait: Duration::from_secs(self.consumer.ack_wait_secs),
                 max_ack_pending: self.consumer.max_ack_pending,
+                types: types.clone(),
             },
             output_stream,
             binary: leak(self.binary),
-            types: self.types.into_iter().map(leak).collect(),
+            types,
             scale: self.scale,
             concurrency: self.concurrency,
         })

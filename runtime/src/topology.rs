@@ -11,14 +11,18 @@
 //! | subject | stream | written by |
 //! |---|---|---|
 //! | `tidewatch.raw.<collector>.<node>` | `TIDEWATCH_RAW` | collectors |
-//! | `tidewatch.enriched.<collector>.<node>` | `TIDEWATCH_ENRICHED` | enrich |
+//! | `tidewatch.enriched.<collector>.<node>.<type levels>` | `TIDEWATCH_ENRICHED` | enrich |
 //! | `tidewatch.insights.<kind>` | `TIDEWATCH_INSIGHTS` | correlate |
 //! | `tidewatch.dlq.<consumer>` | `TIDEWATCH_DLQ` | the runtime, for poison messages |
 //! | `tidewatch.replay.<stream key>.<consumer>` | the stream the consumer reads | `tidewatch replay` |
 //!
 //! Replay subjects live in the consumer's own input stream and only that
 //! consumer's filter includes its replay subject, so a replay re-delivers to
-//! one function without disturbing the others.
+//! one function without disturbing the others. Enriched subjects carry the
+//! event type (its dotted parts as levels), so each consumer there is
+//! filtered to its function's `types` on the server
+//! ([`consumer_filter_subjects`]), and enrich stores only what some
+//! consumer reads.
 
 use std::time::Duration;
 
@@ -77,6 +81,11 @@ pub struct ConsumerSpec {
     pub ack_wait: Duration,
     /// Messages delivered but not yet acked, across all replicas.
     pub max_ack_pending: i64,
+    /// Event type patterns it reads (its function's `types`); on the
+    /// enriched stream, whose subjects carry the type, they become its
+    /// filter subjects, so it is delivered (and KEDA counts as lag) only
+    /// what it reads. Empty: everything.
+    pub types: Vec<&'static str>,
 }
 
 /// A KV bucket.
@@ -255,16 +264,33 @@ pub fn stream(key_or_name: &str) -> Option<&'static StreamSpec> {
     })
 }
 
-/// Filter subjects of a consumer: everything its stream carries from the
-/// pipeline, plus its own replay subject (not the other consumers').
+/// Filter subjects of a consumer: what its stream carries from the
+/// pipeline (on the enriched stream, only the types it reads), plus its own
+/// replay subject (not the other consumers').
 pub fn consumer_filter_subjects(consumer: &ConsumerSpec) -> Vec<String> {
-    let stream = stream(consumer.stream)
+    let prefix = stream(consumer.stream)
         .map(|s| s.prefix)
         .unwrap_or(consumer.stream);
-    vec![
-        format!("{stream}.>"),
-        subjects::replay(consumer.stream, consumer.durable),
-    ]
+    let mut filters = if consumer.stream == ENRICHED.key && !consumer.types.is_empty() {
+        let filters: Vec<String> = consumer
+            .types
+            .iter()
+            .map(|p| format!("{prefix}.*.*.{}", subjects::type_filter(p)))
+            .collect();
+        // nats-server refuses overlapping filters: keep the widest.
+        let mut kept: Vec<String> = Vec::new();
+        for f in &filters {
+            if filters.iter().any(|g| g != f && subjects::subsumes(g, f)) || kept.contains(f) {
+                continue;
+            }
+            kept.push(f.clone());
+        }
+        kept
+    } else {
+        vec![format!("{prefix}.>")]
+    };
+    filters.push(subjects::replay(consumer.stream, consumer.durable));
+    filters
 }
 
 /// Subject builders. Every token from outside (node names, kinds) goes
@@ -293,8 +319,70 @@ pub mod subjects {
         format!("{}.{}.{}", RAW.prefix, token(collector), token(node))
     }
 
-    pub fn enriched(collector: &str, node: &str) -> String {
-        format!("{}.{}.{}", ENRICHED.prefix, token(collector), token(node))
+    /// An enriched event's subject: its collector, node and type, the
+    /// type's dotted parts as subject levels, so consumers filter by type
+    /// on the server (`tidewatch.enriched.k8s.node-1.dev.tidewatch.k8s.container.restarted`).
+    pub fn enriched(collector: &str, node: &str, ty: &str) -> String {
+        format!(
+            "{}.{}.{}.{}",
+            ENRICHED.prefix,
+            token(collector),
+            token(node),
+            type_levels(ty)
+        )
+    }
+
+    /// An event type as subject levels: each dotted part a token.
+    pub fn type_levels(ty: &str) -> String {
+        ty.split('.').map(token).collect::<Vec<_>>().join(".")
+    }
+
+    /// The subject filter (after the collector and node levels) for a type
+    /// pattern, whose `*` matches any run of characters: its levels up to
+    /// the first with a `*`, then `>` (a `*` may span levels, which a
+    /// subject's `*` cannot). The function still checks each event against
+    /// its patterns, so the filter may be wider, never narrower.
+    pub fn type_filter(pattern: &str) -> String {
+        let mut levels = Vec::new();
+        for level in pattern.split('.') {
+            if level.contains('*') {
+                levels.push(">".to_string());
+                break;
+            }
+            levels.push(token(level));
+        }
+        levels.join(".")
+    }
+
+    /// Whether `subject` matches `filter` (`*` one level, `>` one or more).
+    pub fn matches(filter: &str, subject: &str) -> bool {
+        let s: Vec<&str> = subject.split('.').collect();
+        let f: Vec<&str> = filter.split('.').collect();
+        for (i, tok) in f.iter().enumerate() {
+            match *tok {
+                ">" => return s.len() > i,
+                "*" if i < s.len() => {}
+                t if s.get(i) == Some(&t) => {}
+                _ => return false,
+            }
+        }
+        f.len() == s.len()
+    }
+
+    /// Whether every subject `inner` matches also matches `outer`.
+    pub fn subsumes(outer: &str, inner: &str) -> bool {
+        let o: Vec<&str> = outer.split('.').collect();
+        let n: Vec<&str> = inner.split('.').collect();
+        for (i, tok) in o.iter().enumerate() {
+            match (*tok, n.get(i).copied()) {
+                (">", Some(_)) => return true,
+                (_, None) => return false,
+                ("*", Some(t)) if t != ">" => {}
+                (t, Some(u)) if t == u => {}
+                _ => return false,
+            }
+        }
+        o.len() == n.len()
     }
 
     pub fn insight(kind: &str) -> String {
@@ -427,6 +515,7 @@ pub mod types {
         POD_READY = "dev.tidewatch.k8s.pod.ready", "PodChange", "A pod's Ready condition became True";
         POD_NOT_READY = "dev.tidewatch.k8s.pod.notready", "PodChange", "A pod's Ready condition became False";
         POD_EVICTED = "dev.tidewatch.k8s.pod.evicted", "PodChange", "A pod was evicted (status reason Evicted or a DisruptionTarget condition)";
+        POD_DELETED = "dev.tidewatch.k8s.pod.deleted", "PodChange", "A pod was deleted (or vanished from a relist)";
         NODE_CONDITION = "dev.tidewatch.k8s.node.condition", "NodeConditionChange", "A node's MemoryPressure, DiskPressure or PIDPressure condition changed";
         NODE_NOT_READY = "dev.tidewatch.k8s.node.notready", "NodeConditionChange", "A node's Ready condition became False or Unknown (subject node/<name>)";
         NODE_READY = "dev.tidewatch.k8s.node.ready", "NodeConditionChange", "A node's Ready condition became True again";
@@ -490,24 +579,7 @@ mod tests {
 
     /// NATS subject wildcard match, as the server applies stream and filter subjects.
     fn subject_matches(filter: &str, subject: &str) -> bool {
-        let f: Vec<&str> = filter.split('.').collect();
-        let s: Vec<&str> = subject.split('.').collect();
-        for (i, tok) in f.iter().enumerate() {
-            match *tok {
-                ">" => return s.len() > i,
-                "*" => {
-                    if i >= s.len() {
-                        return false;
-                    }
-                }
-                t => {
-                    if s.get(i) != Some(&t) {
-                        return false;
-                    }
-                }
-            }
-        }
-        f.len() == s.len()
+        subjects::matches(filter, subject)
     }
 
     fn streams_for(subject: &str) -> Vec<&'static str> {
@@ -523,7 +595,7 @@ mod tests {
         let published = [
             subjects::raw("ebpf", "node-1"),
             subjects::raw("k8s", "ip-10-0-0-1.ec2.internal"),
-            subjects::enriched("systemd", "node-1"),
+            subjects::enriched("systemd", "node-1", types::UNIT_FAILED),
             subjects::insight("crash-loop"),
             subjects::dead_letter("enrich"),
             subjects::replay("raw", "enrich"),
@@ -601,7 +673,10 @@ mod tests {
         assert!(
             consumer_filter_subjects(&correlate.consumer)
                 .iter()
-                .any(|f| subject_matches(f, &subjects::enriched("k8s", "n")))
+                .any(|f| subject_matches(
+                    f,
+                    &subjects::enriched("k8s", "n", types::CONTAINER_RESTARTED)
+                ))
         );
         assert!(
             consumer_filter_subjects(&export.consumer)
@@ -622,6 +697,19 @@ mod tests {
             activation_lag_threshold: 0,
             container_concurrency,
         };
+        const CORRELATE_TYPES: [&str; 11] = [
+            "dev.tidewatch.k8s.container.*",
+            "dev.tidewatch.k8s.pod.deleted",
+            "dev.tidewatch.k8s.rollout.started",
+            "dev.tidewatch.k8s.rollout.completed",
+            "dev.tidewatch.k8s.endpoints.*",
+            "dev.tidewatch.k8s.node.notready",
+            "dev.tidewatch.k8s.node.ready",
+            "dev.tidewatch.kernel.memory.oomkill",
+            "dev.tidewatch.kernel.tcp.refused",
+            "dev.tidewatch.kernel.tcp.timeout",
+            "dev.tidewatch.systemd.unit.*",
+        ];
         let consumer = |durable, stream, description| ConsumerSpec {
             durable,
             stream,
@@ -629,6 +717,11 @@ mod tests {
             max_deliver: 5,
             ack_wait: Duration::from_secs(30),
             max_ack_pending: 10_000,
+            types: if durable == "correlate" {
+                CORRELATE_TYPES.to_vec()
+            } else {
+                Vec::new()
+            },
         };
         let expected = [
             FunctionSpec {
@@ -653,7 +746,7 @@ mod tests {
                 ),
                 output_stream: Some("insights"),
                 binary: "tidewatch-correlate",
-                types: vec![],
+                types: CORRELATE_TYPES.to_vec(),
                 scale: scale(500, 50),
                 concurrency: 64,
             },
@@ -739,5 +832,82 @@ mod tests {
         let field = "a".repeat(60 * 1024);
         assert!(!types::matches("*a*a*a*a*a*a*a*a*a*a*a*a*b", &field));
         assert!(types::matches("*a*a*a*a*a*a*a*a*a*a*a*a*", &field));
+    }
+
+    #[test]
+    fn enriched_consumers_filter_by_type_on_the_server() {
+        let functions = functions();
+        let correlate = function(&functions, "correlate");
+        let filters = consumer_filter_subjects(&correlate.consumer);
+        let gets = |ty: &str| {
+            filters.iter().any(|f| {
+                subject_matches(
+                    f,
+                    &subjects::enriched("k8s", "ip-10-0-0-1.ec2.internal", ty),
+                )
+            })
+        };
+        for ty in [
+            types::CONTAINER_RESTARTED,
+            types::CONTAINER_STABLE,
+            types::OOM_KILL,
+            types::ENDPOINTS_RECOVERED,
+            types::UNIT_FAILED,
+            types::NODE_READY,
+            types::TCP_REFUSED,
+        ] {
+            assert!(gets(ty), "correlate reads {ty}");
+        }
+        for ty in [
+            types::PROCESS_EXEC,
+            types::TCP_CONNECT,
+            types::JOURNAL_ENTRY,
+        ] {
+            assert!(!gets(ty), "correlate is not delivered {ty}");
+        }
+        // Every filter is distinct and none overlaps another (nats-server refuses that).
+        for (i, a) in filters.iter().enumerate() {
+            for b in &filters[i + 1..] {
+                assert!(
+                    !subjects::subsumes(a, b) && !subjects::subsumes(b, a),
+                    "{a} / {b}"
+                );
+            }
+        }
+        // Patterns become filters at least as wide as the pattern.
+        assert_eq!(
+            subjects::type_filter("dev.tidewatch.k8s.*"),
+            "dev.tidewatch.k8s.>"
+        );
+        assert_eq!(
+            subjects::type_filter("dev.tidewatch.*.oomkill"),
+            "dev.tidewatch.>"
+        );
+        assert_eq!(subjects::type_filter("*"), ">");
+        assert_eq!(
+            subjects::type_filter("com.example.thing"),
+            "com.example.thing"
+        );
+        // A spec with overlapping patterns keeps the widest.
+        let mut wide = correlate.consumer.clone();
+        wide.types = vec![
+            "dev.tidewatch.k8s.*",
+            "dev.tidewatch.k8s.container.restarted",
+        ];
+        assert_eq!(
+            consumer_filter_subjects(&wide),
+            [
+                "tidewatch.enriched.*.*.dev.tidewatch.k8s.>",
+                "tidewatch.replay.enriched.correlate"
+            ]
+        );
+        // Other streams' subjects carry no type: types do not filter there.
+        let export = function(&functions, "export");
+        assert_eq!(
+            consumer_filter_subjects(&export.consumer)[0],
+            "tidewatch.insights.>"
+        );
+        assert!(subjects::subsumes("a.>", "a.b.c") && subjects::subsumes("a.*.c", "a.b.c"));
+        assert!(!subjects::subsumes("a.b.c", "a.*.c") && !subjects::subsumes("a.>", "a"));
     }
 }

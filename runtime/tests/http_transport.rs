@@ -249,6 +249,7 @@ async fn binary_request_gets_a_binary_reply_with_the_derived_event() {
         delivery: 1,
         max_deliver: 0,
         stream_sequence: None,
+        subject: None,
     };
     let expected_id = ctx.output_id(&input, 0);
     assert_eq!(
@@ -348,6 +349,7 @@ async fn structured_request_gets_a_binary_reply() {
         delivery: 1,
         max_deliver: 0,
         stream_sequence: None,
+        subject: None,
     };
     assert_eq!(event.id(), ctx.output_id(&input, 0));
     assert_eq!(event.subject(), Some("thing ☃"));
@@ -604,6 +606,7 @@ async fn outputs_go_to_k_sink_in_binary_mode() {
         delivery: 1,
         max_deliver: 0,
         stream_sequence: None,
+        subject: None,
     };
     let mut ids = Vec::new();
     for (headers, body) in &received {

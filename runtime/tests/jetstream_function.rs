@@ -72,7 +72,7 @@ fn raw_subject() -> String {
 }
 
 fn output_subject() -> String {
-    subjects::enriched("test", "node-1")
+    subjects::enriched("test", "node-1", "dev.tidewatch.test.event")
 }
 
 /// Deliveries seen per input id, in order, with when the handler got each.

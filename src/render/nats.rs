@@ -126,6 +126,10 @@ pub fn users(fns: &Functions) -> Vec<NatsUser> {
         ];
         if let Some(output) = function.output_stream.and_then(topology::stream) {
             publish.push(format!("{}.>", output.prefix));
+            if output.key == topology::ENRICHED.key {
+                // What the output's consumers read (functions/enrich/src/interest.rs).
+                publish.push(format!("$JS.API.CONSUMER.LIST.{}", output.name));
+            }
         }
         // (bucket, writes): enrich only reads the pods bucket the k8s
         // collector keeps; correlate reads and writes its state.

@@ -325,6 +325,7 @@ impl PodWatch {
                                 }
                                 Transition::Removed(p) => {
                                     stability.removed(&p.uid);
+                                    sink.emit(vec![pod::deleted(&p)]).await;
                                     mirror.bury(&p.uid, Some(tombstone(&p)), Instant::now(), grace);
                                 }
                             }

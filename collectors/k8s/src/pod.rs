@@ -375,7 +375,12 @@ impl PodSnapshot {
         }
     }
 
-    fn pod_payload(&self, previous_phase: &str, reason: &str, message: &str) -> PodChange {
+    pub(crate) fn pod_payload(
+        &self,
+        previous_phase: &str,
+        reason: &str,
+        message: &str,
+    ) -> PodChange {
         PodChange {
             namespace: self.namespace.clone(),
             pod: self.name.clone(),
@@ -579,6 +584,19 @@ pub fn changes(old: Option<&PodSnapshot>, new: &PodSnapshot) -> Vec<Change> {
         ));
     }
     out
+}
+
+/// The change for a pod that is gone (deleted, or missing from a relist):
+/// it ends whatever was open about it (a crash loop of a deleted pod never
+/// becomes stable).
+pub fn deleted(pod: &PodSnapshot) -> Change {
+    Change::new(
+        types::POD_DELETED,
+        pod.subject(),
+        &[&pod.uid, "deleted"],
+        None,
+        Payload::Pod(pod.pod_payload(&pod.phase, "Deleted", "")),
+    )
 }
 
 #[cfg(test)]

@@ -1,6 +1,7 @@
-//! Restarts that stopped. A container that restarted and has since run for
+//! Restarts that stopped. A pod whose restarted containers have all run for
 //! `stable_after` without restarting again is reported once, as
-//! `dev.tidewatch.k8s.container.stable`: the event correlate closes crash
+//! `dev.tidewatch.k8s.container.stable` (naming the container that
+//! restarted last): the event correlate closes crash
 //! loops and OOM cascades with ("no restarts for the rule's window").
 //! Nothing in the API announces it (a pod that stopped crashing simply
 //! stops changing), so it needs a clock: [`Stability::due`] runs on a
@@ -82,31 +83,65 @@ impl Stability {
         self.watching.retain(|(u, _), _| u != uid);
     }
 
-    /// Containers running without a restart for `stable_after` since their
-    /// last one, each once per restart count.
+    /// Pods whose restarted containers have all run without a restart for
+    /// `stable_after` since their last one: one change per pod (a sidecar
+    /// calming down says nothing while the main container still crashes),
+    /// once per set of restart counts. It names the container that
+    /// restarted last.
     pub fn due(&mut self, now_ns: i64) -> Vec<Change> {
         let mut out = Vec::new();
-        for ((uid, name), watch) in self.watching.iter_mut() {
-            if watch.reported || now_ns.saturating_sub(watch.since_ns) < self.stable_after_ns {
+        for (uid, pod) in &self.pods {
+            let watches: Vec<(&String, &Watch)> = self
+                .watching
+                .iter()
+                .filter(|((u, _), _)| u == uid)
+                .map(|((_, name), w)| (name, w))
+                .collect();
+            let pending: Vec<&(&String, &Watch)> =
+                watches.iter().filter(|(_, w)| !w.reported).collect();
+            if pending.is_empty() {
                 continue;
             }
-            let Some(pod) = self.pods.get(uid) else {
-                continue;
+            let stable = |(name, w): &&(&String, &Watch)| {
+                now_ns.saturating_sub(w.since_ns) >= self.stable_after_ns
+                    && pod.containers.iter().any(|c| {
+                        &c.name == *name
+                            && c.state == Current::Running
+                            && c.restart_count == w.restart_count
+                    })
             };
-            let Some(c) = pod.containers.iter().find(|c| &c.name == name) else {
-                continue;
-            };
-            if c.state != Current::Running || c.restart_count != watch.restart_count {
+            if !pending.iter().all(stable) {
                 continue;
             }
-            watch.reported = true;
+            let Some((name, _)) = pending.iter().max_by_key(|(_, w)| w.since_ns) else {
+                continue;
+            };
+            let Some(c) = pod.containers.iter().find(|c| &c.name == *name) else {
+                continue;
+            };
+            let counts: Vec<String> = pending
+                .iter()
+                .map(|(n, w)| format!("{n}={}", w.restart_count))
+                .collect();
+            let mut parts: Vec<&str> = vec![uid, "stable"];
+            parts.extend(counts.iter().map(String::as_str));
             out.push(Change::new(
                 types::CONTAINER_STABLE,
                 pod.subject(),
-                &[uid, name, "stable", &watch.restart_count.to_string()],
+                &parts,
                 Some(Utc.timestamp_nanos(now_ns)),
                 Payload::Container(pod.container_payload(c, None)),
             ));
+        }
+        for change in &out {
+            let Payload::Container(c) = &change.payload else {
+                continue;
+            };
+            for ((u, _), w) in self.watching.iter_mut() {
+                if *u == c.pod_uid {
+                    w.reported = true;
+                }
+            }
         }
         out
     }
@@ -200,5 +235,43 @@ mod tests {
         assert_eq!(s.due(506 * MIN).len(), 1);
         s.removed("u1");
         assert!(s.pods.is_empty() && s.watching.is_empty());
+    }
+
+    #[test]
+    fn a_calm_sidecar_does_not_make_a_crashing_pod_stable() {
+        let mut s = Stability::new(std::time::Duration::from_secs(600));
+        let mut p = pod(3, 100, Current::Running);
+        let mut sidecar = p.containers[0].clone();
+        sidecar.name = "proxy".into();
+        sidecar.restart_count = 1;
+        sidecar.last = Some(Termination {
+            finished_ns: 50 * MIN,
+            ..Termination::default()
+        });
+        p.containers.push(sidecar);
+        s.observe(&p, false, 100 * MIN);
+        assert!(
+            s.due(105 * MIN).is_empty(),
+            "the sidecar is calm, the main container is not yet"
+        );
+        // The main container restarts again: the pod is not stable.
+        let mut again = p.clone();
+        again.containers[0].restart_count = 4;
+        again.containers[0].last = Some(Termination {
+            finished_ns: 108 * MIN,
+            ..Termination::default()
+        });
+        s.observe(&again, false, 108 * MIN);
+        assert!(s.due(115 * MIN).is_empty());
+        let due = s.due(118 * MIN);
+        assert_eq!(due.len(), 1, "both calm: one event for the pod");
+        let Payload::Container(c) = &due[0].payload else {
+            panic!("payload")
+        };
+        assert_eq!(
+            c.container, "cart",
+            "naming the container that restarted last"
+        );
+        assert!(s.due(200 * MIN).is_empty());
     }
 }

@@ -184,7 +184,9 @@ impl BadRollout {
             return (state, None);
         }
         let (state, finding) = self.fold(state, key, obs);
-        (state, finding.or(resolution))
+        // A newer rollout that ends the old incident opens nothing yet
+        // (its pods have not restarted): the resolution is what to say.
+        (state, resolution.or(finding))
     }
 
     /// The open incident's last revision, resolved, if `obs` ends it: the
@@ -260,6 +262,14 @@ impl BadRollout {
                     revision: obs.value("data.revision").unwrap_or_default(),
                 });
             }
+        } else if state
+            .resolution
+            .as_ref()
+            .is_some_and(|(_, _, resolved)| obs.at_ns <= resolved.last_seen_ns)
+        {
+            // A restart from before the last resolution, late: it counted
+            // (or could have) for the incident that is over.
+            return (state, None);
         } else if !state.restarts.iter().any(|r| r.event_id == obs.id) {
             let Some(rs) = Self::replica_set(obs) else {
                 return (state, None);
@@ -578,6 +588,10 @@ mod tests {
                 again.map(|f| f.message_id),
                 Some(resolved.message_id.clone())
             );
+            // A restart from before the end, arriving late, counts for nothing.
+            let (state, late) =
+                rule().step(state, "shop/web", &restart("late", 200, "web-7c9f-ddddd"));
+            assert!(late.is_none(), "{how}");
             // A restart after that says nothing of the closed incident.
             let (_, after) = rule().step(state, "shop/web", &restart("n9", 450, "web-5d4b-ddddd"));
             assert!(after.is_none(), "{how}");

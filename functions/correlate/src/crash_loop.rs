@@ -92,7 +92,18 @@ pub struct State {
     /// time, receive time); restarts after it start a new incident.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub resolved_by: Option<(String, i64, i64)>,
+    /// The open incident's revision: bumped by each restart and by the
+    /// resolution, never lowered (message ids derive from it).
+    #[serde(default)]
+    pub revision: u32,
+    /// Restarts at or before this time (ns) belong to an incident that is
+    /// over: a late or redelivered one changes nothing.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub floor_ns: Option<i64>,
 }
+
+/// Restarts an open incident keeps (its first `threshold` and the newest).
+const MAX_KEPT: usize = 64;
 
 /// `pod/<ns>/<name>` as an entity.
 fn pod_entity(pod: &str) -> Entity {
@@ -113,11 +124,13 @@ impl CrashLoop {
                 | types::CONTAINER_OOMKILLED
                 | types::CONTAINER_IMAGE_PULL_FAILED
                 | types::CONTAINER_STABLE
+                | types::POD_DELETED
         )
     }
 
-    /// A container of the pod ran without restarting for the collector's
-    /// `stable_after`: the open incident's last revision, resolved. Its
+    /// The pod's containers ran without restarting for the collector's
+    /// `stable_after`, or the pod is gone: the open incident's last
+    /// revision, resolved. Its
     /// redelivery repeats that revision; with nothing open, nothing.
     fn resolve(&self, mut state: State, key: &str, obs: &Observation) -> (State, Option<Finding>) {
         let pod = format!("pod/{key}");
@@ -155,7 +168,7 @@ impl CrashLoop {
         key: &str,
         obs: &Observation,
     ) -> (State, Option<Finding>) {
-        if obs.ty == types::CONTAINER_STABLE {
+        if obs.ty == types::CONTAINER_STABLE || obs.ty == types::POD_DELETED {
             return self.resolve(state, key, obs);
         }
         let restart = Restart {
@@ -187,37 +200,42 @@ impl CrashLoop {
     }
 
     /// Fold one restart of `pod` (`pod/<ns>/<name>`) into the state.
+    ///
+    /// An incident opens when `threshold` restarts fall within `window`,
+    /// and stays open while the container keeps restarting with gaps of at
+    /// most `window` (CrashLoopBackOff's 5-minute gaps soon leave fewer
+    /// than `threshold` in any window: that is still the same crash loop),
+    /// until `container.stable` resolves it. Its revision only grows.
     pub fn step(&self, mut state: State, pod: &str, restart: Restart) -> (State, Option<Finding>) {
-        let newest = state
-            .restarts
-            .iter()
-            .map(|r| r.at_ns)
-            .fold(restart.at_ns, i64::max);
-        // The window ends at the newest restart seen, whatever order they arrive in.
-        let horizon = newest.saturating_sub(self.window_ns);
         let already_seen = state
             .restarts
             .iter()
             .any(|r| r.event_id == restart.event_id);
-        if let Some((_, resolved_at, _)) = state.resolved_by.clone()
-            && !already_seen
-        {
-            if restart.at_ns <= resolved_at {
-                // Late news of a resolved incident.
-                return (state, None);
-            }
-            // Restarting again after it was resolved: a new incident.
-            state = State::default();
-        }
         if !already_seen {
-            state.restarts.retain(|r| r.at_ns >= horizon);
-            if restart.at_ns < horizon {
-                // Arrived late and already outside the window.
+            if state.floor_ns.is_some_and(|floor| restart.at_ns <= floor) {
+                // From before an incident that is over.
                 return (state, None);
             }
-            if state.restarts.len() < self.threshold {
-                // A quiet spell closed the previous incident.
-                state.incident = None;
+            if let Some((_, resolved_at, _)) = state.resolved_by.clone() {
+                if restart.at_ns <= resolved_at {
+                    // Late news of a resolved incident.
+                    return (state, None);
+                }
+                // Restarting again after it was resolved: a new incident.
+                state = State {
+                    floor_ns: Some(resolved_at),
+                    ..State::default()
+                };
+            }
+            let newest = state.restarts.iter().map(|r| r.at_ns).max();
+            if state.incident.is_some()
+                && newest.is_some_and(|n| restart.at_ns > n.saturating_add(self.window_ns))
+            {
+                // Quiet for a whole window: that crash loop ended unseen.
+                state = State {
+                    floor_ns: newest,
+                    ..State::default()
+                };
             }
             let at = state
                 .restarts
@@ -225,18 +243,38 @@ impl CrashLoop {
                 .position(|r| r.at_ns > restart.at_ns)
                 .unwrap_or(state.restarts.len());
             state.restarts.insert(at, restart);
+            let newest = state.restarts.iter().map(|r| r.at_ns).max().unwrap_or(0);
+            let horizon = newest.saturating_sub(self.window_ns);
+            if state.incident.is_none() {
+                // Only the window counts toward opening an incident.
+                state.restarts.retain(|r| r.at_ns >= horizon);
+            } else if state.restarts.len() > MAX_KEPT {
+                // An open incident keeps its first restarts (its id and
+                // root cause) and the newest.
+                let excess = state.restarts.len() - MAX_KEPT;
+                state
+                    .restarts
+                    .drain(self.threshold..self.threshold + excess);
+            }
+            if state.incident.is_some() {
+                state.revision = state.revision.saturating_add(1);
+            }
         }
-        if state.restarts.len() < self.threshold {
+        let Some(incident) = state.incident.clone().or_else(|| {
+            (state.restarts.len() >= self.threshold).then(|| {
+                let ids: Vec<&[u8]> = state.restarts[..self.threshold]
+                    .iter()
+                    .map(|r| r.event_id.as_bytes())
+                    .collect();
+                derive_id(&[b"crash-loop", pod.as_bytes(), &ids.concat()])
+            })
+        }) else {
             return (state, None);
+        };
+        if state.incident.is_none() {
+            state.incident = Some(incident.clone());
+            state.revision = 1;
         }
-        let incident = state.incident.clone().unwrap_or_else(|| {
-            let ids: Vec<&[u8]> = state.restarts[..self.threshold]
-                .iter()
-                .map(|r| r.event_id.as_bytes())
-                .collect();
-            derive_id(&[b"crash-loop", pod.as_bytes(), &ids.concat()])
-        });
-        state.incident = Some(incident.clone());
         let finding = self.finding(&state, pod, &incident);
         (state, Some(finding))
     }
@@ -246,7 +284,15 @@ impl CrashLoop {
         let last = &state.restarts[state.restarts.len() - 1];
         let count = state.restarts.len();
         let meaning = exit_meaning(last.exit_code, &last.reason);
-        let minutes = self.window_ns / 60_000_000_000;
+        // Over the incident so far (at least a minute), not the window: an
+        // open crash loop keeps all its restarts.
+        let minutes = last
+            .at_ns
+            .saturating_sub(first.at_ns)
+            .max(0)
+            .saturating_add(59_999_999_999)
+            / 60_000_000_000;
+        let minutes = minutes.max(1);
         let oom = last.reason == "OOMKilled" || last.exit_code == 137;
         let startup = last.reason.contains("ImagePull");
         let resolved = state.resolved_by.as_ref();
@@ -271,8 +317,8 @@ impl CrashLoop {
             affected: vec![pod_entity(pod)],
             first_seen_ns: first.at_ns,
             last_seen_ns: last.at_ns,
-            confidence: (0.6 + 0.1 * (count - self.threshold) as f64).min(0.95),
-            revision: (count - self.threshold + 1 + usize::from(resolved.is_some())) as u32,
+            confidence: (0.6 + 0.1 * count.saturating_sub(self.threshold) as f64).min(0.95),
+            revision: state.revision.saturating_add(u32::from(resolved.is_some())),
             status: if resolved.is_some() {
                 "resolved"
             } else {
@@ -287,14 +333,10 @@ impl CrashLoop {
             insight.last_seen_ns = *at_ns;
         }
         Finding {
-            message_id: match resolved {
-                None => derive_id(&[incident.as_bytes(), &(count as u64).to_be_bytes()]),
-                Some(_) => derive_id(&[
-                    incident.as_bytes(),
-                    &(count as u64).to_be_bytes(),
-                    b"resolved",
-                ]),
-            },
+            message_id: derive_id(&[
+                incident.as_bytes(),
+                &u64::from(insight.revision).to_be_bytes(),
+            ]),
             subject: pod.to_string(),
             insight,
         }
@@ -543,5 +585,84 @@ mod tests {
             &obs("s2", types::CONTAINER_STABLE, 30),
         );
         assert!(nothing.is_none());
+    }
+
+    /// CrashLoopBackOff caps the gap at 5 minutes, so after the first burst
+    /// fewer than `threshold` restarts fall in any 10-minute window: still
+    /// one incident, whose revision only grows, up to its resolution.
+    #[test]
+    fn a_backing_off_crash_loop_stays_one_incident_with_growing_revisions() {
+        let rule = CrashLoop::default();
+        let mut state = State::default();
+        let mut findings = Vec::new();
+        for (i, at) in [0, 1, 2, 7, 12, 17, 22, 27].into_iter().enumerate() {
+            let (next, f) = rule.step(state, "pod/ns/p", restart(&format!("r{i}"), at, 1, "Error"));
+            state = next;
+            findings.extend(f);
+        }
+        assert_eq!(findings.len(), 6, "one revision per restart from the third");
+        assert!(
+            findings
+                .iter()
+                .all(|f| f.insight.id == findings[0].insight.id)
+        );
+        let revisions: Vec<u32> = findings.iter().map(|f| f.insight.revision).collect();
+        assert_eq!(revisions, [1, 2, 3, 4, 5, 6]);
+        let stable = crate::observation::tests::obs(
+            "ok",
+            types::CONTAINER_STABLE,
+            40 * 60,
+            Some("pod/ns/p"),
+            serde_json::json!({}),
+        );
+        let (state, resolved) = rule.step_observation(state, "ns/p", &stable);
+        let resolved = resolved.expect("resolved");
+        assert_eq!(
+            (resolved.insight.revision, resolved.insight.status.as_str()),
+            (7, "resolved")
+        );
+        // A redelivered restart repeats the current revision (same message).
+        let (state, again) = rule.step(state, "pod/ns/p", restart("r3", 7, 1, "Error"));
+        assert_eq!(
+            again.map(|f| f.message_id),
+            Some(resolved.message_id.clone())
+        );
+        // One older than the resolution that arrives late: nothing.
+        let (state, none) = rule.step(state, "pod/ns/p", restart("late", 30, 1, "Error"));
+        assert!(none.is_none());
+        // A long quiet spell, then restarts again: a new incident.
+        let mut state = state;
+        let mut later = Vec::new();
+        for (i, at) in [100, 101, 102].into_iter().enumerate() {
+            let (next, f) = rule.step(state, "pod/ns/p", restart(&format!("n{i}"), at, 1, "Error"));
+            state = next;
+            later.extend(f);
+        }
+        assert_eq!(later.len(), 1);
+        assert_ne!(later[0].insight.id, findings[0].insight.id);
+        assert_eq!(later[0].insight.revision, 1);
+    }
+
+    #[test]
+    fn a_deleted_pod_ends_its_crash_loop() {
+        let rule = CrashLoop::default();
+        let mut state = State::default();
+        for (i, at) in [1, 2, 3].into_iter().enumerate() {
+            state = rule
+                .step(state, "pod/ns/p", restart(&format!("r{i}"), at, 1, "Error"))
+                .0;
+        }
+        let deleted = crate::observation::tests::obs(
+            "gone",
+            types::POD_DELETED,
+            10 * 60,
+            Some("pod/ns/p"),
+            serde_json::json!({"namespace": "ns", "pod": "p"}),
+        );
+        assert_eq!(rule.keys(&deleted), ["ns/p"]);
+        let (_, resolved) = rule.step_observation(state, "ns/p", &deleted);
+        let resolved = resolved.expect("resolved");
+        assert_eq!(resolved.insight.status, "resolved");
+        assert_eq!(resolved.insight.resolved_by_event_id, "gone");
     }
 }

@@ -319,6 +319,13 @@ impl Claim {
                 publish: true,
                 ..Settled::default()
             },
+            // Superseded once, superseded for good: never republished as open.
+            Role::Subordinate { .. }
+                if claim
+                    .is_some_and(|c| c.superseded.iter().any(|s| s.insight.id == insight.id)) =>
+            {
+                Settled::default()
+            }
             Role::Subordinate { by } => match live {
                 // A superseding incident owns the pod: attach, stay quiet.
                 Some(c) if by.contains(&c.owner_kind.as_str()) && c.owner_id != insight.id => {
@@ -330,7 +337,8 @@ impl Claim {
                         owner_kind: insight.kind.clone(),
                         until_ns: insight.last_seen_ns,
                         last: Some(StoredInsight::of(finding)),
-                        superseded: Vec::new(),
+                        // What was superseded stays so (see above).
+                        superseded: claim.map(|c| c.superseded.clone()).unwrap_or_default(),
                     };
                     Settled {
                         write: (claim != Some(&next)).then_some(next),
@@ -630,5 +638,27 @@ mod tests {
         let mut oom = finding("oom-cascade", "O", 1, &["shop/a", "shop/b"], 5, 50);
         oom.insight.affected.truncate(2);
         assert_eq!(roles().pods(&oom), ["shop/a"]);
+    }
+
+    #[test]
+    fn a_superseded_insight_is_never_republished_as_open() {
+        let crash = finding("crash-loop", "C", 1, &["shop/cart"], 12, 60);
+        let oom = finding("oom-cascade", "O", 1, &["shop/cart"], 10, 61);
+        // The crash loop goes on long after the OOM cascade's claim lapsed.
+        let much_later = finding("crash-loop", "C", 9, &["shop/cart"], 3_000, 3_600);
+        let (published, claim) = play(&[crash, oom, much_later]);
+        let c: Vec<(u32, &str)> = published
+            .iter()
+            .filter(|f| f.insight.id == "C")
+            .map(|f| (f.insight.revision, f.insight.status.as_str()))
+            .collect();
+        assert_eq!(c, [(1, "open"), (2, "superseded")]);
+        assert!(
+            claim
+                .expect("claim")
+                .superseded
+                .iter()
+                .any(|s| s.insight.id == "C")
+        );
     }
 }

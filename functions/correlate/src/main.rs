@@ -519,6 +519,53 @@ impl Function for Correlate {
     }
 }
 
+/// Refuse to start when a rule reads a type the consumer is not delivered:
+/// the enriched stream's consumers filter by type (function.toml `types`),
+/// so such a rule would silently never fire.
+async fn check_delivered(
+    js: &async_nats::jetstream::Context,
+    durable: &str,
+    file: &RulesFile,
+) -> anyhow::Result<()> {
+    let info = async {
+        js.get_stream_no_info(topology::ENRICHED.name)
+            .await?
+            .consumer_info(durable)
+            .await
+            .map_err(async_nats::Error::from)
+    }
+    .await;
+    let info = match info {
+        Ok(info) => info,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot read this consumer's filters; not checking the rules' types against them");
+            return Ok(());
+        }
+    };
+    let mut filters = info.config.filter_subjects.clone();
+    if !info.config.filter_subject.is_empty() {
+        filters.push(info.config.filter_subject.clone());
+    }
+    if filters.is_empty() {
+        return Ok(());
+    }
+    let missing = file.undelivered(|ty| {
+        let subject = subjects::enriched("any", "any", ty);
+        filters.iter().any(|f| subjects::matches(f, &subject))
+    });
+    if missing.is_empty() {
+        return Ok(());
+    }
+    let list: Vec<String> = missing
+        .iter()
+        .map(|(ty, rule)| format!("{ty} (rule {rule})"))
+        .collect();
+    anyhow::bail!(
+        "the rules read types consumer {durable:?} is not delivered: {}. Add them to `types` in functions/correlate/function.toml and run `tidewatch provision` (events from before are in the raw stream: `tidewatch replay --stream raw --consumer enrich`)",
+        list.join(", ")
+    )
+}
+
 fn load_rules(path: Option<&std::path::Path>) -> anyhow::Result<RulesFile> {
     match path {
         None => Ok(RulesFile::builtin()),
@@ -550,13 +597,15 @@ async fn main() -> anyhow::Result<()> {
     }
     let file = load_rules(args.rules.as_deref())?;
     let roles = file.roles();
+    let file_for_check = file.clone();
     let rules = file.into_rules();
     if args.check_rules {
         let names: Vec<&str> = rules.iter().map(|r| r.name()).collect();
         println!("ok: {} rules: {}", names.len(), names.join(", "));
         return Ok(());
     }
-    let host = Host::start(FunctionSpec::from_toml(SPEC)?, args.function).await?;
+    let spec = FunctionSpec::from_toml(SPEC)?;
+    let host = Host::start(spec.clone(), args.function).await?;
     tracing::info!(rules = ?rules.iter().map(|r| r.name()).collect::<Vec<_>>(), "rules loaded");
     let js = async_nats::jetstream::new(host.client()?.clone());
     let state = js
@@ -568,6 +617,7 @@ async fn main() -> anyhow::Result<()> {
                 topology::CORRELATION_STATE.bucket
             )
         })?;
+    check_delivered(&js, spec.name, &file_for_check).await?;
     let metrics = host.metrics().clone();
     let mut correlate = Correlate::new(state, rules, roles, metrics);
     correlate.republish_horizon_ns =

@@ -69,6 +69,35 @@ impl RulesFile {
         RulesFile::parse(DEFAULT_RULES, "built-in rules").expect("the shipped rules are valid")
     }
 
+    /// The event types the enabled rules read that `delivered` (whether the
+    /// function's consumer is delivered a type) misses, each with a rule
+    /// that reads it: every Tidewatch type a rule wants, and every literal
+    /// type a sequence rule names (a third party's).
+    pub fn undelivered(&self, delivered: impl Fn(&str) -> bool) -> Vec<(String, String)> {
+        let rules = self.clone().into_rules();
+        let mut missing = Vec::new();
+        for t in tidewatch_runtime::topology::types::ALL {
+            if let Some(rule) = rules.iter().find(|r| r.wants(t.name))
+                && !delivered(t.name)
+            {
+                missing.push((t.name.to_string(), rule.name().to_string()));
+            }
+        }
+        for rule in self.sequence.iter().filter(|r| r.enabled) {
+            let named = rule
+                .steps
+                .iter()
+                .flat_map(|s| s.types.iter())
+                .chain(rule.resolve.iter().flat_map(|r| r.types.iter()));
+            for ty in named.filter(|t| !t.contains('*')) {
+                if !delivered(ty) && !missing.iter().any(|(m, _)| m == ty) {
+                    missing.push((ty.clone(), rule.name.clone()));
+                }
+            }
+        }
+        missing
+    }
+
     /// Who supersedes whom among the enabled rules (`incident.rs`).
     pub fn roles(&self) -> crate::incident::Roles {
         let mut roles = crate::incident::Roles::default();
@@ -257,5 +286,39 @@ count = 3
         assert_eq!(i.summary, "3 retransmit reports for ns/a");
         assert_eq!(i.root_cause, "network trouble towards 10.0.0.9");
         assert_eq!(i.evidence_event_ids, ["t0", "t2", "t9"]);
+    }
+
+    #[test]
+    fn the_shipped_rules_read_only_what_correlate_is_delivered() {
+        let spec =
+            tidewatch_runtime::topology::FunctionSpec::from_toml(include_str!("../function.toml"))
+                .expect("function.toml");
+        let filters = tidewatch_runtime::topology::consumer_filter_subjects(&spec.consumer);
+        let delivered = |ty: &str| {
+            let subject = tidewatch_runtime::topology::subjects::enriched("k8s", "n1", ty);
+            filters
+                .iter()
+                .any(|f| tidewatch_runtime::topology::subjects::matches(f, &subject))
+        };
+        assert_eq!(
+            RulesFile::builtin().undelivered(delivered),
+            Vec::<(String, String)>::new()
+        );
+        // A rule reading something else is named, with what it reads.
+        let extra = format!(
+            "{}\n[[sequence]]\nname = \"exec-storm\"\nentity = \"pod\"\nkey = [\"pod\"]\nwindow = \"1m\"\nsummary = \"s\"\nroot_cause = \"r\"\n[[sequence.steps]]\nname = \"execs\"\ntypes = [\"dev.tidewatch.kernel.process.exec\", \"com.example.audit\"]\ncount = 100\n",
+            DEFAULT_RULES
+        );
+        let file = RulesFile::parse(&extra, "test").expect("valid");
+        assert_eq!(
+            file.undelivered(delivered),
+            [
+                (
+                    "dev.tidewatch.kernel.process.exec".to_string(),
+                    "exec-storm".to_string()
+                ),
+                ("com.example.audit".to_string(), "exec-storm".to_string())
+            ]
+        );
     }
 }

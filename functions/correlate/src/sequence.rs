@@ -585,10 +585,21 @@ impl SequenceRule {
             .is_some_and(|r| r.id == obs.id);
         if !duplicate {
             remember_seen(&mut state, hash, obs.received_ns);
-            let started = state.events.iter().map(|e| e.at_ns).min();
+            // Newer than the newest evidence of the required steps: an
+            // out-of-order Ready older than the NotReady it would close
+            // does not close it.
+            let assignment = self.assign(&state.events);
+            let required_newest = (0..self.steps.len())
+                .filter(|&i| !self.steps[i].optional)
+                .flat_map(|i| {
+                    assignment.per_step[i]
+                        .iter()
+                        .map(|&e| state.events[e].at_ns)
+                })
+                .max();
             if let Some(incident) = state.incident.as_mut()
                 && incident.resolved_by.is_none()
-                && started.is_some_and(|s| obs.at_ns >= s)
+                && required_newest.is_some_and(|s| obs.at_ns >= s)
             {
                 incident.revision = incident.revision.saturating_add(1);
                 incident.resolved_by = Some(kept(obs));
@@ -1238,5 +1249,37 @@ mod tests {
         let (_, findings) = run(&rule, &[runtime, notready, ready]);
         let statuses: Vec<&str> = findings.iter().map(|f| f.insight.status.as_str()).collect();
         assert_eq!(statuses, ["open", "resolved"]);
+    }
+
+    #[test]
+    fn a_ready_older_than_the_notready_does_not_resolve() {
+        let rule = rule("node-runtime-failure");
+        let runtime = obs(
+            "u1",
+            types::UNIT_FAILED,
+            1,
+            Some("unit/containerd.service"),
+            json!({"unit": "containerd.service", "node": "n1", "activeState": "failed"}),
+        );
+        let notready = obs(
+            "nr",
+            types::NODE_NOT_READY,
+            50,
+            Some("node/n1"),
+            json!({"node": "n1"}),
+        );
+        // A Ready from before the NotReady (a flap), delivered late.
+        let stale_ready = obs(
+            "old",
+            types::NODE_READY,
+            30,
+            Some("node/n1"),
+            json!({"node": "n1"}),
+        );
+        let (_, findings) = run(&rule, &[runtime, notready, stale_ready]);
+        assert!(
+            findings.iter().all(|f| f.insight.status == "open"),
+            "{findings:?}"
+        );
     }
 }

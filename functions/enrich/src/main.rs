@@ -9,6 +9,8 @@
 //! marked `resolution=unresolved` with the reason, never dropped.
 
 mod cache;
+mod interest;
+mod origin;
 mod resolve;
 
 use std::sync::Arc;
@@ -44,6 +46,9 @@ struct Args {
 
 struct Enrich {
     pods: Arc<PodCache>,
+    /// What the enriched stream's consumers read.
+    interest: Arc<interest::Interest>,
+    metrics: tidewatch_runtime::metrics::Metrics,
 }
 
 impl resolve::Lookup for Arc<PodCache> {
@@ -56,13 +61,21 @@ impl resolve::Lookup for Arc<PodCache> {
 }
 
 impl Function for Enrich {
-    async fn handle(&self, event: Event, _ctx: &Context) -> Outcome {
+    async fn handle(&self, event: Event, ctx: &Context) -> Outcome {
         if let Err(e) = check_payload(&event) {
             return Outcome::reject(e.to_string());
         }
+        if let Err(why) = origin::check(&event, ctx.subject.as_deref()) {
+            return Outcome::reject(why);
+        }
         let (collector, node) =
             topology::parse_source(event.source()).unwrap_or(("external", "unknown"));
-        let subject = subjects::enriched(collector, node);
+        let subject = subjects::enriched(collector, node, event.ty());
+        if !self.interest.wants(&subject) {
+            // Nobody reads it downstream: acked, not stored (nor joined).
+            self.metrics.uninterested.inc();
+            return Outcome::Done;
+        }
         let enrichment = match resolve::resolve(&self.pods, &event).await {
             Ok(e) => e,
             Err(e) => return Outcome::retry(Duration::from_secs(1), e.to_string()),
@@ -128,7 +141,21 @@ async fn main() -> anyhow::Result<()> {
         args.cache_entries,
     ));
     pods.watch().await.map_err(anyhow::Error::msg)?;
-    host.run(Enrich { pods }).await?;
+    let interest = Arc::new(interest::Interest::default());
+    match interest::Interest::list(&js).await {
+        Ok(consumers) => interest.set(&consumers),
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot list the enriched stream's consumers; enriching everything until they can be")
+        }
+    }
+    tokio::spawn(interest.clone().follow(js.clone()));
+    let metrics = host.metrics().clone();
+    host.run(Enrich {
+        pods,
+        interest,
+        metrics,
+    })
+    .await?;
     Ok(())
 }
 
