@@ -8,8 +8,16 @@
 //! - between 1 and max, the HPA's AverageValue rule: ratio = lag /
 //!   (lagThreshold × current); if |1 − ratio| > 0.1, desired =
 //!   ceil(lag / lagThreshold) clamped to [max(min, 1), maxReplicaCount];
-//! - scale-down is stabilised: the highest recommendation of the last
-//!   window (300 s default) wins.
+//! - the HPA KEDA creates applies its behavior (Kubernetes'
+//!   `normalizeDesiredReplicasWithBehaviors`, default or the ScaledObject's
+//!   `advanced.horizontalPodAutoscalerConfig.behavior`): scale-up is
+//!   stabilised over its window (0 s: none) and rate-limited by its
+//!   policies (default per 15 s, the larger of +100 % and +4 pods);
+//!   scale-down keeps the highest recommendation of its window (300 s) and
+//!   is limited to −100 % per 15 s. A burst on a cluster goes 1 → 5 → 10,
+//!   not 1 → 10, and so does `tidewatch up`;
+//! - `tidewatch up` also caps replicas at what this host can usefully run
+//!   (its cores, `--max-local-replicas`), and says so in each decision.
 //!
 //! [`Autoscaler::step`] is pure: it takes the time and the lag, returns the
 //! decision and why, and is unit-tested against hand-computed cases.
@@ -33,6 +41,11 @@ pub struct ScalePolicy {
     pub cooldown_period: Duration,
     /// HPA scale-down stabilization window.
     pub scale_down_window: Duration,
+    /// The HPA's behavior (its scale-down window is `scale_down_window`).
+    pub behavior: Behavior,
+    /// Most replicas this host runs, whatever `max_replicas` says
+    /// (`tidewatch up`; None on a cluster).
+    pub host_cap: Option<u32>,
 }
 
 impl Default for ScalePolicy {
@@ -46,6 +59,107 @@ impl Default for ScalePolicy {
             polling_interval: Duration::from_secs(30),
             cooldown_period: Duration::from_secs(300),
             scale_down_window: Duration::from_secs(300),
+            behavior: Behavior::default(),
+            host_cap: None,
+        }
+    }
+}
+
+/// One HPA scaling policy: at most `value` pods or percent per `period`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct RatePolicy {
+    pub percent: bool,
+    pub value: u32,
+    pub period: Duration,
+}
+
+/// How the HPA picks among policies (`selectPolicy`).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Select {
+    /// The policy allowing the largest change (the default).
+    Max,
+    /// The one allowing the smallest.
+    Min,
+    /// No scaling in this direction.
+    Disabled,
+}
+
+/// One direction of an HPA behavior.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Rules {
+    pub stabilization: Duration,
+    pub select: Select,
+    pub policies: Vec<RatePolicy>,
+}
+
+/// `spec.behavior` of the HPA (Kubernetes defaults unless the ScaledObject
+/// sets `advanced.horizontalPodAutoscalerConfig.behavior`). The scale-down
+/// stabilization window lives in [`ScalePolicy::scale_down_window`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct Behavior {
+    pub up: Rules,
+    pub down: Rules,
+}
+
+impl Default for Behavior {
+    fn default() -> Self {
+        let per15 = |percent, value| RatePolicy {
+            percent,
+            value,
+            period: Duration::from_secs(15),
+        };
+        Behavior {
+            up: Rules {
+                stabilization: Duration::ZERO,
+                select: Select::Max,
+                policies: vec![per15(true, 100), per15(false, 4)],
+            },
+            down: Rules {
+                stabilization: Duration::from_secs(300),
+                select: Select::Max,
+                policies: vec![per15(true, 100)],
+            },
+        }
+    }
+}
+
+impl Rules {
+    /// Most replicas allowed now (scale-up) from `current`, given the
+    /// replicas `added` within each policy's period.
+    fn up_limit(&self, current: u32, added: impl Fn(Duration) -> u32) -> Option<u32> {
+        let limits = self.policies.iter().map(|p| {
+            let start = current.saturating_sub(added(p.period));
+            if p.percent {
+                (f64::from(start) * (1.0 + f64::from(p.value) / 100.0)).ceil() as u32
+            } else {
+                start.saturating_add(p.value)
+            }
+        });
+        match self.select {
+            Select::Max => limits.max(),
+            Select::Min => limits.min(),
+            Select::Disabled => Some(current),
+        }
+    }
+
+    /// Fewest replicas allowed now (scale-down) from `current`, given the
+    /// replicas `removed` within each policy's period.
+    fn down_limit(&self, current: u32, removed: impl Fn(Duration) -> u32) -> Option<u32> {
+        let limits = self.policies.iter().map(|p| {
+            let start = current.saturating_add(removed(p.period));
+            if p.percent {
+                (f64::from(start) * (1.0 - f64::from(p.value) / 100.0))
+                    .ceil()
+                    .max(0.0) as u32
+            } else {
+                start.saturating_sub(p.value)
+            }
+        });
+        // The policy allowing the largest change is the lowest limit.
+        match self.select {
+            Select::Max => limits.min(),
+            Select::Min => limits.max(),
+            Select::Disabled => Some(current),
         }
     }
 }
@@ -63,8 +177,11 @@ pub struct Autoscaler {
     pub policy: ScalePolicy,
     /// When the trigger was last active (lag above the activation threshold).
     last_active: Option<Duration>,
-    /// HPA recommendations (time, replicas) inside the stabilization window.
+    /// HPA recommendations (time, replicas) inside the stabilization windows.
     recommendations: VecDeque<(Duration, u32)>,
+    /// Scale events (time, replicas added or removed) the HPA decided,
+    /// for the rate policies.
+    events: VecDeque<(Duration, i64)>,
 }
 
 impl Autoscaler {
@@ -73,12 +190,44 @@ impl Autoscaler {
             policy,
             last_active: None,
             recommendations: VecDeque::new(),
+            events: VecDeque::new(),
         }
+    }
+
+    /// Decide, and remember the decision's scale event (the HPA counts
+    /// what it changed within each policy's period), then apply the host cap.
+    pub fn step(&mut self, now: Duration, lag: u64, current: u32) -> Decision {
+        let mut decision = self.decide(now, lag, current);
+        if decision.desired != current && current > 0 && decision.desired > 0 {
+            self.events
+                .push_back((now, i64::from(decision.desired) - i64::from(current)));
+        }
+        if let Some(cap) = self.policy.host_cap
+            && decision.desired > cap
+        {
+            decision.reason = format!(
+                "{}; capped at {cap}: this host's limit (--max-local-replicas; maxReplicaCount {} on a cluster)",
+                decision.reason, self.policy.max_replicas
+            );
+            decision.desired = cap;
+        }
+        decision
+    }
+
+    fn changed_within(&self, now: Duration, period: Duration, up: bool) -> u32 {
+        let total: i64 = self
+            .events
+            .iter()
+            .filter(|(t, _)| now.saturating_sub(*t) < period)
+            .map(|(_, d)| *d)
+            .filter(|d| if up { *d > 0 } else { *d < 0 })
+            .sum();
+        u32::try_from(total.unsigned_abs()).unwrap_or(u32::MAX)
     }
 
     /// Decide the replica count at time `now` (monotonic, since start) for
     /// `lag` with `current` replicas running.
-    pub fn step(&mut self, now: Duration, lag: u64, current: u32) -> Decision {
+    fn decide(&mut self, now: Duration, lag: u64, current: u32) -> Decision {
         let p = &self.policy;
         let active = lag > p.activation_lag_threshold;
         if active {
@@ -125,47 +274,133 @@ impl Autoscaler {
             current
         };
         self.recommendations.push_back((now, recommended));
+        let keep = p.scale_down_window.max(p.behavior.up.stabilization);
         while self
             .recommendations
             .front()
-            .is_some_and(|(t, _)| now.saturating_sub(*t) > p.scale_down_window)
+            .is_some_and(|(t, _)| now.saturating_sub(*t) > keep)
         {
             self.recommendations.pop_front();
         }
-        if recommended >= current {
-            let reason = if recommended == current {
-                format!("steady: lag {lag}, ratio {ratio:.2} within 10% of target")
-            } else {
-                format!("lag {lag} / lagThreshold {threshold} → {recommended} (ratio {ratio:.2})")
-            };
-            return Decision {
-                desired: recommended,
-                reason,
-            };
-        }
-        let stabilised = self
-            .recommendations
+        let longest_period = p
+            .behavior
+            .up
+            .policies
             .iter()
-            .map(|(_, r)| *r)
+            .chain(&p.behavior.down.policies)
+            .map(|r| r.period)
             .max()
+            .unwrap_or_default();
+        while self
+            .events
+            .front()
+            .is_some_and(|(t, _)| now.saturating_sub(*t) > longest_period)
+        {
+            self.events.pop_front();
+        }
+        // Stabilisation: scale up to the lowest recommendation of the
+        // up-window, down to the highest of the down-window.
+        let within = |w: Duration| {
+            self.recommendations
+                .iter()
+                .filter(move |(t, _)| now.saturating_sub(*t) <= w)
+                .map(|(_, r)| *r)
+        };
+        let up_rec = within(p.behavior.up.stabilization)
+            .min()
             .unwrap_or(recommended);
+        let down_rec = within(p.scale_down_window).max().unwrap_or(recommended);
+        let mut stabilised = current;
+        if stabilised < up_rec {
+            stabilised = up_rec;
+        }
+        if stabilised > down_rec {
+            stabilised = down_rec;
+        }
+        let ceiling = p.max_replicas.max(floor);
+        if stabilised > current {
+            let limit = p
+                .behavior
+                .up
+                .up_limit(current, |period| self.changed_within(now, period, true))
+                .unwrap_or(current)
+                .max(current)
+                .min(ceiling);
+            let desired = stabilised.min(limit);
+            let mut reason =
+                format!("lag {lag} / lagThreshold {threshold} → {recommended} (ratio {ratio:.2})");
+            if desired < stabilised {
+                reason.push_str(&format!(
+                    "; scale-up policy allows {desired} now (per {}s: {})",
+                    p.behavior
+                        .up
+                        .policies
+                        .first()
+                        .map_or(15, |r| r.period.as_secs()),
+                    describe(&p.behavior.up)
+                ));
+            }
+            return Decision { desired, reason };
+        }
         if stabilised < current {
-            Decision {
-                desired: stabilised,
-                reason: format!(
-                    "scale down: highest recommendation in the last {}s is {stabilised}",
-                    p.scale_down_window.as_secs()
-                ),
+            let limit = p
+                .behavior
+                .down
+                .down_limit(current, |period| self.changed_within(now, period, false))
+                .unwrap_or(current)
+                .min(current)
+                .max(floor);
+            let desired = stabilised.max(limit);
+            let mut reason = format!(
+                "scale down: highest recommendation in the last {}s is {stabilised}",
+                p.scale_down_window.as_secs()
+            );
+            if desired > stabilised {
+                reason.push_str(&format!(
+                    "; scale-down policy allows {desired} now ({})",
+                    describe(&p.behavior.down)
+                ));
             }
+            return Decision { desired, reason };
+        }
+        let reason = if recommended == current {
+            format!("steady: lag {lag}, ratio {ratio:.2} within 10% of target")
+        } else if recommended < current {
+            format!(
+                "holding {current}: recommendation {recommended}, but scale-down stabilization keeps {stabilised}"
+            )
         } else {
-            Decision {
-                desired: current,
-                reason: format!(
-                    "holding {current}: recommendation {recommended}, but scale-down stabilization keeps {stabilised}"
-                ),
-            }
+            format!(
+                "holding {current}: recommendation {recommended}, scale-up stabilization keeps {stabilised}"
+            )
+        };
+        Decision {
+            desired: current,
+            reason,
         }
     }
+}
+
+/// `+100% or +4 pods per 15s (larger)`.
+fn describe(rules: &Rules) -> String {
+    let policies: Vec<String> = rules
+        .policies
+        .iter()
+        .map(|p| {
+            format!(
+                "{}{} per {}s",
+                p.value,
+                if p.percent { "%" } else { " pods" },
+                p.period.as_secs()
+            )
+        })
+        .collect();
+    let select = match rules.select {
+        Select::Max => "the larger",
+        Select::Min => "the smaller",
+        Select::Disabled => "disabled",
+    };
+    format!("{} ({select})", policies.join(" or "))
 }
 
 /// Read the scaling settings of every ScaledObject in `dir` (keda/).
@@ -229,7 +464,53 @@ pub fn read_scaled_objects(dir: &Path) -> anyhow::Result<Vec<(String, ScalePolic
                     300,
                 )?),
                 scale_down_window: defaults.scale_down_window,
+                behavior: Behavior::default(),
+                host_cap: None,
             };
+            let behavior = &spec["advanced"]["horizontalPodAutoscalerConfig"]["behavior"];
+            let mut policy = policy;
+            for (direction, rules) in [
+                ("scaleUp", &mut policy.behavior.up),
+                ("scaleDown", &mut policy.behavior.down),
+            ] {
+                let b = &behavior[direction];
+                if b.is_null() {
+                    continue;
+                }
+                if !b["stabilizationWindowSeconds"].is_null() {
+                    rules.stabilization =
+                        Duration::from_secs(number(&b["stabilizationWindowSeconds"], 0)?);
+                }
+                rules.select = match b["selectPolicy"].as_str() {
+                    None | Some("Max") => Select::Max,
+                    Some("Min") => Select::Min,
+                    Some("Disabled") => Select::Disabled,
+                    Some(other) => anyhow::bail!(
+                        "{}: selectPolicy {other:?} is not Max, Min or Disabled",
+                        path.display()
+                    ),
+                };
+                if let Some(list) = b["policies"].as_array() {
+                    rules.policies = list
+                        .iter()
+                        .map(|p| {
+                            Ok(RatePolicy {
+                                percent: match p["type"].as_str() {
+                                    Some("Percent") => true,
+                                    Some("Pods") => false,
+                                    other => anyhow::bail!(
+                                        "{}: policy type {other:?} is not Pods or Percent",
+                                        path.display()
+                                    ),
+                                },
+                                value: number(&p["value"], 0)? as u32,
+                                period: Duration::from_secs(number(&p["periodSeconds"], 15)?),
+                            })
+                        })
+                        .collect::<anyhow::Result<_>>()?;
+                }
+            }
+            policy.scale_down_window = policy.behavior.down.stabilization;
             let consumer = metadata["consumer"]
                 .as_str()
                 .with_context(|| format!("{}: trigger without a consumer", path.display()))?
@@ -257,6 +538,7 @@ mod tests {
             polling_interval: secs(5),
             cooldown_period: secs(30),
             scale_down_window: secs(20),
+            ..ScalePolicy::default()
         })
     }
 
@@ -325,5 +607,142 @@ mod tests {
             1,
             "min 1 brings a stopped function back"
         );
+    }
+
+    /// What a cluster does on a burst: the HPA KEDA creates allows the
+    /// larger of +100 % and +4 pods per 15 s, so 1 → 5 → 10, not 1 → 10.
+    #[test]
+    fn a_burst_scales_up_at_the_hpa_default_rate() {
+        let mut s = Autoscaler::new(ScalePolicy {
+            max_replicas: 20,
+            lag_threshold: 1000,
+            polling_interval: secs(5),
+            ..ScalePolicy::default()
+        });
+        let mut current = 1;
+        let mut path = vec![current];
+        for t in (0..60).step_by(5) {
+            let d = s.step(secs(t), 100_000, current);
+            if d.desired != current {
+                current = d.desired;
+                path.push(current);
+            }
+        }
+        assert_eq!(
+            path,
+            [1, 5, 10, 20],
+            "+4 pods (more than +100 % of 1), then +100 % each 15 s"
+        );
+        let d = Autoscaler::new(ScalePolicy {
+            max_replicas: 20,
+            lag_threshold: 1000,
+            ..ScalePolicy::default()
+        })
+        .step(secs(0), 100_000, 1);
+        assert!(
+            d.reason.contains("scale-up policy allows 5"),
+            "{}",
+            d.reason
+        );
+    }
+
+    #[test]
+    fn scale_down_after_the_window_is_rate_limited_by_policy() {
+        let mut s = Autoscaler::new(ScalePolicy {
+            max_replicas: 10,
+            lag_threshold: 100,
+            scale_down_window: secs(30),
+            behavior: Behavior {
+                down: Rules {
+                    stabilization: secs(30),
+                    select: Select::Max,
+                    policies: vec![RatePolicy {
+                        percent: false,
+                        value: 2,
+                        period: secs(15),
+                    }],
+                },
+                ..Behavior::default()
+            },
+            ..ScalePolicy::default()
+        });
+        assert_eq!(s.step(secs(0), 1000, 10).desired, 10);
+        // Lag gone (still active at 1): after the 30 s window, at most 2 pods per 15 s.
+        assert_eq!(s.step(secs(10), 1, 10).desired, 10, "inside the window");
+        assert_eq!(s.step(secs(31), 1, 10).desired, 8);
+        assert_eq!(
+            s.step(secs(36), 1, 8).desired,
+            8,
+            "2 removed within the period already"
+        );
+        assert_eq!(s.step(secs(47), 1, 8).desired, 6);
+    }
+
+    #[test]
+    fn the_host_cap_limits_and_says_so() {
+        let mut s = Autoscaler::new(ScalePolicy {
+            max_replicas: 10,
+            lag_threshold: 10,
+            host_cap: Some(2),
+            ..ScalePolicy::default()
+        });
+        let d = s.step(secs(0), 10_000, 1);
+        assert_eq!(d.desired, 2);
+        assert!(
+            d.reason.contains("capped at 2") && d.reason.contains("maxReplicaCount 10"),
+            "{}",
+            d.reason
+        );
+    }
+
+    #[test]
+    fn a_scaled_object_behavior_is_read() {
+        let dir = tempfile::tempdir().expect("dir");
+        std::fs::write(
+            dir.path().join("f.yaml"),
+            r#"
+apiVersion: keda.sh/v1alpha1
+kind: ScaledObject
+metadata: {name: f}
+spec:
+  scaleTargetRef: {name: f}
+  minReplicaCount: 0
+  maxReplicaCount: 8
+  advanced:
+    horizontalPodAutoscalerConfig:
+      behavior:
+        scaleUp:
+          stabilizationWindowSeconds: 30
+          selectPolicy: Min
+          policies:
+          - {type: Pods, value: 1, periodSeconds: 60}
+          - {type: Percent, value: 50, periodSeconds: 60}
+        scaleDown:
+          stabilizationWindowSeconds: 120
+  triggers:
+  - type: nats-jetstream
+    metadata: {consumer: f, lagThreshold: "100"}
+"#,
+        )
+        .expect("write");
+        let found = read_scaled_objects(dir.path()).expect("read");
+        let policy = &found[0].1;
+        assert_eq!(policy.behavior.up.stabilization, secs(30));
+        assert_eq!(policy.behavior.up.select, Select::Min);
+        assert_eq!(policy.behavior.up.policies.len(), 2);
+        assert_eq!(policy.scale_down_window, secs(120));
+        assert_eq!(
+            policy.behavior.down.policies,
+            Behavior::default().down.policies
+        );
+        // The smaller of +1 pod and +50 % per 60 s.
+        let mut s = Autoscaler::new(policy.clone());
+        assert_eq!(s.step(secs(0), 10_000, 2).desired, 3);
+        assert_eq!(
+            s.step(secs(5), 10_000, 3).desired,
+            3,
+            "one pod added in this minute"
+        );
+        assert_eq!(s.step(secs(61), 10_000, 3).desired, 4);
     }
 }

@@ -32,6 +32,8 @@ use crate::local_nats::LocalNats;
 pub enum BenchCommand {
     /// Publish N events through the runtime publisher and through raw async-nats; print both rates and the ratio.
     Publish(PublishBench),
+    /// The pipeline as a black box (throughput per mix, latency, memory, activation) against raw JetStream in the same run.
+    Pipeline(crate::bench_pipeline::PipelineBench),
 }
 
 #[derive(clap::Args)]
@@ -51,7 +53,10 @@ pub struct PublishBench {
 }
 
 pub async fn run(nats_url: &str, command: BenchCommand) -> anyhow::Result<()> {
-    let BenchCommand::Publish(args) = command;
+    let args = match command {
+        BenchCommand::Publish(args) => args,
+        BenchCommand::Pipeline(args) => return crate::bench_pipeline::run(args).await,
+    };
     let dir = std::env::temp_dir().join(format!("tidewatch-bench-{}", std::process::id()));
     let local = if args.external {
         None

@@ -12,6 +12,7 @@
 
 mod autoscale;
 mod bench;
+mod bench_pipeline;
 mod child_process;
 mod emit;
 mod functions;

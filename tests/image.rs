@@ -13,7 +13,7 @@ use std::time::Duration;
 use chrono::Utc;
 use cloudevents::AttributesReader;
 use common::*;
-use tidewatch_proto::v1::{ContainerMetadata, PodMetadata, ProcessExec, ProcessInfo};
+use tidewatch_proto::v1::{ContainerMetadata, OomKill, PodMetadata, ProcessInfo};
 use tidewatch_runtime::topology::{self, types};
 use tidewatch_testkit::{NatsServer, eventually, skip};
 
@@ -150,20 +150,21 @@ fn meta() -> PodMetadata {
     }
 }
 
-fn exec(id: &str) -> cloudevents::Event {
-    let payload = ProcessExec {
-        process: Some(ProcessInfo {
+/// A kernel OOM kill in nginx's container: a type correlate reads, so
+/// enrich stores it (process execs nobody reads it would not).
+fn oom_kill(id: &str) -> cloudevents::Event {
+    let payload = OomKill {
+        victim: Some(ProcessInfo {
             pid: 10,
             comm: "nginx".into(),
             container_id: "feed01".into(),
             ..Default::default()
         }),
-        filename: "/usr/sbin/nginx".into(),
         ..Default::default()
     };
     proto_event(
         id,
-        types::PROCESS_EXEC,
+        types::OOM_KILL,
         "ebpf",
         "node-1",
         None,
@@ -346,7 +347,7 @@ async fn the_image_runs_every_binary_as_65532_and_enrich_works_from_it() {
     assert_eq!(gid, "65532 65532 65532 65532", "enrich's gids (pid {pid})");
 
     let id = format!("image-{unique}");
-    publish_raw(&publisher, &[exec(&id)]).await;
+    publish_raw(&publisher, &[oom_kill(&id)]).await;
     let event = eventually(
         "the event to come out of enrich in the container",
         Duration::from_secs(60),

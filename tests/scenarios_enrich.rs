@@ -8,7 +8,7 @@ use std::time::Duration;
 use chrono::Utc;
 use cloudevents::AttributesReader;
 use common::*;
-use tidewatch_proto::v1::{ContainerMetadata, PodMetadata, ProcessExec, ProcessInfo};
+use tidewatch_proto::v1::{ContainerMetadata, OomKill, PodMetadata, ProcessInfo};
 use tidewatch_runtime::topology::{self, types};
 use tidewatch_testkit::{NatsServer, eventually};
 
@@ -32,20 +32,21 @@ fn meta(node: &str, tier: &str) -> PodMetadata {
     }
 }
 
+/// A kernel event in `container_id`: an OOM kill, a type correlate reads,
+/// so enrich stores it (it stores nothing nobody reads).
 fn exec(id: &str, container_id: &str) -> cloudevents::Event {
-    let payload = ProcessExec {
-        process: Some(ProcessInfo {
+    let payload = OomKill {
+        victim: Some(ProcessInfo {
             pid: 10,
             comm: "nginx".into(),
             container_id: container_id.into(),
             ..Default::default()
         }),
-        filename: "/usr/sbin/nginx".into(),
         ..Default::default()
     };
     proto_event(
         id,
-        types::PROCESS_EXEC,
+        types::OOM_KILL,
         "ebpf",
         "node-1",
         None,

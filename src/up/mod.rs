@@ -69,6 +69,21 @@ pub struct UpArgs {
     /// Do not start collectors, even where the host allows them.
     #[arg(long)]
     pub(crate) no_collectors: bool,
+    /// Most replicas of one function on this host (default: its cores; more
+    /// only contend for them). The manifests keep KEDA's maxReplicaCount.
+    #[arg(long, env = "TIDEWATCH_MAX_LOCAL_REPLICAS")]
+    pub(crate) max_local_replicas: Option<u32>,
+}
+
+/// The replicas one function may have on this host.
+pub(crate) fn host_cap(args: &UpArgs) -> u32 {
+    args.max_local_replicas
+        .unwrap_or_else(|| {
+            std::thread::available_parallelism()
+                .map(|n| u32::try_from(n.get()).unwrap_or(u32::MAX))
+                .unwrap_or(1)
+        })
+        .max(1)
 }
 
 /// The state directory: `--state-dir`, `$XDG_STATE_HOME/tidewatch`, `~/.local/state/tidewatch`.

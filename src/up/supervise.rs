@@ -79,6 +79,7 @@ pub async fn run(
         if let Some(s) = args.polling_interval_secs {
             policy.polling_interval = Duration::from_secs(s);
         }
+        policy.host_cap = Some(super::host_cap(args));
         if let Some(s) = args.cooldown_secs {
             policy.cooldown_period = Duration::from_secs(s);
         }
@@ -216,6 +217,7 @@ pub async fn run(
                 desired: f.desired,
                 running: f.replicas.len(),
                 max: f.scaler.policy.max_replicas,
+                host_cap: f.scaler.policy.host_cap,
                 lag: f.lag,
                 rate: f.rate,
                 decision: f.decision.clone(),

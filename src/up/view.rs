@@ -26,7 +26,10 @@ pub struct Row {
     pub desired: u32,
     /// Replica processes alive now.
     pub running: usize,
+    /// maxReplicaCount (what a cluster would run).
     pub max: u32,
+    /// This host's cap, when it is below `max` (`--max-local-replicas`).
+    pub host_cap: Option<u32>,
     /// KEDA's lag: pending + ack pending on the function's consumer.
     pub lag: u64,
     /// Events/s stored in the function's input stream.
@@ -128,7 +131,7 @@ impl View {
             Mode::Json => {
                 let functions: Vec<Value> = rows
                     .iter()
-                    .map(|r| json!({"function": r.function, "desired": r.desired, "replicas": r.running, "max": r.max, "lag": r.lag, "rate": r.rate.round()}))
+                    .map(|r| json!({"function": r.function, "desired": r.desired, "replicas": r.running, "max": r.max, "host_cap": r.host_cap, "lag": r.lag, "rate": r.rate.round()}))
                     .collect();
                 self.say("status", json!({"functions": functions}), "");
             }
@@ -167,13 +170,26 @@ impl View {
     }
 }
 
+/// `10`, or `2 here, 10 on a cluster` when this host caps it.
+fn max_text(r: &Row) -> String {
+    match r.host_cap {
+        Some(cap) if cap < r.max => format!("{cap} here, {} on a cluster", r.max),
+        _ => r.max.to_string(),
+    }
+}
+
 /// The plain status line: `enrich 1/1 (max 10) lag 0 in 0/s | correlate …`.
 pub fn status_line(rows: &[Row]) -> String {
     rows.iter()
         .map(|r| {
             format!(
                 "{} {}/{} (max {}) lag {} in {:.0}/s",
-                r.function, r.desired, r.running, r.max, r.lag, r.rate
+                r.function,
+                r.desired,
+                r.running,
+                max_text(r),
+                r.lag,
+                r.rate
             )
         })
         .collect::<Vec<_>>()
@@ -191,21 +207,24 @@ pub fn table(now: &str, rows: &[Row], log: &[&str]) -> String {
         .max("FUNCTION".len());
     let mut text = format!("tidewatch up  {now}  (Ctrl-C stops everything)\n\n");
     text.push_str(&format!(
-        "{:<name_width$}  {:>8}  {:>4}  {:>9}  {:>8}  LAST DECISION\n",
+        "{:<name_width$}  {:>8}  {:>6}  {:>9}  {:>8}  LAST DECISION\n",
         "FUNCTION", "REPLICAS", "MAX", "LAG", "IN/S"
     ));
     for r in rows {
         text.push_str(&format!(
-            "{:<name_width$}  {:>8}  {:>4}  {:>9}  {:>8.0}  {}\n",
+            "{:<name_width$}  {:>8}  {:>6}  {:>9}  {:>8.0}  {}\n",
             r.function,
             format!("{}/{}", r.desired, r.running),
-            r.max,
+            match r.host_cap {
+                Some(cap) if cap < r.max => format!("{cap}/{}", r.max),
+                _ => r.max.to_string(),
+            },
             r.lag,
             r.rate,
             r.decision.as_deref().unwrap_or("-")
         ));
     }
-    text.push_str("\nREPLICAS is desired/running. Recent:\n");
+    text.push_str("\nREPLICAS is desired/running; MAX a/b is this host's cap (--max-local-replicas, default its cores) / the cluster's maxReplicaCount. Recent:\n");
     for line in log {
         text.push_str("  ");
         text.push_str(line);
@@ -224,6 +243,7 @@ mod tests {
             desired,
             running,
             max: 10,
+            host_cap: Some(2),
             lag: 1532,
             rate: 8400.4,
             decision: decision.map(Into::into),
@@ -254,18 +274,22 @@ mod tests {
         );
         assert_eq!(
             lines[2],
-            "FUNCTION     REPLICAS   MAX        LAG      IN/S  LAST DECISION"
+            "FUNCTION     REPLICAS     MAX        LAG      IN/S  LAST DECISION"
         );
         assert_eq!(
             lines[3],
-            "enrich            2/1    10       1532      8400  12:00:01 0 → 2: lag 1532 above activation 0"
+            "enrich            2/1    2/10       1532      8400  12:00:01 0 → 2: lag 1532 above activation 0"
         );
         assert_eq!(
             lines[4],
-            "correlate         0/0    10       1532      8400  -"
+            "correlate         0/0    2/10       1532      8400  -"
         );
         assert!(lines[5].starts_with("siem-export "), "{}", lines[5]);
-        assert_eq!(lines[7], "REPLICAS is desired/running. Recent:");
+        assert!(
+            lines[7].starts_with("REPLICAS is desired/running; MAX a/b is this host's cap"),
+            "{}",
+            lines[7]
+        );
         assert_eq!(lines[8], "  12:00:01 scale enrich 0 → 2: lag 1532");
         assert_eq!(lines.len(), 9);
         assert!(text.ends_with('\n'));
@@ -276,7 +300,7 @@ mod tests {
         let rows = [row("enrich", 0, 0, None), row("export", 1, 1, None)];
         assert_eq!(
             status_line(&rows),
-            "enrich 0/0 (max 10) lag 1532 in 8400/s | export 1/1 (max 10) lag 1532 in 8400/s"
+            "enrich 0/0 (max 2 here, 10 on a cluster) lag 1532 in 8400/s | export 1/1 (max 2 here, 10 on a cluster) lag 1532 in 8400/s"
         );
     }
 }
