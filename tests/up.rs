@@ -123,7 +123,8 @@ async fn up_runs_the_pipeline_and_ctrl_c_leaves_nothing_behind() {
     // Functions start at zero replicas: wait for the first status line.
     loop {
         let line = next_line().await;
-        if line.contains("enrich 0/0 (max 10) lag 0") {
+        // `(max 10)`, or `(max 2 here, 10 on a cluster)` on a 2-core host.
+        if line.contains("enrich 0/0 (max ") && line.contains("10") && line.contains(") lag 0") {
             break;
         }
     }
