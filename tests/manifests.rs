@@ -1006,7 +1006,7 @@ fn the_base_isolates_nats_and_labels_namespaces_for_pod_security() {
     let config = objects
         .iter()
         .map(|(_, v)| v)
-        .find(|v| v["kind"] == "ConfigMap")
+        .find(|v| v["kind"] == "ConfigMap" && v["metadata"]["name"] == "nats-config")
         .expect("nats-config");
     assert!(
         config["data"]["nats.conf"]
@@ -1390,4 +1390,71 @@ fn the_auth_callout_alone_holds_the_issuer_seed_and_nats_hands_it_only_unknown_c
             .any(|u| ["ebpf", "k8s", "systemd"].contains(&u.as_str())),
         "collectors have no password user: {users:?}"
     );
+}
+
+/// The eBPF collector collects in the kernel only the kinds some function
+/// reads, and accepts the rendered configuration.
+#[test]
+fn the_ebpf_collector_collects_only_what_a_function_reads() {
+    let objects: Vec<Value> = manifests("deploy").into_iter().map(|(_, v)| v).collect();
+    let config = objects
+        .iter()
+        .find(|o| o["kind"] == "ConfigMap" && o["metadata"]["name"] == "tidewatch-collector-ebpf")
+        .and_then(|c| c["data"]["config.toml"].as_str())
+        .expect("the eBPF collector's ConfigMap")
+        .to_string();
+    let events: Vec<String> = toml::from_str::<toml::Value>(&config).expect("TOML")["events"]
+        .as_array()
+        .expect("events")
+        .iter()
+        .map(|v| v.as_str().expect("a type").to_string())
+        .collect();
+    let functions = common::functions();
+    let read = |ty: &str| {
+        functions
+            .iter()
+            .filter(|f| f.consumer.stream == "enriched")
+            .any(|f| f.handles(ty))
+    };
+    for t in tidewatch_runtime::topology::types::ALL.iter().filter(|t| {
+        t.name.starts_with("dev.tidewatch.kernel.")
+            && ![
+                "dev.tidewatch.kernel.collector.drops",
+                "dev.tidewatch.kernel.process.exists",
+            ]
+            .contains(&t.name)
+    }) {
+        assert_eq!(
+            events.contains(&t.name.to_string()),
+            read(t.name),
+            "{}: {events:?}",
+            t.name
+        );
+    }
+    assert!(
+        !events.iter().any(|e| e.contains("process.exec")),
+        "nobody reads process execs"
+    );
+    // The collector accepts it.
+    let dir = tempfile::tempdir().expect("dir");
+    std::fs::write(dir.path().join("config.toml"), &config).expect("write");
+    let check = std::process::Command::new(common::binary("tidewatch-collector-ebpf"))
+        .arg("--config")
+        .arg(dir.path().join("config.toml"))
+        .arg("--check-config")
+        .output()
+        .expect("runs");
+    assert!(
+        check.status.success(),
+        "{}",
+        String::from_utf8_lossy(&check.stderr)
+    );
+    // The DaemonSet reads it, and rolls when it changes.
+    let ds = objects
+        .iter()
+        .find(|o| o["kind"] == "DaemonSet" && o["metadata"]["name"] == "tidewatch-collector-ebpf")
+        .expect("DaemonSet");
+    let env = ds["spec"]["template"]["spec"]["containers"][0]["env"].to_string();
+    assert!(env.contains("TIDEWATCH_EBPF_CONFIG"), "{env}");
+    assert!(ds["spec"]["template"]["metadata"]["annotations"]["checksum/config"].is_string());
 }

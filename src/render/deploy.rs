@@ -210,6 +210,72 @@ fn collector_daemonset(pod: CollectorPod) -> Value {
 /// kernel's init-namespace pids, and attribution and the start-up replay
 /// read `/proc/<pid>` for exactly those. Root: Kubernetes gives added
 /// capabilities to uid 0 only (no ambient capabilities).
+/// Where the eBPF collector reads its config (a ConfigMap).
+pub const EBPF_CONFIG_DIR: &str = "/etc/tidewatch/ebpf";
+
+/// The kernel event kinds someone reads, of those the eBPF collector
+/// emits: what `interest` patterns match (None: every kind).
+pub fn ebpf_events(interest: Option<&[&str]>) -> Option<Vec<&'static str>> {
+    let interest = interest?;
+    Some(
+        topology::types::ALL
+            .iter()
+            .map(|t| t.name)
+            // Kinds it emits from the kernel (drops are always reported;
+            // process.exists comes from the start-up replay).
+            .filter(|t| {
+                t.starts_with("dev.tidewatch.kernel.")
+                    && ![
+                        topology::types::COLLECTOR_DROPS,
+                        topology::types::PROCESS_EXISTS,
+                    ]
+                    .contains(t)
+            })
+            .filter(|t| interest.iter().any(|p| topology::types::matches(p, t)))
+            .collect(),
+    )
+}
+
+/// The eBPF collector's ConfigMap and DaemonSet. It collects, in the
+/// kernel, only the kinds some function reads (`interest`: the functions'
+/// `types`; `None`: every kind, `tidewatch render --collect-everything`):
+/// what nobody reads is never copied out of the kernel, let alone sent.
+pub fn ebpf_objects(interest: Option<&[&str]>) -> (Value, Value) {
+    let name = "tidewatch-collector-ebpf";
+    let events = ebpf_events(interest);
+    let toml = match &events {
+        None => "# Every kernel event kind (tidewatch render --collect-everything).\nevents = []\n"
+            .to_string(),
+        Some(list) => format!(
+            "# The kernel event kinds some function reads (their function.toml `types`);\n# `tidewatch render --collect-everything` collects all.\nevents = [{}]\n",
+            list.iter()
+                .map(|t| format!("\"{t}\""))
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
+    };
+    let config = json!({
+        "apiVersion": "v1", "kind": "ConfigMap",
+        "metadata": {"name": name, "namespace": SYSTEM_NAMESPACE, "labels": labels(name, "collector")},
+        "data": {"config.toml": toml},
+    });
+    let mut daemonset = ebpf_daemonset();
+    let pod = &mut daemonset["spec"]["template"];
+    pod["metadata"]["annotations"]["checksum/config"] = json!(short_hash(&toml));
+    let spec = &mut pod["spec"];
+    if let Some(volumes) = spec["volumes"].as_array_mut() {
+        volumes.push(json!({"name": "config", "configMap": {"name": name}}));
+    }
+    let container = &mut spec["containers"][0];
+    if let Some(mounts) = container["volumeMounts"].as_array_mut() {
+        mounts.push(json!({"name": "config", "mountPath": EBPF_CONFIG_DIR, "readOnly": true}));
+    }
+    if let Some(env) = container["env"].as_array_mut() {
+        env.push(json!({"name": "TIDEWATCH_EBPF_CONFIG", "value": format!("{EBPF_CONFIG_DIR}/config.toml")}));
+    }
+    (config, daemonset)
+}
+
 pub fn ebpf_daemonset() -> Value {
     collector_daemonset(CollectorPod {
         name: "ebpf",

@@ -187,13 +187,42 @@ impl Functions {
 pub struct Settings {
     /// The nodes' `systemd-journal` gid (`getent group systemd-journal`).
     pub systemd_journal_gid: u32,
+    /// Collect every kernel event kind, whatever the functions read (for a
+    /// SIEM-style consumer outside this repository).
+    pub collect_everything: bool,
 }
 
 impl Default for Settings {
     fn default() -> Self {
         Settings {
             systemd_journal_gid: deploy::SYSTEMD_JOURNAL_GID,
+            collect_everything: false,
         }
+    }
+}
+
+impl Functions {
+    /// The event types someone downstream reads: every function's `types`
+    /// beyond enrich (which reads everything to pass it on). `None`: some
+    /// function reads everything.
+    pub fn interest(&self) -> Option<Vec<&'static str>> {
+        let mut patterns = Vec::new();
+        for f in self
+            .functions
+            .iter()
+            .filter(|f| f.output_stream != Some(topology::ENRICHED.key))
+        {
+            if f.consumer.stream == topology::INSIGHTS.key
+                || f.consumer.stream == topology::DEAD_LETTER.key
+            {
+                continue;
+            }
+            if f.types.is_empty() {
+                return None;
+            }
+            patterns.extend(f.types.iter().copied());
+        }
+        Some(patterns)
     }
 }
 
@@ -246,13 +275,15 @@ pub fn render_with_settings(
         ("network-policies.yaml", nats::network_policies()),
         ("provision.yaml", vec![deploy::provision_job(fns)]),
         ("auth-callout.yaml", deploy::auth_callout_objects()),
-        (
-            "collector-ebpf.yaml",
-            vec![
-                deploy::collector_service_account("ebpf"),
-                deploy::ebpf_daemonset(),
-            ],
-        ),
+        ("collector-ebpf.yaml", {
+            let events = if settings.collect_everything {
+                None
+            } else {
+                fns.interest()
+            };
+            let (config, daemonset) = deploy::ebpf_objects(events.as_deref());
+            vec![deploy::collector_service_account("ebpf"), config, daemonset]
+        }),
         ("collector-k8s.yaml", {
             let mut objects = deploy::k8s_rbac();
             objects.push(deploy::k8s_daemonset());
@@ -347,11 +378,16 @@ pub struct RenderArgs {
     /// collector exits at start saying which gid the journal files have.
     #[arg(long, default_value_t = deploy::SYSTEMD_JOURNAL_GID)]
     systemd_journal_gid: u32,
+    /// The eBPF collector collects every kernel event kind, not only those
+    /// some function reads (for consumers outside this repository).
+    #[arg(long)]
+    collect_everything: bool,
 }
 
 pub fn run(args: RenderArgs) -> anyhow::Result<()> {
     let settings = Settings {
         systemd_journal_gid: args.systemd_journal_gid,
+        collect_everything: args.collect_everything,
     };
     write(
         &args.out,
