@@ -499,7 +499,7 @@ async fn activation(
         .ack_floor
         .stream_sequence;
     let started = Instant::now();
-    let mut functions = Functions::start(bin_dir, url, dir, &["enrich"]).await?;
+    let mut functions = Functions::spawn(bin_dir, url, dir, &["enrich"])?;
     let deadline = started + Duration::from_secs(30);
     let took = loop {
         let floor = stream
@@ -526,12 +526,23 @@ struct Functions {
 }
 
 impl Functions {
+    /// Start them and let them settle (connected, consumer bound) before
+    /// returning.
     async fn start(
         bin_dir: &Path,
         url: &str,
         dir: &Path,
         names: &[&str],
     ) -> anyhow::Result<Functions> {
+        let functions = Functions::spawn(bin_dir, url, dir, names)?;
+        // Started: each has connected and bound its consumer (its RSS settles).
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        Ok(functions)
+    }
+
+    /// Start them and return at once (the activation measurement's clock
+    /// runs from here).
+    fn spawn(bin_dir: &Path, url: &str, dir: &Path, names: &[&str]) -> anyhow::Result<Functions> {
         let mut children = Vec::new();
         for name in names {
             let binary = bin_dir.join(format!("tidewatch-{name}"));
@@ -555,8 +566,6 @@ impl Functions {
                 .with_context(|| format!("start {}", binary.display()))?;
             children.push((name.to_string(), child));
         }
-        // Started: each has connected and bound its consumer (its RSS settles).
-        tokio::time::sleep(Duration::from_millis(1500)).await;
         Ok(Functions { children })
     }
 

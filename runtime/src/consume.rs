@@ -359,6 +359,7 @@ async fn handle_message<F: Function>(
     {
         // Nothing to decode or hand over: the function ignores this type.
         shared.metrics.events_in.inc();
+        shared.metrics.uninterested.inc();
         ack(shared, &message, AckKind::Ack).await;
         return;
     }

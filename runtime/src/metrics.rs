@@ -49,8 +49,9 @@ pub struct Inner {
     pub naks: Counter,
     /// Handler retries done in-process while a dependency was down; not deliveries.
     pub held_retries: Counter,
-    /// Inputs acked without output because nobody downstream reads their
-    /// type (enrich: no consumer of the enriched stream wants it).
+    /// Inputs acked without output because their type is not read: by
+    /// the function (`Function::accepts`), or by anyone downstream (enrich:
+    /// no consumer of the enriched stream wants it).
     pub uninterested: Counter,
     pub dead_lettered: Family<Reason, Counter>,
     pub handler_seconds: Histogram,
@@ -142,7 +143,7 @@ impl Metrics {
         );
         registry.register(
             "events_uninterested",
-            "Inputs acknowledged without output because nobody downstream reads their type",
+            "Inputs acknowledged without output because their type is not read (by the function, or by anyone downstream)",
             inner.uninterested.clone(),
         );
         registry.register(

@@ -37,6 +37,24 @@ impl Interest {
         }
     }
 
+    /// Whether some consumer could receive an event of type `ty`, whatever
+    /// its collector and node: each filter's collector and node levels are
+    /// taken as it names them. Lets the runtime ack an unread type without
+    /// even decoding the event.
+    pub fn wants_type(&self, ty: &str) -> bool {
+        let guard = self.filters.read().unwrap_or_else(|p| p.into_inner());
+        let Some(filters) = &*guard else { return true };
+        filters.iter().any(|f| {
+            let mut levels = f.split('.').skip(2);
+            let level = |l: Option<&str>| match l {
+                None | Some("*") | Some(">") => "x".to_string(),
+                Some(l) => l.to_string(),
+            };
+            let (collector, node) = (level(levels.next()), level(levels.next()));
+            subjects::matches(f, &subjects::enriched(&collector, &node, ty))
+        })
+    }
+
     /// Set from the consumers' filter subjects (one list per consumer; an
     /// empty list is a consumer without a filter).
     pub fn set(&self, consumers: &[Vec<String>]) {
@@ -113,5 +131,18 @@ mod tests {
         // No consumer at all: nothing is wanted.
         interest.set(&[]);
         assert!(!interest.wants(&restart));
+        // By type alone, whatever the collector and node.
+        interest.set(&[vec!["tidewatch.enriched.*.*.dev.tidewatch.k8s.>".into()]]);
+        assert!(interest.wants_type(types::CONTAINER_RESTARTED));
+        assert!(!interest.wants_type(types::PROCESS_EXEC));
+        interest.set(&[vec![
+            "tidewatch.enriched.ebpf.*.dev.tidewatch.kernel.>".into(),
+        ]]);
+        assert!(
+            interest.wants_type(types::PROCESS_EXEC),
+            "a filter naming its collector"
+        );
+        interest.set(&[vec!["tidewatch.enriched.>".into()]]);
+        assert!(interest.wants_type(types::PROCESS_EXEC));
     }
 }

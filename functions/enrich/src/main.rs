@@ -61,6 +61,12 @@ impl resolve::Lookup for Arc<PodCache> {
 }
 
 impl Function for Enrich {
+    /// Types nobody downstream reads are acked by the runtime without even
+    /// being decoded (`tidewatch_events_uninterested_total`).
+    fn accepts(&self, event_type: &str) -> bool {
+        self.interest.wants_type(event_type)
+    }
+
     async fn handle(&self, event: Event, ctx: &Context) -> Outcome {
         if let Err(e) = check_payload(&event) {
             return Outcome::reject(e.to_string());
