@@ -75,7 +75,9 @@ pub async fn run(nats_url: &str, command: BenchCommand) -> anyhow::Result<()> {
     result
 }
 
-async fn publish_bench(url: &str, args: &PublishBench) -> anyhow::Result<()> {
+/// Connect to `url` and provision every stream and consumer, capped to
+/// what a laptop holds.
+pub async fn provisioned(url: &str) -> anyhow::Result<(async_nats::Client, jetstream::Context)> {
     let client = crate::connect(url).await?;
     let js = jetstream::new(client.clone());
     provision(
@@ -84,6 +86,11 @@ async fn publish_bench(url: &str, args: &PublishBench) -> anyhow::Result<()> {
         &ProvisionOptions::default().cap_bytes(crate::up::LOCAL_STREAM_BYTES),
     )
     .await?;
+    Ok((client, js))
+}
+
+async fn publish_bench(url: &str, args: &PublishBench) -> anyhow::Result<()> {
+    let (client, js) = provisioned(url).await?;
     let subject = subjects::raw("bench", "local");
     let sample = crate::emit::synthetic_event("bench", "local", 0)?;
     let avg_payload = to_nats(&sample).1.len();

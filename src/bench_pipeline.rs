@@ -37,7 +37,6 @@ use futures::stream::FuturesUnordered;
 use tidewatch_proto::v1;
 use tidewatch_runtime::binding::nats::to_nats;
 use tidewatch_runtime::event::new_event;
-use tidewatch_runtime::provision::{ProvisionOptions, provision};
 use tidewatch_runtime::topology::{self, subjects, types};
 use tokio::process::{Child, Command};
 
@@ -182,14 +181,7 @@ async fn bench(url: &str, dir: &Path, args: &PipelineBench) -> anyhow::Result<()
             .context("executable directory")?
             .to_path_buf(),
     };
-    let client = crate::connect(url).await?;
-    let js = jetstream::new(client.clone());
-    provision(
-        &js,
-        &crate::functions::consumers()?,
-        &ProvisionOptions::default().cap_bytes(crate::up::LOCAL_STREAM_BYTES),
-    )
-    .await?;
+    let (client, js) = crate::bench::provisioned(url).await?;
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     println!(
         "tidewatch bench pipeline: private nats-server {}, {cores} cores, {} events per mix, release binaries from {}",

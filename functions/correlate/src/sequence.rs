@@ -1222,31 +1222,41 @@ mod tests {
         assert!(findings.iter().all(|f| f.insight.status == "open"));
     }
 
+    /// containerd failed at 1 s, node n1 NotReady at `notready_at` s.
+    fn runtime_then_notready(notready_at: i64) -> [Observation; 2] {
+        [
+            obs(
+                "u1",
+                types::UNIT_FAILED,
+                1,
+                Some("unit/containerd.service"),
+                json!({"unit": "containerd.service", "node": "n1", "activeState": "failed"}),
+            ),
+            obs(
+                "nr",
+                types::NODE_NOT_READY,
+                notready_at,
+                Some("node/n1"),
+                json!({"node": "n1"}),
+            ),
+        ]
+    }
+
+    fn node_ready(id: &str, at: i64) -> Observation {
+        obs(
+            id,
+            types::NODE_READY,
+            at,
+            Some("node/n1"),
+            json!({"node": "n1"}),
+        )
+    }
+
     #[test]
     fn the_node_ready_again_resolves_the_runtime_failure() {
         let rule = rule("node-runtime-failure");
-        let runtime = obs(
-            "u1",
-            types::UNIT_FAILED,
-            1,
-            Some("unit/containerd.service"),
-            json!({"unit": "containerd.service", "node": "n1", "activeState": "failed"}),
-        );
-        let notready = obs(
-            "nr",
-            types::NODE_NOT_READY,
-            5,
-            Some("node/n1"),
-            json!({"node": "n1"}),
-        );
-        let ready = obs(
-            "ok",
-            types::NODE_READY,
-            90,
-            Some("node/n1"),
-            json!({"node": "n1"}),
-        );
-        let (_, findings) = run(&rule, &[runtime, notready, ready]);
+        let [runtime, notready] = runtime_then_notready(5);
+        let (_, findings) = run(&rule, &[runtime, notready, node_ready("ok", 90)]);
         let statuses: Vec<&str> = findings.iter().map(|f| f.insight.status.as_str()).collect();
         assert_eq!(statuses, ["open", "resolved"]);
     }
@@ -1254,28 +1264,9 @@ mod tests {
     #[test]
     fn a_ready_older_than_the_notready_does_not_resolve() {
         let rule = rule("node-runtime-failure");
-        let runtime = obs(
-            "u1",
-            types::UNIT_FAILED,
-            1,
-            Some("unit/containerd.service"),
-            json!({"unit": "containerd.service", "node": "n1", "activeState": "failed"}),
-        );
-        let notready = obs(
-            "nr",
-            types::NODE_NOT_READY,
-            50,
-            Some("node/n1"),
-            json!({"node": "n1"}),
-        );
+        let [runtime, notready] = runtime_then_notready(50);
         // A Ready from before the NotReady (a flap), delivered late.
-        let stale_ready = obs(
-            "old",
-            types::NODE_READY,
-            30,
-            Some("node/n1"),
-            json!({"node": "n1"}),
-        );
+        let stale_ready = node_ready("old", 30);
         let (_, findings) = run(&rule, &[runtime, notready, stale_ready]);
         assert!(
             findings.iter().all(|f| f.insight.status == "open"),
