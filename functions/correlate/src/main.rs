@@ -89,6 +89,8 @@ struct Correlate {
     waiting: std::sync::Mutex<std::collections::HashMap<String, Vec<Waiter>>>,
     /// See `Args::republish_horizon_secs`, in ns.
     republish_horizon_ns: i64,
+    /// Supersession claims as last written or read (see `settle_claim`).
+    claims: std::sync::Mutex<std::collections::HashMap<String, KnownClaim>>,
 }
 
 /// An observation waiting to be folded into one state key.
@@ -124,6 +126,7 @@ impl Correlate {
             known: Default::default(),
             waiting: Default::default(),
             republish_horizon_ns: 60_000_000_000,
+            claims: Default::default(),
         }
     }
     fn lock_known(&self) -> std::sync::MutexGuard<'_, std::collections::HashMap<String, Known>> {
@@ -388,27 +391,42 @@ impl Correlate {
         let key = format!("incident.{}", topology::pod_keys::token(pod));
         let _turn = self.stripe(&key).lock().await;
         let started = std::time::Instant::now();
-        loop {
+        for attempt in 0.. {
             if started.elapsed() > CAS_DEADLINE {
                 return Err(format!(
                     "{key}: compare-and-set kept conflicting for {CAS_DEADLINE:?}"
                 ));
             }
-            let entry = self
-                .state
-                .entry(&key)
-                .await
-                .map_err(|e| format!("correlation state unavailable: {e}"))?;
-            let (claim, revision) = match &entry {
-                Some(e) if e.operation == kv::Operation::Put => (
-                    serde_json::from_slice::<incident::Claim>(&e.value).ok(),
-                    Some(e.revision),
-                ),
-                Some(e) => (None, Some(e.revision)),
-                None => (None, None),
+            // The claim as this process last wrote or read it: a steady
+            // crash loop costs one compare-and-set, not a read and a write.
+            // A stale one (another replica wrote since) fails the write,
+            // and the next attempt reads KV.
+            let cached = if attempt == 0 {
+                self.claim_cache().remove(&key)
+            } else {
+                None
+            };
+            let (claim, revision) = match cached {
+                Some(known) => known,
+                None => {
+                    let entry = self
+                        .state
+                        .entry(&key)
+                        .await
+                        .map_err(|e| format!("correlation state unavailable: {e}"))?;
+                    match &entry {
+                        Some(e) if e.operation == kv::Operation::Put => (
+                            serde_json::from_slice::<incident::Claim>(&e.value).ok(),
+                            Some(e.revision),
+                        ),
+                        Some(e) => (None, Some(e.revision)),
+                        None => (None, None),
+                    }
+                }
             };
             let settled = incident::Claim::settle(claim.as_ref(), finding, pod, role, now_ns);
             let Some(next) = &settled.write else {
+                self.remember_claim(key, (claim, revision));
                 return Ok(settled);
             };
             let bytes = serde_json::to_vec(next).unwrap_or_default();
@@ -431,7 +449,10 @@ impl Correlate {
                 }),
             };
             match written {
-                Ok(_) => return Ok(settled),
+                Ok(rev) => {
+                    self.remember_claim(key, (Some(next.clone()), Some(rev)));
+                    return Ok(settled);
+                }
                 Err((true, _)) => {
                     self.metrics
                         .kv_conflicts
@@ -443,8 +464,26 @@ impl Correlate {
                 }
             }
         }
+        Err(format!("{key}: compare-and-set kept conflicting"))
+    }
+
+    fn claim_cache(
+        &self,
+    ) -> std::sync::MutexGuard<'_, std::collections::HashMap<String, KnownClaim>> {
+        self.claims.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn remember_claim(&self, key: String, known: KnownClaim) {
+        let mut cache = self.claim_cache();
+        if cache.len() >= KNOWN_KEYS {
+            cache.clear();
+        }
+        cache.insert(key, known);
     }
 }
+
+/// A pod's claim and its KV revision, as this process last saw it.
+type KnownClaim = (Option<incident::Claim>, Option<u64>);
 
 impl Function for Correlate {
     fn accepts(&self, event_type: &str) -> bool {
