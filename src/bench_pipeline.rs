@@ -527,8 +527,30 @@ impl Functions {
         names: &[&str],
     ) -> anyhow::Result<Functions> {
         let functions = Functions::spawn(bin_dir, url, dir, names)?;
-        // Started: each has connected and bound its consumer (its RSS settles).
-        tokio::time::sleep(Duration::from_millis(1500)).await;
+        // Started once each has a pull request waiting on its consumer.
+        let client = crate::connect(url).await?;
+        let js = jetstream::new(client);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        for name in names {
+            let spec = crate::functions::consumers()?
+                .into_iter()
+                .find(|c| c.durable == *name)
+                .context("a function's consumer")?;
+            let stream = topology::stream(spec.stream).context("its stream")?;
+            while js
+                .get_stream(stream.name)
+                .await?
+                .consumer_info(*name)
+                .await?
+                .num_waiting
+                == 0
+            {
+                if Instant::now() > deadline {
+                    bail!("{name} is not pulling 30 s after it started");
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
         Ok(functions)
     }
 

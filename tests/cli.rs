@@ -3,31 +3,10 @@
 
 mod common;
 
-use std::time::Duration;
-
 use async_nats::jetstream;
 use common::*;
 use tidewatch_runtime::topology;
 use tidewatch_testkit::NatsServer;
-use tokio::process::Command;
-
-async fn tidewatch(server: &NatsServer, args: &[&str]) -> (bool, String, String) {
-    let output = tokio::time::timeout(
-        Duration::from_secs(60),
-        Command::new(binary("tidewatch"))
-            .args(args)
-            .env("NATS_URL", server.client_url())
-            .output(),
-    )
-    .await
-    .expect("command finishes")
-    .expect("command runs");
-    (
-        output.status.success(),
-        String::from_utf8_lossy(&output.stdout).into(),
-        String::from_utf8_lossy(&output.stderr).into(),
-    )
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn provision_emit_tail_replay_and_status() {

@@ -449,26 +449,18 @@ async fn run(encoding: Encoding) -> Vec<Insight> {
     let (main, late, ends) = events(base);
     publish(&js, &publisher, &main, encoding).await;
     // The crash loop of late-1 is out before its cause arrives.
-    let deadline = std::time::Instant::now() + Duration::from_secs(90);
-    loop {
-        let out = insights(&js).await;
-        if out
-            .iter()
-            .any(|i| i.kind == "crash-loop" && i.affected.iter().any(|e| e.name == "late-1"))
-        {
-            break;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "{encoding:?}: late-1's crash loop never came out; insights: {:#?}; enriched {}, dead letters {}",
-            out.iter()
-                .map(|i| (&i.kind, &i.status, &i.affected))
-                .collect::<Vec<_>>(),
-            stream_messages(&js, topology::ENRICHED.name).await,
-            stream_messages(&js, topology::DEAD_LETTER.name).await,
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    tidewatch_testkit::eventually(
+        "late-1's crash loop to be published",
+        Duration::from_secs(90),
+        || async {
+            insights(&js)
+                .await
+                .iter()
+                .any(|i| i.kind == "crash-loop" && i.affected.iter().any(|e| e.name == "late-1"))
+                .then_some(())
+        },
+    )
+    .await;
     publish(&js, &publisher, &[late], encoding).await;
     settled(&js, &["enrich", "correlate"]).await;
     publish(&js, &publisher, &ends, encoding).await;

@@ -106,8 +106,9 @@ async fn enrich_stores_what_someone_reads_and_a_new_reader_gets_the_past_by_repl
     let fresh = pending(&js, "siem").await;
 
     // The execs from before its interest: replayed from the raw stream.
-    let replay = tokio::process::Command::new(binary("tidewatch"))
-        .args([
+    let (ok, _, err) = tidewatch(
+        &server,
+        &[
             "replay",
             "--stream",
             "raw",
@@ -117,16 +118,10 @@ async fn enrich_stores_what_someone_reads_and_a_new_reader_gets_the_past_by_repl
             "enrich",
             "--type",
             "dev.tidewatch.kernel.process.*",
-        ])
-        .env("NATS_URL", server.client_url())
-        .output()
-        .await
-        .expect("replay runs");
-    assert!(
-        replay.status.success(),
-        "{}",
-        String::from_utf8_lossy(&replay.stderr)
-    );
+        ],
+    )
+    .await;
+    assert!(ok, "{err}");
     settled(&js, &["enrich"]).await;
     eventually(
         "the earlier execs to reach the new reader",

@@ -59,13 +59,14 @@ async fn the_token_file_is_read_again_at_each_connect_attempt() {
     );
     // The kubelet rotates the token; the next attempt reads the new one.
     std::fs::write(&file, "the-rotated-token\n").expect("rotate");
-    tokio::time::timeout(Duration::from_secs(30), async {
-        while client.connection_state() != async_nats::connection::State::Connected {
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    })
-    .await
-    .expect("connected with the rotated token");
+    tidewatch_testkit::eventually(
+        "a connection with the rotated token",
+        Duration::from_secs(30),
+        || async {
+            (client.connection_state() == async_nats::connection::State::Connected).then_some(())
+        },
+    )
+    .await;
     assert!(
         client.new_inbox().starts_with(&format!(
             "{}.",

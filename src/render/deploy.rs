@@ -57,6 +57,10 @@ struct CollectorPod {
     extra_env: Vec<Value>,
     user: RunAs,
     memory_limit: &'static str,
+    /// A config file from a ConfigMap named after the DaemonSet: (the
+    /// variable the collector reads its path from, the file). The pods roll
+    /// when it changes.
+    config: Option<(&'static str, String)>,
 }
 
 /// Who a collector runs as.
@@ -103,12 +107,18 @@ fn collector_daemonset(pod: CollectorPod) -> Value {
         json!({"name": "TIDEWATCH_LOG_FORMAT", "value": "json"}),
     ]);
     env.extend(pod.extra_env);
+    if let Some((variable, _)) = &pod.config {
+        env.push(json!({"name": variable, "value": format!("{}/config.toml", config_dir(name))}));
+    }
     let mut mounts: Vec<Value> = pod
         .host_mounts
         .iter()
         .map(|(volume, _, mount, read_only)| json!({"name": volume, "mountPath": mount, "readOnly": read_only}))
         .collect();
     mounts.push(json!({"name": "spool", "mountPath": spool_mount}));
+    if pod.config.is_some() {
+        mounts.push(json!({"name": "config", "mountPath": config_dir(name), "readOnly": true}));
+    }
     let (ca, ca_mount) = ca_volume();
     mounts.push(ca_mount);
     mounts.push(json!({"name": "nats-token", "mountPath": NATS_TOKEN_MOUNT, "readOnly": true}));
@@ -125,6 +135,9 @@ fn collector_daemonset(pod: CollectorPod) -> Value {
     );
     volumes.push(ca);
     volumes.push(nats_token_volume());
+    if pod.config.is_some() {
+        volumes.push(json!({"name": "config", "configMap": {"name": app}}));
+    }
     let mut security = json!({
         "privileged": false,
         "allowPrivilegeEscalation": false,
@@ -184,6 +197,10 @@ fn collector_daemonset(pod: CollectorPod) -> Value {
     if let Some(init) = init {
         spec["initContainers"] = json!([init]);
     }
+    let mut annotations = json!({"prometheus.io/scrape": "true", "prometheus.io/port": "9090"});
+    if let Some((_, file)) = &pod.config {
+        annotations["checksum/config"] = json!(short_hash(file));
+    }
     if pod.host_pid {
         spec["hostPID"] = json!(true);
     }
@@ -197,7 +214,7 @@ fn collector_daemonset(pod: CollectorPod) -> Value {
             "selector": {"matchLabels": selector(&app)},
             "updateStrategy": {"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": "10%"}},
             "template": {
-                "metadata": {"labels": labels, "annotations": {"prometheus.io/scrape": "true", "prometheus.io/port": "9090"}},
+                "metadata": {"labels": labels, "annotations": annotations},
                 "spec": spec,
             },
         },
@@ -210,8 +227,10 @@ fn collector_daemonset(pod: CollectorPod) -> Value {
 /// kernel's init-namespace pids, and attribution and the start-up replay
 /// read `/proc/<pid>` for exactly those. Root: Kubernetes gives added
 /// capabilities to uid 0 only (no ambient capabilities).
-/// Where the eBPF collector reads its config (a ConfigMap).
-pub const EBPF_CONFIG_DIR: &str = "/etc/tidewatch/ebpf";
+/// Where a collector reads its config file (a ConfigMap).
+fn config_dir(collector: &str) -> String {
+    format!("/etc/tidewatch/{collector}")
+}
 
 /// The kernel event kinds someone reads, of those the eBPF collector
 /// emits: what `interest` patterns match (None: every kind).
@@ -259,24 +278,10 @@ pub fn ebpf_objects(interest: Option<&[&str]>) -> (Value, Value) {
         "metadata": {"name": name, "namespace": SYSTEM_NAMESPACE, "labels": labels(name, "collector")},
         "data": {"config.toml": toml},
     });
-    let mut daemonset = ebpf_daemonset();
-    let pod = &mut daemonset["spec"]["template"];
-    pod["metadata"]["annotations"]["checksum/config"] = json!(short_hash(&toml));
-    let spec = &mut pod["spec"];
-    if let Some(volumes) = spec["volumes"].as_array_mut() {
-        volumes.push(json!({"name": "config", "configMap": {"name": name}}));
-    }
-    let container = &mut spec["containers"][0];
-    if let Some(mounts) = container["volumeMounts"].as_array_mut() {
-        mounts.push(json!({"name": "config", "mountPath": EBPF_CONFIG_DIR, "readOnly": true}));
-    }
-    if let Some(env) = container["env"].as_array_mut() {
-        env.push(json!({"name": "TIDEWATCH_EBPF_CONFIG", "value": format!("{EBPF_CONFIG_DIR}/config.toml")}));
-    }
-    (config, daemonset)
+    (config, ebpf_daemonset(toml))
 }
 
-pub fn ebpf_daemonset() -> Value {
+fn ebpf_daemonset(config: String) -> Value {
     collector_daemonset(CollectorPod {
         name: "ebpf",
         capabilities: &["BPF", "PERFMON", "SYS_RESOURCE"],
@@ -296,6 +301,7 @@ pub fn ebpf_daemonset() -> Value {
         extra_env: Vec::new(),
         user: RunAs::Root,
         memory_limit: "512Mi",
+        config: Some(("TIDEWATCH_EBPF_CONFIG", config)),
     })
 }
 
@@ -317,6 +323,7 @@ pub fn k8s_daemonset() -> Value {
             groups: Vec::new(),
         },
         memory_limit: "512Mi",
+        config: None,
     })
 }
 
@@ -354,6 +361,7 @@ pub fn systemd_daemonset(journal_gid: u32) -> Value {
             groups: vec![journal_gid],
         },
         memory_limit: "256Mi",
+        config: None,
     })
 }
 

@@ -551,3 +551,25 @@ pub fn kubelet_failed(base: chrono::DateTime<chrono::Utc>) -> cloudevents::Event
         &kubelet,
     )
 }
+
+/// Run the `tidewatch` CLI against `server`: (succeeded, stdout, stderr).
+pub async fn tidewatch(
+    server: &tidewatch_testkit::NatsServer,
+    args: &[&str],
+) -> (bool, String, String) {
+    let output = tokio::time::timeout(
+        Duration::from_secs(60),
+        tokio::process::Command::new(binary("tidewatch"))
+            .args(args)
+            .env("NATS_URL", server.client_url())
+            .output(),
+    )
+    .await
+    .expect("command finishes")
+    .expect("command runs");
+    (
+        output.status.success(),
+        String::from_utf8_lossy(&output.stdout).into(),
+        String::from_utf8_lossy(&output.stderr).into(),
+    )
+}

@@ -101,7 +101,7 @@ pub struct State {
     /// rollout replaced it): the resolving event's id and receive time and
     /// the insight, so a redelivery of that event publishes it again.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub resolution: Option<(String, i64, crate::incident::StoredInsight)>,
+    pub resolution: Option<(String, i64, Finding)>,
 }
 
 /// Restarts kept per Deployment at most.
@@ -162,16 +162,12 @@ impl BadRollout {
         {
             // The resolving event again: the same resolution, within the
             // republish horizon.
-            let finding = (!obs.is_stale_repeat(Some(*received))).then(|| stored.to_finding());
+            let finding = (!obs.is_stale_repeat(Some(*received))).then(|| stored.clone());
             return (state, finding);
         }
         let resolution = self.resolution(&state, key, obs);
         if let Some(finding) = &resolution {
-            state.resolution = Some((
-                obs.id.clone(),
-                obs.received_ns,
-                crate::incident::StoredInsight::of(finding),
-            ));
+            state.resolution = Some((obs.id.clone(), obs.received_ns, finding.clone()));
             state.incident = None;
             if obs.ty == types::ROLLOUT_COMPLETED {
                 // The resolved rollout's restarts count for nothing more.
@@ -265,7 +261,7 @@ impl BadRollout {
         } else if state
             .resolution
             .as_ref()
-            .is_some_and(|(_, _, resolved)| obs.at_ns <= resolved.last_seen_ns)
+            .is_some_and(|(_, _, resolved)| obs.at_ns <= resolved.insight.last_seen_ns)
         {
             // A restart from before the last resolution, late: it counted
             // (or could have) for the incident that is over.

@@ -83,122 +83,36 @@ pub fn covered_pods(insight: &Insight, relation: Relation) -> Vec<String> {
 /// (same message id) if the first publish was lost.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Superseded {
-    pub insight: StoredInsight,
+    pub finding: Finding,
     pub at_ns: i64,
 }
 
-/// An insight as JSON in a claim (the proto message has no serde).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
-pub struct StoredInsight {
-    pub id: String,
-    pub kind: String,
-    pub severity: String,
-    pub summary: String,
-    pub root_cause: String,
-    pub root_cause_event_id: String,
-    pub evidence_event_ids: Vec<String>,
-    pub first_seen_ns: i64,
-    pub last_seen_ns: i64,
-    pub confidence: f64,
-    pub revision: u32,
-    pub status: String,
-    pub superseded_by: String,
-    #[serde(default)]
-    pub resolved_by_event_id: String,
-    #[serde(default)]
-    pub supersedes: Vec<String>,
-    /// (kind, namespace, name) of each affected entity.
-    #[serde(default)]
-    pub affected: Vec<(String, String, String)>,
-    /// The entity, `<kind>/<ns>/<name>`.
-    pub subject: String,
-    #[serde(default)]
-    pub message_id: String,
-}
-
-impl StoredInsight {
-    pub fn of(finding: &Finding) -> StoredInsight {
-        let i = &finding.insight;
-        StoredInsight {
-            id: i.id.clone(),
-            kind: i.kind.clone(),
-            severity: i.severity.clone(),
-            summary: i.summary.clone(),
-            root_cause: i.root_cause.clone(),
-            root_cause_event_id: i.root_cause_event_id.clone(),
-            evidence_event_ids: i.evidence_event_ids.clone(),
-            first_seen_ns: i.first_seen_ns,
-            last_seen_ns: i.last_seen_ns,
-            confidence: i.confidence,
-            revision: i.revision,
-            status: i.status.clone(),
-            superseded_by: i.superseded_by.clone(),
-            resolved_by_event_id: i.resolved_by_event_id.clone(),
-            supersedes: i.supersedes.clone(),
-            affected: i
-                .affected
-                .iter()
-                .map(|e| (e.kind.clone(), e.namespace.clone(), e.name.clone()))
-                .collect(),
-            subject: finding.subject.clone(),
-            message_id: finding.message_id.clone(),
-        }
+/// The superseding revision of `last` (a subordinate's last published
+/// version), about `pod`, explained by `owner`: one revision more, its own
+/// message id, so a repeat is deduplicated.
+fn superseding_revision(mut last: Finding, owner: &Insight, pod: &str) -> Finding {
+    let insight = &mut last.insight;
+    insight.revision = insight.revision.saturating_add(1);
+    insight.status = "superseded".into();
+    insight.superseded_by = owner.id.clone();
+    insight.summary = format!(
+        "superseded by {} {}: {}",
+        owner.kind, owner.id, insight.summary
+    );
+    if insight.affected.is_empty() {
+        let (namespace, name) = pod.split_once('/').unwrap_or(("", pod));
+        insight.affected = vec![tidewatch_proto::v1::Entity {
+            kind: "pod".into(),
+            name: name.into(),
+            namespace: namespace.into(),
+        }];
     }
-
-    /// The finding as it was stored (same message id: a repeat is
-    /// deduplicated).
-    pub fn to_finding(&self) -> Finding {
-        Finding {
-            message_id: self.message_id.clone(),
-            subject: self.subject.clone(),
-            insight: Insight {
-                id: self.id.clone(),
-                kind: self.kind.clone(),
-                severity: self.severity.clone(),
-                summary: self.summary.clone(),
-                root_cause: self.root_cause.clone(),
-                root_cause_event_id: self.root_cause_event_id.clone(),
-                evidence_event_ids: self.evidence_event_ids.clone(),
-                affected: self
-                    .affected
-                    .iter()
-                    .map(|(kind, namespace, name)| tidewatch_proto::v1::Entity {
-                        kind: kind.clone(),
-                        name: name.clone(),
-                        namespace: namespace.clone(),
-                    })
-                    .collect(),
-                first_seen_ns: self.first_seen_ns,
-                last_seen_ns: self.last_seen_ns,
-                confidence: self.confidence,
-                revision: self.revision,
-                status: self.status.clone(),
-                resolved_by_event_id: self.resolved_by_event_id.clone(),
-                superseded_by: self.superseded_by.clone(),
-                supersedes: self.supersedes.clone(),
-            },
-        }
-    }
-
-    /// The finding that publishes this (superseded) insight about `pod`:
-    /// its own message id, so a repeat is deduplicated.
-    pub fn finding(&self, pod: &str) -> Finding {
-        let mut finding = self.to_finding();
-        finding.message_id = derive_id(&[
-            self.id.as_bytes(),
-            b"superseded",
-            &u64::from(self.revision).to_be_bytes(),
-        ]);
-        if finding.insight.affected.is_empty() {
-            let (namespace, name) = pod.split_once('/').unwrap_or(("", pod));
-            finding.insight.affected = vec![tidewatch_proto::v1::Entity {
-                kind: "pod".into(),
-                name: name.into(),
-                namespace: namespace.into(),
-            }];
-        }
-        finding
-    }
+    last.message_id = derive_id(&[
+        insight.id.as_bytes(),
+        b"superseded",
+        &u64::from(insight.revision).to_be_bytes(),
+    ]);
+    last
 }
 
 /// Who explains a pod's trouble now.
@@ -209,10 +123,10 @@ pub struct Claim {
     /// Until when the owner's claim holds: its last evidence plus its
     /// window while open, its resolution once resolved (ns).
     pub until_ns: i64,
-    /// The owner's last published insight, when the owner is a
+    /// The owner's last published version, when the owner is a
     /// subordinate rule (what a superseding revision is made from).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub last: Option<StoredInsight>,
+    pub last: Option<Finding>,
     /// Subordinate insights the owner superseded.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub superseded: Vec<Superseded>,
@@ -321,8 +235,11 @@ impl Claim {
             },
             // Superseded once, superseded for good: never republished as open.
             Role::Subordinate { .. }
-                if claim
-                    .is_some_and(|c| c.superseded.iter().any(|s| s.insight.id == insight.id)) =>
+                if claim.is_some_and(|c| {
+                    c.superseded
+                        .iter()
+                        .any(|s| s.finding.insight.id == insight.id)
+                }) =>
             {
                 Settled::default()
             }
@@ -336,7 +253,7 @@ impl Claim {
                         owner_id: insight.id.clone(),
                         owner_kind: insight.kind.clone(),
                         until_ns: insight.last_seen_ns,
-                        last: Some(StoredInsight::of(finding)),
+                        last: Some(finding.clone()),
                         // What was superseded stays so (see above).
                         superseded: claim.map(|c| c.superseded.clone()).unwrap_or_default(),
                     };
@@ -361,7 +278,7 @@ impl Claim {
                             .superseded
                             .iter()
                             .filter(|s| now_ns.saturating_sub(s.at_ns) <= REPUBLISH_NS)
-                            .map(|s| s.insight.finding(pod))
+                            .map(|s| s.finding.clone())
                             .collect();
                         let mut next = c.clone();
                         next.until_ns = until_ns;
@@ -369,7 +286,11 @@ impl Claim {
                             write: (next != *c).then_some(next),
                             publish: true,
                             also,
-                            supersedes: c.superseded.iter().map(|s| s.insight.id.clone()).collect(),
+                            supersedes: c
+                                .superseded
+                                .iter()
+                                .map(|s| s.finding.insight.id.clone())
+                                .collect(),
                         }
                     }
                     Some(c)
@@ -377,33 +298,31 @@ impl Claim {
                             && rules.contains(&c.owner_kind.as_str()) =>
                     {
                         // A subordinate insight was published first: supersede it by a revision.
-                        let mut superseded = c.last.clone().unwrap_or_else(|| StoredInsight {
-                            id: c.owner_id.clone(),
-                            kind: c.owner_kind.clone(),
-                            ..StoredInsight::default()
+                        let last = c.last.clone().unwrap_or_else(|| Finding {
+                            message_id: String::new(),
+                            subject: format!("pod/{pod}"),
+                            insight: Insight {
+                                id: c.owner_id.clone(),
+                                kind: c.owner_kind.clone(),
+                                ..Insight::default()
+                            },
                         });
-                        superseded.revision = superseded.revision.saturating_add(1);
-                        superseded.status = "superseded".into();
-                        superseded.superseded_by = insight.id.clone();
-                        superseded.summary = format!(
-                            "superseded by {} {}: {}",
-                            insight.kind, insight.id, superseded.summary
-                        );
+                        let superseded = superseding_revision(last, insight, pod);
                         let next = Claim {
                             owner_id: insight.id.clone(),
                             owner_kind: insight.kind.clone(),
                             until_ns,
                             last: None,
                             superseded: vec![Superseded {
-                                insight: superseded.clone(),
+                                finding: superseded.clone(),
                                 at_ns: now_ns,
                             }],
                         };
                         Settled {
                             write: Some(next),
                             publish: true,
-                            also: vec![superseded.finding(pod)],
-                            supersedes: vec![superseded.id],
+                            supersedes: vec![superseded.insight.id.clone()],
+                            also: vec![superseded],
                         }
                     }
                     // Another superseding incident holds the pod: both stand.
@@ -658,7 +577,7 @@ mod tests {
                 .expect("claim")
                 .superseded
                 .iter()
-                .any(|s| s.insight.id == "C")
+                .any(|s| s.finding.insight.id == "C")
         );
     }
 }

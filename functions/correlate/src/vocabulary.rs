@@ -72,7 +72,8 @@ impl Serialize for Window {
 
 /// One version of an insight: the insight, the message id of this version
 /// (stable per revision, so redelivery is deduplicated) and its subject.
-#[derive(Debug, Clone, PartialEq)]
+/// Serializable: claims keep the version they may have to supersede.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Finding {
     pub message_id: String,
     /// The entity the insight is about, `<kind>/<key>` (the event subject).
